@@ -1,0 +1,521 @@
+//! Entry endpoints: the ETS object operations on one key, bulk insert, scans
+//! and clear.
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::auth::{authorize, Op, Principal};
+use super::extract::{checked_key, EntryPath, JsonBody, QueryParams, RawBody, TablePath};
+use super::respond::{
+    self, entry_body, scan_body, with_cache, with_etag, write_precondition, HIT, MISS,
+};
+use super::AppState;
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::store::{check_ttl_ms, Cursor, ScanRequest, Value, DEFAULT_SCAN_LIMIT, MAX_KEY_BYTES};
+
+/// Routes for `/v1/tables/{table}/entries…`.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(
+            get_entry,
+            head_entry,
+            put_entry,
+            delete_entry,
+            patch_entry
+        ))
+        .routes(routes!(scan_entries, insert_entries, clear_entries))
+        .routes(routes!(delete_object))
+        .routes(routes!(take_entry))
+}
+
+/// A set/ordered_set entry as `GET` returns it.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"key": "alice", "value": {"age": 31}, "ttl_ms": null}))]
+pub struct EntryDoc {
+    /// The key.
+    pub key: String,
+    /// The stored JSON value (bag types return `values` instead).
+    pub value: serde_json::Value,
+    /// For bag types: every object under the key, in insertion order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub values: Option<Vec<serde_json::Value>>,
+    /// Milliseconds until the entry expires; null when it does not.
+    pub ttl_ms: Option<u64>,
+}
+
+/// What a `PUT` did.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"key": "alice", "created": true}))]
+pub struct PutResult {
+    /// The key written.
+    pub key: String,
+    /// Whether the key was new (201) rather than updated (200).
+    pub created: bool,
+}
+
+/// Query of `PUT`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct PutParams {
+    /// Expire the entry this many milliseconds from now (1 to ten years).
+    /// Without it the table's `default_ttl_ms` applies, or no expiry.
+    pub ttl_ms: Option<u64>,
+}
+
+/// One item of a bulk insert.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"key": "alice", "value": {"age": 31}, "ttl_ms": 60000}))]
+pub struct BulkItem {
+    /// The key.
+    pub key: String,
+    /// Any JSON value.
+    pub value: serde_json::Value,
+    /// Optional TTL in milliseconds.
+    #[serde(default)]
+    pub ttl_ms: Option<u64>,
+}
+
+/// Result of a bulk insert.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"inserted": 2}))]
+pub struct Inserted {
+    /// Items applied.
+    pub inserted: usize,
+}
+
+/// Query of a scan.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ScanParams {
+    /// Only keys starting with this (every table type).
+    pub prefix: Option<String>,
+    /// ordered_set: lowest key, inclusive.
+    pub start: Option<String>,
+    /// ordered_set: lowest key, exclusive (`next(k)` is `after=k&limit=1`).
+    pub after: Option<String>,
+    /// ordered_set: highest key, exclusive.
+    pub end: Option<String>,
+    /// Most objects to return: 1 to 10000, default 100.
+    pub limit: Option<usize>,
+    /// ordered_set: walk the range from its high end.
+    pub reverse: Option<bool>,
+    /// `next_cursor` of the previous page; send the same filters with it.
+    pub cursor: Option<String>,
+}
+
+/// One page of a scan.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"entries": [{"key": "a", "value": 1}], "next_cursor": null}))]
+pub struct ScanResult {
+    /// Objects in scan order; bag keys appear once per object.
+    pub entries: Vec<ScanItem>,
+    /// Pass back as `cursor` to continue; null exactly when the scan is complete.
+    pub next_cursor: Option<String>,
+}
+
+/// One object of a scan page.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ScanItem {
+    /// The key.
+    pub key: String,
+    /// The object.
+    pub value: serde_json::Value,
+}
+
+fn parse_value(bytes: &[u8]) -> ApiResult<Value> {
+    Value::parse(bytes)
+        .map_err(|e| ApiError::InvalidJson(format!("the body is not one JSON value: {e}")))
+}
+
+/// Look up a key.
+///
+/// ETS `lookup/2`. Set types answer `{"key","value","ttl_ms"}`, bag types
+/// `{"key","values","ttl_ms"}` with objects in insertion order. Sends an
+/// `ETag`; `If-None-Match` with a current tag answers 304. `X-Cache` says
+/// whether the answer came from memory (`HIT`) or not (`MISS`).
+#[utoipa::path(
+    get,
+    path = "/v1/tables/{table}/entries/{key}",
+    tag = "entries",
+    params(("table" = String, Path, description = "Table name"), ("key" = String, Path, description = "Key, percent-encoded"),
+           ("If-None-Match" = Option<String>, Header, description = "Answer 304 if the entry still has this ETag")),
+    responses(
+        (status = 200, description = "The entry", body = EntryDoc, headers(("ETag" = String), ("X-Cache" = String))),
+        (status = 304, description = "Not modified since the given ETag"),
+        (status = 400, description = "Invalid table name or key", body = ErrorBody),
+        (status = 403, description = "Not allowed to read the table", body = ErrorBody),
+        (status = 404, description = "No such table, or the key is absent or expired", body = ErrorBody),
+    )
+)]
+pub async fn get_entry(
+    State(state): State<AppState>,
+    who: Principal,
+    EntryPath(table, key): EntryPath,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let table = state.store.table(&table)?;
+    authorize(&table, &who, Op::Read)?;
+    let if_none = respond::tag_list(&headers, header::IF_NONE_MATCH)?;
+    let Some(entry) = table.lookup(&key) else {
+        return Ok(with_cache(ApiError::KeyNotFound.into_response(), MISS));
+    };
+    if if_none.is_some_and(|tags| tags.matches(entry.version)) {
+        let resp = with_etag(respond::empty(StatusCode::NOT_MODIFIED), entry.version);
+        return Ok(with_cache(resp, HIT));
+    }
+    let resp = respond::json(StatusCode::OK, entry_body(&key, &entry));
+    Ok(with_cache(with_etag(resp, entry.version), HIT))
+}
+
+/// Test whether a key exists.
+///
+/// ETS `member/2`: 200 when the key is present and live, 404 otherwise; no body.
+#[utoipa::path(
+    head,
+    path = "/v1/tables/{table}/entries/{key}",
+    tag = "entries",
+    params(("table" = String, Path, description = "Table name"), ("key" = String, Path, description = "Key, percent-encoded")),
+    responses(
+        (status = 200, description = "The key exists", headers(("ETag" = String))),
+        (status = 404, description = "The key or table does not exist"),
+    )
+)]
+pub async fn head_entry(
+    State(state): State<AppState>,
+    who: Principal,
+    EntryPath(table, key): EntryPath,
+) -> ApiResult<Response> {
+    let table = state.store.table(&table)?;
+    authorize(&table, &who, Op::Read)?;
+    match table.peek(&key) {
+        Some(entry) => Ok(with_etag(respond::empty(StatusCode::OK), entry.version)),
+        None => Ok(respond::empty(StatusCode::NOT_FOUND)),
+    }
+}
+
+/// Insert an object.
+///
+/// ETS `insert/2`. The body is the value itself, any JSON. set/ordered_set
+/// replace; `bag` adds unless an identical value is stored under the key;
+/// `duplicate_bag` always adds. `If-None-Match: *` is `insert_new` (412 if the
+/// key exists); `If-Match: "<etag>"` is compare-and-swap (412 if the entry
+/// changed or is absent). A write without `ttl_ms` takes the table's
+/// `default_ttl_ms`, or clears any expiry.
+#[utoipa::path(
+    put,
+    path = "/v1/tables/{table}/entries/{key}",
+    tag = "entries",
+    params(("table" = String, Path, description = "Table name"), ("key" = String, Path, description = "Key, percent-encoded"), PutParams,
+           ("If-None-Match" = Option<String>, Header, description = "`*`: insert only if absent"),
+           ("If-Match" = Option<String>, Header, description = "Write only if the entry has this ETag (or exists, for `*`)")),
+    request_body(content = serde_json::Value, description = "The value, any JSON", example = json!({"name": "Alice", "age": 31})),
+    responses(
+        (status = 200, description = "Updated", body = PutResult, headers(("ETag" = String))),
+        (status = 201, description = "Created", body = PutResult, headers(("ETag" = String))),
+        (status = 400, description = "Invalid JSON, key, name or ttl_ms", body = ErrorBody),
+        (status = 403, description = "Not allowed to write the table", body = ErrorBody),
+        (status = 404, description = "No such table", body = ErrorBody),
+        (status = 412, description = "Precondition failed", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 507, description = "Table full", body = ErrorBody),
+    )
+)]
+pub async fn put_entry(
+    State(state): State<AppState>,
+    who: Principal,
+    EntryPath(table, key): EntryPath,
+    QueryParams(params): QueryParams<PutParams>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> ApiResult<Response> {
+    let table = state.store.table(&table)?;
+    authorize(&table, &who, Op::Write)?;
+    if let Some(ttl) = params.ttl_ms {
+        check_ttl_ms(ttl)?;
+    }
+    let pre = write_precondition(&headers)?;
+    let value = parse_value(&body)?;
+    let written = table.insert(&key, value, params.ttl_ms, &pre)?;
+    let status = if written.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let mut buf = Vec::with_capacity(key.len() + 32);
+    buf.extend_from_slice(b"{\"key\":");
+    respond::push_str(&mut buf, &key);
+    buf.extend_from_slice(if written.created {
+        b",\"created\":true}"
+    } else {
+        b",\"created\":false}"
+    });
+    Ok(with_etag(respond::json(status, buf), written.version))
+}
+
+/// Delete a key.
+///
+/// ETS `delete/2`: removes every object under the key. 204 also when the key
+/// was absent. `If-Match` makes the delete conditional.
+#[utoipa::path(
+    delete,
+    path = "/v1/tables/{table}/entries/{key}",
+    tag = "entries",
+    params(("table" = String, Path, description = "Table name"), ("key" = String, Path, description = "Key, percent-encoded"),
+           ("If-Match" = Option<String>, Header, description = "Delete only if the entry has this ETag")),
+    responses(
+        (status = 204, description = "Deleted, or was absent"),
+        (status = 400, description = "Invalid key or name", body = ErrorBody),
+        (status = 403, description = "Not allowed to write the table", body = ErrorBody),
+        (status = 404, description = "No such table", body = ErrorBody),
+        (status = 412, description = "Precondition failed", body = ErrorBody),
+    )
+)]
+pub async fn delete_entry(
+    State(state): State<AppState>,
+    who: Principal,
+    EntryPath(table, key): EntryPath,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let table = state.store.table(&table)?;
+    authorize(&table, &who, Op::Write)?;
+    let pre = write_precondition(&headers)?;
+    table.delete(&key, &pre)?;
+    Ok(respond::empty(StatusCode::NO_CONTENT))
+}
+
+/// Merge-patch an object value.
+///
+/// ETS `update_element/3`, as a JSON Merge Patch (RFC 7396) applied
+/// atomically. The body must be a JSON object; the stored value must be an
+/// object too (else 409 `not_an_object`). set/ordered_set only (409
+/// `wrong_table_type`). Keeps the entry's expiry unless the table has a
+/// `default_ttl_ms`, which restarts it.
+#[utoipa::path(
+    patch,
+    path = "/v1/tables/{table}/entries/{key}",
+    tag = "entries",
+    params(("table" = String, Path, description = "Table name"), ("key" = String, Path, description = "Key, percent-encoded"),
+           ("If-Match" = Option<String>, Header, description = "Patch only if the entry has this ETag")),
+    request_body(content = serde_json::Value, description = "A JSON Merge Patch object", example = json!({"age": 32, "nickname": null})),
+    responses(
+        (status = 200, description = "The patched entry", body = EntryDoc, headers(("ETag" = String))),
+        (status = 400, description = "Invalid JSON, or the patch is not an object", body = ErrorBody),
+        (status = 403, description = "Not allowed to write the table", body = ErrorBody),
+        (status = 404, description = "No such table or key", body = ErrorBody),
+        (status = 409, description = "Not an object, or a bag table", body = ErrorBody),
+        (status = 412, description = "Precondition failed", body = ErrorBody),
+    )
+)]
+pub async fn patch_entry(
+    State(state): State<AppState>,
+    who: Principal,
+    EntryPath(table, key): EntryPath,
+    headers: HeaderMap,
+    JsonBody(patch): JsonBody<serde_json::Value>,
+) -> ApiResult<Response> {
+    let table = state.store.table(&table)?;
+    authorize(&table, &who, Op::Write)?;
+    let pre = write_precondition(&headers)?;
+    if !patch.is_object() {
+        return Err(ApiError::InvalidArgument(
+            "a merge patch must be a JSON object".into(),
+        ));
+    }
+    let entry = table.merge(&key, &patch, &pre)?;
+    Ok(with_etag(
+        respond::json(StatusCode::OK, entry_body(&key, &entry)),
+        entry.version,
+    ))
+}
+
+/// Delete one object.
+///
+/// ETS `delete_object/2`: the body is a value; removes exactly that object
+/// under the key (every identical copy in a `duplicate_bag`). 204 whether or
+/// not it was there.
+#[utoipa::path(
+    post,
+    path = "/v1/tables/{table}/entries/{key}/delete_object",
+    tag = "entries",
+    params(("table" = String, Path, description = "Table name"), ("key" = String, Path, description = "Key, percent-encoded")),
+    request_body(content = serde_json::Value, description = "The object to remove", example = json!("red")),
+    responses(
+        (status = 204, description = "Removed, or was not there"),
+        (status = 400, description = "Invalid JSON, key or name", body = ErrorBody),
+        (status = 403, description = "Not allowed to write the table", body = ErrorBody),
+        (status = 404, description = "No such table", body = ErrorBody),
+    )
+)]
+pub async fn delete_object(
+    State(state): State<AppState>,
+    who: Principal,
+    EntryPath(table, key): EntryPath,
+    RawBody(body): RawBody,
+) -> ApiResult<Response> {
+    let table = state.store.table(&table)?;
+    authorize(&table, &who, Op::Write)?;
+    let value = parse_value(&body)?;
+    table.delete_object(&key, &value);
+    Ok(respond::empty(StatusCode::NO_CONTENT))
+}
+
+/// Remove and return a key.
+///
+/// ETS `take/2`: removes the key and answers with what it held, as `GET`
+/// would. 404 when absent.
+#[utoipa::path(
+    post,
+    path = "/v1/tables/{table}/entries/{key}/take",
+    tag = "entries",
+    params(("table" = String, Path, description = "Table name"), ("key" = String, Path, description = "Key, percent-encoded")),
+    responses(
+        (status = 200, description = "The removed entry", body = EntryDoc),
+        (status = 400, description = "Invalid key or name", body = ErrorBody),
+        (status = 403, description = "Not allowed to write the table", body = ErrorBody),
+        (status = 404, description = "No such table or key", body = ErrorBody),
+    )
+)]
+pub async fn take_entry(
+    State(state): State<AppState>,
+    who: Principal,
+    EntryPath(table, key): EntryPath,
+) -> ApiResult<Response> {
+    let table = state.store.table(&table)?;
+    authorize(&table, &who, Op::Write)?;
+    let entry = table.take(&key).ok_or(ApiError::KeyNotFound)?;
+    Ok(respond::json(StatusCode::OK, entry_body(&key, &entry)))
+}
+
+/// Insert many objects.
+///
+/// ETS `insert/2` with a list. Every item is validated before anything is
+/// written; if one cannot be stored (table full) the items before it are
+/// undone, so the request changes all or nothing. Items apply in order: with
+/// repeated keys in a set table the last one wins.
+#[utoipa::path(
+    post,
+    path = "/v1/tables/{table}/entries",
+    tag = "entries",
+    params(("table" = String, Path, description = "Table name")),
+    request_body(content = Vec<BulkItem>, description = "Objects to insert"),
+    responses(
+        (status = 200, description = "All items inserted", body = Inserted),
+        (status = 400, description = "Some item is invalid; nothing was written", body = ErrorBody),
+        (status = 403, description = "Not allowed to write the table", body = ErrorBody),
+        (status = 404, description = "No such table", body = ErrorBody),
+        (status = 507, description = "Table full; nothing was written", body = ErrorBody),
+    )
+)]
+pub async fn insert_entries(
+    State(state): State<AppState>,
+    who: Principal,
+    TablePath(table): TablePath,
+    JsonBody(items): JsonBody<Vec<BulkItem>>,
+) -> ApiResult<Response> {
+    let table = state.store.table(&table)?;
+    authorize(&table, &who, Op::Write)?;
+    let mut batch = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let key = checked_key(item.key).map_err(|e| match e {
+            ApiError::InvalidKey(m) => ApiError::InvalidKey(format!("item {i}: {m}")),
+            other => other,
+        })?;
+        if let Some(ttl) = item.ttl_ms {
+            check_ttl_ms(ttl).map_err(|e| ApiError::InvalidArgument(format!("item {i}: {e}")))?;
+        }
+        batch.push((key, Value::from_json(&item.value), item.ttl_ms));
+    }
+    let inserted = table.insert_many(batch)?;
+    let body = serde_json::to_vec(&Inserted { inserted }).unwrap_or_default();
+    Ok(respond::json(StatusCode::OK, body))
+}
+
+/// Scan entries.
+///
+/// ETS `first`/`next`/`select` with a limit. ordered_set walks keys in
+/// bytewise order within `start`/`after`/`end`/`prefix`, backwards with
+/// `reverse=true`: first is `limit=1`, last `reverse=true&limit=1`, next(k)
+/// `after=k&limit=1`, prev(k) `end=k&reverse=true&limit=1`. Other types take
+/// only `prefix` and promise no order. Every type pages with `next_cursor`
+/// (null exactly when the scan is complete), and a scan running while the
+/// table changes returns every entry that lived throughout it exactly once.
+/// Cursors stay valid while the server runs.
+#[utoipa::path(
+    get,
+    path = "/v1/tables/{table}/entries",
+    tag = "entries",
+    params(("table" = String, Path, description = "Table name"), ScanParams),
+    responses(
+        (status = 200, description = "One page", body = ScanResult),
+        (status = 400, description = "Bad parameters (range options on a hashed table, limit out of range, bad cursor)", body = ErrorBody),
+        (status = 403, description = "Not allowed to read the table", body = ErrorBody),
+        (status = 404, description = "No such table", body = ErrorBody),
+    )
+)]
+pub async fn scan_entries(
+    State(state): State<AppState>,
+    who: Principal,
+    TablePath(table): TablePath,
+    QueryParams(params): QueryParams<ScanParams>,
+) -> ApiResult<Response> {
+    let table = state.store.table(&table)?;
+    authorize(&table, &who, Op::Read)?;
+    for (name, v) in [
+        ("prefix", &params.prefix),
+        ("start", &params.start),
+        ("after", &params.after),
+        ("end", &params.end),
+    ] {
+        if let Some(v) = v {
+            if v.len() > MAX_KEY_BYTES || v.contains('\0') {
+                return Err(ApiError::InvalidArgument(format!(
+                    "{name} must be at most {MAX_KEY_BYTES} bytes without NUL"
+                )));
+            }
+        }
+    }
+    let req = ScanRequest {
+        prefix: params.prefix.filter(|p| !p.is_empty()),
+        start: params.start,
+        after: params.after,
+        end: params.end,
+        limit: params.limit.unwrap_or(DEFAULT_SCAN_LIMIT),
+        reverse: params.reverse.unwrap_or(false),
+        cursor: params.cursor.as_deref().map(Cursor::decode).transpose()?,
+    };
+    let page = table.scan(&req)?;
+    Ok(respond::json(StatusCode::OK, scan_body(&page)))
+}
+
+/// Delete every object.
+///
+/// ETS `delete_all_objects/1`: empties the table, keeping its settings.
+#[utoipa::path(
+    delete,
+    path = "/v1/tables/{table}/entries",
+    tag = "entries",
+    params(("table" = String, Path, description = "Table name")),
+    responses(
+        (status = 204, description = "Emptied"),
+        (status = 403, description = "Not allowed to write the table", body = ErrorBody),
+        (status = 404, description = "No such table", body = ErrorBody),
+    )
+)]
+pub async fn clear_entries(
+    State(state): State<AppState>,
+    who: Principal,
+    TablePath(table): TablePath,
+) -> ApiResult<Response> {
+    let table = state.store.table(&table)?;
+    authorize(&table, &who, Op::Write)?;
+    table.clear();
+    Ok(respond::empty(StatusCode::NO_CONTENT))
+}

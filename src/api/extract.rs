@@ -1,0 +1,178 @@
+//! Extractors that turn every malformed request into our JSON error shape.
+//!
+//! Bodies are read as bytes and parsed as JSON whatever their Content-Type,
+//! so `curl -d` works. Path segments and query strings go through axum's
+//! parsers with their rejections mapped to `invalid_name`, `invalid_key` or
+//! `invalid_argument`.
+
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+use crate::store::{validate_key, validate_table_name};
+
+/// A JSON body of type `T`, parsed whatever the Content-Type says.
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+/// The raw body bytes, with the size limit mapped to 413.
+#[derive(Debug)]
+pub struct RawBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let limit = req
+            .extensions()
+            .get::<BodyLimit>()
+            .map(|l| l.0)
+            .unwrap_or(usize::MAX);
+        Bytes::from_request(req, state)
+            .await
+            .map(RawBody)
+            .map_err(|e| body_rejection(e, limit))
+    }
+}
+
+/// The configured body limit, put in request extensions so rejections can
+/// name it.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimit(pub usize);
+
+fn body_rejection(e: BytesRejection, limit: usize) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::PayloadTooLarge(limit)
+    } else {
+        ApiError::InvalidArgument(format!("could not read the body: {e}"))
+    }
+}
+
+/// Parses JSON text into `T`, telling syntax errors (`invalid_json`) from
+/// well-formed JSON of the wrong shape (`invalid_argument`).
+///
+/// # Errors
+/// [`ApiError::InvalidJson`] or [`ApiError::InvalidArgument`].
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::InvalidArgument(e.to_string()),
+        _ => ApiError::InvalidJson(e.to_string()),
+    })
+}
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let RawBody(bytes) = RawBody::from_request(req, state).await?;
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+/// Like [`JsonBody`], but an empty body reads as `T::default()`; for bodies
+/// whose every field is optional.
+#[derive(Debug)]
+pub struct OptionalJsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let RawBody(bytes) = RawBody::from_request(req, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJsonBody(T::default()));
+        }
+        parse_json(&bytes).map(OptionalJsonBody)
+    }
+}
+
+/// Query parameters of type `T`; unknown, duplicate or mistyped ones are 400.
+#[derive(Debug)]
+pub struct QueryParams<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| QueryParams(q))
+            .map_err(|e: QueryRejection| ApiError::InvalidArgument(e.body_text()))
+    }
+}
+
+/// `{table}` from the path, checked against the naming rules.
+#[derive(Debug)]
+pub struct TablePath(pub String);
+
+/// `{table}` and `{key}` from the path, both checked.
+#[derive(Debug)]
+pub struct EntryPath(pub String, pub String);
+
+async fn path_params<S: Send + Sync>(
+    parts: &mut Parts,
+    state: &S,
+) -> Result<Vec<(String, String)>, ApiError> {
+    Path::<Vec<(String, String)>>::from_request_parts(parts, state)
+        .await
+        .map(|Path(p)| p)
+        .map_err(|e| match &e {
+            PathRejection::FailedToDeserializePathParams(inner) => {
+                let text = inner.body_text();
+                if text.contains("`key`") {
+                    ApiError::InvalidKey(format!("key is not valid percent-encoded UTF-8: {text}"))
+                } else {
+                    ApiError::InvalidName(format!(
+                        "table name is not valid percent-encoded UTF-8: {text}"
+                    ))
+                }
+            }
+            other => ApiError::Internal(format!("path extraction: {other}")),
+        })
+}
+
+fn param(params: &[(String, String)], name: &str) -> Result<String, ApiError> {
+    params
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.clone())
+        .ok_or_else(|| ApiError::Internal(format!("route lacks the {name} parameter")))
+}
+
+fn checked_table(name: String) -> Result<String, ApiError> {
+    validate_table_name(&name).map_err(|e| ApiError::InvalidName(e.to_string()))?;
+    Ok(name)
+}
+
+/// Checks a key from a path, query or body.
+///
+/// # Errors
+/// [`ApiError::InvalidKey`].
+pub fn checked_key(key: String) -> Result<String, ApiError> {
+    validate_key(&key).map_err(|e| ApiError::InvalidKey(e.to_string()))?;
+    Ok(key)
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for TablePath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let params = path_params(parts, state).await?;
+        Ok(TablePath(checked_table(param(&params, "table")?)?))
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for EntryPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let params = path_params(parts, state).await?;
+        let table = checked_table(param(&params, "table")?)?;
+        let key = checked_key(param(&params, "key")?)?;
+        Ok(EntryPath(table, key))
+    }
+}

@@ -1,0 +1,139 @@
+//! The HTTP layer: routes, extractors, middleware and the OpenAPI document.
+//!
+//! One module per resource, each with a `router()` whose handlers carry their
+//! OpenAPI annotations; [`build`] merges them into one axum router and the
+//! spec it serves. Handlers validate input fully before calling the store, so
+//! a failed request changes nothing.
+
+pub mod auth;
+pub mod counters;
+pub mod entries;
+pub mod extract;
+pub mod openapi;
+pub mod respond;
+pub mod service;
+pub mod tables;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderName, HeaderValue};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Router};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::trace::TraceLayer;
+use tracing::Span;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::error::{ApiError, InternalDetail};
+use crate::store::Store;
+use extract::BodyLimit;
+
+/// What every handler can reach. Cloning is shallow.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The tables.
+    pub store: Store,
+    /// Set once recovery is done; cleared when a stop begins. Gates `/v1`.
+    pub ready: Arc<AtomicBool>,
+}
+
+/// Options of the HTTP layer.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// Largest body accepted, in bytes.
+    pub max_body_bytes: usize,
+}
+
+/// The spec of every route, as [`build`] serves it at `/openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_router().split_for_parts().1
+}
+
+fn api_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .merge(tables::router())
+        .merge(entries::router())
+        .merge(counters::router())
+        .merge(service::router())
+}
+
+/// The complete router: API routes, `/openapi.json`, Swagger UI at `/docs`,
+/// JSON fallbacks, and the middleware stack.
+pub fn build(state: AppState, opts: &HttpOptions) -> Router {
+    let (api, spec) = api_router().split_for_parts();
+    let request_id = HeaderName::from_static("x-request-id");
+    api.merge(SwaggerUi::new("/docs").url("/openapi.json", spec))
+        .fallback(|| async { ApiError::RouteNotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            readiness_gate,
+        ))
+        .layer(DefaultBodyLimit::max(opts.max_body_bytes))
+        .layer(Extension(BodyLimit(opts.max_body_bytes)))
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request| {
+                    let route = req
+                        .extensions()
+                        .get::<MatchedPath>()
+                        .map(|p| p.as_str().to_owned())
+                        .unwrap_or_default();
+                    let id = req
+                        .extensions()
+                        .get::<RequestId>()
+                        .and_then(|id| id.header_value().to_str().ok())
+                        .unwrap_or("-")
+                        .to_owned();
+                    tracing::debug_span!("request", method = %req.method(), route, id)
+                })
+                .on_response(|resp: &Response, latency: Duration, _span: &Span| {
+                    if let Some(InternalDetail(detail)) = resp.extensions().get::<InternalDetail>()
+                    {
+                        tracing::error!(
+                            status = resp.status().as_u16(),
+                            ?latency,
+                            detail,
+                            "request failed"
+                        );
+                    } else {
+                        tracing::debug!(status = resp.status().as_u16(), ?latency, "response");
+                    }
+                }),
+        )
+        .layer(SetRequestIdLayer::new(
+            request_id,
+            CountingRequestId::default(),
+        ))
+        .with_state(state)
+}
+
+/// Answers 503 on `/v1` until the store is recovered and after a stop begins.
+async fn readiness_gate(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if req.uri().path().starts_with("/v1/") && !state.ready.load(Ordering::Acquire) {
+        return ApiError::Unavailable("the server is starting or stopping".into()).into_response();
+    }
+    next.run(req).await
+}
+
+/// Request ids: a per-process sequence, cheap and unique within a log.
+#[derive(Debug, Clone, Default)]
+struct CountingRequestId(Arc<AtomicU64>);
+
+impl MakeRequestId for CountingRequestId {
+    fn make_request_id<B>(&mut self, _req: &axum::http::Request<B>) -> Option<RequestId> {
+        let n = self.0.fetch_add(1, Ordering::Relaxed) + 1;
+        HeaderValue::from_str(&n.to_string())
+            .ok()
+            .map(RequestId::new)
+    }
+}

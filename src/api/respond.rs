@@ -1,0 +1,234 @@
+//! Response bodies built straight from stored JSON text, and ETag handling.
+//!
+//! Values are kept as canonical JSON bytes, so responses splice them in
+//! rather than re-serializing a tree.
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::Response;
+
+use crate::error::ApiError;
+use crate::store::{Entry, Objects, Precondition, ScanPage};
+
+/// `X-Cache` value for an answer served from memory.
+pub const HIT: &str = "HIT";
+/// `X-Cache` value for an answer that was not in memory.
+pub const MISS: &str = "MISS";
+
+/// A response with a JSON body.
+pub fn json(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut resp = Response::new(Body::from(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// A response with no body.
+pub fn empty(status: StatusCode) -> Response {
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = status;
+    resp
+}
+
+/// Appends `s` as a JSON string literal.
+pub fn push_str(buf: &mut Vec<u8>, s: &str) {
+    // Writing a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *buf, s);
+}
+
+/// Appends an optional number as JSON.
+fn push_opt_u64(buf: &mut Vec<u8>, n: Option<u64>) {
+    match n {
+        Some(n) => buf.extend_from_slice(n.to_string().as_bytes()),
+        None => buf.extend_from_slice(b"null"),
+    }
+}
+
+/// `{"key":k,"value":v,"ttl_ms":n}` for set types, `{"key":k,"values":[…],"ttl_ms":n}`
+/// for bag types.
+pub fn entry_body(key: &str, entry: &Entry) -> Vec<u8> {
+    let values_len: usize = entry.objects.values().map(|v| v.len() + 1).sum();
+    let mut buf = Vec::with_capacity(key.len() + values_len + 48);
+    buf.extend_from_slice(b"{\"key\":");
+    push_str(&mut buf, key);
+    match &entry.objects {
+        Objects::One(v) => {
+            buf.extend_from_slice(b",\"value\":");
+            buf.extend_from_slice(v.as_bytes());
+        }
+        Objects::Many(_) => {
+            buf.extend_from_slice(b",\"values\":[");
+            for (i, v) in entry.objects.values().enumerate() {
+                if i > 0 {
+                    buf.push(b',');
+                }
+                buf.extend_from_slice(v.as_bytes());
+            }
+            buf.push(b']');
+        }
+    }
+    buf.extend_from_slice(b",\"ttl_ms\":");
+    push_opt_u64(&mut buf, entry.ttl_ms);
+    buf.push(b'}');
+    buf
+}
+
+/// `{"entries":[{"key":k,"value":v}…],"next_cursor":c}`.
+pub fn scan_body(page: &ScanPage) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(64 + page.items.len() * 64);
+    buf.extend_from_slice(b"{\"entries\":[");
+    for (i, (key, value)) in page.items.iter().enumerate() {
+        if i > 0 {
+            buf.push(b',');
+        }
+        buf.extend_from_slice(b"{\"key\":");
+        push_str(&mut buf, key);
+        buf.extend_from_slice(b",\"value\":");
+        buf.extend_from_slice(value.as_bytes());
+        buf.push(b'}');
+    }
+    buf.extend_from_slice(b"],\"next_cursor\":");
+    match &page.next_cursor {
+        Some(c) => push_str(&mut buf, &c.encode()),
+        None => buf.extend_from_slice(b"null"),
+    }
+    buf.push(b'}');
+    buf
+}
+
+/// The ETag of an entry version.
+pub fn etag(version: u64) -> HeaderValue {
+    // Digits and quotes are always a valid header value.
+    HeaderValue::from_str(&format!("\"{version}\"")).unwrap_or(HeaderValue::from_static("\"0\""))
+}
+
+/// Sets `ETag` on a response.
+pub fn with_etag(mut resp: Response, version: u64) -> Response {
+    resp.headers_mut().insert(header::ETAG, etag(version));
+    resp
+}
+
+/// Sets `X-Cache` on a response.
+pub fn with_cache(mut resp: Response, status: &'static str) -> Response {
+    resp.headers_mut()
+        .insert("x-cache", HeaderValue::from_static(status));
+    resp
+}
+
+/// An `If-Match` / `If-None-Match` header's meaning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TagList {
+    /// `*`.
+    Any,
+    /// Entity tags; versions this server could have issued, others dropped.
+    Versions(Vec<u64>),
+}
+
+impl TagList {
+    /// Whether `version` is matched (weak comparison, as for GET).
+    pub fn matches(&self, version: u64) -> bool {
+        match self {
+            TagList::Any => true,
+            TagList::Versions(vs) => vs.contains(&version),
+        }
+    }
+}
+
+/// Parses a conditional header, if present.
+///
+/// # Errors
+/// [`ApiError::InvalidArgument`] when the header is not `*` or a list of
+/// quoted entity tags.
+pub fn tag_list(
+    headers: &HeaderMap,
+    name: header::HeaderName,
+) -> Result<Option<TagList>, ApiError> {
+    let mut values = headers.get_all(&name).iter().peekable();
+    if values.peek().is_none() {
+        return Ok(None);
+    }
+    let bad = || ApiError::InvalidArgument(format!("{name} must be * or a list of quoted ETags"));
+    let mut versions = Vec::new();
+    for value in values {
+        let text = value.to_str().map_err(|_| bad())?.trim();
+        if text == "*" {
+            return Ok(Some(TagList::Any));
+        }
+        for tag in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let tag = tag.strip_prefix("W/").unwrap_or(tag);
+            let inner = tag
+                .strip_prefix('"')
+                .and_then(|t| t.strip_suffix('"'))
+                .filter(|t| !t.contains('"'))
+                .ok_or_else(bad)?;
+            if let Ok(v) = inner.parse::<u64>() {
+                versions.push(v);
+            }
+        }
+    }
+    Ok(Some(TagList::Versions(versions)))
+}
+
+/// The precondition a write carries in `If-Match` / `If-None-Match`.
+///
+/// # Errors
+/// [`ApiError::InvalidArgument`] for malformed headers, for both at once, or
+/// for `If-None-Match` with anything but `*`.
+pub fn write_precondition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
+    let if_match = tag_list(headers, header::IF_MATCH)?;
+    let if_none = tag_list(headers, header::IF_NONE_MATCH)?;
+    match (if_match, if_none) {
+        (Some(_), Some(_)) => Err(ApiError::InvalidArgument(
+            "send If-Match or If-None-Match, not both".into(),
+        )),
+        (None, None) => Ok(Precondition::None),
+        (None, Some(TagList::Any)) => Ok(Precondition::Absent),
+        (None, Some(TagList::Versions(_))) => Err(ApiError::InvalidArgument(
+            "on writes If-None-Match supports only *".into(),
+        )),
+        (Some(TagList::Any), None) => Ok(Precondition::Exists),
+        (Some(TagList::Versions(vs)), None) => Ok(Precondition::Version(vs)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(name: &'static str, v: &'static str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(name, HeaderValue::from_static(v));
+        h
+    }
+
+    #[test]
+    fn parses_etag_lists() {
+        let h = headers("if-match", r#""3", W/"7", "foreign""#);
+        assert_eq!(
+            tag_list(&h, header::IF_MATCH).unwrap(),
+            Some(TagList::Versions(vec![3, 7]))
+        );
+        assert_eq!(
+            tag_list(&headers("if-match", "*"), header::IF_MATCH).unwrap(),
+            Some(TagList::Any)
+        );
+        assert!(tag_list(&headers("if-match", "3"), header::IF_MATCH).is_err());
+        assert!(tag_list(&headers("if-match", "\"3"), header::IF_MATCH).is_err());
+    }
+
+    #[test]
+    fn write_preconditions() {
+        assert_eq!(
+            write_precondition(&headers("if-none-match", "*")).unwrap(),
+            Precondition::Absent
+        );
+        assert!(write_precondition(&headers("if-none-match", "\"1\"")).is_err());
+        assert_eq!(
+            write_precondition(&HeaderMap::new()).unwrap(),
+            Precondition::None
+        );
+    }
+}

@@ -1,0 +1,67 @@
+//! Service endpoints: liveness, readiness.
+
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::respond;
+use super::AppState;
+use crate::error::{ApiError, ApiResult, ErrorBody};
+
+/// Routes for the service endpoints.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+}
+
+/// A service status.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"status": "ok"}))]
+pub struct Status {
+    /// `ok` or `ready`.
+    pub status: &'static str,
+}
+
+/// Liveness.
+///
+/// 200 while the process runs; for orchestrators' liveness probes.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "service",
+    responses((status = 200, description = "Alive", body = Status))
+)]
+pub async fn healthz() -> Response {
+    respond::json(StatusCode::OK, br#"{"status":"ok"}"#.to_vec())
+}
+
+/// Readiness.
+///
+/// 200 once every persistent table is loaded and requests are served; 503
+/// `unavailable` while starting or stopping.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "service",
+    responses(
+        (status = 200, description = "Ready", body = Status),
+        (status = 503, description = "Starting or stopping", body = ErrorBody),
+    )
+)]
+pub async fn readyz(State(state): State<AppState>) -> ApiResult<Response> {
+    if state.ready.load(Ordering::Acquire) {
+        Ok(respond::json(
+            StatusCode::OK,
+            br#"{"status":"ready"}"#.to_vec(),
+        ))
+    } else {
+        Err(ApiError::Unavailable("starting or stopping".into()))
+    }
+}

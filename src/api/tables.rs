@@ -1,0 +1,417 @@
+//! Table endpoints: create, list, inspect, change settings, drop, sync.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use serde::{Deserialize, Deserializer, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::auth::{authorize, Op, Principal};
+use super::extract::{JsonBody, TablePath};
+use super::respond;
+use super::AppState;
+use crate::clock::rfc3339_ms;
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::store::{
+    check_auto_save_ms, check_max_entries, check_ttl_ms, Access, Eviction, Origin, Persistence,
+    Table, TableSpec, TableType,
+};
+
+/// Routes for `/v1/tables…`.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_table, list_tables))
+        .routes(routes!(get_table, patch_table, delete_table))
+        .routes(routes!(sync_table))
+}
+
+/// Body of `POST /v1/tables`; only `name` is required.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "users", "type": "set", "access": "protected", "persistence": "none"}))]
+pub struct CreateTable {
+    /// 1–64 characters of `A-Z a-z 0-9 _ - .`.
+    pub name: String,
+    /// Table type; default `set`.
+    #[serde(rename = "type", default)]
+    pub kind: TableType,
+    /// Access level; default `protected`.
+    #[serde(default)]
+    pub access: Access,
+    /// Durability; default `none`.
+    #[serde(default)]
+    pub persistence: Persistence,
+    /// `periodic` only: longest time an acknowledged write may stay only in
+    /// memory, in milliseconds; default 1000.
+    #[serde(default)]
+    pub auto_save_ms: Option<u64>,
+    /// Entries expire this long after their last write, in milliseconds.
+    #[serde(default)]
+    pub default_ttl_ms: Option<u64>,
+    /// Most objects the table may hold.
+    #[serde(default)]
+    pub max_entries: Option<u64>,
+    /// At `max_entries`: `none` refuses with 507, `lru` evicts.
+    #[serde(default)]
+    pub eviction: Eviction,
+    /// Read-through source (admins only).
+    #[serde(default)]
+    pub origin: Option<Origin>,
+}
+
+/// Body of `PATCH /v1/tables/{table}`: the settings to change; absent ones stay.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"default_ttl_ms": 60000, "max_entries": null}))]
+pub struct PatchTable {
+    /// `periodic` tables only.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u64>)]
+    pub auto_save_ms: Option<Option<u64>>,
+    /// null removes the default TTL.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u64>)]
+    pub default_ttl_ms: Option<Option<u64>>,
+    /// null removes the limit.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u64>)]
+    pub max_entries: Option<Option<u64>>,
+    /// New eviction policy.
+    #[serde(default)]
+    pub eviction: Option<Eviction>,
+}
+
+/// Tells a field sent as null (`Some(None)`) from one not sent (`None`).
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// Per-table counters.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatsInfo {
+    /// Lookups that found a live entry.
+    pub hits: u64,
+    /// Lookups that found nothing.
+    pub misses: u64,
+    /// Objects inserted.
+    pub inserts: u64,
+    /// Objects removed by delete, delete_object, take or clear.
+    pub deletes: u64,
+    /// Keys removed because their TTL passed.
+    pub expired: u64,
+    /// Keys evicted to respect `max_entries`.
+    pub evicted: u64,
+    /// Requests made to the origin.
+    pub origin_fetches: u64,
+}
+
+/// A table's settings and state (ETS `info/1`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TableInfo {
+    /// Table name.
+    pub name: String,
+    /// Table type.
+    #[serde(rename = "type")]
+    pub kind: TableType,
+    /// Access level.
+    pub access: Access,
+    /// Durability mode.
+    pub persistence: Persistence,
+    /// `periodic` only: write-back bound in milliseconds.
+    pub auto_save_ms: Option<u64>,
+    /// Default TTL in milliseconds.
+    pub default_ttl_ms: Option<u64>,
+    /// Object limit.
+    pub max_entries: Option<u64>,
+    /// Eviction policy.
+    pub eviction: Eviction,
+    /// Read-through origin.
+    pub origin: Option<Origin>,
+    /// Objects stored.
+    pub size: u64,
+    /// Estimated bytes held by the table's objects.
+    pub memory_bytes: u64,
+    /// Owning principal.
+    pub owner: String,
+    /// Creation time, RFC 3339.
+    pub created_at: String,
+    /// Counters.
+    pub stats: StatsInfo,
+    /// Persistent tables only: objects not yet on disk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dirty: Option<u64>,
+    /// Persistent tables only: when dirty data was last written, RFC 3339.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub last_saved_at: Option<Option<String>>,
+}
+
+/// All tables the caller may read.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TableList {
+    /// Tables by name.
+    pub tables: Vec<TableInfo>,
+}
+
+/// Builds a table's info.
+pub fn table_info(table: &Table) -> TableInfo {
+    use std::sync::atomic::Ordering::Relaxed;
+    let spec = table.spec();
+    let s = &table.stats;
+    TableInfo {
+        name: spec.name,
+        kind: spec.kind,
+        access: spec.access,
+        persistence: spec.persistence,
+        auto_save_ms: spec.auto_save_ms,
+        default_ttl_ms: spec.default_ttl_ms,
+        max_entries: spec.max_entries,
+        eviction: spec.eviction,
+        origin: spec.origin,
+        size: table.size(),
+        memory_bytes: table.memory_bytes(),
+        owner: spec.owner,
+        created_at: rfc3339_ms(spec.created_at),
+        stats: StatsInfo {
+            hits: s.hits.load(Relaxed),
+            misses: s.misses.load(Relaxed),
+            inserts: s.inserts.load(Relaxed),
+            deletes: s.deletes.load(Relaxed),
+            expired: s.expired.load(Relaxed),
+            evicted: s.evicted.load(Relaxed),
+            origin_fetches: s.origin_fetches.load(Relaxed),
+        },
+        dirty: None,
+        last_saved_at: None,
+    }
+}
+
+fn info_response(status: StatusCode, table: &Table) -> Response {
+    respond::json(
+        status,
+        serde_json::to_vec(&table_info(table)).unwrap_or_default(),
+    )
+}
+
+/// Create a table.
+///
+/// ETS `ets:new/2`, DETS `open_file/2`. The creating principal owns the
+/// table. Only `name` is required; see the schema for defaults. A second
+/// create with the same name is 409, whatever its settings.
+#[utoipa::path(
+    post,
+    path = "/v1/tables",
+    tag = "tables",
+    request_body = CreateTable,
+    responses(
+        (status = 201, description = "Created", body = TableInfo),
+        (status = 400, description = "Invalid name or settings", body = ErrorBody),
+        (status = 403, description = "Only admins create tables with an origin", body = ErrorBody),
+        (status = 409, description = "A table of that name exists", body = ErrorBody),
+    )
+)]
+pub async fn create_table(
+    State(state): State<AppState>,
+    who: Principal,
+    JsonBody(body): JsonBody<CreateTable>,
+) -> ApiResult<Response> {
+    crate::store::validate_table_name(&body.name)
+        .map_err(|e| ApiError::InvalidName(e.to_string()))?;
+    if body.persistence != Persistence::None {
+        return Err(ApiError::InvalidArgument(
+            "persistent tables are not available in this build; use persistence \"none\"".into(),
+        ));
+    }
+    if body.origin.is_some() {
+        if !who.admin {
+            return Err(ApiError::Forbidden(
+                "only admins create tables with an origin".into(),
+            ));
+        }
+        return Err(ApiError::InvalidArgument(
+            "this server allows no origins".into(),
+        ));
+    }
+    let spec = TableSpec {
+        name: body.name,
+        kind: body.kind,
+        access: body.access,
+        persistence: body.persistence,
+        auto_save_ms: body.auto_save_ms,
+        default_ttl_ms: body.default_ttl_ms,
+        max_entries: body.max_entries,
+        eviction: body.eviction,
+        origin: body.origin,
+        owner: who.name.to_string(),
+        created_at: state.store.now_ms(),
+    };
+    let table = state.store.create_table(spec)?;
+    Ok(info_response(StatusCode::CREATED, &table))
+}
+
+/// List tables.
+///
+/// ETS `all/0`: every table the caller may read, by name, with its info.
+#[utoipa::path(
+    get,
+    path = "/v1/tables",
+    tag = "tables",
+    responses((status = 200, description = "Tables", body = TableList))
+)]
+pub async fn list_tables(State(state): State<AppState>, who: Principal) -> ApiResult<Response> {
+    let tables = state
+        .store
+        .tables()
+        .iter()
+        .filter(|t| authorize(t, &who, Op::Read).is_ok())
+        .map(|t| table_info(t))
+        .collect();
+    let body = serde_json::to_vec(&TableList { tables }).unwrap_or_default();
+    Ok(respond::json(StatusCode::OK, body))
+}
+
+/// Describe a table.
+///
+/// ETS `info/1`: settings, size, estimated memory, owner and counters.
+#[utoipa::path(
+    get,
+    path = "/v1/tables/{table}",
+    tag = "tables",
+    params(("table" = String, Path, description = "Table name")),
+    responses(
+        (status = 200, description = "Table info", body = TableInfo),
+        (status = 400, description = "Invalid name", body = ErrorBody),
+        (status = 403, description = "Not allowed to read the table", body = ErrorBody),
+        (status = 404, description = "No such table", body = ErrorBody),
+    )
+)]
+pub async fn get_table(
+    State(state): State<AppState>,
+    who: Principal,
+    TablePath(name): TablePath,
+) -> ApiResult<Response> {
+    let table = state.store.table(&name)?;
+    authorize(&table, &who, Op::Read)?;
+    Ok(info_response(StatusCode::OK, &table))
+}
+
+/// Change table settings.
+///
+/// Settable: `auto_save_ms` (periodic tables), `default_ttl_ms`,
+/// `max_entries`, `eviction`; null clears `default_ttl_ms` or `max_entries`.
+/// Every field is checked before any is applied. A new TTL applies to later
+/// writes. Lowering `max_entries` below the current size refuses growth (or,
+/// with `lru`, evicts) from the next write on. Owner or admin only.
+#[utoipa::path(
+    patch,
+    path = "/v1/tables/{table}",
+    tag = "tables",
+    params(("table" = String, Path, description = "Table name")),
+    request_body = PatchTable,
+    responses(
+        (status = 200, description = "Updated info", body = TableInfo),
+        (status = 400, description = "Invalid or unknown setting", body = ErrorBody),
+        (status = 403, description = "Not the owner", body = ErrorBody),
+        (status = 404, description = "No such table", body = ErrorBody),
+    )
+)]
+pub async fn patch_table(
+    State(state): State<AppState>,
+    who: Principal,
+    TablePath(name): TablePath,
+    JsonBody(patch): JsonBody<PatchTable>,
+) -> ApiResult<Response> {
+    let table = state.store.table(&name)?;
+    authorize(&table, &who, Op::Manage)?;
+    match patch.auto_save_ms {
+        Some(_) if table.persistence() != Persistence::Periodic => {
+            return Err(ApiError::InvalidArgument(
+                "auto_save_ms applies to persistence \"periodic\" only".into(),
+            ))
+        }
+        Some(None) => {
+            return Err(ApiError::InvalidArgument(
+                "auto_save_ms cannot be null".into(),
+            ))
+        }
+        Some(Some(ms)) => check_auto_save_ms(ms)?,
+        None => {}
+    }
+    if let Some(Some(ttl)) = patch.default_ttl_ms {
+        check_ttl_ms(ttl)?;
+    }
+    if let Some(Some(max)) = patch.max_entries {
+        check_max_entries(max)?;
+    }
+    if let Some(Some(ms)) = patch.auto_save_ms {
+        table.set_auto_save_ms(ms);
+    }
+    if let Some(ttl) = patch.default_ttl_ms {
+        table.set_default_ttl_ms(ttl);
+    }
+    if let Some(max) = patch.max_entries {
+        table.set_max_entries(max);
+    }
+    if let Some(eviction) = patch.eviction {
+        table.set_eviction(eviction);
+    }
+    Ok(info_response(StatusCode::OK, &table))
+}
+
+/// Drop a table.
+///
+/// ETS `delete/1`: the table and all its objects (and, for persistent
+/// tables, its data on disk) are gone. Owner or admin only.
+#[utoipa::path(
+    delete,
+    path = "/v1/tables/{table}",
+    tag = "tables",
+    params(("table" = String, Path, description = "Table name")),
+    responses(
+        (status = 204, description = "Dropped"),
+        (status = 400, description = "Invalid name", body = ErrorBody),
+        (status = 403, description = "Not the owner", body = ErrorBody),
+        (status = 404, description = "No such table", body = ErrorBody),
+    )
+)]
+pub async fn delete_table(
+    State(state): State<AppState>,
+    who: Principal,
+    TablePath(name): TablePath,
+) -> ApiResult<Response> {
+    let table = state.store.table(&name)?;
+    authorize(&table, &who, Op::Manage)?;
+    state.store.drop_table(&name)?;
+    Ok(respond::empty(StatusCode::NO_CONTENT))
+}
+
+/// Flush a table to disk.
+///
+/// DETS `sync/1`: answers once everything acknowledged so far is on disk.
+/// For tables with persistence `none` there is nothing to write and it
+/// answers at once. Returns the table's info.
+#[utoipa::path(
+    post,
+    path = "/v1/tables/{table}/sync",
+    tag = "tables",
+    params(("table" = String, Path, description = "Table name")),
+    responses(
+        (status = 200, description = "Everything acknowledged is on disk", body = TableInfo),
+        (status = 403, description = "Not allowed to write the table", body = ErrorBody),
+        (status = 404, description = "No such table", body = ErrorBody),
+        (status = 503, description = "The durable tier cannot take writes now", body = ErrorBody),
+    )
+)]
+pub async fn sync_table(
+    State(state): State<AppState>,
+    who: Principal,
+    TablePath(name): TablePath,
+) -> ApiResult<Response> {
+    let table = state.store.table(&name)?;
+    authorize(&table, &who, Op::Write)?;
+    Ok(info_response(StatusCode::OK, &table))
+}

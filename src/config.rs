@@ -1,0 +1,61 @@
+//! The server's configuration: one clap struct, every flag also an
+//! environment variable, every field documented with its unit and default.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum LogFormat {
+    /// Human-readable, coloured when on a terminal.
+    #[default]
+    Pretty,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// larder's settings.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "larder",
+    version,
+    about = "ETS/DETS-style tables over HTTP/JSON"
+)]
+pub struct Config {
+    /// Address to listen on. Port 0 picks a free port.
+    #[arg(long, env = "LARDER_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Directory for durable tables; created if missing.
+    #[arg(long, env = "LARDER_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    #[arg(long, env = "LARDER_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Log line format.
+    #[arg(long, env = "LARDER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
+
+    /// Log filter in tracing's EnvFilter syntax, e.g. `info` or `larder=debug`.
+    #[arg(long, env = "LARDER_LOG", default_value = "info")]
+    pub log: String,
+
+    /// Seconds a graceful stop may take before the process exits anyway.
+    #[arg(long, env = "LARDER_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
+    pub shutdown_timeout_secs: u64,
+}
+
+impl Config {
+    /// A configuration for tests and embedding: loopback port 0, the given
+    /// data directory, everything else at its default.
+    pub fn for_tests(data_dir: impl Into<PathBuf>) -> Self {
+        let mut config = Config::parse_from(["larder"]);
+        config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.data_dir = data_dir.into();
+        config
+    }
+}

@@ -1,0 +1,228 @@
+//! [`ApiError`]: the only type that becomes an HTTP error response.
+//!
+//! Every error leaves as `{"error":{"code":"snake_case","message":"…"}}` with
+//! a status from the API contract. Codes are stable identifiers clients may
+//! match on; messages are for people. Building a response has no side
+//! effects: logging happens in the request span's middleware.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::store::StoreError;
+
+/// An error as the client sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiError {
+    /// 400 `invalid_json`: the body is not JSON.
+    InvalidJson(String),
+    /// 400 `invalid_name`: a table name breaks the naming rules.
+    InvalidName(String),
+    /// 400 `invalid_key`: a key is empty, too long, not UTF-8 or has NUL.
+    InvalidKey(String),
+    /// 400 `invalid_argument`: a parameter or body field is wrong.
+    InvalidArgument(String),
+    /// 401 `unauthorized`: no token, or one we do not know.
+    Unauthorized,
+    /// 403 `forbidden`: the principal may not do this to this table.
+    Forbidden(String),
+    /// 404 `table_not_found`.
+    TableNotFound(String),
+    /// 404 `key_not_found`.
+    KeyNotFound,
+    /// 404 `not_found`: no such route.
+    RouteNotFound,
+    /// 405 `method_not_allowed`.
+    MethodNotAllowed,
+    /// 409 `table_exists`.
+    TableExists(String),
+    /// 409 `not_a_counter`.
+    NotACounter(String),
+    /// 409 `not_an_object`: merge patch on a value that is not an object.
+    NotAnObject,
+    /// 409 `wrong_table_type`.
+    WrongTableType(String),
+    /// 409 `overflow`: a counter would leave the i64 range.
+    Overflow,
+    /// 412 `precondition_failed`.
+    PreconditionFailed(String),
+    /// 413 `payload_too_large`.
+    PayloadTooLarge(usize),
+    /// 502 `origin_error`.
+    OriginError(String),
+    /// 504 `origin_timeout`.
+    OriginTimeout,
+    /// 503 `unavailable`: starting, stopping, or shedding load.
+    Unavailable(String),
+    /// 507 `table_full`.
+    TableFull(u64),
+    /// 507 `memory_limit`.
+    MemoryLimit,
+    /// 500 `internal`: a bug or an I/O failure; details go to the log only.
+    Internal(String),
+}
+
+/// The JSON error body.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable snake_case identifier, e.g. `key_not_found`.
+    #[schema(example = "key_not_found")]
+    pub code: String,
+    /// Human-readable explanation.
+    #[schema(example = "key not found")]
+    pub message: String,
+}
+
+impl ApiError {
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        use ApiError::*;
+        match self {
+            InvalidJson(_) | InvalidName(_) | InvalidKey(_) | InvalidArgument(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            Unauthorized => StatusCode::UNAUTHORIZED,
+            Forbidden(_) => StatusCode::FORBIDDEN,
+            TableNotFound(_) | KeyNotFound | RouteNotFound => StatusCode::NOT_FOUND,
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            TableExists(_) | NotACounter(_) | NotAnObject | WrongTableType(_) | Overflow => {
+                StatusCode::CONFLICT
+            }
+            PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
+            PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            OriginError(_) => StatusCode::BAD_GATEWAY,
+            OriginTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            TableFull(_) | MemoryLimit => StatusCode::INSUFFICIENT_STORAGE,
+            Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable error code.
+    pub fn code(&self) -> &'static str {
+        use ApiError::*;
+        match self {
+            InvalidJson(_) => "invalid_json",
+            InvalidName(_) => "invalid_name",
+            InvalidKey(_) => "invalid_key",
+            InvalidArgument(_) => "invalid_argument",
+            Unauthorized => "unauthorized",
+            Forbidden(_) => "forbidden",
+            TableNotFound(_) => "table_not_found",
+            KeyNotFound => "key_not_found",
+            RouteNotFound => "not_found",
+            MethodNotAllowed => "method_not_allowed",
+            TableExists(_) => "table_exists",
+            NotACounter(_) => "not_a_counter",
+            NotAnObject => "not_an_object",
+            WrongTableType(_) => "wrong_table_type",
+            Overflow => "overflow",
+            PreconditionFailed(_) => "precondition_failed",
+            PayloadTooLarge(_) => "payload_too_large",
+            OriginError(_) => "origin_error",
+            OriginTimeout => "origin_timeout",
+            Unavailable(_) => "unavailable",
+            TableFull(_) => "table_full",
+            MemoryLimit => "memory_limit",
+            Internal(_) => "internal",
+        }
+    }
+
+    /// The message shown to the client.
+    pub fn message(&self) -> String {
+        use ApiError::*;
+        match self {
+            InvalidJson(m) | InvalidName(m) | InvalidKey(m) | InvalidArgument(m) => m.clone(),
+            Unauthorized => "a valid bearer token is required".into(),
+            Forbidden(m) => m.clone(),
+            TableNotFound(t) => format!("table '{t}' does not exist"),
+            KeyNotFound => "key not found".into(),
+            RouteNotFound => "no such route".into(),
+            MethodNotAllowed => "method not allowed on this route".into(),
+            TableExists(t) => format!("table '{t}' already exists"),
+            NotACounter(m) => m.clone(),
+            NotAnObject => "the stored value is not a JSON object".into(),
+            WrongTableType(m) => m.clone(),
+            Overflow => "counter update overflows a 64-bit integer".into(),
+            PreconditionFailed(m) => m.clone(),
+            PayloadTooLarge(n) => format!("request body exceeds {n} bytes"),
+            OriginError(m) => format!("origin failed: {m}"),
+            OriginTimeout => "origin did not answer in time".into(),
+            Unavailable(m) => m.clone(),
+            TableFull(n) => format!("table is full ({n} entries) and does not evict"),
+            MemoryLimit => "server memory limit reached".into(),
+            // Internal details go to the log, never to the client.
+            Internal(_) => "internal error".into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code(), self.message())
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::TableNotFound(t) => ApiError::TableNotFound(t),
+            StoreError::TableExists(t) => ApiError::TableExists(t),
+            StoreError::KeyNotFound => ApiError::KeyNotFound,
+            StoreError::PreconditionFailed(m) => ApiError::PreconditionFailed(m.into()),
+            StoreError::NotACounter(m) => ApiError::NotACounter(m),
+            StoreError::NotAnObject => ApiError::NotAnObject,
+            StoreError::WrongTableType(m) => ApiError::WrongTableType(m.into()),
+            StoreError::Overflow => ApiError::Overflow,
+            StoreError::TableFull(n) => ApiError::TableFull(n),
+            StoreError::MemoryLimit => ApiError::MemoryLimit,
+            StoreError::InvalidArgument(m) => ApiError::InvalidArgument(m),
+            StoreError::Unavailable(m) => ApiError::Unavailable(m),
+            StoreError::Storage(m) => ApiError::Internal(m),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code().to_owned(),
+                message: self.message(),
+            },
+        };
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        let mut resp = (self.status(), bytes).into_response();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let ApiError::Internal(detail) = &self {
+            // Carried to the logging middleware, which records it in the
+            // request span; the client only sees "internal error".
+            resp.extensions_mut().insert(InternalDetail(detail.clone()));
+        }
+        if matches!(self, ApiError::Unavailable(_)) {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+/// The hidden detail of a 500, for the log.
+#[derive(Debug, Clone)]
+pub struct InternalDetail(pub String);
+
+/// Shorthand for handler results.
+pub type ApiResult<T> = Result<T, ApiError>;

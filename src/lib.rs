@@ -1,0 +1,21 @@
+//! larder: Erlang ETS/DETS-style tables over HTTP/JSON.
+//!
+//! # Layout
+//! Requests flow one way: HTTP → [`api`] → [`store`].
+//!
+//! - [`config`]: the command line and environment, one documented struct.
+//! - [`app`]: binds the listener, wires state and router, runs until a stop
+//!   signal and shuts down in order.
+//! - [`api`]: one module per resource; handlers validate, call the store, and
+//!   shape responses. [`error::ApiError`] is the only type that becomes an
+//!   error response.
+//! - [`store`]: tables of the four ETS types with their exact semantics; knows
+//!   nothing of HTTP or disk.
+//! - [`clock`]: time behind a trait so expiry is testable without sleeping.
+
+pub mod api;
+pub mod app;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod store;

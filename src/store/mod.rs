@@ -1,0 +1,235 @@
+//! The in-memory store: named tables of the four ETS types.
+//!
+//! Nothing here knows about HTTP or about disk. The API layer calls these
+//! methods; the durable tier observes their effects.
+//!
+//! # Sharing
+//! [`Store`] is a cheap handle (cloning is shallow). Tables are
+//! `Arc<Table>`: a request holds its table for its own duration, so dropping a
+//! table never pulls memory from under a request in flight.
+
+mod counter;
+mod error;
+mod scan;
+mod slot;
+mod table;
+mod types;
+mod value;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use dashmap::mapref::entry::Entry as MapEntry;
+use dashmap::DashMap;
+
+pub use counter::{merge_patch, CounterOp};
+pub use error::{StoreError, StoreResult};
+pub use scan::{Cursor, ScanPage, ScanRequest, DEFAULT_SCAN_LIMIT, MAX_SCAN_LIMIT};
+pub use slot::{Entry, Object, Objects, Slot};
+pub use table::{Precondition, Stats, Table, TableSpec, Written, SHARDS};
+pub use types::{Access, Eviction, Origin, Persistence, TableType};
+pub use value::{validate_key, validate_table_name, Key, Value, MAX_KEY_BYTES, MAX_NAME_CHARS};
+
+use crate::clock::Clock;
+
+/// Longest TTL a client may ask for: ten years, in milliseconds. Longer ones
+/// are almost certainly unit mistakes, and the cap keeps deadlines far from
+/// overflow.
+pub const MAX_TTL_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
+/// Longest `auto_save_ms`: one day.
+pub const MAX_AUTO_SAVE_MS: u64 = 24 * 3600 * 1000;
+/// `auto_save_ms` of a `periodic` table created without one, as DETS-like
+/// service would pick for a cache: one second of exposure.
+pub const DEFAULT_AUTO_SAVE_MS: u64 = 1000;
+
+/// State every table of a store shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// Source of "now" for TTLs and timestamps.
+    pub clock: Arc<dyn Clock>,
+    /// Last version handed out; versions are unique across the store, so an
+    /// ETag never matches an entry of a dropped and re-created table.
+    pub revision: AtomicU64,
+}
+
+/// Handle to all tables. Cloning is shallow.
+#[derive(Debug, Clone)]
+pub struct Store {
+    tables: Arc<DashMap<Box<str>, Arc<Table>>>,
+    shared: Arc<Shared>,
+}
+
+impl Store {
+    /// An empty store reading time from `clock`.
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        Store {
+            tables: Arc::new(DashMap::new()),
+            shared: Arc::new(Shared {
+                clock,
+                revision: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The store's clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.shared.clock
+    }
+
+    /// Milliseconds since the epoch by the store's clock.
+    pub fn now_ms(&self) -> u64 {
+        self.shared.clock.now_ms()
+    }
+
+    /// Creates a table (`ets:new`).
+    ///
+    /// # Errors
+    /// [`StoreError::InvalidArgument`] for bad settings,
+    /// [`StoreError::TableExists`] when the name is taken.
+    pub fn create_table(&self, spec: TableSpec) -> StoreResult<Arc<Table>> {
+        let spec = spec.validated()?;
+        match self.tables.entry(spec.name.clone().into_boxed_str()) {
+            MapEntry::Occupied(_) => Err(StoreError::TableExists(spec.name)),
+            MapEntry::Vacant(v) => {
+                let table = Arc::new(Table::new(spec, self.shared.clone()));
+                v.insert(table.clone());
+                Ok(table)
+            }
+        }
+    }
+
+    /// The table named `name`.
+    ///
+    /// # Errors
+    /// [`StoreError::TableNotFound`].
+    pub fn table(&self, name: &str) -> StoreResult<Arc<Table>> {
+        self.tables
+            .get(name)
+            .map(|t| t.clone())
+            .ok_or_else(|| StoreError::TableNotFound(name.to_owned()))
+    }
+
+    /// Every table, by name (`ets:all`).
+    pub fn tables(&self) -> Vec<Arc<Table>> {
+        let mut all: Vec<Arc<Table>> = self.tables.iter().map(|t| t.clone()).collect();
+        all.sort_by(|a, b| a.name().cmp(b.name()));
+        all
+    }
+
+    /// How many tables exist.
+    pub fn table_count(&self) -> usize {
+        self.tables.len()
+    }
+
+    /// Removes a table (`ets:delete/1`) and returns it.
+    ///
+    /// # Errors
+    /// [`StoreError::TableNotFound`].
+    pub fn drop_table(&self, name: &str) -> StoreResult<Arc<Table>> {
+        self.tables
+            .remove(name)
+            .map(|(_, t)| t)
+            .ok_or_else(|| StoreError::TableNotFound(name.to_owned()))
+    }
+}
+
+impl TableSpec {
+    /// A spec with defaults for everything but the name and owner.
+    pub fn new(name: impl Into<String>, kind: TableType, owner: impl Into<String>) -> Self {
+        TableSpec {
+            name: name.into(),
+            kind,
+            access: Access::default(),
+            persistence: Persistence::default(),
+            auto_save_ms: None,
+            default_ttl_ms: None,
+            max_entries: None,
+            eviction: Eviction::default(),
+            origin: None,
+            owner: owner.into(),
+            created_at: 0,
+        }
+    }
+
+    /// Checks the settings and fills in the defaults that depend on others.
+    ///
+    /// # Errors
+    /// [`StoreError::InvalidArgument`] naming the first bad setting.
+    pub fn validated(mut self) -> StoreResult<Self> {
+        validate_table_name(&self.name)?;
+        match (self.persistence, self.auto_save_ms) {
+            (Persistence::Periodic, None) => self.auto_save_ms = Some(DEFAULT_AUTO_SAVE_MS),
+            (Persistence::Periodic, Some(ms)) => check_auto_save_ms(ms)?,
+            (_, Some(_)) => {
+                return Err(StoreError::InvalidArgument(
+                    "auto_save_ms applies to persistence \"periodic\" only".into(),
+                ))
+            }
+            (_, None) => {}
+        }
+        if let Some(ttl) = self.default_ttl_ms {
+            check_ttl_ms(ttl)?;
+        }
+        if let Some(max) = self.max_entries {
+            check_max_entries(max)?;
+        }
+        if let Some(origin) = &self.origin {
+            for (what, ms) in [
+                ("origin.ttl_ms", origin.ttl_ms),
+                ("origin.negative_ttl_ms", origin.negative_ttl_ms),
+                ("origin.timeout_ms", origin.timeout_ms),
+            ] {
+                if ms == 0 || ms > MAX_TTL_MS {
+                    return Err(StoreError::InvalidArgument(format!(
+                        "{what} must be between 1 and {MAX_TTL_MS}"
+                    )));
+                }
+            }
+            if !self.kind.is_single() {
+                return Err(StoreError::InvalidArgument(
+                    "an origin needs a set or ordered_set table".into(),
+                ));
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// Checks a TTL in milliseconds: 1 to [`MAX_TTL_MS`].
+///
+/// # Errors
+/// [`StoreError::InvalidArgument`].
+pub fn check_ttl_ms(ms: u64) -> StoreResult<()> {
+    if ms == 0 || ms > MAX_TTL_MS {
+        return Err(StoreError::InvalidArgument(format!(
+            "ttl_ms must be between 1 and {MAX_TTL_MS}"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks an `auto_save_ms`: 1 to [`MAX_AUTO_SAVE_MS`].
+///
+/// # Errors
+/// [`StoreError::InvalidArgument`].
+pub fn check_auto_save_ms(ms: u64) -> StoreResult<()> {
+    if ms == 0 || ms > MAX_AUTO_SAVE_MS {
+        return Err(StoreError::InvalidArgument(format!(
+            "auto_save_ms must be between 1 and {MAX_AUTO_SAVE_MS}"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a `max_entries`: at least 1.
+///
+/// # Errors
+/// [`StoreError::InvalidArgument`].
+pub fn check_max_entries(max: u64) -> StoreResult<()> {
+    if max == 0 || max > i64::MAX as u64 {
+        return Err(StoreError::InvalidArgument(
+            "max_entries must be at least 1".into(),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,369 @@
+//! Scans: key-ordered range walks for `ordered_set`, cursor walks for the
+//! hashed types.
+//!
+//! # The cursor guarantee
+//! A scan that runs while the table changes returns every entry that lived
+//! throughout it exactly once. Both walks visit entries in a fixed total order
+//! that does not depend on the map's internal layout, and a cursor is simply
+//! the position of the last object returned:
+//! - `ordered_set`: bytewise key order (reversed with `reverse`).
+//! - hashed types: (shard, key hash, key), where the hash is the table map's
+//!   own and the shard follows from the hash. A page reads one shard at a time
+//!   under its read lock.
+//!
+//! Bag objects carry sequence numbers, so a page may end inside a key and the
+//! next one resumes after the last object returned.
+//!
+//! Cursors of hashed tables hold the map's hash, which is seeded per process:
+//! they stay valid while the server runs.
+
+use std::cmp::Ordering as CmpOrdering;
+use std::ops::Bound;
+
+use super::error::{StoreError, StoreResult};
+use super::slot::{Objects, Slot};
+use super::table::Table;
+use super::value::{Key, Value};
+
+/// Largest page a scan may ask for.
+pub const MAX_SCAN_LIMIT: usize = 10_000;
+/// Page size when the request names none.
+pub const DEFAULT_SCAN_LIMIT: usize = 100;
+
+/// Where a scan resumes: after object `seq` of `key` at position `hash`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    /// Hash position for hashed tables; 0 for `ordered_set`.
+    pub hash: u64,
+    /// Last object returned under `key` (bag types); 0 for set types.
+    pub seq: u64,
+    /// Last key returned.
+    pub key: String,
+}
+
+impl Cursor {
+    /// Opaque, URL-safe text for `next_cursor`.
+    pub fn encode(&self) -> String {
+        let mut s = format!("{:016x}{:016x}", self.hash, self.seq);
+        for b in self.key.as_bytes() {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+
+    /// Reads a cursor produced by [`Cursor::encode`].
+    ///
+    /// # Errors
+    /// [`StoreError::InvalidArgument`] when the text is not such a cursor.
+    pub fn decode(text: &str) -> StoreResult<Self> {
+        let bad = || StoreError::InvalidArgument("cursor is not one this server issued".into());
+        if text.len() < 32 || text.len() % 2 != 0 || !text.is_ascii() {
+            return Err(bad());
+        }
+        let hash = u64::from_str_radix(&text[..16], 16).map_err(|_| bad())?;
+        let seq = u64::from_str_radix(&text[16..32], 16).map_err(|_| bad())?;
+        let bytes = (32..text.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&text[i..i + 2], 16))
+            .collect::<Result<Vec<u8>, _>>()
+            .map_err(|_| bad())?;
+        let key = String::from_utf8(bytes).map_err(|_| bad())?;
+        Ok(Cursor { hash, seq, key })
+    }
+}
+
+/// What a scan asks for. Range bounds apply to `ordered_set` only; `prefix`
+/// filters every type.
+#[derive(Debug, Clone, Default)]
+pub struct ScanRequest {
+    /// Only keys starting with this.
+    pub prefix: Option<String>,
+    /// Lowest key, inclusive.
+    pub start: Option<String>,
+    /// Lowest key, exclusive.
+    pub after: Option<String>,
+    /// Highest key, exclusive.
+    pub end: Option<String>,
+    /// Most objects to return (1..=10000).
+    pub limit: usize,
+    /// Walk the range from its high end.
+    pub reverse: bool,
+    /// Resume after this position.
+    pub cursor: Option<Cursor>,
+}
+
+/// One page of a scan.
+#[derive(Debug, Clone, Default)]
+pub struct ScanPage {
+    /// `(key, object)` pairs; bag keys appear once per object.
+    pub items: Vec<(String, Value)>,
+    /// Where to resume, or `None` when the scan is complete.
+    pub next_cursor: Option<Cursor>,
+}
+
+impl Table {
+    /// One page of a scan.
+    ///
+    /// # Errors
+    /// [`StoreError::InvalidArgument`] for range options on a hashed table,
+    /// conflicting bounds, or a limit out of range.
+    pub fn scan(&self, req: &ScanRequest) -> StoreResult<ScanPage> {
+        if req.limit == 0 || req.limit > MAX_SCAN_LIMIT {
+            return Err(StoreError::InvalidArgument(format!(
+                "limit must be between 1 and {MAX_SCAN_LIMIT}"
+            )));
+        }
+        if req.start.is_some() && req.after.is_some() {
+            return Err(StoreError::InvalidArgument(
+                "give at most one of start and after".into(),
+            ));
+        }
+        match self.index() {
+            Some(_) => Ok(self.scan_ordered(req)),
+            None => {
+                if req.start.is_some() || req.after.is_some() || req.end.is_some() || req.reverse {
+                    return Err(StoreError::InvalidArgument(
+                        "start, after, end and reverse need an ordered_set table; other types support prefix and cursor".into(),
+                    ));
+                }
+                Ok(self.scan_hashed(req))
+            }
+        }
+    }
+
+    fn scan_ordered(&self, req: &ScanRequest) -> ScanPage {
+        let Some(index) = self.index() else {
+            return ScanPage::default();
+        };
+        let now = self.now();
+        let mut lower: Bound<Vec<u8>> = Bound::Unbounded;
+        let mut upper: Bound<Vec<u8>> = Bound::Unbounded;
+        let raise = |b: &mut Bound<Vec<u8>>, new: Bound<Vec<u8>>| {
+            if lower_cmp(&new, b) == CmpOrdering::Greater {
+                *b = new;
+            }
+        };
+        let cut = |b: &mut Bound<Vec<u8>>, new: Bound<Vec<u8>>| {
+            if upper_cmp(&new, b) == CmpOrdering::Less {
+                *b = new;
+            }
+        };
+        if let Some(s) = &req.start {
+            raise(&mut lower, Bound::Included(s.as_bytes().to_vec()));
+        }
+        if let Some(a) = &req.after {
+            raise(&mut lower, Bound::Excluded(a.as_bytes().to_vec()));
+        }
+        if let Some(e) = &req.end {
+            cut(&mut upper, Bound::Excluded(e.as_bytes().to_vec()));
+        }
+        if let Some(p) = &req.prefix {
+            raise(&mut lower, Bound::Included(p.as_bytes().to_vec()));
+            if let Some(succ) = prefix_successor(p.as_bytes()) {
+                cut(&mut upper, Bound::Excluded(succ));
+            }
+        }
+        if let Some(c) = &req.cursor {
+            let at = Bound::Excluded(c.key.as_bytes().to_vec());
+            if req.reverse {
+                cut(&mut upper, at);
+            } else {
+                raise(&mut lower, at);
+            }
+        }
+        if range_is_empty(&lower, &upper) {
+            return ScanPage::default();
+        }
+        let range = index.range::<[u8], _>((as_ref(&lower), as_ref(&upper)));
+        let keys: Box<dyn Iterator<Item = _>> = if req.reverse {
+            Box::new(range.rev())
+        } else {
+            Box::new(range)
+        };
+        let mut page = ScanPage::default();
+        for entry in keys {
+            let Ok(key) = std::str::from_utf8(entry.value()) else {
+                continue;
+            };
+            let Some(value) = self.map().get(key).and_then(|slot| match &slot.objects {
+                Objects::One(v) if !slot.is_expired(now) => Some(v.clone()),
+                _ => None,
+            }) else {
+                continue;
+            };
+            if page.items.len() == req.limit {
+                page.next_cursor = page.items.last().map(|(k, _)| Cursor {
+                    hash: 0,
+                    seq: 0,
+                    key: k.clone(),
+                });
+                break;
+            }
+            page.items.push((key.to_owned(), value));
+        }
+        page
+    }
+
+    fn scan_hashed(&self, req: &ScanRequest) -> ScanPage {
+        let map = self.map();
+        let now = self.now();
+        let prefix = req.prefix.as_deref().unwrap_or("");
+        let first_shard = req
+            .cursor
+            .as_ref()
+            .map_or(0, |c| map.determine_shard(c.hash as usize));
+        let mut page = ScanPage::default();
+        for shard in first_shard..map.shards().len() {
+            let guard = map.shards()[shard].read();
+            // Positions after the cursor, smallest first, as
+            // (hash, key, slot, first object seq to return).
+            let mut found: Vec<(u64, &Key, &Slot, u64)> = Vec::new();
+            // SAFETY: the read guard is held for as long as `found` lives (it
+            // is declared after the guard, so dropped first); while it is held
+            // no writer can mutate or resize this shard, so the buckets and the
+            // references into them stay valid.
+            unsafe {
+                for bucket in guard.iter() {
+                    let (key, shared) = bucket.as_ref();
+                    let slot = shared.get();
+                    if slot.is_expired(now) || !key.starts_with(prefix) {
+                        continue;
+                    }
+                    let hash = map.hash_usize(key) as u64;
+                    let from_seq = match &req.cursor {
+                        Some(c) => match (hash, key.as_ref()).cmp(&(c.hash, c.key.as_str())) {
+                            CmpOrdering::Less => continue,
+                            CmpOrdering::Equal if self.kind().is_single() => continue,
+                            CmpOrdering::Equal => c.seq + 1,
+                            CmpOrdering::Greater => 0,
+                        },
+                        None => 0,
+                    };
+                    let has_objects = match &slot.objects {
+                        Objects::One(_) => true,
+                        Objects::Many(objs) => objs.iter().any(|o| o.seq >= from_seq),
+                    };
+                    if !has_objects {
+                        continue;
+                    }
+                    found.push((hash, key, slot, from_seq));
+                }
+            }
+            let need = req.limit - page.items.len();
+            let by_pos = |a: &(u64, &Key, &Slot, u64), b: &(u64, &Key, &Slot, u64)| {
+                (a.0, a.1).cmp(&(b.0, b.1))
+            };
+            if found.len() > need + 1 {
+                found.select_nth_unstable_by(need, by_pos);
+                found.truncate(need + 1);
+            }
+            found.sort_unstable_by(by_pos);
+            for (hash, key, slot, from_seq) in &found {
+                let objects: Vec<(u64, &Value)> = match &slot.objects {
+                    Objects::One(v) => vec![(0, v)],
+                    Objects::Many(objs) => objs
+                        .iter()
+                        .filter(|o| o.seq >= *from_seq)
+                        .map(|o| (o.seq, &o.value))
+                        .collect(),
+                };
+                for (seq, value) in objects {
+                    if page.items.len() == req.limit {
+                        // next_cursor already names the last object returned.
+                        return page;
+                    }
+                    page.items.push((key.to_string(), value.clone()));
+                    page.next_cursor = Some(Cursor {
+                        hash: *hash,
+                        seq,
+                        key: key.to_string(),
+                    });
+                }
+            }
+        }
+        page.next_cursor = None;
+        page
+    }
+}
+
+fn as_ref(b: &Bound<Vec<u8>>) -> Bound<&[u8]> {
+    match b {
+        Bound::Included(v) => Bound::Included(v.as_slice()),
+        Bound::Excluded(v) => Bound::Excluded(v.as_slice()),
+        Bound::Unbounded => Bound::Unbounded,
+    }
+}
+
+/// Orders lower bounds by how much they exclude.
+fn lower_cmp(a: &Bound<Vec<u8>>, b: &Bound<Vec<u8>>) -> CmpOrdering {
+    use Bound::*;
+    match (a, b) {
+        (Unbounded, Unbounded) => CmpOrdering::Equal,
+        (Unbounded, _) => CmpOrdering::Less,
+        (_, Unbounded) => CmpOrdering::Greater,
+        (Included(x), Included(y)) | (Excluded(x), Excluded(y)) => x.cmp(y),
+        (Included(x), Excluded(y)) => x.cmp(y).then(CmpOrdering::Less),
+        (Excluded(x), Included(y)) => x.cmp(y).then(CmpOrdering::Greater),
+    }
+}
+
+/// Orders upper bounds by how much they admit.
+fn upper_cmp(a: &Bound<Vec<u8>>, b: &Bound<Vec<u8>>) -> CmpOrdering {
+    use Bound::*;
+    match (a, b) {
+        (Unbounded, Unbounded) => CmpOrdering::Equal,
+        (Unbounded, _) => CmpOrdering::Greater,
+        (_, Unbounded) => CmpOrdering::Less,
+        (Included(x), Included(y)) | (Excluded(x), Excluded(y)) => x.cmp(y),
+        (Included(x), Excluded(y)) => x.cmp(y).then(CmpOrdering::Greater),
+        (Excluded(x), Included(y)) => x.cmp(y).then(CmpOrdering::Less),
+    }
+}
+
+fn range_is_empty(lower: &Bound<Vec<u8>>, upper: &Bound<Vec<u8>>) -> bool {
+    use Bound::*;
+    match (lower, upper) {
+        (Unbounded, _) | (_, Unbounded) => false,
+        (Included(l), Included(u)) => l > u,
+        (Included(l), Excluded(u)) | (Excluded(l), Included(u)) | (Excluded(l), Excluded(u)) => {
+            l >= u
+        }
+    }
+}
+
+/// The smallest byte string greater than every string that starts with
+/// `prefix`, or `None` when there is none (empty prefix).
+fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut succ = prefix.to_vec();
+    while let Some(last) = succ.pop() {
+        if last < u8::MAX {
+            succ.push(last + 1);
+            return Some(succ);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip() {
+        let c = Cursor {
+            hash: 0xdead_beef,
+            seq: 7,
+            key: "ключ/1".into(),
+        };
+        assert_eq!(Cursor::decode(&c.encode()).unwrap(), c);
+        assert!(Cursor::decode("zz").is_err());
+        assert!(Cursor::decode(&"g".repeat(40)).is_err());
+    }
+
+    #[test]
+    fn prefix_successor_skips_saturated_bytes() {
+        assert_eq!(prefix_successor(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_successor(b"a\xff"), Some(b"b".to_vec()));
+        assert_eq!(prefix_successor(b""), None);
+    }
+}

@@ -1,0 +1,106 @@
+//! What a table keeps under one key, and what reads hand back.
+
+use super::value::Value;
+
+/// One object of a bag key, with the sequence number that orders it among the
+/// key's objects and lets a scan cursor resume after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Object {
+    /// Store revision at which the object was inserted; unique and increasing.
+    pub seq: u64,
+    /// The object itself.
+    pub value: Value,
+}
+
+/// The objects under one key: exactly one for set types, one or more (in
+/// insertion order) for bag types.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Objects {
+    /// `set` and `ordered_set`.
+    One(Value),
+    /// `bag` and `duplicate_bag`; never empty while stored.
+    Many(Vec<Object>),
+}
+
+impl Objects {
+    /// How many objects the key holds.
+    pub fn count(&self) -> usize {
+        match self {
+            Objects::One(_) => 1,
+            Objects::Many(v) => v.len(),
+        }
+    }
+
+    /// The values in insertion order.
+    pub fn values(&self) -> impl Iterator<Item = &Value> {
+        let (one, many) = match self {
+            Objects::One(v) => (Some(v), None),
+            Objects::Many(objs) => (None, Some(objs.iter().map(|o| &o.value))),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+}
+
+/// Everything stored under a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    /// The key's objects.
+    pub objects: Objects,
+    /// Store revision of the key's last change: its ETag and CAS token.
+    pub version: u64,
+    /// Unix milliseconds after which the key is gone; 0 means never.
+    pub expires_at: u64,
+}
+
+/// Bytes a key costs beyond its text, estimated from the map's layout:
+/// the `(Key, Slot)` bucket, hash-table control bytes and load-factor slack,
+/// and the allocator's bookkeeping for the key's and value's heap blocks.
+pub const KEY_OVERHEAD: usize = std::mem::size_of::<(Box<str>, Slot)>() * 8 / 7 + 1 + 32;
+/// Bytes an object costs beyond its JSON text: its `Arc` header, allocator
+/// bookkeeping, and for bag objects the `Object` record.
+pub const OBJECT_OVERHEAD: usize = 32;
+
+impl Slot {
+    /// Whether the deadline has passed at `now` (Unix ms).
+    pub fn is_expired(&self, now: u64) -> bool {
+        self.expires_at != 0 && self.expires_at <= now
+    }
+
+    /// Estimated heap and table bytes this key occupies.
+    pub fn footprint(&self, key_len: usize) -> usize {
+        let objects: usize = match &self.objects {
+            Objects::One(v) => v.len() + OBJECT_OVERHEAD,
+            Objects::Many(objs) => objs
+                .iter()
+                .map(|o| o.value.len() + OBJECT_OVERHEAD + std::mem::size_of::<Object>())
+                .sum(),
+        };
+        KEY_OVERHEAD + key_len + objects
+    }
+
+    /// The remaining time to live at `now`, if the key has a deadline.
+    pub fn ttl_ms(&self, now: u64) -> Option<u64> {
+        (self.expires_at != 0).then(|| self.expires_at.saturating_sub(now))
+    }
+}
+
+/// A key's state as a read saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The objects, shared with the table (cloning values is shallow).
+    pub objects: Objects,
+    /// The version to send as ETag.
+    pub version: u64,
+    /// Remaining TTL in milliseconds, when the key has one.
+    pub ttl_ms: Option<u64>,
+}
+
+impl Entry {
+    pub(crate) fn of(slot: &Slot, now: u64) -> Self {
+        Entry {
+            objects: slot.objects.clone(),
+            version: slot.version,
+            ttl_ms: slot.ttl_ms(now),
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! The table settings clients choose at creation: type, access, persistence,
+//! eviction and the read-through origin. These are plain data with serde and
+//! OpenAPI derives, shared by the store, the API and the durable tier.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// The four ETS table types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TableType {
+    /// One object per key; a write replaces it.
+    #[default]
+    Set,
+    /// Like `set`, and keys are kept in bytewise order for range scans.
+    OrderedSet,
+    /// Many objects per key, no two identical.
+    Bag,
+    /// Many objects per key, duplicates allowed.
+    DuplicateBag,
+}
+
+impl TableType {
+    /// Whether a key holds one object (`set`, `ordered_set`) rather than a list.
+    pub fn is_single(self) -> bool {
+        matches!(self, TableType::Set | TableType::OrderedSet)
+    }
+}
+
+/// Who may read and write a table, as in ETS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Access {
+    /// Every principal reads and writes.
+    Public,
+    /// Every principal reads; only the owner writes.
+    #[default]
+    Protected,
+    /// Only the owner reads and writes.
+    Private,
+}
+
+/// Where a table's data lives and what a crash may lose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Persistence {
+    /// Memory only, like ETS: gone on restart.
+    #[default]
+    None,
+    /// Written back at most `auto_save_ms` after a change, like DETS `auto_save`.
+    Periodic,
+    /// Acknowledged only once durable on disk.
+    Sync,
+}
+
+/// What a table does when a write would pass `max_entries`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Eviction {
+    /// Refuse the write with 507 `table_full`.
+    #[default]
+    None,
+    /// Evict the least recently used keys to make room.
+    Lru,
+}
+
+/// A read-through source consulted when a `GET` misses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Origin {
+    /// URL template; `{key}` is replaced by the percent-encoded key.
+    #[schema(example = "http://127.0.0.1:9000/users/{key}")]
+    pub url: String,
+    /// TTL given to values fetched from the origin, in milliseconds.
+    #[serde(default = "Origin::default_ttl_ms")]
+    pub ttl_ms: u64,
+    /// How long an origin 404 is remembered, in milliseconds.
+    #[serde(default = "Origin::default_negative_ttl_ms")]
+    pub negative_ttl_ms: u64,
+    /// How long to wait for the origin before answering 504, in milliseconds.
+    #[serde(default = "Origin::default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+impl Origin {
+    fn default_ttl_ms() -> u64 {
+        60_000
+    }
+    fn default_negative_ttl_ms() -> u64 {
+        5_000
+    }
+    fn default_timeout_ms() -> u64 {
+        2_000
+    }
+}

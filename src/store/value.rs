@@ -1,0 +1,142 @@
+//! Keys, table names and values as the store keeps them.
+//!
+//! A [`Value`] is the canonical compact JSON text of a client's value: object
+//! members sorted by name, no insignificant whitespace, numbers as serde_json
+//! prints them. Canonical text makes "identical object" (bag semantics,
+//! `delete_object`) a byte comparison, and lets a read answer without
+//! re-serializing.
+
+use std::sync::Arc;
+
+use super::error::{StoreError, StoreResult};
+
+/// Longest key in bytes, per the API contract.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// Longest table name, per the API contract.
+pub const MAX_NAME_CHARS: usize = 64;
+
+/// A key as stored in a table.
+pub type Key = Box<str>;
+
+/// Canonical JSON text of one stored object. Cloning is shallow.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Value(Arc<[u8]>);
+
+impl Value {
+    /// Canonicalizes a parsed JSON value.
+    pub fn from_json(v: &serde_json::Value) -> Self {
+        // Serializing a serde_json::Value into a Vec cannot fail: every map key
+        // is a string and no custom Serialize impl is involved.
+        let bytes = serde_json::to_vec(v).unwrap_or_else(|_| b"null".to_vec());
+        Value(bytes.into())
+    }
+
+    /// Parses and canonicalizes JSON text.
+    ///
+    /// # Errors
+    /// The serde_json error when `text` is not one JSON value.
+    pub fn parse(text: &[u8]) -> Result<Self, serde_json::Error> {
+        let v: serde_json::Value = serde_json::from_slice(text)?;
+        Ok(Self::from_json(&v))
+    }
+
+    /// Wraps text that is already canonical JSON (from our own encoder or disk).
+    pub fn from_canonical(bytes: Vec<u8>) -> Self {
+        Value(bytes.into())
+    }
+
+    /// The canonical JSON text.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Parses the stored text back into a JSON tree.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.0).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Length of the JSON text in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the text is empty (never true for a parsed value).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&String::from_utf8_lossy(&self.0))
+    }
+}
+
+/// Checks a key against the contract: 1–1024 bytes of UTF-8 without NUL.
+///
+/// # Errors
+/// [`StoreError::InvalidArgument`] naming what is wrong.
+pub fn validate_key(key: &str) -> StoreResult<()> {
+    if key.is_empty() {
+        return Err(StoreError::InvalidArgument("key must not be empty".into()));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(StoreError::InvalidArgument(format!(
+            "key is {} bytes; the limit is {MAX_KEY_BYTES}",
+            key.len()
+        )));
+    }
+    if key.contains('\0') {
+        return Err(StoreError::InvalidArgument(
+            "key must not contain NUL".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a table name: 1–64 characters of `A-Z a-z 0-9 _ - .`.
+///
+/// # Errors
+/// [`StoreError::InvalidArgument`] naming what is wrong.
+pub fn validate_table_name(name: &str) -> StoreResult<()> {
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if name.is_empty() || name.len() > MAX_NAME_CHARS || !ok_chars {
+        return Err(StoreError::InvalidArgument(format!(
+            "table names are 1-{MAX_NAME_CHARS} characters of A-Z a-z 0-9 _ - ."
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_with_reordered_members_are_identical() {
+        let a = Value::parse(br#"{"b":1,"a":[1,2]}"#).unwrap();
+        let b = Value::parse(br#" { "a" : [1, 2], "b": 1 } "#).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.as_bytes(), br#"{"a":[1,2],"b":1}"#);
+    }
+
+    #[test]
+    fn keys_are_checked_for_length_and_nul() {
+        assert!(validate_key("a").is_ok());
+        assert!(validate_key("").is_err());
+        assert!(validate_key("a\0b").is_err());
+        assert!(validate_key(&"x".repeat(1024)).is_ok());
+        assert!(validate_key(&"x".repeat(1025)).is_err());
+    }
+
+    #[test]
+    fn table_names_follow_the_contract() {
+        assert!(validate_table_name("users.v2_a-b").is_ok());
+        assert!(validate_table_name("").is_err());
+        assert!(validate_table_name("a b").is_err());
+        assert!(validate_table_name("é").is_err());
+        assert!(validate_table_name(&"a".repeat(65)).is_err());
+    }
+}
