@@ -10,7 +10,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{authorize, Op, Principal};
-use super::extract::{checked_key, EntryPath, JsonBody, QueryParams, RawBody, TablePath};
+use super::extract::{checked_key, from_object, EntryPath, JsonBody, QueryParams, RawBody, TablePath};
 use super::respond::{
     self, entry_body, scan_body, with_cache, with_etag, write_precondition, HIT, MISS,
 };
@@ -418,12 +418,16 @@ pub async fn insert_entries(
     State(state): State<AppState>,
     who: Principal,
     TablePath(table): TablePath,
-    JsonBody(items): JsonBody<Vec<BulkItem>>,
+    JsonBody(items): JsonBody<Vec<serde_json::Map<String, serde_json::Value>>>,
 ) -> ApiResult<Response> {
     let table = state.store.table(&table)?;
     authorize(&table, &who, Op::Write)?;
     let mut batch = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
+        let item: BulkItem = from_object(item).map_err(|e| match e {
+            ApiError::InvalidArgument(m) => ApiError::InvalidArgument(format!("item {i}: {m}")),
+            other => other,
+        })?;
         let key = checked_key(item.key).map_err(|e| match e {
             ApiError::InvalidKey(m) => ApiError::InvalidKey(format!("item {i}: {m}")),
             other => other,

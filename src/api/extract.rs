@@ -58,9 +58,16 @@ fn body_rejection(e: BytesRejection, limit: usize) -> ApiError {
 /// # Errors
 /// [`ApiError::InvalidJson`] or [`ApiError::InvalidArgument`].
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ApiError::InvalidArgument(e.to_string()),
-        _ => ApiError::InvalidJson(e.to_string()),
+    serde_json::from_slice(bytes).map_err(|e| {
+        if e.classify() != serde_json::error::Category::Data {
+            return ApiError::InvalidJson(e.to_string());
+        }
+        // serde reports a type mismatch as soon as it sees one, even when the
+        // text goes on to be malformed: check the syntax before blaming shape.
+        match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+            Err(syntax) => ApiError::InvalidJson(syntax.to_string()),
+            Ok(_) => ApiError::InvalidArgument(e.to_string()),
+        }
     })
 }
 
@@ -73,7 +80,41 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
-/// Like [`JsonBody`], but an empty body reads as `T::default()`; for bodies
+/// Parses JSON text that must be an object into `T`. serde would also read
+/// a struct from an array of its fields in order; a client never means that.
+///
+/// # Errors
+/// [`ApiError::InvalidJson`] or [`ApiError::InvalidArgument`].
+pub fn parse_object<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let map: serde_json::Map<String, serde_json::Value> = parse_json(bytes)?;
+    from_object(map)
+}
+
+/// Reads `T` from an already parsed JSON object.
+///
+/// # Errors
+/// [`ApiError::InvalidArgument`].
+pub fn from_object<T: DeserializeOwned>(
+    map: serde_json::Map<String, serde_json::Value>,
+) -> Result<T, ApiError> {
+    serde_json::from_value(serde_json::Value::Object(map))
+        .map_err(|e| ApiError::InvalidArgument(e.to_string()))
+}
+
+/// A JSON object body read into the struct `T`.
+#[derive(Debug)]
+pub struct JsonObject<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonObject<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let RawBody(bytes) = RawBody::from_request(req, state).await?;
+        parse_object(&bytes).map(JsonObject)
+    }
+}
+
+/// Like [`JsonObject`], but an empty body reads as `T::default()`; for bodies
 /// whose every field is optional.
 #[derive(Debug)]
 pub struct OptionalJsonBody<T>(pub T);
@@ -86,7 +127,7 @@ impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJ
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(OptionalJsonBody(T::default()));
         }
-        parse_json(&bytes).map(OptionalJsonBody)
+        parse_object(&bytes).map(OptionalJsonBody)
     }
 }
 

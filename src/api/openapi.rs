@@ -14,7 +14,7 @@ use crate::error::ErrorBody;
 Tables are `set`, `ordered_set`, `bag` or `duplicate_bag` with the exact ETS semantics of each \
 operation (the ETS analogue is named on every operation). Keys are UTF-8 strings of 1-1024 bytes \
 without NUL, percent-encoded in the path; values are any JSON. Request bodies are parsed as JSON \
-whatever their Content-Type. Every error is `{\"error\":{\"code\":\"…\",\"message\":\"…\"}}`.\n\n\
+whatever their Content-Type. URL rules remove the path segments `.` and `..` (even percent-encoded) before a request is sent, so those two keys are reachable only through bulk insert and scans. Every error is `{\"error\":{\"code\":\"…\",\"message\":\"…\"}}`.\n\n\
 Values are stored as canonical JSON: object members sorted by name, no insignificant whitespace. \
 Two values are identical (for `bag` and `delete_object`) when their canonical texts are equal. \
 Numbers outside the 64-bit integer range are kept as IEEE doubles, as JavaScript would.\n\n\

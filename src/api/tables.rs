@@ -9,7 +9,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{authorize, Op, Principal};
-use super::extract::{JsonBody, TablePath};
+use super::extract::{JsonObject, TablePath};
 use super::respond;
 use super::AppState;
 use crate::clock::rfc3339_ms;
@@ -217,7 +217,7 @@ fn info_response(status: StatusCode, table: &Table) -> Response {
 pub async fn create_table(
     State(state): State<AppState>,
     who: Principal,
-    JsonBody(body): JsonBody<CreateTable>,
+    JsonObject(body): JsonObject<CreateTable>,
 ) -> ApiResult<Response> {
     crate::store::validate_table_name(&body.name)
         .map_err(|e| ApiError::InvalidName(e.to_string()))?;
@@ -323,7 +323,7 @@ pub async fn patch_table(
     State(state): State<AppState>,
     who: Principal,
     TablePath(name): TablePath,
-    JsonBody(patch): JsonBody<PatchTable>,
+    JsonObject(patch): JsonObject<PatchTable>,
 ) -> ApiResult<Response> {
     let table = state.store.table(&name)?;
     authorize(&table, &who, Op::Manage)?;

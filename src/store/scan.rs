@@ -230,7 +230,9 @@ impl Table {
                         continue;
                     }
                     let hash = map.hash_usize(key) as u64;
-                    let from_seq = match &req.cursor {
+                    // The cursor orders positions within its own shard only;
+                    // later shards are read from their start.
+                    let from_seq = match req.cursor.as_ref().filter(|_| shard == first_shard) {
                         Some(c) => match (hash, key.as_ref()).cmp(&(c.hash, c.key.as_str())) {
                             CmpOrdering::Less => continue,
                             CmpOrdering::Equal if self.kind().is_single() => continue,

@@ -1,0 +1,181 @@
+//! Malformed input gets the documented 4xx with the JSON error body, and a
+//! read afterwards shows nothing changed.
+
+mod common;
+
+use common::spawn_with;
+use reqwest::Method;
+use serde_json::json;
+
+const LIMIT: usize = 64 * 1024;
+
+async fn app_with_data() -> common::TestApp {
+    let app = spawn_with(|c| c.max_body_bytes = LIMIT).await;
+    app.table("s", "set").await;
+    app.table("b", "bag").await;
+    app.put("s", "k", json!({"v": 1})).await;
+    app.put("b", "k", json!(1)).await;
+    app
+}
+
+async fn assert_unchanged(app: &common::TestApp) {
+    assert_eq!(app.get("s", "k").await.body["value"], json!({"v": 1}));
+    assert_eq!(app.get("b", "k").await.body["values"], json!([1]));
+    let s = app.get_table("s").await.body;
+    assert_eq!(s["size"], 1);
+    let tables = app.send(Method::GET, "/v1/tables", None, &[]).await;
+    assert_eq!(tables.body["tables"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn invalid_json_bodies_are_invalid_json() {
+    let app = app_with_data().await;
+    for body in [&b""[..], b"{", b"{\"v\":}", b"nul", b"1 2", b"\"unterminated", b"\xff\xfe", b"[1,]", b"{'a':1}"] {
+        for (method, path) in [
+            (Method::PUT, "/v1/tables/s/entries/k"),
+            (Method::PATCH, "/v1/tables/s/entries/k"),
+            (Method::POST, "/v1/tables/s/entries"),
+            (Method::POST, "/v1/tables"),
+            (Method::POST, "/v1/tables/b/entries/k/delete_object"),
+        ] {
+            let r = app.send(method.clone(), path, Some(body.to_vec()), &[]).await;
+            r.assert_error(400, "invalid_json");
+        }
+    }
+    assert_unchanged(&app).await;
+}
+
+#[tokio::test]
+async fn content_type_does_not_matter() {
+    let app = app_with_data().await;
+    for ct in ["text/plain", "application/x-www-form-urlencoded", "application/octet-stream"] {
+        let r = app
+            .send(Method::PUT, "/v1/tables/s/entries/ct", Some(b"{\"x\":1}".to_vec()), &[("content-type", ct)])
+            .await;
+        assert!(r.status.is_success(), "{ct}: {}", r.text);
+    }
+    assert_eq!(app.get("s", "ct").await.body["value"], json!({"x": 1}));
+}
+
+#[tokio::test]
+async fn deeply_nested_json_is_rejected_without_crashing() {
+    let app = app_with_data().await;
+    for depth in [200usize, 20_000] {
+        let body = format!("{}{}", "[".repeat(depth), "]".repeat(depth)).into_bytes();
+        let body = body[..body.len().min(LIMIT)].to_vec();
+        let r = app.send(Method::PUT, "/v1/tables/s/entries/deep", Some(body), &[]).await;
+        r.assert_error(400, "invalid_json");
+    }
+    // Nesting within the limit is stored.
+    let ok = format!("{}{}", "[".repeat(100), "]".repeat(100)).into_bytes();
+    let r = app.send(Method::PUT, "/v1/tables/s/entries/deep", Some(ok), &[]).await;
+    assert_eq!(r.status, 201);
+    assert_eq!(app.send(Method::GET, "/healthz", None, &[]).await.status, 200);
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_413() {
+    let app = app_with_data().await;
+    let big = format!("\"{}\"", "x".repeat(LIMIT + 10)).into_bytes();
+    for (method, path) in [
+        (Method::PUT, "/v1/tables/s/entries/k"),
+        (Method::POST, "/v1/tables/s/entries"),
+        (Method::POST, "/v1/tables"),
+        (Method::PATCH, "/v1/tables/s/entries/k"),
+    ] {
+        let r = app.send(method, path, Some(big.clone()), &[]).await;
+        r.assert_error(413, "payload_too_large");
+    }
+    assert_unchanged(&app).await;
+    // Just under the limit is fine.
+    let fits = format!("\"{}\"", "x".repeat(LIMIT - 100)).into_bytes();
+    let r = app.send(Method::PUT, "/v1/tables/s/entries/fits", Some(fits), &[]).await;
+    assert_eq!(r.status, 201);
+}
+
+#[tokio::test]
+async fn bad_names_and_keys_in_paths() {
+    let app = app_with_data().await;
+    for path in [
+        "/v1/tables/bad%20name/entries/k",
+        "/v1/tables/%FF/entries/k",
+        "/v1/tables/x%00y/entries/k",
+        &format!("/v1/tables/{}/entries/k", "n".repeat(65)),
+    ] {
+        let r = app.send(Method::PUT, path, Some(b"1".to_vec()), &[]).await;
+        r.assert_error(400, "invalid_name");
+    }
+    for path in [
+        "/v1/tables/s/entries/%FF",
+        "/v1/tables/s/entries/a%00b",
+        "/v1/tables/s/entries/%C3%28",
+        &format!("/v1/tables/s/entries/{}", "k".repeat(1025)),
+    ] {
+        for method in [Method::PUT, Method::GET, Method::DELETE] {
+            let r = app.send(method.clone(), path, Some(b"1".to_vec()), &[]).await;
+            r.assert_error(400, "invalid_key");
+        }
+    }
+    assert_unchanged(&app).await;
+}
+
+#[tokio::test]
+async fn wrong_types_in_every_body_field() {
+    let app = app_with_data().await;
+    let cases: &[(Method, &str, serde_json::Value)] = &[
+        (Method::POST, "/v1/tables", json!({"name": "x", "type": 1})),
+        (Method::POST, "/v1/tables", json!({"name": "x", "access": true})),
+        (Method::POST, "/v1/tables", json!({"name": "x", "persistence": []})),
+        (Method::POST, "/v1/tables", json!({"name": "x", "max_entries": "10"})),
+        (Method::POST, "/v1/tables", json!({"name": "x", "origin": 5})),
+        (Method::POST, "/v1/tables", json!({"name": "x", "default_ttl_ms": 1.5})),
+        (Method::PATCH, "/v1/tables/s", json!({"max_entries": -1})),
+        (Method::PATCH, "/v1/tables/s", json!({"eviction": null, "extra": 1})),
+        (Method::PATCH, "/v1/tables/s", json!([])),
+        (Method::POST, "/v1/tables/s/entries", json!([{"key": [], "value": 1}])),
+        (Method::POST, "/v1/tables/s/entries", json!([{"key": "a", "value": 1, "ttl_ms": "1"}])),
+        (Method::POST, "/v1/tables/s/entries", json!([["a", 1]])),
+        (Method::POST, "/v1/tables/s/entries", json!("not a list")),
+        (Method::POST, "/v1/tables/s/entries/k/counter", json!({"default": "0"})),
+        (Method::POST, "/v1/tables/s/entries/k/counter", json!({"threshold": 1e99, "set_value": 0})),
+        (Method::POST, "/v1/tables/s/entries/k/counter", json!({"field": 3})),
+        (Method::PATCH, "/v1/tables/s/entries/k", json!("string patch")),
+        (Method::PATCH, "/v1/tables/s/entries/k", json!(null)),
+    ];
+    for (method, path, body) in cases {
+        let r = app
+            .send(method.clone(), path, Some(body.to_string().into_bytes()), &[])
+            .await;
+        r.assert_error(400, "invalid_argument");
+    }
+    assert_unchanged(&app).await;
+}
+
+#[tokio::test]
+async fn huge_numbers_are_values_not_errors_but_never_counters() {
+    let app = app_with_data().await;
+    let r = app
+        .send(Method::PUT, "/v1/tables/s/entries/big", Some(b"123456789012345678901234567890".to_vec()), &[])
+        .await;
+    assert_eq!(r.status, 201);
+    app.counter("s", "big", json!({})).await.assert_error(409, "not_a_counter");
+    let r = app
+        .send(Method::PUT, "/v1/tables/s/entries/huge", Some(b"1e400".to_vec()), &[])
+        .await;
+    r.assert_error(400, "invalid_json");
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_get_json_errors() {
+    let app = app_with_data().await;
+    app.send(Method::GET, "/v2/nothing", None, &[])
+        .await
+        .assert_error(404, "not_found");
+    app.send(Method::POST, "/v1/tables/s/entries/k", None, &[])
+        .await
+        .assert_error(405, "method_not_allowed");
+    app.send(Method::PUT, "/v1/tables", None, &[])
+        .await
+        .assert_error(405, "method_not_allowed");
+    assert_unchanged(&app).await;
+}
