@@ -30,7 +30,17 @@ async fn assert_unchanged(app: &common::TestApp) {
 #[tokio::test]
 async fn invalid_json_bodies_are_invalid_json() {
     let app = app_with_data().await;
-    for body in [&b""[..], b"{", b"{\"v\":}", b"nul", b"1 2", b"\"unterminated", b"\xff\xfe", b"[1,]", b"{'a':1}"] {
+    for body in [
+        &b""[..],
+        b"{",
+        b"{\"v\":}",
+        b"nul",
+        b"1 2",
+        b"\"unterminated",
+        b"\xff\xfe",
+        b"[1,]",
+        b"{'a':1}",
+    ] {
         for (method, path) in [
             (Method::PUT, "/v1/tables/s/entries/k"),
             (Method::PATCH, "/v1/tables/s/entries/k"),
@@ -38,7 +48,9 @@ async fn invalid_json_bodies_are_invalid_json() {
             (Method::POST, "/v1/tables"),
             (Method::POST, "/v1/tables/b/entries/k/delete_object"),
         ] {
-            let r = app.send(method.clone(), path, Some(body.to_vec()), &[]).await;
+            let r = app
+                .send(method.clone(), path, Some(body.to_vec()), &[])
+                .await;
             r.assert_error(400, "invalid_json");
         }
     }
@@ -48,9 +60,18 @@ async fn invalid_json_bodies_are_invalid_json() {
 #[tokio::test]
 async fn content_type_does_not_matter() {
     let app = app_with_data().await;
-    for ct in ["text/plain", "application/x-www-form-urlencoded", "application/octet-stream"] {
+    for ct in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "application/octet-stream",
+    ] {
         let r = app
-            .send(Method::PUT, "/v1/tables/s/entries/ct", Some(b"{\"x\":1}".to_vec()), &[("content-type", ct)])
+            .send(
+                Method::PUT,
+                "/v1/tables/s/entries/ct",
+                Some(b"{\"x\":1}".to_vec()),
+                &[("content-type", ct)],
+            )
             .await;
         assert!(r.status.is_success(), "{ct}: {}", r.text);
     }
@@ -63,14 +84,21 @@ async fn deeply_nested_json_is_rejected_without_crashing() {
     for depth in [200usize, 20_000] {
         let body = format!("{}{}", "[".repeat(depth), "]".repeat(depth)).into_bytes();
         let body = body[..body.len().min(LIMIT)].to_vec();
-        let r = app.send(Method::PUT, "/v1/tables/s/entries/deep", Some(body), &[]).await;
+        let r = app
+            .send(Method::PUT, "/v1/tables/s/entries/deep", Some(body), &[])
+            .await;
         r.assert_error(400, "invalid_json");
     }
     // Nesting within the limit is stored.
     let ok = format!("{}{}", "[".repeat(100), "]".repeat(100)).into_bytes();
-    let r = app.send(Method::PUT, "/v1/tables/s/entries/deep", Some(ok), &[]).await;
+    let r = app
+        .send(Method::PUT, "/v1/tables/s/entries/deep", Some(ok), &[])
+        .await;
     assert_eq!(r.status, 201);
-    assert_eq!(app.send(Method::GET, "/healthz", None, &[]).await.status, 200);
+    assert_eq!(
+        app.send(Method::GET, "/healthz", None, &[]).await.status,
+        200
+    );
 }
 
 #[tokio::test]
@@ -89,7 +117,9 @@ async fn oversized_bodies_are_413() {
     assert_unchanged(&app).await;
     // Just under the limit is fine.
     let fits = format!("\"{}\"", "x".repeat(LIMIT - 100)).into_bytes();
-    let r = app.send(Method::PUT, "/v1/tables/s/entries/fits", Some(fits), &[]).await;
+    let r = app
+        .send(Method::PUT, "/v1/tables/s/entries/fits", Some(fits), &[])
+        .await;
     assert_eq!(r.status, 201);
 }
 
@@ -112,7 +142,9 @@ async fn bad_names_and_keys_in_paths() {
         &format!("/v1/tables/s/entries/{}", "k".repeat(1025)),
     ] {
         for method in [Method::PUT, Method::GET, Method::DELETE] {
-            let r = app.send(method.clone(), path, Some(b"1".to_vec()), &[]).await;
+            let r = app
+                .send(method.clone(), path, Some(b"1".to_vec()), &[])
+                .await;
             r.assert_error(400, "invalid_key");
         }
     }
@@ -124,27 +156,80 @@ async fn wrong_types_in_every_body_field() {
     let app = app_with_data().await;
     let cases: &[(Method, &str, serde_json::Value)] = &[
         (Method::POST, "/v1/tables", json!({"name": "x", "type": 1})),
-        (Method::POST, "/v1/tables", json!({"name": "x", "access": true})),
-        (Method::POST, "/v1/tables", json!({"name": "x", "persistence": []})),
-        (Method::POST, "/v1/tables", json!({"name": "x", "max_entries": "10"})),
-        (Method::POST, "/v1/tables", json!({"name": "x", "origin": 5})),
-        (Method::POST, "/v1/tables", json!({"name": "x", "default_ttl_ms": 1.5})),
+        (
+            Method::POST,
+            "/v1/tables",
+            json!({"name": "x", "access": true}),
+        ),
+        (
+            Method::POST,
+            "/v1/tables",
+            json!({"name": "x", "persistence": []}),
+        ),
+        (
+            Method::POST,
+            "/v1/tables",
+            json!({"name": "x", "max_entries": "10"}),
+        ),
+        (
+            Method::POST,
+            "/v1/tables",
+            json!({"name": "x", "origin": 5}),
+        ),
+        (
+            Method::POST,
+            "/v1/tables",
+            json!({"name": "x", "default_ttl_ms": 1.5}),
+        ),
         (Method::PATCH, "/v1/tables/s", json!({"max_entries": -1})),
-        (Method::PATCH, "/v1/tables/s", json!({"eviction": null, "extra": 1})),
+        (
+            Method::PATCH,
+            "/v1/tables/s",
+            json!({"eviction": null, "extra": 1}),
+        ),
         (Method::PATCH, "/v1/tables/s", json!([])),
-        (Method::POST, "/v1/tables/s/entries", json!([{"key": [], "value": 1}])),
-        (Method::POST, "/v1/tables/s/entries", json!([{"key": "a", "value": 1, "ttl_ms": "1"}])),
+        (
+            Method::POST,
+            "/v1/tables/s/entries",
+            json!([{"key": [], "value": 1}]),
+        ),
+        (
+            Method::POST,
+            "/v1/tables/s/entries",
+            json!([{"key": "a", "value": 1, "ttl_ms": "1"}]),
+        ),
         (Method::POST, "/v1/tables/s/entries", json!([["a", 1]])),
         (Method::POST, "/v1/tables/s/entries", json!("not a list")),
-        (Method::POST, "/v1/tables/s/entries/k/counter", json!({"default": "0"})),
-        (Method::POST, "/v1/tables/s/entries/k/counter", json!({"threshold": 1e99, "set_value": 0})),
-        (Method::POST, "/v1/tables/s/entries/k/counter", json!({"field": 3})),
-        (Method::PATCH, "/v1/tables/s/entries/k", json!("string patch")),
+        (
+            Method::POST,
+            "/v1/tables/s/entries/k/counter",
+            json!({"default": "0"}),
+        ),
+        (
+            Method::POST,
+            "/v1/tables/s/entries/k/counter",
+            json!({"threshold": 1e99, "set_value": 0}),
+        ),
+        (
+            Method::POST,
+            "/v1/tables/s/entries/k/counter",
+            json!({"field": 3}),
+        ),
+        (
+            Method::PATCH,
+            "/v1/tables/s/entries/k",
+            json!("string patch"),
+        ),
         (Method::PATCH, "/v1/tables/s/entries/k", json!(null)),
     ];
     for (method, path, body) in cases {
         let r = app
-            .send(method.clone(), path, Some(body.to_string().into_bytes()), &[])
+            .send(
+                method.clone(),
+                path,
+                Some(body.to_string().into_bytes()),
+                &[],
+            )
             .await;
         r.assert_error(400, "invalid_argument");
     }
@@ -155,12 +240,24 @@ async fn wrong_types_in_every_body_field() {
 async fn huge_numbers_are_values_not_errors_but_never_counters() {
     let app = app_with_data().await;
     let r = app
-        .send(Method::PUT, "/v1/tables/s/entries/big", Some(b"123456789012345678901234567890".to_vec()), &[])
+        .send(
+            Method::PUT,
+            "/v1/tables/s/entries/big",
+            Some(b"123456789012345678901234567890".to_vec()),
+            &[],
+        )
         .await;
     assert_eq!(r.status, 201);
-    app.counter("s", "big", json!({})).await.assert_error(409, "not_a_counter");
+    app.counter("s", "big", json!({}))
+        .await
+        .assert_error(409, "not_a_counter");
     let r = app
-        .send(Method::PUT, "/v1/tables/s/entries/huge", Some(b"1e400".to_vec()), &[])
+        .send(
+            Method::PUT,
+            "/v1/tables/s/entries/huge",
+            Some(b"1e400".to_vec()),
+            &[],
+        )
         .await;
     r.assert_error(400, "invalid_json");
 }

@@ -50,7 +50,8 @@ fn op() -> impl Strategy<Value = Op> {
         k.clone().prop_map(Op::Delete),
         (k.clone(), v).prop_map(|(k, v)| Op::DeleteObject(k, v)),
         k.clone().prop_map(Op::Take),
-        (k.clone(), -3i64..4, prop::option::of(-2i64..3)).prop_map(|(k, i, d)| Op::Counter(k, i, d)),
+        (k.clone(), -3i64..4, prop::option::of(-2i64..3))
+            .prop_map(|(k, i, d)| Op::Counter(k, i, d)),
         k.clone().prop_map(Op::Lookup),
         k.prop_map(Op::Member),
     ]

@@ -30,11 +30,20 @@ async fn ordered_set_ranges_match_ets_first_next_prev_last() {
     assert_eq!(keys(&app.scan("o", "?limit=1").await), ["Z"]); // first
     assert_eq!(keys(&app.scan("o", "?reverse=true&limit=1").await), ["é"]); // last
     assert_eq!(keys(&app.scan("o", "?after=ab&limit=1").await), ["b"]); // next
-    assert_eq!(keys(&app.scan("o", "?end=b&reverse=true&limit=1").await), ["ab"]); // prev
+    assert_eq!(
+        keys(&app.scan("o", "?end=b&reverse=true&limit=1").await),
+        ["ab"]
+    ); // prev
     assert_eq!(keys(&app.scan("o", "?start=b&end=d").await), ["b", "c"]);
-    assert_eq!(keys(&app.scan("o", "?start=b&end=d&reverse=true").await), ["c", "b"]);
+    assert_eq!(
+        keys(&app.scan("o", "?start=b&end=d&reverse=true").await),
+        ["c", "b"]
+    );
     assert_eq!(keys(&app.scan("o", "?prefix=a").await), ["a", "ab"]);
-    assert_eq!(keys(&app.scan("o", "?prefix=a&reverse=true").await), ["ab", "a"]);
+    assert_eq!(
+        keys(&app.scan("o", "?prefix=a&reverse=true").await),
+        ["ab", "a"]
+    );
     assert_eq!(keys(&app.scan("o", "?after=e").await), ["é"]);
     assert!(keys(&app.scan("o", "?start=d&end=b").await).is_empty());
     assert!(keys(&app.scan("o", "?after=%C3%A9").await).is_empty());
@@ -51,7 +60,9 @@ async fn ordered_pages_chain_with_cursors_both_ways() {
     let fwd_keys: Vec<_> = fwd.iter().map(|(k, _)| k.clone()).collect();
     let expected: Vec<_> = (0..25).map(|i| format!("k{i:02}")).collect();
     assert_eq!(fwd_keys, expected);
-    let back = app.scan_all("o", "?limit=4&reverse=true&start=k05&end=k20").await;
+    let back = app
+        .scan_all("o", "?limit=4&reverse=true&start=k05&end=k20")
+        .await;
     let back_keys: Vec<_> = back.iter().map(|(k, _)| k.clone()).collect();
     let expected: Vec<_> = (5..20).rev().map(|i| format!("k{i:02}")).collect();
     assert_eq!(back_keys, expected);
@@ -70,7 +81,10 @@ async fn hashed_tables_page_through_everything_once() {
         for i in 0..300 {
             let k = format!("key{i}");
             app.put(kind, &k, json!(i)).await;
-            expected.entry(k.clone()).or_insert_with(Vec::new).push(json!(i));
+            expected
+                .entry(k.clone())
+                .or_insert_with(Vec::new)
+                .push(json!(i));
             if kind != "set" && i % 3 == 0 {
                 app.put(kind, &k, json!("extra")).await;
                 expected.get_mut(&k).unwrap().push(json!("extra"));
@@ -86,7 +100,10 @@ async fn hashed_tables_page_through_everything_once() {
         let pre = app.scan_all(kind, "?prefix=key1").await;
         assert!(pre.iter().all(|(k, _)| k.starts_with("key1")));
         assert_eq!(
-            pre.iter().map(|(k, _)| k.clone()).collect::<std::collections::BTreeSet<_>>().len(),
+            pre.iter()
+                .map(|(k, _)| k.clone())
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
             111
         );
     }
@@ -117,7 +134,8 @@ async fn a_scan_during_writes_returns_every_surviving_entry_exactly_once() {
             for j in 0..20 {
                 app.put(kind, &format!("churn{round}-{j}"), json!(j)).await;
             }
-            app.delete(kind, &format!("churn{}-0", round.max(1) - 1)).await;
+            app.delete(kind, &format!("churn{}-0", round.max(1) - 1))
+                .await;
             round += 1;
             match r.body["next_cursor"].as_str() {
                 Some(c) => cursor = Some(c.to_owned()),
@@ -160,6 +178,8 @@ async fn bad_scan_parameters_are_400() {
     app.scan("o", &format!("?prefix={long}"))
         .await
         .assert_error(400, "invalid_argument");
-    app.scan("missing", "").await.assert_error(404, "table_not_found");
+    app.scan("missing", "")
+        .await
+        .assert_error(404, "table_not_found");
     assert_eq!(app.scan("o", "?limit=10000").await.status, 200);
 }

@@ -25,12 +25,25 @@ async fn swagger_ui_is_served_from_the_binary() {
     assert_eq!(page.status(), 200);
     let html = page.text().await.unwrap();
     assert!(html.contains("swagger-ui"), "{html}");
-    let init = app.client.get(app.url("/docs/swagger-initializer.js")).send().await.unwrap();
+    let init = app
+        .client
+        .get(app.url("/docs/swagger-initializer.js"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(init.status(), 200);
     assert!(init.text().await.unwrap().contains("/openapi.json"));
-    let bundle = app.client.get(app.url("/docs/swagger-ui-bundle.js")).send().await.unwrap();
+    let bundle = app
+        .client
+        .get(app.url("/docs/swagger-ui-bundle.js"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(bundle.status(), 200);
-    assert!(bundle.bytes().await.unwrap().len() > 100_000, "the bundle itself, not a CDN link");
+    assert!(
+        bundle.bytes().await.unwrap().len() > 100_000,
+        "the bundle itself, not a CDN link"
+    );
 }
 
 #[tokio::test]
@@ -68,7 +81,10 @@ async fn the_spec_documents_every_route_of_the_contract() {
         ("/v1/tables/{table}", &["get", "patch", "delete"]),
         ("/v1/tables/{table}/entries", &["delete", "post", "get"]),
         ("/v1/tables/{table}/sync", &["post"]),
-        ("/v1/tables/{table}/entries/{key}", &["get", "head", "put", "delete", "patch"]),
+        (
+            "/v1/tables/{table}/entries/{key}",
+            &["get", "head", "put", "delete", "patch"],
+        ),
         ("/v1/tables/{table}/entries/{key}/delete_object", &["post"]),
         ("/v1/tables/{table}/entries/{key}/take", &["post"]),
         ("/v1/tables/{table}/entries/{key}/counter", &["post"]),
@@ -78,8 +94,14 @@ async fn the_spec_documents_every_route_of_the_contract() {
         for m in methods {
             let op = &paths[path][m];
             assert!(op.is_object(), "{m} {path} missing from the spec");
-            assert!(op["summary"].as_str().is_some_and(|s| !s.is_empty()), "{m} {path} summary");
-            assert!(op["description"].as_str().is_some_and(|s| !s.is_empty()), "{m} {path} description");
+            assert!(
+                op["summary"].as_str().is_some_and(|s| !s.is_empty()),
+                "{m} {path} summary"
+            );
+            assert!(
+                op["description"].as_str().is_some_and(|s| !s.is_empty()),
+                "{m} {path} description"
+            );
         }
     }
 }
@@ -108,7 +130,9 @@ async fn a_stop_lets_in_flight_requests_finish() {
     for i in 0..50 {
         let c = client.clone();
         let url = format!("{base}/v1/tables/t/entries/k{i}");
-        inflight.push(tokio::spawn(async move { c.put(url).body("1").send().await }));
+        inflight.push(tokio::spawn(
+            async move { c.put(url).body("1").send().await },
+        ));
     }
     tx.send(()).unwrap();
     let stopped = tokio::time::timeout(std::time::Duration::from_secs(10), server)

@@ -24,16 +24,30 @@ async fn create_returns_full_info_with_defaults() {
         assert!(b[k].is_null(), "{k}");
     }
     assert!(b["created_at"].as_str().unwrap().ends_with('Z'));
-    for k in ["hits", "misses", "inserts", "deletes", "expired", "evicted", "origin_fetches"] {
+    for k in [
+        "hits",
+        "misses",
+        "inserts",
+        "deletes",
+        "expired",
+        "evicted",
+        "origin_fetches",
+    ] {
         assert_eq!(b["stats"][k], 0, "{k}");
     }
-    assert!(b.get("dirty").is_none(), "memory tables report no dirty count");
+    assert!(
+        b.get("dirty").is_none(),
+        "memory tables report no dirty count"
+    );
 }
 
 #[tokio::test]
 async fn every_type_and_access_can_be_created() {
     let app = spawn_app().await;
-    for (i, kind) in ["set", "ordered_set", "bag", "duplicate_bag"].iter().enumerate() {
+    for (i, kind) in ["set", "ordered_set", "bag", "duplicate_bag"]
+        .iter()
+        .enumerate()
+    {
         for access in ["public", "protected", "private"] {
             let name = format!("t{i}-{access}");
             let r = app
@@ -84,18 +98,35 @@ async fn bad_create_bodies_are_400() {
         (json!({"name": "t", "access": "secret"}), "invalid_argument"),
         (json!({"name": "t", "eviction": "fifo"}), "invalid_argument"),
         (json!({"name": "t", "typo": 1}), "invalid_argument"),
-        (json!({"name": "t", "default_ttl_ms": 0}), "invalid_argument"),
-        (json!({"name": "t", "default_ttl_ms": -1}), "invalid_argument"),
-        (json!({"name": "t", "default_ttl_ms": 1e300}), "invalid_argument"),
+        (
+            json!({"name": "t", "default_ttl_ms": 0}),
+            "invalid_argument",
+        ),
+        (
+            json!({"name": "t", "default_ttl_ms": -1}),
+            "invalid_argument",
+        ),
+        (
+            json!({"name": "t", "default_ttl_ms": 1e300}),
+            "invalid_argument",
+        ),
         (json!({"name": "t", "max_entries": 0}), "invalid_argument"),
-        (json!({"name": "t", "auto_save_ms": 100}), "invalid_argument"),
+        (
+            json!({"name": "t", "auto_save_ms": 100}),
+            "invalid_argument",
+        ),
         (json!([1, 2]), "invalid_argument"),
     ] {
         let r = app.create_table(body.clone()).await;
         r.assert_error(400, code);
     }
     let r = app
-        .send(Method::POST, "/v1/tables", Some(b"{\"name\":".to_vec()), &[])
+        .send(
+            Method::POST,
+            "/v1/tables",
+            Some(b"{\"name\":".to_vec()),
+            &[],
+        )
         .await;
     r.assert_error(400, "invalid_json");
     assert_eq!(
@@ -122,7 +153,11 @@ async fn patch_changes_only_settable_fields_and_validates_first() {
         .send(
             Method::PATCH,
             "/v1/tables/t",
-            Some(json!({"default_ttl_ms": 5000, "max_entries": 100, "eviction": "lru"}).to_string().into_bytes()),
+            Some(
+                json!({"default_ttl_ms": 5000, "max_entries": 100, "eviction": "lru"})
+                    .to_string()
+                    .into_bytes(),
+            ),
             &[],
         )
         .await;
@@ -139,9 +174,14 @@ async fn patch_changes_only_settable_fields_and_validates_first() {
         json!({"default_ttl_ms": "soon"}),
         json!({"eviction": "random"}),
     ] {
-        app.send(Method::PATCH, "/v1/tables/t", Some(bad.to_string().into_bytes()), &[])
-            .await
-            .assert_error(400, "invalid_argument");
+        app.send(
+            Method::PATCH,
+            "/v1/tables/t",
+            Some(bad.to_string().into_bytes()),
+            &[],
+        )
+        .await
+        .assert_error(400, "invalid_argument");
     }
     let info = app.get_table("t").await.body;
     assert_eq!(info["default_ttl_ms"], 5000);
@@ -149,7 +189,12 @@ async fn patch_changes_only_settable_fields_and_validates_first() {
 
     // null clears.
     let r = app
-        .send(Method::PATCH, "/v1/tables/t", Some(br#"{"default_ttl_ms":null,"max_entries":null}"#.to_vec()), &[])
+        .send(
+            Method::PATCH,
+            "/v1/tables/t",
+            Some(br#"{"default_ttl_ms":null,"max_entries":null}"#.to_vec()),
+            &[],
+        )
         .await;
     assert!(r.body["default_ttl_ms"].is_null());
     assert!(r.body["max_entries"].is_null());
@@ -161,11 +206,13 @@ async fn patch_changes_only_settable_fields_and_validates_first() {
 #[tokio::test]
 async fn a_default_ttl_applies_to_writes_without_one() {
     let app = spawn_app().await;
-    app.create_table(json!({"name": "t", "default_ttl_ms": 60000})).await;
+    app.create_table(json!({"name": "t", "default_ttl_ms": 60000}))
+        .await;
     app.put("t", "k", json!(1)).await;
     let ttl = app.get("t", "k").await.body["ttl_ms"].as_u64().unwrap();
     assert!(ttl > 50_000 && ttl <= 60_000);
-    app.put_with("t", "j", json!(1), "?ttl_ms=1000000", &[]).await;
+    app.put_with("t", "j", json!(1), "?ttl_ms=1000000", &[])
+        .await;
     assert!(app.get("t", "j").await.body["ttl_ms"].as_u64().unwrap() > 60_000);
 }
 
@@ -176,7 +223,9 @@ async fn delete_drops_the_table_and_its_data() {
     app.put("t", "k", json!(1)).await;
     let r = app.send(Method::DELETE, "/v1/tables/t", None, &[]).await;
     assert_eq!(r.status, 204);
-    app.get_table("t").await.assert_error(404, "table_not_found");
+    app.get_table("t")
+        .await
+        .assert_error(404, "table_not_found");
     app.send(Method::DELETE, "/v1/tables/t", None, &[])
         .await
         .assert_error(404, "table_not_found");
@@ -194,7 +243,12 @@ async fn clear_empties_every_type() {
             app.put(kind, &format!("k{i}"), json!(i)).await;
         }
         let r = app
-            .send(Method::DELETE, &format!("/v1/tables/{kind}/entries"), None, &[])
+            .send(
+                Method::DELETE,
+                &format!("/v1/tables/{kind}/entries"),
+                None,
+                &[],
+            )
             .await;
         assert_eq!(r.status, 204);
         let info = app.get_table(kind).await.body;
@@ -225,9 +279,12 @@ async fn memory_accounting_grows_and_shrinks() {
     let app = spawn_app().await;
     app.table("t", "set").await;
     for i in 0..100 {
-        app.put("t", &format!("key-{i}"), json!("x".repeat(100))).await;
+        app.put("t", &format!("key-{i}"), json!("x".repeat(100)))
+            .await;
     }
-    let mem = app.get_table("t").await.body["memory_bytes"].as_u64().unwrap();
+    let mem = app.get_table("t").await.body["memory_bytes"]
+        .as_u64()
+        .unwrap();
     assert!(mem > 100 * 110, "at least the raw bytes: {mem}");
     for i in 0..100 {
         app.delete("t", &format!("key-{i}")).await;

@@ -8,7 +8,7 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::auth::{authorize, Op, Principal};
+use super::auth::{Op, Principal};
 use super::extract::{EntryPath, OptionalJsonBody};
 use super::respond;
 use super::AppState;
@@ -63,8 +63,7 @@ pub async fn update_counter(
     EntryPath(table, key): EntryPath,
     OptionalJsonBody(op): OptionalJsonBody<CounterOp>,
 ) -> ApiResult<Response> {
-    let table = state.store.table(&table)?;
-    authorize(&table, &who, Op::Write)?;
+    let table = state.table_for(&table, &who, Op::Write)?;
     let value = table.update_counter(&key, &op)?;
     let mut buf = Vec::with_capacity(key.len() + 40);
     buf.extend_from_slice(b"{\"key\":");

@@ -9,8 +9,10 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::auth::{authorize, Op, Principal};
-use super::extract::{checked_key, from_object, EntryPath, JsonBody, QueryParams, RawBody, TablePath};
+use super::auth::{Op, Principal};
+use super::extract::{
+    checked_key, from_object, EntryPath, JsonBody, QueryParams, RawBody, TablePath,
+};
 use super::respond::{
     self, entry_body, scan_body, with_cache, with_etag, write_precondition, HIT, MISS,
 };
@@ -161,8 +163,7 @@ pub async fn get_entry(
     EntryPath(table, key): EntryPath,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let table = state.store.table(&table)?;
-    authorize(&table, &who, Op::Read)?;
+    let table = state.table_for(&table, &who, Op::Read)?;
     let if_none = respond::tag_list(&headers, header::IF_NONE_MATCH)?;
     let Some(entry) = table.lookup(&key) else {
         return Ok(with_cache(ApiError::KeyNotFound.into_response(), MISS));
@@ -193,8 +194,7 @@ pub async fn head_entry(
     who: Principal,
     EntryPath(table, key): EntryPath,
 ) -> ApiResult<Response> {
-    let table = state.store.table(&table)?;
-    authorize(&table, &who, Op::Read)?;
+    let table = state.table_for(&table, &who, Op::Read)?;
     match table.peek(&key) {
         Some(entry) => Ok(with_etag(respond::empty(StatusCode::OK), entry.version)),
         None => Ok(respond::empty(StatusCode::NOT_FOUND)),
@@ -236,8 +236,7 @@ pub async fn put_entry(
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> ApiResult<Response> {
-    let table = state.store.table(&table)?;
-    authorize(&table, &who, Op::Write)?;
+    let table = state.table_for(&table, &who, Op::Write)?;
     if let Some(ttl) = params.ttl_ms {
         check_ttl_ms(ttl)?;
     }
@@ -284,8 +283,7 @@ pub async fn delete_entry(
     EntryPath(table, key): EntryPath,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let table = state.store.table(&table)?;
-    authorize(&table, &who, Op::Write)?;
+    let table = state.table_for(&table, &who, Op::Write)?;
     let pre = write_precondition(&headers)?;
     table.delete(&key, &pre)?;
     Ok(respond::empty(StatusCode::NO_CONTENT))
@@ -321,8 +319,7 @@ pub async fn patch_entry(
     headers: HeaderMap,
     JsonBody(patch): JsonBody<serde_json::Value>,
 ) -> ApiResult<Response> {
-    let table = state.store.table(&table)?;
-    authorize(&table, &who, Op::Write)?;
+    let table = state.table_for(&table, &who, Op::Write)?;
     let pre = write_precondition(&headers)?;
     if !patch.is_object() {
         return Err(ApiError::InvalidArgument(
@@ -360,8 +357,7 @@ pub async fn delete_object(
     EntryPath(table, key): EntryPath,
     RawBody(body): RawBody,
 ) -> ApiResult<Response> {
-    let table = state.store.table(&table)?;
-    authorize(&table, &who, Op::Write)?;
+    let table = state.table_for(&table, &who, Op::Write)?;
     let value = parse_value(&body)?;
     table.delete_object(&key, &value);
     Ok(respond::empty(StatusCode::NO_CONTENT))
@@ -388,8 +384,7 @@ pub async fn take_entry(
     who: Principal,
     EntryPath(table, key): EntryPath,
 ) -> ApiResult<Response> {
-    let table = state.store.table(&table)?;
-    authorize(&table, &who, Op::Write)?;
+    let table = state.table_for(&table, &who, Op::Write)?;
     let entry = table.take(&key).ok_or(ApiError::KeyNotFound)?;
     Ok(respond::json(StatusCode::OK, entry_body(&key, &entry)))
 }
@@ -420,8 +415,7 @@ pub async fn insert_entries(
     TablePath(table): TablePath,
     JsonBody(items): JsonBody<Vec<serde_json::Map<String, serde_json::Value>>>,
 ) -> ApiResult<Response> {
-    let table = state.store.table(&table)?;
-    authorize(&table, &who, Op::Write)?;
+    let table = state.table_for(&table, &who, Op::Write)?;
     let mut batch = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
         let item: BulkItem = from_object(item).map_err(|e| match e {
@@ -470,8 +464,7 @@ pub async fn scan_entries(
     TablePath(table): TablePath,
     QueryParams(params): QueryParams<ScanParams>,
 ) -> ApiResult<Response> {
-    let table = state.store.table(&table)?;
-    authorize(&table, &who, Op::Read)?;
+    let table = state.table_for(&table, &who, Op::Read)?;
     for (name, v) in [
         ("prefix", &params.prefix),
         ("start", &params.start),
@@ -518,8 +511,7 @@ pub async fn clear_entries(
     who: Principal,
     TablePath(table): TablePath,
 ) -> ApiResult<Response> {
-    let table = state.store.table(&table)?;
-    authorize(&table, &who, Op::Write)?;
+    let table = state.table_for(&table, &who, Op::Write)?;
     table.clear();
     Ok(respond::empty(StatusCode::NO_CONTENT))
 }

@@ -33,7 +33,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::error::{ApiError, InternalDetail};
-use crate::store::Store;
+use crate::store::{Store, Table};
 use extract::BodyLimit;
 
 /// What every handler can reach. Cloning is shallow.
@@ -43,6 +43,23 @@ pub struct AppState {
     pub store: Store,
     /// Set once recovery is done; cleared when a stop begins. Gates `/v1`.
     pub ready: Arc<AtomicBool>,
+}
+
+impl AppState {
+    /// The table named `name`, if `who` may perform `op` on it.
+    ///
+    /// # Errors
+    /// [`ApiError::TableNotFound`], [`ApiError::Forbidden`].
+    pub fn table_for(
+        &self,
+        name: &str,
+        who: &auth::Principal,
+        op: auth::Op,
+    ) -> Result<Arc<Table>, ApiError> {
+        let table = self.store.table(name)?;
+        auth::authorize(&table, who, op)?;
+        Ok(table)
+    }
 }
 
 /// Options of the HTTP layer.

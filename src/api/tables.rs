@@ -294,8 +294,7 @@ pub async fn get_table(
     who: Principal,
     TablePath(name): TablePath,
 ) -> ApiResult<Response> {
-    let table = state.store.table(&name)?;
-    authorize(&table, &who, Op::Read)?;
+    let table = state.table_for(&name, &who, Op::Read)?;
     Ok(info_response(StatusCode::OK, &table))
 }
 
@@ -325,8 +324,7 @@ pub async fn patch_table(
     TablePath(name): TablePath,
     JsonObject(patch): JsonObject<PatchTable>,
 ) -> ApiResult<Response> {
-    let table = state.store.table(&name)?;
-    authorize(&table, &who, Op::Manage)?;
+    let table = state.table_for(&name, &who, Op::Manage)?;
     match patch.auto_save_ms {
         Some(_) if table.persistence() != Persistence::Periodic => {
             return Err(ApiError::InvalidArgument(
@@ -383,8 +381,7 @@ pub async fn delete_table(
     who: Principal,
     TablePath(name): TablePath,
 ) -> ApiResult<Response> {
-    let table = state.store.table(&name)?;
-    authorize(&table, &who, Op::Manage)?;
+    state.table_for(&name, &who, Op::Manage)?;
     state.store.drop_table(&name)?;
     Ok(respond::empty(StatusCode::NO_CONTENT))
 }
@@ -411,7 +408,6 @@ pub async fn sync_table(
     who: Principal,
     TablePath(name): TablePath,
 ) -> ApiResult<Response> {
-    let table = state.store.table(&name)?;
-    authorize(&table, &who, Op::Write)?;
+    let table = state.table_for(&name, &who, Op::Write)?;
     Ok(info_response(StatusCode::OK, &table))
 }

@@ -10,6 +10,7 @@
 
 mod counter;
 mod error;
+mod evict;
 mod scan;
 mod slot;
 mod table;
@@ -24,6 +25,7 @@ use dashmap::DashMap;
 
 pub use counter::{merge_patch, CounterOp};
 pub use error::{StoreError, StoreResult};
+pub use evict::EVICTION_SAMPLES;
 pub use scan::{Cursor, ScanPage, ScanRequest, DEFAULT_SCAN_LIMIT, MAX_SCAN_LIMIT};
 pub use slot::{Entry, Object, Objects, Slot};
 pub use table::{Precondition, Stats, Table, TableSpec, Written, SHARDS};

@@ -57,7 +57,7 @@ impl Cursor {
     /// [`StoreError::InvalidArgument`] when the text is not such a cursor.
     pub fn decode(text: &str) -> StoreResult<Self> {
         let bad = || StoreError::InvalidArgument("cursor is not one this server issued".into());
-        if text.len() < 32 || text.len() % 2 != 0 || !text.is_ascii() {
+        if text.len() < 32 || !text.len().is_multiple_of(2) || !text.is_ascii() {
             return Err(bad());
         }
         let hash = u64::from_str_radix(&text[..16], 16).map_err(|_| bad())?;

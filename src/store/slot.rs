@@ -1,5 +1,7 @@
 //! What a table keeps under one key, and what reads hand back.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use super::value::Value;
 
 /// One object of a bag key, with the sequence number that orders it among the
@@ -42,7 +44,7 @@ impl Objects {
 }
 
 /// Everything stored under a key.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Slot {
     /// The key's objects.
     pub objects: Objects,
@@ -50,6 +52,20 @@ pub struct Slot {
     pub version: u64,
     /// Unix milliseconds after which the key is gone; 0 means never.
     pub expires_at: u64,
+    /// The table's access tick at the key's last use; only `lru` tables keep
+    /// it current. Atomic because reads update it under a shared lock.
+    pub last_access: AtomicU64,
+}
+
+impl Clone for Slot {
+    fn clone(&self) -> Self {
+        Slot {
+            objects: self.objects.clone(),
+            version: self.version,
+            expires_at: self.expires_at,
+            last_access: AtomicU64::new(self.last_access.load(Ordering::Relaxed)),
+        }
+    }
 }
 
 /// Bytes a key costs beyond its text, estimated from the map's layout:
@@ -61,6 +77,21 @@ pub const KEY_OVERHEAD: usize = std::mem::size_of::<(Box<str>, Slot)>() * 8 / 7 
 pub const OBJECT_OVERHEAD: usize = 32;
 
 impl Slot {
+    /// A slot as a write creates it.
+    pub fn new(objects: Objects, version: u64, expires_at: u64, last_access: u64) -> Self {
+        Slot {
+            objects,
+            version,
+            expires_at,
+            last_access: AtomicU64::new(last_access),
+        }
+    }
+
+    /// The access tick of the key's last use.
+    pub fn last_access(&self) -> u64 {
+        self.last_access.load(Ordering::Relaxed)
+    }
+
     /// Whether the deadline has passed at `now` (Unix ms).
     pub fn is_expired(&self, now: u64) -> bool {
         self.expires_at != 0 && self.expires_at <= now

@@ -174,6 +174,8 @@ pub struct Table {
     memory: AtomicI64,
     /// Counters shown in table info.
     pub stats: Stats,
+    /// Ticks once per key use in `lru` tables; orders `Slot::last_access`.
+    access_clock: AtomicU64,
     shared: Arc<Shared>,
 }
 
@@ -209,6 +211,7 @@ impl Table {
             size: AtomicI64::new(0),
             memory: AtomicI64::new(0),
             stats: Stats::default(),
+            access_clock: AtomicU64::new(0),
             shared,
         }
     }
@@ -309,6 +312,23 @@ impl Table {
         self.settings
             .eviction
             .store(matches!(eviction, Eviction::Lru) as u8, Ordering::Relaxed);
+    }
+
+    /// The object limit, if any.
+    pub(crate) fn spec_max_entries(&self) -> Option<u64> {
+        match self.settings.max_entries.load(Ordering::Relaxed) {
+            0 => None,
+            max => Some(max),
+        }
+    }
+
+    /// A fresh access stamp, for `lru` tables; 0 otherwise (nothing reads it).
+    fn tick(&self) -> u64 {
+        if self.eviction() == Eviction::Lru {
+            self.access_clock.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            0
+        }
     }
 
     /// Stored objects (ETS `info(size)`).
@@ -423,12 +443,17 @@ impl Table {
         let key_len = o.key().len();
         let before = o.get().footprint(key_len) as i64;
         f(o.get_mut());
+        *o.get_mut().last_access.get_mut() = self.tick();
         let after = o.get().footprint(key_len) as i64;
         self.add_memory(after - before);
     }
 
     /// Removes a stored key, counting it under `why`.
-    fn remove_occupied(&self, o: OccupiedEntry<'_, Key, Slot>, why: Removal) -> (Key, Slot) {
+    pub(crate) fn remove_occupied(
+        &self,
+        o: OccupiedEntry<'_, Key, Slot>,
+        why: Removal,
+    ) -> (Key, Slot) {
         if let Some(index) = &self.index {
             index.remove(o.key().as_bytes());
         }
@@ -476,9 +501,18 @@ impl Table {
         (!slot.is_expired(now)).then(|| Entry::of(&slot, now))
     }
 
-    /// `lookup`, counted as a hit or a miss.
+    /// `lookup`, counted as a hit or a miss; a hit is a use for LRU.
     pub fn lookup(&self, key: &str) -> Option<Entry> {
-        let found = self.peek(key);
+        let now = self.now();
+        let found = self.map.get(key).and_then(|slot| {
+            if slot.is_expired(now) {
+                return None;
+            }
+            if self.eviction() == Eviction::Lru {
+                slot.last_access.store(self.tick(), Ordering::Relaxed);
+            }
+            Some(Entry::of(&slot, now))
+        });
         let stat = if found.is_some() {
             &self.stats.hits
         } else {
@@ -508,6 +542,20 @@ impl Table {
         ttl_ms: Option<u64>,
         pre: &Precondition,
     ) -> StoreResult<Written> {
+        let written = self.insert_locked(key, value, ttl_ms, pre)?;
+        if written.inserted > 0 {
+            self.evict_if_needed();
+        }
+        Ok(written)
+    }
+
+    fn insert_locked(
+        &self,
+        key: &str,
+        value: Value,
+        ttl_ms: Option<u64>,
+        pre: &Precondition,
+    ) -> StoreResult<Written> {
         let now = self.now();
         let expires_at = self.deadline(now, ttl_ms);
         match self.live_entry(key, now) {
@@ -515,11 +563,12 @@ impl Table {
                 pre.check(None)?;
                 self.grow(1)?;
                 let version = self.next_version();
-                let slot = Slot {
-                    objects: self.fresh_objects(value, version),
+                let slot = Slot::new(
+                    self.fresh_objects(value, version),
                     version,
                     expires_at,
-                };
+                    self.tick(),
+                );
                 self.insert_vacant(v, slot);
                 Ok(Written {
                     created: true,
@@ -712,6 +761,14 @@ impl Table {
     /// without a default, [`StoreError::NotACounter`], [`StoreError::Overflow`],
     /// [`StoreError::TableFull`] when a default would add a key to a full table.
     pub fn update_counter(&self, key: &str, op: &CounterOp) -> StoreResult<i64> {
+        let (n, created) = self.update_counter_locked(key, op)?;
+        if created {
+            self.evict_if_needed();
+        }
+        Ok(n)
+    }
+
+    fn update_counter_locked(&self, key: &str, op: &CounterOp) -> StoreResult<(i64, bool)> {
         if !self.kind.is_single() {
             return Err(StoreError::WrongTableType(
                 "counters need a set or ordered_set table",
@@ -725,13 +782,14 @@ impl Table {
                 let (value, n) = op.apply(&start)?;
                 self.grow(1)?;
                 let version = self.next_version();
-                let slot = Slot {
-                    objects: self.single(value),
+                let slot = Slot::new(
+                    self.single(value),
                     version,
-                    expires_at: self.deadline(now, None),
-                };
+                    self.deadline(now, None),
+                    self.tick(),
+                );
                 self.insert_vacant(v, slot);
-                Ok(n)
+                Ok((n, true))
             }
             MapEntry::Occupied(mut o) => {
                 let Objects::One(current) = &o.get().objects else {
@@ -745,7 +803,7 @@ impl Table {
                     slot.version = version;
                     slot.expires_at = expires_at;
                 });
-                Ok(n)
+                Ok((n, false))
             }
         }
     }

@@ -136,7 +136,9 @@ impl Reply {
         assert_eq!(self.status.as_u16(), status, "body: {}", self.text);
         assert_eq!(self.code(), code, "body: {}", self.text);
         assert!(
-            self.body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+            self.body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
             "error without message: {}",
             self.text
         );
@@ -277,7 +279,10 @@ impl TestApp {
             let r = self.scan(table, &q).await;
             assert_eq!(r.status, 200, "{}", r.text);
             for e in r.body["entries"].as_array().expect("entries") {
-                out.push((e["key"].as_str().expect("key").to_owned(), e["value"].clone()));
+                out.push((
+                    e["key"].as_str().expect("key").to_owned(),
+                    e["value"].clone(),
+                ));
             }
             match r.body["next_cursor"].as_str() {
                 Some(c) => cursor = Some(c.to_owned()),
