@@ -1,11 +1,13 @@
-//! The application's lifecycle: build (bind and wire), run, stop in order.
+//! The application's lifecycle: build (open, bind, wire), run, stop in order.
 //!
-//! [`App::build`] binds the listener first, so port 0 works and tests learn
-//! the real port from [`App::local_addr`] before serving. [`App::run_until_stopped`]
-//! serves until the given future completes, then stops accepting, lets
-//! in-flight requests finish, and returns.
+//! [`App::build`] opens the data directory (refusing one it cannot use) and
+//! binds the listener, so port 0 works and tests learn the real port from
+//! [`App::local_addr`] before serving. [`App::run_until_stopped`] serves at
+//! once, answering 503 on `/v1` and `/readyz` while persistent tables load,
+//! then reports ready. When the stop future completes it stops accepting,
+//! lets in-flight requests finish, writes every dirty object and fsyncs.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,9 +21,10 @@ use tokio::net::TcpListener;
 use crate::api::{self, AppState, HttpOptions};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
+use crate::persist::Durability;
 use crate::store::Store;
 
-/// Why the server could not start or stopped badly.
+/// Why the server could not start, or did not stop cleanly.
 #[derive(Debug, Error)]
 pub enum AppError {
     /// The listen address could not be bound.
@@ -32,17 +35,20 @@ pub enum AppError {
         /// What the OS said.
         source: std::io::Error,
     },
-    /// The data directory could not be created or opened.
-    #[error("cannot use data directory {}: {source}", path.display())]
+    /// The data directory cannot be used.
+    #[error("cannot use data directory {}: {cause}", path.display())]
     DataDir {
         /// The directory.
         path: PathBuf,
-        /// What the OS said.
-        source: std::io::Error,
+        /// Why, in a few words.
+        cause: String,
     },
     /// Serving failed.
     #[error("server error: {0}")]
     Serve(std::io::Error),
+    /// Writing dirty data at shutdown failed.
+    #[error("could not write all data at shutdown: {0}")]
+    Shutdown(String),
 }
 
 /// A bound, wired server, ready to run.
@@ -68,10 +74,27 @@ impl App {
     /// # Errors
     /// [`AppError::Bind`], [`AppError::DataDir`].
     pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| AppError::DataDir {
-            path: config.data_dir.clone(),
-            source,
-        })?;
+        let store = Store::new(clock);
+        let dir = config.data_dir.clone();
+        let opened = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || Durability::open(&dir, store)).await
+        };
+        let durability = match opened {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                return Err(AppError::DataDir {
+                    path: config.data_dir.clone(),
+                    cause: e.to_string(),
+                })
+            }
+            Err(e) => {
+                return Err(AppError::DataDir {
+                    path: config.data_dir.clone(),
+                    cause: e.to_string(),
+                })
+            }
+        };
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| AppError::Bind {
@@ -79,8 +102,9 @@ impl App {
                 source,
             })?;
         let state = AppState {
-            store: Store::new(clock),
+            store,
             ready: Arc::new(AtomicBool::new(false)),
+            durability,
         };
         let router = api::build(
             state.clone(),
@@ -88,7 +112,6 @@ impl App {
                 max_body_bytes: config.max_body_bytes,
             },
         );
-        state.ready.store(true, Ordering::Release);
         Ok(App {
             listener,
             router,
@@ -110,37 +133,92 @@ impl App {
         self.state.store.clone()
     }
 
-    /// Serves until `shutdown` completes, then stops accepting, waits for
-    /// in-flight requests (up to the configured timeout) and returns.
+    /// The durable tier behind the server (for embedding and tests).
+    pub fn durability(&self) -> Durability {
+        self.state.durability.clone()
+    }
+
+    /// Serves until `shutdown` completes, then stops in order: stop
+    /// accepting, finish in-flight requests (up to the configured timeout),
+    /// write every dirty object, fsync.
     ///
     /// # Errors
-    /// [`AppError::Serve`] if the listener fails.
+    /// [`AppError::DataDir`] if stored tables cannot be loaded,
+    /// [`AppError::Serve`] if the listener fails, [`AppError::Shutdown`] if the
+    /// final write fails.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), AppError> {
         let addr = self.local_addr().map_err(AppError::Serve)?;
-        tracing::info!(%addr, "larder listening");
         let ready = self.state.ready.clone();
+        let durability = self.state.durability.clone();
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+        let ready_on_stop = ready.clone();
         let signal = async move {
             shutdown.await;
+            ready_on_stop.store(false, Ordering::Release);
             tracing::info!("stop requested: draining in-flight requests");
             let _ = stopping_tx.send(());
         };
-        let serve = axum::serve(self.listener, self.router).with_graceful_shutdown(signal);
-        let timeout = self.shutdown_timeout;
-        let drain = async move {
-            let _ = stopping_rx.await;
-            tokio::time::sleep(timeout).await;
+        let mut server = tokio::spawn(
+            axum::serve(self.listener, self.router)
+                .with_graceful_shutdown(signal)
+                .into_future(),
+        );
+        tracing::info!(%addr, "larder listening; loading persistent tables");
+
+        let recovered = {
+            let d = durability.clone();
+            tokio::task::spawn_blocking(move || d.recover()).await
         };
-        tokio::select! {
-            result = serve => result.map_err(AppError::Serve)?,
-            () = drain => tracing::error!(?timeout, "in-flight requests did not finish in time; stopping anyway"),
+        let recovery_error = match recovered {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(cause) = recovery_error {
+            server.abort();
+            return Err(AppError::DataDir {
+                path: durability.dir().to_owned(),
+                cause,
+            });
+        }
+        let persister = durability.start().map_err(AppError::Serve)?;
+        ready.store(true, Ordering::Release);
+        tracing::info!(%addr, "larder ready");
+
+        let timeout = self.shutdown_timeout;
+        let drained = tokio::select! {
+            joined = &mut server => Some(joined),
+            () = async {
+                let _ = stopping_rx.await;
+                tokio::time::sleep(timeout).await;
+            } => None,
+        };
+        match drained {
+            Some(Ok(Ok(()))) => {}
+            Some(Ok(Err(e))) => tracing::error!(error = %e, "server error while serving"),
+            Some(Err(e)) => tracing::error!(error = %e, "server task failed"),
+            None => {
+                tracing::error!(
+                    ?timeout,
+                    "in-flight requests did not finish in time; stopping anyway"
+                );
+                server.abort();
+            }
         }
         ready.store(false, Ordering::Release);
-        tracing::info!("larder stopped");
-        Ok(())
+        let flushed =
+            tokio::task::spawn_blocking(move || durability.shutdown(Some(persister))).await;
+        match flushed {
+            Ok(Ok(())) => {
+                tracing::info!("larder stopped");
+                Ok(())
+            }
+            Ok(Err(e)) => Err(AppError::Shutdown(e.to_string())),
+            Err(e) => Err(AppError::Shutdown(e.to_string())),
+        }
     }
 }
 

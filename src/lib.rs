@@ -1,7 +1,7 @@
 //! larder: Erlang ETS/DETS-style tables over HTTP/JSON.
 //!
 //! # Layout
-//! Requests flow one way: HTTP → [`api`] → [`store`].
+//! Requests flow one way: HTTP → [`api`] → [`store`] → [`persist`].
 //!
 //! - [`config`]: the command line and environment, one documented struct.
 //! - [`app`]: binds the listener, wires state and router, runs until a stop
@@ -11,6 +11,8 @@
 //!   error response.
 //! - [`store`]: tables of the four ETS types with their exact semantics; knows
 //!   nothing of HTTP or disk.
+//! - [`persist`]: the durable tier (sled behind a trait), write-back and
+//!   group commit, recovery, and the versioned on-disk format.
 //! - [`clock`]: time behind a trait so expiry is testable without sleeping.
 
 pub mod api;
@@ -18,4 +20,5 @@ pub mod app;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod persist;
 pub mod store;

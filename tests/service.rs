@@ -119,6 +119,7 @@ async fn a_stop_lets_in_flight_requests_finish() {
     }));
     let client = reqwest::Client::new();
     let base = format!("http://{addr}");
+    common::wait_ready_at(&client, &base).await;
     client
         .post(format!("{base}/v1/tables"))
         .body(r#"{"name":"t"}"#)

@@ -65,6 +65,7 @@ pub async fn update_counter(
 ) -> ApiResult<Response> {
     let table = state.table_for(&table, &who, Op::Write)?;
     let value = table.update_counter(&key, &op)?;
+    state.durable(&table).await?;
     let mut buf = Vec::with_capacity(key.len() + 40);
     buf.extend_from_slice(b"{\"key\":");
     respond::push_str(&mut buf, &key);

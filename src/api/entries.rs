@@ -243,6 +243,7 @@ pub async fn put_entry(
     let pre = write_precondition(&headers)?;
     let value = parse_value(&body)?;
     let written = table.insert(&key, value, params.ttl_ms, &pre)?;
+    state.durable(&table).await?;
     let status = if written.created {
         StatusCode::CREATED
     } else {
@@ -285,7 +286,9 @@ pub async fn delete_entry(
 ) -> ApiResult<Response> {
     let table = state.table_for(&table, &who, Op::Write)?;
     let pre = write_precondition(&headers)?;
-    table.delete(&key, &pre)?;
+    if table.delete(&key, &pre)? {
+        state.durable(&table).await?;
+    }
     Ok(respond::empty(StatusCode::NO_CONTENT))
 }
 
@@ -327,6 +330,7 @@ pub async fn patch_entry(
         ));
     }
     let entry = table.merge(&key, &patch, &pre)?;
+    state.durable(&table).await?;
     Ok(with_etag(
         respond::json(StatusCode::OK, entry_body(&key, &entry)),
         entry.version,
@@ -359,7 +363,9 @@ pub async fn delete_object(
 ) -> ApiResult<Response> {
     let table = state.table_for(&table, &who, Op::Write)?;
     let value = parse_value(&body)?;
-    table.delete_object(&key, &value);
+    if table.delete_object(&key, &value) > 0 {
+        state.durable(&table).await?;
+    }
     Ok(respond::empty(StatusCode::NO_CONTENT))
 }
 
@@ -386,6 +392,7 @@ pub async fn take_entry(
 ) -> ApiResult<Response> {
     let table = state.table_for(&table, &who, Op::Write)?;
     let entry = table.take(&key).ok_or(ApiError::KeyNotFound)?;
+    state.durable(&table).await?;
     Ok(respond::json(StatusCode::OK, entry_body(&key, &entry)))
 }
 
@@ -432,6 +439,7 @@ pub async fn insert_entries(
         batch.push((key, Value::from_json(&item.value), item.ttl_ms));
     }
     let inserted = table.insert_many(batch)?;
+    state.durable(&table).await?;
     let body = serde_json::to_vec(&Inserted { inserted }).unwrap_or_default();
     Ok(respond::json(StatusCode::OK, body))
 }
@@ -513,5 +521,6 @@ pub async fn clear_entries(
 ) -> ApiResult<Response> {
     let table = state.table_for(&table, &who, Op::Write)?;
     table.clear();
+    state.durable(&table).await?;
     Ok(respond::empty(StatusCode::NO_CONTENT))
 }

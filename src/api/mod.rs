@@ -33,7 +33,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::error::{ApiError, InternalDetail};
-use crate::store::{Store, Table};
+use crate::persist::Durability;
+use crate::store::{Persistence, Store, Table};
 use extract::BodyLimit;
 
 /// What every handler can reach. Cloning is shallow.
@@ -43,6 +44,8 @@ pub struct AppState {
     pub store: Store,
     /// Set once recovery is done; cleared when a stop begins. Gates `/v1`.
     pub ready: Arc<AtomicBool>,
+    /// The durable tier.
+    pub durability: Durability,
 }
 
 impl AppState {
@@ -59,6 +62,37 @@ impl AppState {
         let table = self.store.table(name)?;
         auth::authorize(&table, who, op)?;
         Ok(table)
+    }
+
+    /// Returns once a change just applied to `table` is as durable as the
+    /// table promises: at once for `none` and `periodic`, after an fsync for
+    /// `sync` (shared with concurrent writers).
+    ///
+    /// # Errors
+    /// [`ApiError::Unavailable`] when the write-back round failed.
+    pub async fn durable(&self, table: &Table) -> Result<(), ApiError> {
+        if table.persistence() != Persistence::Sync {
+            return Ok(());
+        }
+        self.durability
+            .wait_durable(false)
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("could not make the write durable: {e}")))
+    }
+
+    /// Runs blocking durable-tier work off the async workers.
+    ///
+    /// # Errors
+    /// [`ApiError::Internal`] when the work fails.
+    pub async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Durability) -> Result<T, crate::persist::PersistError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let durability = self.durability.clone();
+        tokio::task::spawn_blocking(move || work(&durability))
+            .await
+            .map_err(|e| ApiError::Internal(format!("durable-tier task: {e}")))?
+            .map_err(|e| ApiError::Internal(e.to_string()))
     }
 }
 

@@ -185,8 +185,11 @@ pub fn table_info(table: &Table) -> TableInfo {
             evicted: s.evicted.load(Relaxed),
             origin_fetches: s.origin_fetches.load(Relaxed),
         },
-        dirty: None,
-        last_saved_at: None,
+        dirty: table.dirty().map(|_| table.dirty_count()),
+        last_saved_at: table.dirty().map(|d| match d.last_saved_at.load(Relaxed) {
+            0 => None,
+            ms => Some(rfc3339_ms(ms)),
+        }),
     }
 }
 
@@ -221,11 +224,6 @@ pub async fn create_table(
 ) -> ApiResult<Response> {
     crate::store::validate_table_name(&body.name)
         .map_err(|e| ApiError::InvalidName(e.to_string()))?;
-    if body.persistence != Persistence::None {
-        return Err(ApiError::InvalidArgument(
-            "persistent tables are not available in this build; use persistence \"none\"".into(),
-        ));
-    }
     if body.origin.is_some() {
         if !who.admin {
             return Err(ApiError::Forbidden(
@@ -250,6 +248,13 @@ pub async fn create_table(
         created_at: state.store.now_ms(),
     };
     let table = state.store.create_table(spec)?;
+    if table.persistence() != Persistence::None {
+        let t = table.clone();
+        if let Err(e) = state.blocking(move |d| d.create_table(&t)).await {
+            let _ = state.store.drop_table(table.name());
+            return Err(e);
+        }
+    }
     Ok(info_response(StatusCode::CREATED, &table))
 }
 
@@ -357,6 +362,10 @@ pub async fn patch_table(
     if let Some(eviction) = patch.eviction {
         table.set_eviction(eviction);
     }
+    if table.persistence() != Persistence::None {
+        let t = table.clone();
+        state.blocking(move |d| d.save_definition(&t)).await?;
+    }
     Ok(info_response(StatusCode::OK, &table))
 }
 
@@ -381,8 +390,11 @@ pub async fn delete_table(
     who: Principal,
     TablePath(name): TablePath,
 ) -> ApiResult<Response> {
-    state.table_for(&name, &who, Op::Manage)?;
+    let table = state.table_for(&name, &who, Op::Manage)?;
     state.store.drop_table(&name)?;
+    if table.persistence() != Persistence::None {
+        state.blocking(move |d| d.drop_table(&name)).await?;
+    }
     Ok(respond::empty(StatusCode::NO_CONTENT))
 }
 
@@ -409,5 +421,12 @@ pub async fn sync_table(
     TablePath(name): TablePath,
 ) -> ApiResult<Response> {
     let table = state.table_for(&name, &who, Op::Write)?;
+    if table.persistence() != Persistence::None {
+        state
+            .durability
+            .wait_durable(true)
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("could not sync: {e}")))?;
+    }
     Ok(info_response(StatusCode::OK, &table))
 }

@@ -28,7 +28,7 @@ pub use error::{StoreError, StoreResult};
 pub use evict::EVICTION_SAMPLES;
 pub use scan::{Cursor, ScanPage, ScanRequest, DEFAULT_SCAN_LIMIT, MAX_SCAN_LIMIT};
 pub use slot::{Entry, Object, Objects, Slot};
-pub use table::{Precondition, Stats, Table, TableSpec, Written, SHARDS};
+pub use table::{Dirty, Precondition, Stats, Table, TableSpec, Written, SHARDS};
 pub use types::{Access, Eviction, Origin, Persistence, TableType};
 pub use value::{validate_key, validate_table_name, Key, Value, MAX_KEY_BYTES, MAX_NAME_CHARS};
 
@@ -116,6 +116,30 @@ impl Store {
         let mut all: Vec<Arc<Table>> = self.tables.iter().map(|t| t.clone()).collect();
         all.sort_by(|a, b| a.name().cmp(b.name()));
         all
+    }
+
+    /// The last version handed out.
+    pub fn revision(&self) -> u64 {
+        self.shared
+            .revision
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Makes later versions exceed `seen` (versions read back from disk), so
+    /// an ETag issued before a restart never matches a different entry after.
+    pub fn observe_revision(&self, seen: u64) {
+        self.shared
+            .revision
+            .fetch_max(seen, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Tables with a durable tier.
+    pub fn persistent_tables(&self) -> Vec<Arc<Table>> {
+        self.tables
+            .iter()
+            .filter(|t| t.persistence() != Persistence::None)
+            .map(|t| t.clone())
+            .collect()
     }
 
     /// How many tables exist.

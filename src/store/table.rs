@@ -140,6 +140,34 @@ pub(crate) enum Removal {
     Undo,
 }
 
+/// Keys changed in memory but not yet written to the durable tier, kept by
+/// persistent tables only.
+///
+/// # Locking
+/// A mark is set while the key's shard lock in the table map is held, so it
+/// is ordered with the change it describes. The write-back worker never holds
+/// a guard of this map while reading the table map, so the two lock orders
+/// cannot deadlock.
+#[derive(Debug, Default)]
+pub struct Dirty {
+    /// Key → version of its latest change (a fresh version for removals).
+    pub keys: DashMap<Key, u64>,
+    /// Unix ms at which the set last went from clean to dirty; 0 when clean.
+    /// Periodic write-back is due `auto_save_ms / 2` after this.
+    pub since_ms: AtomicU64,
+    /// Unix ms of the last completed write-back; 0 before the first.
+    pub last_saved_at: AtomicU64,
+}
+
+impl Dirty {
+    fn mark(&self, key: &str, version: u64, now: u64) {
+        self.keys.insert(Key::from(key), version);
+        let _ = self
+            .since_ms
+            .compare_exchange(0, now.max(1), Ordering::AcqRel, Ordering::Relaxed);
+    }
+}
+
 /// Settings that `PATCH` may change, kept in atomics because hot paths read them.
 #[derive(Debug)]
 struct LiveSettings {
@@ -176,6 +204,8 @@ pub struct Table {
     pub stats: Stats,
     /// Ticks once per key use in `lru` tables; orders `Slot::last_access`.
     access_clock: AtomicU64,
+    /// Write-back bookkeeping; `None` for memory-only tables.
+    dirty: Option<Dirty>,
     shared: Arc<Shared>,
 }
 
@@ -212,6 +242,7 @@ impl Table {
             memory: AtomicI64::new(0),
             stats: Stats::default(),
             access_clock: AtomicU64::new(0),
+            dirty: (spec.persistence != Persistence::None).then(Dirty::default),
             shared,
         }
     }
@@ -431,6 +462,7 @@ impl Table {
         if let Some(index) = &self.index {
             index.insert(v.key().as_bytes().into());
         }
+        self.mark_dirty(v.key(), slot.version);
         self.add_memory(slot.footprint(v.key().len()) as i64);
         self.stats
             .inserts
@@ -446,6 +478,22 @@ impl Table {
         *o.get_mut().last_access.get_mut() = self.tick();
         let after = o.get().footprint(key_len) as i64;
         self.add_memory(after - before);
+        self.mark_dirty(o.key(), o.get().version);
+    }
+
+    /// Records a change for the durable tier; call under the key's shard lock.
+    fn mark_dirty(&self, key: &str, version: u64) {
+        if let Some(dirty) = &self.dirty {
+            dirty.mark(key, version, self.now());
+        }
+    }
+
+    /// Records a removal for the durable tier; call under the key's shard lock.
+    fn mark_removed(&self, key: &str) {
+        if self.dirty.is_some() {
+            let version = self.next_version();
+            self.mark_dirty(key, version);
+        }
     }
 
     /// Removes a stored key, counting it under `why`.
@@ -457,6 +505,7 @@ impl Table {
         if let Some(index) = &self.index {
             index.remove(o.key().as_bytes());
         }
+        self.mark_removed(o.key());
         let (key, slot) = o.remove_entry();
         self.account_removed(&key, &slot, why);
         (key, slot)
@@ -744,6 +793,7 @@ impl Table {
             if let Some(index) = &self.index {
                 index.remove(key.as_bytes());
             }
+            self.mark_removed(key);
             let why = if slot.is_expired(now) {
                 Removal::Expired
             } else {
@@ -842,6 +892,52 @@ impl Table {
             slot.expires_at = expires_at;
         });
         Ok(Entry::of(o.get(), now))
+    }
+
+    // ----- the durable tier's view ------------------------------------------
+
+    /// Write-back bookkeeping, for persistent tables.
+    pub fn dirty(&self) -> Option<&Dirty> {
+        self.dirty.as_ref()
+    }
+
+    /// Objects changed in memory and not yet on disk (0 for memory tables).
+    pub fn dirty_count(&self) -> u64 {
+        self.dirty.as_ref().map_or(0, |d| d.keys.len() as u64)
+    }
+
+    /// The key's stored state for writing out: `None` when absent or expired.
+    pub fn durable_state(&self, key: &str) -> Option<Slot> {
+        let now = self.now();
+        let slot = self.map.get(key)?;
+        (!slot.is_expired(now)).then(|| slot.clone())
+    }
+
+    /// Puts a key read back from disk into the table, without marking it
+    /// dirty. Keys already present are replaced.
+    pub fn load_slot(&self, key: &str, slot: Slot) {
+        let now = self.now();
+        if slot.is_expired(now) || slot.objects.count() == 0 {
+            return;
+        }
+        let count = slot.objects.count() as i64;
+        match self.map.entry(Key::from(key)) {
+            MapEntry::Vacant(v) => {
+                if let Some(index) = &self.index {
+                    index.insert(v.key().as_bytes().into());
+                }
+                self.add_memory(slot.footprint(v.key().len()) as i64);
+                self.size.fetch_add(count, Ordering::Relaxed);
+                drop(v.insert(slot));
+            }
+            MapEntry::Occupied(mut o) => {
+                let key_len = o.key().len();
+                let old = o.insert(slot);
+                self.add_memory(o.get().footprint(key_len) as i64 - old.footprint(key_len) as i64);
+                self.size
+                    .fetch_add(count - old.objects.count() as i64, Ordering::Relaxed);
+            }
+        }
     }
 
     // ----- internals shared with scans -------------------------------------

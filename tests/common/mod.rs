@@ -39,8 +39,20 @@ pub async fn spawn_with_manual_clock() -> TestApp {
     spawn_inner(|_| {}, Some(ManualClock::new(1_700_000_000_000))).await
 }
 
+/// Starts a server on an existing data directory (a restart).
+pub async fn spawn_on(dir: tempfile::TempDir) -> TestApp {
+    spawn_in(dir, |_| {}, None).await
+}
+
 async fn spawn_inner(tweak: impl FnOnce(&mut Config), clock: Option<ManualClock>) -> TestApp {
-    let dir = tempfile::tempdir().expect("temp dir");
+    spawn_in(tempfile::tempdir().expect("temp dir"), tweak, clock).await
+}
+
+async fn spawn_in(
+    dir: tempfile::TempDir,
+    tweak: impl FnOnce(&mut Config),
+    clock: Option<ManualClock>,
+) -> TestApp {
     let mut config = Config::for_tests(dir.path().join("data"));
     tweak(&mut config);
     let app = match &clock {
@@ -55,9 +67,9 @@ async fn spawn_inner(tweak: impl FnOnce(&mut Config), clock: Option<ManualClock>
             let _ = rx.await;
         })
         .await
-        .expect("server runs");
+        .expect("server runs and stops cleanly");
     });
-    TestApp {
+    let app = TestApp {
         addr,
         base: format!("http://{addr}"),
         client: reqwest::Client::builder()
@@ -68,6 +80,25 @@ async fn spawn_inner(tweak: impl FnOnce(&mut Config), clock: Option<ManualClock>
         dir,
         stop: Some(tx),
         handle: Some(handle),
+    };
+    app.wait_ready().await;
+    app
+}
+
+/// Polls `GET {base}/readyz` until it answers 200, for up to 30 seconds.
+pub async fn wait_ready_at(client: &reqwest::Client, base: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server not ready in time"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
 
@@ -151,6 +182,23 @@ impl Reply {
 }
 
 impl TestApp {
+    pub async fn wait_ready(&self) {
+        wait_ready_at(&self.client, &self.base).await;
+    }
+
+    /// Stops the server gracefully and waits until it has written
+    /// everything; returns its data directory for a restart.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            h.await.expect("server task");
+        }
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
+        dir
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }

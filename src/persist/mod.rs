@@ -1,0 +1,212 @@
+//! The durable tier: sled behind [`Engine`], write-back of dirty objects, group
+//! commit for `sync` tables, recovery at start, and the versioned format.
+//!
+//! Nothing outside this module knows about sled. The store marks changed keys
+//! dirty (under the key's lock); [`Durability`] writes them out:
+//!
+//! - `periodic` tables: a table's dirty keys are written and fsynced
+//!   `auto_save_ms / 2` after the table first became dirty, so an
+//!   acknowledged write reaches disk within `auto_save_ms` as long as a save
+//!   takes less than half the interval, whatever the load. A save that runs
+//!   longer is logged as a warning.
+//! - `sync` tables: a handler applies its change in memory, takes a ticket,
+//!   and waits until a write-back round that started after the ticket was
+//!   issued has fsynced. Writers that arrive while a round is on disk share
+//!   the next round's single fsync (group commit).
+//!
+//! # Tasks
+//! One OS thread (the "persister") runs all rounds, since sled's calls block.
+//! Handlers wake it through a mutex-and-condvar flag and wait on a watch
+//! channel that carries the highest ticket made durable.
+
+mod codec;
+mod engine;
+mod migrate;
+mod recovery;
+mod writeback;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use thiserror::Error;
+use tokio::sync::watch;
+
+pub use codec::{decode_slot, encode_body, encode_slot, StoredTable, FORMAT_VERSION, RECORD_V2};
+pub use engine::{Change, Engine, SledEngine, Visitor};
+pub use migrate::{migrate, Migration, MIGRATIONS};
+pub use recovery::RecoveryReport;
+pub use writeback::{FlushOutcome, FlushStats};
+
+use crate::store::{Store, Table};
+
+/// Why the durable tier failed.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum PersistError {
+    /// The data directory could not be opened.
+    #[error("{0}")]
+    Open(String),
+    /// Reading or writing failed.
+    #[error("storage I/O failed: {0}")]
+    Io(String),
+    /// Stored bytes are not what we wrote.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// The data directory was written by a newer larder.
+    #[error("its format version is {found}, and this larder understands versions up to {supported}; refusing to touch it")]
+    TooNew {
+        /// Version found on disk.
+        found: u32,
+        /// Newest version this build knows.
+        supported: u32,
+    },
+    /// The persister has stopped.
+    #[error("the durable tier is stopping")]
+    Stopped,
+}
+
+/// How far sync-mode tickets have got: every ticket up to `durable` is on
+/// disk; every ticket up to `failed` (and past `durable`) saw its round fail.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Progress {
+    durable: u64,
+    failed: u64,
+}
+
+/// Handle to the durable tier. Cloning is shallow.
+#[derive(Debug, Clone)]
+pub struct Durability {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    engine: Arc<dyn Engine>,
+    store: Store,
+    dir: PathBuf,
+    /// Last ticket handed to a waiting writer.
+    next_ticket: AtomicU64,
+    /// Progress of tickets, for waiters.
+    progress: watch::Sender<Progress>,
+    /// Set when someone wants a round now; the persister sleeps on it.
+    wake: Mutex<WakeFlags>,
+    wake_cv: Condvar,
+    /// Set once shutdown begins.
+    stopping: AtomicBool,
+    /// Counters of rounds and writes, for logs and metrics.
+    stats: FlushStats,
+}
+
+#[derive(Debug, Default)]
+struct WakeFlags {
+    /// A writer is waiting for a round.
+    pending: bool,
+    /// Write every table's dirty keys, not only those due.
+    force: bool,
+}
+
+impl Durability {
+    /// Opens the data directory, upgrades its format if needed, and returns
+    /// a handle; nothing is loaded yet (see [`Durability::recover`]).
+    ///
+    /// # Errors
+    /// [`PersistError::Open`], [`PersistError::TooNew`], or a failed migration.
+    pub fn open(dir: &Path, store: Store) -> Result<Self, PersistError> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            PersistError::Open(match e.kind() {
+                std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+                _ => e.to_string(),
+            })
+        })?;
+        let engine: Arc<dyn Engine> = Arc::new(SledEngine::open(dir)?);
+        migrate(engine.as_ref())?;
+        Ok(Durability {
+            inner: Arc::new(Inner {
+                engine,
+                store,
+                dir: dir.to_owned(),
+                next_ticket: AtomicU64::new(0),
+                progress: watch::channel(Progress::default()).0,
+                wake: Mutex::new(WakeFlags::default()),
+                wake_cv: Condvar::new(),
+                stopping: AtomicBool::new(false),
+                stats: FlushStats::default(),
+            }),
+        })
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Round and write counters.
+    pub fn stats(&self) -> &FlushStats {
+        &self.inner.stats
+    }
+
+    /// Stores a new persistent table's definition durably.
+    ///
+    /// # Errors
+    /// [`PersistError::Io`].
+    pub fn create_table(&self, table: &Table) -> Result<(), PersistError> {
+        // A data space left by a drop that crashed half-way must not leak
+        // into the new table.
+        self.inner.engine.remove_table(table.name())?;
+        self.save_definition(table)
+    }
+
+    /// Rewrites a persistent table's definition (after PATCH or give-away).
+    ///
+    /// # Errors
+    /// [`PersistError::Io`].
+    pub fn save_definition(&self, table: &Table) -> Result<(), PersistError> {
+        let def = StoredTable::of(&table.spec()).encode();
+        self.inner.engine.put_table_def(table.name(), &def)?;
+        self.inner.engine.flush()
+    }
+
+    /// Removes a table's definition and data from disk.
+    ///
+    /// # Errors
+    /// [`PersistError::Io`].
+    pub fn drop_table(&self, name: &str) -> Result<(), PersistError> {
+        self.inner.engine.remove_table(name)?;
+        self.inner.engine.flush()
+    }
+
+    /// Waits until every change applied in memory before this call is on
+    /// disk. Used by `sync` writes and `POST …/sync`.
+    ///
+    /// # Errors
+    /// [`PersistError::Io`] when the round failed (the change stays in memory
+    /// and is retried), [`PersistError::Stopped`].
+    pub async fn wait_durable(&self, force: bool) -> Result<(), PersistError> {
+        // The change is already in memory and marked dirty; a round that
+        // reads this ticket counter afterwards will include it.
+        let ticket = self.inner.next_ticket.fetch_add(1, Ordering::AcqRel) + 1;
+        self.wake(force);
+        let mut rx = self.inner.progress.subscribe();
+        let seen = rx
+            .wait_for(|p| p.durable >= ticket || p.failed >= ticket)
+            .await
+            .map_err(|_| PersistError::Stopped)?;
+        if seen.durable >= ticket {
+            Ok(())
+        } else {
+            Err(PersistError::Io(
+                "the write-back round failed; the change is kept in memory and retried".into(),
+            ))
+        }
+    }
+
+    fn wake(&self, force: bool) {
+        let mut flags = match self.inner.wake.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        flags.pending = true;
+        flags.force |= force;
+        self.inner.wake_cv.notify_one();
+    }
+}

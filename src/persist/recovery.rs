@@ -1,0 +1,91 @@
+//! Start-up: load every persistent table from disk into memory.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use super::codec::{decode_slot, StoredTable};
+use super::{Durability, PersistError};
+
+/// What recovery loaded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Tables loaded.
+    pub tables: usize,
+    /// Live keys loaded.
+    pub keys: u64,
+    /// Expired keys dropped from disk.
+    pub expired: u64,
+    /// Data spaces without a definition, removed.
+    pub orphans: usize,
+    /// Wall time, milliseconds.
+    pub millis: u64,
+}
+
+impl Durability {
+    /// Loads every stored table into the store. Run once, before serving.
+    ///
+    /// # Errors
+    /// [`PersistError::Io`], or [`PersistError::Corrupt`] naming the table.
+    pub fn recover(&self) -> Result<RecoveryReport, PersistError> {
+        let inner = &self.inner;
+        let started = Instant::now();
+        let mut report = RecoveryReport::default();
+        let mut max_version = inner
+            .engine
+            .get_meta("revision")?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map_or(0, u64::from_be_bytes);
+        let now = inner.store.now_ms();
+        let mut names = HashSet::new();
+        for (name, bytes) in inner.engine.table_defs()? {
+            let t0 = Instant::now();
+            let spec = StoredTable::decode(&bytes)?.into_spec();
+            let table = inner
+                .store
+                .create_table(spec)
+                .map_err(|e| PersistError::Corrupt(format!("table '{name}': {e}")))?;
+            let (mut keys, mut expired) = (0u64, Vec::new());
+            inner.engine.for_each(&name, &mut |k, v| {
+                let key = std::str::from_utf8(k).map_err(|_| {
+                    PersistError::Corrupt(format!("table '{name}': key is not UTF-8"))
+                })?;
+                let slot = decode_slot(v).map_err(|e| {
+                    PersistError::Corrupt(format!("table '{name}', key '{key}': {e}"))
+                })?;
+                max_version = max_version.max(slot.version);
+                if slot.is_expired(now) {
+                    expired.push((k.to_vec(), None));
+                } else {
+                    table.load_slot(key, slot);
+                    keys += 1;
+                }
+                Ok(())
+            })?;
+            report.expired += expired.len() as u64;
+            if !expired.is_empty() {
+                inner.engine.write(&name, expired)?;
+            }
+            tracing::info!(table = %name, keys, elapsed_ms = t0.elapsed().as_millis() as u64, "loaded table");
+            report.keys += keys;
+            report.tables += 1;
+            names.insert(name);
+        }
+        for space in inner.engine.data_spaces()? {
+            if !names.contains(&space) {
+                tracing::warn!(table = %space, "removing data of a table dropped before a crash");
+                inner.engine.remove_table(&space)?;
+                report.orphans += 1;
+            }
+        }
+        inner.engine.flush()?;
+        inner.store.observe_revision(max_version);
+        report.millis = started.elapsed().as_millis() as u64;
+        tracing::info!(
+            tables = report.tables,
+            keys = report.keys,
+            elapsed_ms = report.millis,
+            "recovery complete"
+        );
+        Ok(report)
+    }
+}

@@ -1,0 +1,323 @@
+//! Write-back rounds and the persister thread that runs them.
+//!
+//! A round ([`Durability::flush_round`]) is the one step: it reads the ticket
+//! counter, snapshots the dirty keys of every table that is due, writes their
+//! current state in one batch per table, fsyncs once, then clears each dirty
+//! mark whose version is unchanged since the snapshot (a key changed again
+//! meanwhile stays dirty for the next round) and releases the waiting tickets.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::codec::encode_slot;
+use super::{Durability, PersistError};
+use crate::store::{Dirty, Key, Persistence, Table};
+
+/// Longest the persister sleeps when nothing is dirty.
+const IDLE_WAKE: Duration = Duration::from_millis(1000);
+/// Pause after a failed round before trying again.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// Rounds the final drain at shutdown may take before giving up.
+const DRAIN_ROUNDS: usize = 64;
+
+/// Keys snapshotted from one table's dirty set, with their mark versions.
+type Snapshot = (Arc<Table>, Vec<(Key, u64)>);
+
+/// Counters of write-back activity. `sync_tickets / rounds` is the average
+/// number of sync writes that shared one fsync.
+#[derive(Debug, Default)]
+pub struct FlushStats {
+    /// Rounds that fsynced.
+    pub rounds: AtomicU64,
+    /// Keys written across all rounds.
+    pub keys_written: AtomicU64,
+    /// Sync-mode writes made durable.
+    pub sync_tickets: AtomicU64,
+    /// Duration of the last round, microseconds.
+    pub last_round_us: AtomicU64,
+    /// Total time spent in rounds, microseconds.
+    pub total_round_us: AtomicU64,
+}
+
+/// What one round did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlushOutcome {
+    /// Keys written.
+    pub keys: usize,
+    /// Tables that had keys written.
+    pub tables: usize,
+    /// Sync tickets released.
+    pub tickets: u64,
+    /// Whether the round fsynced.
+    pub fsynced: bool,
+}
+
+fn due(table: &Table, dirty: &Dirty, now: u64) -> bool {
+    let since = dirty.since_ms.load(Ordering::Acquire);
+    if since == 0 {
+        return false;
+    }
+    match table.persistence() {
+        Persistence::Sync => true,
+        Persistence::Periodic => {
+            let interval = table.spec().auto_save_ms.unwrap_or(1000);
+            now >= since.saturating_add(interval / 2)
+        }
+        Persistence::None => false,
+    }
+}
+
+impl Durability {
+    /// Runs one write-back round; `force` writes every dirty table, due or
+    /// not. The persister calls this in a loop; tests may call it directly.
+    ///
+    /// # Errors
+    /// [`PersistError::Io`]; the keys stay dirty and the waiting tickets are
+    /// told the round failed.
+    pub fn flush_round(&self, force: bool) -> Result<FlushOutcome, PersistError> {
+        let inner = &self.inner;
+        let started = Instant::now();
+        let target = inner.next_ticket.load(Ordering::Acquire);
+        let now = inner.store.now_ms();
+        let mut written: Vec<Snapshot> = Vec::new();
+        let mut keys = 0;
+        for table in inner.store.persistent_tables() {
+            let Some(dirty) = table.dirty() else {
+                continue;
+            };
+            if !force && !due(&table, dirty, now) {
+                continue;
+            }
+            // Reset before the snapshot: a mark made from here on sets it
+            // again, so no change can be left dirty with no due time.
+            dirty.since_ms.store(0, Ordering::Release);
+            let snapshot: Vec<(Key, u64)> = dirty
+                .keys
+                .iter()
+                .map(|e| (e.key().clone(), *e.value()))
+                .collect();
+            if snapshot.is_empty() {
+                continue;
+            }
+            let changes = snapshot
+                .iter()
+                .map(|(k, _)| {
+                    let record = table.durable_state(k).map(|slot| encode_slot(&slot));
+                    (k.as_bytes().to_vec(), record)
+                })
+                .collect();
+            if let Err(e) = inner.engine.write(table.name(), changes) {
+                self.round_failed(target, &written, Some((&table, dirty)), now);
+                return Err(e);
+            }
+            keys += snapshot.len();
+            written.push((table, snapshot));
+        }
+        let waiting = target > inner.progress.borrow().durable;
+        if keys == 0 && !waiting {
+            return Ok(FlushOutcome::default());
+        }
+        let flushed = if keys > 0 {
+            inner
+                .engine
+                .put_meta("revision", &inner.store.revision().to_be_bytes())
+                .and_then(|()| inner.engine.flush())
+        } else {
+            // Waiters whose changes were already written by an earlier round
+            // still need that round's fsync, which has happened: nothing to do.
+            Ok(())
+        };
+        if let Err(e) = flushed {
+            self.round_failed(target, &written, None, now);
+            return Err(e);
+        }
+        let saved_at = inner.store.now_ms();
+        for (table, snapshot) in &written {
+            if let Some(dirty) = table.dirty() {
+                for (k, v) in snapshot {
+                    dirty.keys.remove_if(k, |_, current| current == v);
+                }
+                dirty.last_saved_at.store(saved_at, Ordering::Release);
+                if !dirty.keys.is_empty() {
+                    let _ = dirty.since_ms.compare_exchange(
+                        0,
+                        now.max(1),
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    );
+                }
+            }
+        }
+        let mut released = 0;
+        inner.progress.send_modify(|p| {
+            released = target.saturating_sub(p.durable);
+            p.durable = p.durable.max(target);
+        });
+        let elapsed = started.elapsed().as_micros() as u64;
+        let stats = &inner.stats;
+        stats
+            .rounds
+            .fetch_add(u64::from(keys > 0), Ordering::Relaxed);
+        stats.keys_written.fetch_add(keys as u64, Ordering::Relaxed);
+        stats.sync_tickets.fetch_add(released, Ordering::Relaxed);
+        stats.last_round_us.store(elapsed, Ordering::Relaxed);
+        stats.total_round_us.fetch_add(elapsed, Ordering::Relaxed);
+        for (table, _) in &written {
+            if table.persistence() == Persistence::Periodic {
+                let bound = table.spec().auto_save_ms.unwrap_or(1000);
+                if elapsed / 1000 > bound / 2 {
+                    tracing::warn!(table = table.name(), elapsed_ms = elapsed / 1000, auto_save_ms = bound,
+                        "a save took more than half of auto_save_ms; the loss bound may be exceeded");
+                }
+            }
+        }
+        tracing::debug!(
+            keys,
+            tables = written.len(),
+            tickets = released,
+            elapsed_us = elapsed,
+            "write-back round"
+        );
+        Ok(FlushOutcome {
+            keys,
+            tables: written.len(),
+            tickets: released,
+            fsynced: keys > 0,
+        })
+    }
+
+    /// After a failed round: keep every key dirty and due, and tell the
+    /// waiting tickets.
+    fn round_failed(
+        &self,
+        target: u64,
+        written: &[Snapshot],
+        current: Option<(&Arc<Table>, &Dirty)>,
+        now: u64,
+    ) {
+        let dirties = written
+            .iter()
+            .filter_map(|(t, _)| t.dirty())
+            .chain(current.map(|(_, d)| d));
+        for dirty in dirties {
+            let _ =
+                dirty
+                    .since_ms
+                    .compare_exchange(0, now.max(1), Ordering::AcqRel, Ordering::Relaxed);
+        }
+        self.inner
+            .progress
+            .send_modify(|p| p.failed = p.failed.max(target));
+    }
+
+    /// How long the persister may sleep before some table is due.
+    fn next_wake(&self) -> Duration {
+        let now = self.inner.store.now_ms();
+        let mut wait = IDLE_WAKE.as_millis() as u64;
+        for table in self.inner.store.persistent_tables() {
+            let Some(dirty) = table.dirty() else {
+                continue;
+            };
+            let since = dirty.since_ms.load(Ordering::Acquire);
+            let interval = table.spec().auto_save_ms.unwrap_or(1000);
+            let until = match (table.persistence(), since) {
+                (Persistence::Sync, 0) => continue,
+                (Persistence::Sync, _) => 0,
+                // Clean: look again soon enough to notice the first change
+                // well within the bound.
+                (_, 0) => interval / 4,
+                (_, since) => since.saturating_add(interval / 2).saturating_sub(now),
+            };
+            wait = wait.min(until);
+        }
+        Duration::from_millis(wait.max(1))
+    }
+
+    /// Starts the persister thread.
+    ///
+    /// # Errors
+    /// The OS error if the thread cannot be spawned.
+    pub fn start(&self) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let this = self.clone();
+        std::thread::Builder::new()
+            .name("larder-persister".into())
+            .spawn(move || this.persister_loop())
+    }
+
+    fn persister_loop(&self) {
+        let inner = &self.inner;
+        loop {
+            let force = {
+                let mut flags = match inner.wake.lock() {
+                    Ok(g) => g,
+                    Err(p) => p.into_inner(),
+                };
+                if !flags.pending && !inner.stopping.load(Ordering::Acquire) {
+                    let timeout = self.next_wake();
+                    flags = match inner.wake_cv.wait_timeout(flags, timeout) {
+                        Ok((g, _)) => g,
+                        Err(p) => p.into_inner().0,
+                    };
+                }
+                let force = flags.force;
+                flags.pending = false;
+                flags.force = false;
+                force
+            };
+            if inner.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            if let Err(e) = self.flush_round(force) {
+                tracing::error!(error = %e, "write-back round failed; retrying");
+                std::thread::sleep(RETRY_PAUSE);
+            }
+        }
+    }
+
+    /// Stops the persister and writes every dirty object: rounds until one
+    /// writes nothing, then a final fsync. Call after in-flight requests have
+    /// finished.
+    ///
+    /// # Errors
+    /// The first error of the final rounds.
+    pub fn shutdown(
+        &self,
+        persister: Option<std::thread::JoinHandle<()>>,
+    ) -> Result<(), PersistError> {
+        let inner = &self.inner;
+        inner.stopping.store(true, Ordering::Release);
+        self.wake(false);
+        if let Some(handle) = persister {
+            if handle.join().is_err() {
+                tracing::error!("the persister thread panicked");
+            }
+        }
+        let mut total = 0;
+        for _ in 0..DRAIN_ROUNDS {
+            let outcome = self.flush_round(true)?;
+            total += outcome.keys;
+            if outcome.keys == 0 {
+                inner.engine.flush()?;
+                let s = &inner.stats;
+                let rounds = s.rounds.load(Ordering::Relaxed);
+                let tickets = s.sync_tickets.load(Ordering::Relaxed);
+                tracing::info!(
+                    final_keys = total,
+                    rounds,
+                    sync_writes = tickets,
+                    sync_writes_per_fsync = if rounds > 0 {
+                        tickets as f64 / rounds as f64
+                    } else {
+                        0.0
+                    },
+                    "durable tier flushed"
+                );
+                return Ok(());
+            }
+        }
+        Err(PersistError::Io(format!(
+            "tables kept changing through {DRAIN_ROUNDS} final rounds"
+        )))
+    }
+}
