@@ -19,6 +19,12 @@ fn main() -> ExitCode {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Pretty => builder.init(),
     }
+    // A panic (a bug, or a dependency's on bad data) is logged as one line;
+    // the request or task that hit it fails, the process does not print a
+    // backtrace at users.
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!(panic = %info, "internal error");
+    }));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -112,6 +112,9 @@ impl Durability {
     /// # Errors
     /// [`PersistError::Open`], [`PersistError::TooNew`], or a failed migration.
     pub fn open(dir: &Path, store: Store) -> Result<Self, PersistError> {
+        if dir.exists() && !dir.is_dir() {
+            return Err(PersistError::Open("it is not a directory".into()));
+        }
         std::fs::create_dir_all(dir).map_err(|e| {
             PersistError::Open(match e.kind() {
                 std::io::ErrorKind::PermissionDenied => "permission denied".into(),

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod child;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -195,8 +197,7 @@ impl TestApp {
         if let Some(h) = self.handle.take() {
             h.await.expect("server task");
         }
-        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
-        dir
+        std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"))
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -1,0 +1,102 @@
+//! The real `larder` binary as a child process, for crash and signal tests.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A running `larder` process.
+pub struct ChildServer {
+    pub child: Child,
+    pub base: String,
+    pub logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl ChildServer {
+    /// Starts the binary on `data_dir` at a free loopback port and waits
+    /// until it is ready.
+    pub async fn start(data_dir: &Path) -> ChildServer {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_larder"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("larder starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel::<String>();
+        let sink = logs.clone();
+        // Keeps draining the pipe for the child's whole life, so logging
+        // never blocks the server.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with("larder listening"))
+                    {
+                        if let Some(addr) = v["addr"].as_str() {
+                            let _ = tx.send(addr.to_owned());
+                        }
+                    }
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the child logs its address");
+        let server = ChildServer {
+            child,
+            base: format!("http://{addr}"),
+            logs,
+        };
+        super::wait_ready_at(&reqwest::Client::new(), &server.base).await;
+        server
+    }
+
+    pub fn entry_url(&self, table: &str, key: &str) -> String {
+        format!(
+            "{}/v1/tables/{}/entries/{}",
+            self.base,
+            super::enc(table),
+            super::enc(key)
+        )
+    }
+
+    /// SIGKILL: the process dies at once, with no chance to write anything.
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("SIGKILL sent");
+        self.child.wait().expect("child reaped");
+    }
+
+    /// SIGTERM, then waits for the process to exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+        self.child.wait().expect("child exits")
+    }
+
+    pub fn log_text(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
