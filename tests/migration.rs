@@ -167,3 +167,33 @@ async fn a_file_in_place_of_the_directory_is_refused() {
         .to_string();
     assert!(msg.contains("not a directory"), "{msg}");
 }
+
+#[tokio::test]
+async fn a_directory_held_by_another_larder_process_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _other = common::child::ChildServer::start(dir.path()).await;
+    let msg = App::build(Config::for_tests(dir.path()))
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(msg.contains("in use by another larder process"), "{msg}");
+    assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
+}
+
+#[tokio::test]
+async fn the_binary_exits_non_zero_with_one_line_for_an_unusable_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_larder"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<_> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    assert!(lines[0].contains("not a directory") && !text.contains("panicked"), "{text}");
+}

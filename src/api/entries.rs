@@ -208,7 +208,9 @@ pub async fn head_entry(
 /// `duplicate_bag` always adds. `If-None-Match: *` is `insert_new` (412 if the
 /// key exists); `If-Match: "<etag>"` is compare-and-swap (412 if the entry
 /// changed or is absent). A write without `ttl_ms` takes the table's
-/// `default_ttl_ms`, or clears any expiry.
+/// `default_ttl_ms`, or clears any expiry. On a `sync` table the response is
+/// sent once the write is on disk; on a `periodic` table it reaches disk
+/// within `auto_save_ms`.
 #[utoipa::path(
     put,
     path = "/v1/tables/{table}/entries/{key}",

@@ -204,7 +204,13 @@ fn info_response(status: StatusCode, table: &Table) -> Response {
 ///
 /// ETS `ets:new/2`, DETS `open_file/2`. The creating principal owns the
 /// table. Only `name` is required; see the schema for defaults. A second
-/// create with the same name is 409, whatever its settings.
+/// create with the same name is 409, whatever its settings. `persistence`:
+/// `none` keeps the table in memory only (gone on restart, like ETS);
+/// `periodic` writes changes to disk at most `auto_save_ms` after they are
+/// acknowledged, so a crash loses at most that much (like DETS `auto_save`,
+/// but the bound holds under constant load); `sync` acknowledges a write only
+/// once it is on disk, sharing each fsync among concurrent writers. A graceful
+/// stop writes everything.
 #[utoipa::path(
     post,
     path = "/v1/tables",
