@@ -57,6 +57,7 @@ pub struct App {
     router: Router,
     state: AppState,
     shutdown_timeout: Duration,
+    run_sweeper: bool,
 }
 
 impl App {
@@ -75,6 +76,7 @@ impl App {
     /// [`AppError::Bind`], [`AppError::DataDir`].
     pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError> {
         let store = Store::new(clock);
+        store.set_memory_limit(config.max_memory_bytes);
         let dir = config.data_dir.clone();
         let opened = {
             let store = store.clone();
@@ -117,6 +119,7 @@ impl App {
             router,
             state,
             shutdown_timeout: Duration::from_secs(config.shutdown_timeout_secs),
+            run_sweeper: config.run_sweeper,
         })
     }
 
@@ -185,6 +188,20 @@ impl App {
             });
         }
         let persister = durability.start().map_err(AppError::Serve)?;
+        let (sweeper_stop, sweeper_stopped) = tokio::sync::oneshot::channel::<()>();
+        let sweeper = {
+            let store = self.state.store.clone();
+            let enabled = self.run_sweeper;
+            tokio::spawn(async move {
+                if enabled {
+                    store
+                        .run_sweeper(async {
+                            let _ = sweeper_stopped.await;
+                        })
+                        .await
+                }
+            })
+        };
         ready.store(true, Ordering::Release);
         tracing::info!(%addr, "larder ready");
 
@@ -209,6 +226,10 @@ impl App {
             }
         }
         ready.store(false, Ordering::Release);
+        let _ = sweeper_stop.send(());
+        if let Err(e) = sweeper.await {
+            tracing::error!(error = %e, "the sweeper task failed");
+        }
         let flushed =
             tokio::task::spawn_blocking(move || durability.shutdown(Some(persister))).await;
         match flushed {

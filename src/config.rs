@@ -44,6 +44,17 @@ pub struct Config {
     #[arg(long, env = "LARDER_LOG", default_value = "info")]
     pub log: String,
 
+    /// Server-wide limit on the estimated bytes held by all tables; 0 for
+    /// none. Past it, writes that would grow memory get 507 `memory_limit`,
+    /// except in `lru` tables, which evict instead.
+    #[arg(long, env = "LARDER_MAX_MEMORY_BYTES", default_value_t = 0)]
+    pub max_memory_bytes: u64,
+
+    /// Whether the background TTL sweeper runs. Not a flag: embedders and
+    /// tests that drive expiry by hand (with a manual clock) turn it off.
+    #[arg(skip = true)]
+    pub run_sweeper: bool,
+
     /// Seconds a graceful stop may take before the process exits anyway.
     #[arg(long, env = "LARDER_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
     pub shutdown_timeout_secs: u64,

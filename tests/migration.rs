@@ -192,8 +192,12 @@ async fn the_binary_exits_non_zero_with_one_line_for_an_unusable_directory() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     let lines: Vec<_> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "{text}");
-    assert!(lines[0].contains("not a directory") && !text.contains("panicked"), "{text}");
+    assert!(
+        lines[0].contains("not a directory") && !text.contains("panicked"),
+        "{text}"
+    );
 }

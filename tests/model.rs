@@ -239,7 +239,7 @@ fn check(kind: TableType, ops: &[Op]) -> Result<(), TestCaseError> {
     }
     prop_assert_eq!(scanned, expected);
     if objects == 0 {
-        prop_assert_eq!(table.memory_bytes(), 0);
+        prop_assert_eq!(table.tracked_bytes(), 0, "accounting returns to zero");
     }
     Ok(())
 }

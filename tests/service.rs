@@ -162,25 +162,44 @@ async fn v1_and_readyz_answer_503_until_recovery_is_done() {
         ready: ready.clone(),
         durability,
     };
-    let router = larder::api::build(state, &larder::api::HttpOptions { max_body_bytes: 1024 });
+    let router = larder::api::build(
+        state,
+        &larder::api::HttpOptions {
+            max_body_bytes: 1024,
+        },
+    );
     let call = |path: &'static str| {
         let router = router.clone();
         async move {
             let resp = router
-                .oneshot(axum::http::Request::get(path).body(axum::body::Body::empty()).unwrap())
+                .oneshot(
+                    axum::http::Request::get(path)
+                        .body(axum::body::Body::empty())
+                        .unwrap(),
+                )
                 .await
                 .unwrap();
             let status = resp.status().as_u16();
             let retry = resp.headers().get("retry-after").is_some();
-            let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
-            (status, retry, serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default())
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            (
+                status,
+                retry,
+                serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default(),
+            )
         }
     };
     let (status, retry, body) = call("/v1/tables").await;
     assert_eq!((status, retry), (503, true));
     assert_eq!(body["error"]["code"], "unavailable");
     assert_eq!(call("/readyz").await.0, 503);
-    assert_eq!(call("/healthz").await.0, 200, "liveness does not wait for recovery");
+    assert_eq!(
+        call("/healthz").await.0,
+        200,
+        "liveness does not wait for recovery"
+    );
     ready.store(true, std::sync::atomic::Ordering::Release);
     assert_eq!(call("/v1/tables").await.0, 200);
     assert_eq!(call("/readyz").await.0, 200);

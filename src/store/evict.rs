@@ -1,5 +1,6 @@
-//! Approximate LRU eviction for tables with `eviction: lru` and a
-//! `max_entries` limit, by sampling as Redis does.
+//! Approximate LRU eviction for tables with `eviction: lru`, when they pass
+//! their `max_entries` or the server passes its memory limit, by sampling as
+//! Redis does.
 //!
 //! Each use of a key stamps it with the table's access tick (a counter, so
 //! order is exact even within one millisecond). When a write leaves the table
@@ -60,17 +61,15 @@ impl Table {
     /// Evicts keys until the table is within `max_entries`, if it evicts.
     /// Must be called without holding any of the table's shard locks.
     pub(crate) fn evict_if_needed(&self) {
-        let Some(max) = self.spec_max_entries() else {
-            return;
-        };
         if self.eviction() != Eviction::Lru {
             return;
         }
+        let max = self.spec_max_entries().unwrap_or(u64::MAX);
         // Each pass removes a key unless a racing writer used the victim
         // first; the bound only guards against a table that refills as fast
         // as we empty it.
         for _ in 0..1024 {
-            if self.size() <= max {
+            if self.size() <= max && !(self.over_memory() && self.size() > 1) {
                 return;
             }
             let Some(victim) = self.sample_victim() else {

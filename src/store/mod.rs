@@ -11,13 +11,14 @@
 mod counter;
 mod error;
 mod evict;
+mod expiry;
 mod scan;
 mod slot;
 mod table;
 mod types;
 mod value;
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dashmap::mapref::entry::Entry as MapEntry;
@@ -26,6 +27,7 @@ use dashmap::DashMap;
 pub use counter::{merge_patch, CounterOp};
 pub use error::{StoreError, StoreResult};
 pub use evict::EVICTION_SAMPLES;
+pub use expiry::{ExpiryWake, IDLE_SWEEP, SWEEP_BUDGET};
 pub use scan::{Cursor, ScanPage, ScanRequest, DEFAULT_SCAN_LIMIT, MAX_SCAN_LIMIT};
 pub use slot::{Entry, Object, Objects, Slot};
 pub use table::{Dirty, Precondition, Stats, Table, TableSpec, Written, SHARDS};
@@ -52,6 +54,12 @@ pub(crate) struct Shared {
     /// Last version handed out; versions are unique across the store, so an
     /// ETag never matches an entry of a dropped and re-created table.
     pub revision: AtomicU64,
+    /// Estimated bytes held by all tables.
+    pub memory: AtomicI64,
+    /// Server-wide limit on `memory`; 0 for none.
+    pub memory_limit: AtomicU64,
+    /// Wakes the sweeper when a write sets an earlier deadline.
+    pub expiry: ExpiryWake,
 }
 
 /// Handle to all tables. Cloning is shallow.
@@ -69,6 +77,9 @@ impl Store {
             shared: Arc::new(Shared {
                 clock,
                 revision: AtomicU64::new(0),
+                memory: AtomicI64::new(0),
+                memory_limit: AtomicU64::new(0),
+                expiry: ExpiryWake::default(),
             }),
         }
     }
@@ -118,6 +129,18 @@ impl Store {
         all
     }
 
+    /// Sets the server-wide memory limit in bytes (0 for none). Past it,
+    /// writes that would grow memory fail with `memory_limit`, except in
+    /// `lru` tables, which evict instead.
+    pub fn set_memory_limit(&self, bytes: u64) {
+        self.shared.memory_limit.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Estimated bytes held by all tables.
+    pub fn memory_bytes(&self) -> u64 {
+        self.shared.memory.load(Ordering::Relaxed).max(0) as u64
+    }
+
     /// The last version handed out.
     pub fn revision(&self) -> u64 {
         self.shared
@@ -128,9 +151,7 @@ impl Store {
     /// Makes later versions exceed `seen` (versions read back from disk), so
     /// an ETag issued before a restart never matches a different entry after.
     pub fn observe_revision(&self, seen: u64) {
-        self.shared
-            .revision
-            .fetch_max(seen, std::sync::atomic::Ordering::AcqRel);
+        self.shared.revision.fetch_max(seen, Ordering::AcqRel);
     }
 
     /// Tables with a durable tier.
@@ -152,10 +173,16 @@ impl Store {
     /// # Errors
     /// [`StoreError::TableNotFound`].
     pub fn drop_table(&self, name: &str) -> StoreResult<Arc<Table>> {
-        self.tables
+        let (_, table) = self
+            .tables
             .remove(name)
-            .map(|(_, t)| t)
-            .ok_or_else(|| StoreError::TableNotFound(name.to_owned()))
+            .ok_or_else(|| StoreError::TableNotFound(name.to_owned()))?;
+        // Give the table's bytes back to the server-wide count; requests
+        // still holding the table may touch it, but it is no longer reachable.
+        self.shared
+            .memory
+            .fetch_sub(table.tracked_bytes(), Ordering::Relaxed);
+        Ok(table)
     }
 }
 

@@ -68,13 +68,26 @@ impl Clone for Slot {
     }
 }
 
-/// Bytes a key costs beyond its text, estimated from the map's layout:
-/// the `(Key, Slot)` bucket, hash-table control bytes and load-factor slack,
-/// and the allocator's bookkeeping for the key's and value's heap blocks.
-pub const KEY_OVERHEAD: usize = std::mem::size_of::<(Box<str>, Slot)>() * 8 / 7 + 1 + 32;
+/// Bytes one map bucket occupies: the `(Key, Slot)` pair and its control byte.
+pub const BUCKET_BYTES: usize = std::mem::size_of::<(Box<str>, Slot)>() + 1;
+/// Running estimate of a key's share of its map's bucket array: hash tables
+/// run between 44% and 87.5% full, so about 1.5 buckets per key. Table info
+/// replaces this estimate with the real bucket count.
+pub const BUCKET_ESTIMATE: usize = BUCKET_BYTES * 3 / 2;
+/// Bytes a key costs beyond its text: its share of the bucket array and the
+/// allocator's bookkeeping for the key's heap block.
+pub const KEY_OVERHEAD: usize = BUCKET_ESTIMATE + 16;
 /// Bytes an object costs beyond its JSON text: its `Arc` header, allocator
 /// bookkeeping, and for bag objects the `Object` record.
 pub const OBJECT_OVERHEAD: usize = 32;
+/// Bytes a key with a TTL costs in the sweeper's deadline index beyond the
+/// key's text: a skip-list node (header, average tower of two links) and the
+/// key's copy, with allocator bookkeeping.
+pub const DEADLINE_OVERHEAD: usize = 88;
+/// Bytes a key costs in an `ordered_set`'s key index beyond its text:
+/// a skip-list node and the key's copy, with allocator bookkeeping. Measured
+/// by the memory accounting test.
+pub const ORDERED_INDEX_OVERHEAD: usize = 72;
 
 impl Slot {
     /// A slot as a write creates it.
@@ -106,7 +119,12 @@ impl Slot {
                 .map(|o| o.value.len() + OBJECT_OVERHEAD + std::mem::size_of::<Object>())
                 .sum(),
         };
-        KEY_OVERHEAD + key_len + objects
+        let deadline = if self.expires_at != 0 {
+            DEADLINE_OVERHEAD + key_len
+        } else {
+            0
+        };
+        KEY_OVERHEAD + key_len + objects + deadline
     }
 
     /// The remaining time to live at `now`, if the key has a deadline.

@@ -28,7 +28,10 @@ use dashmap::DashMap;
 
 use super::counter::{merge_patch, CounterOp};
 use super::error::{StoreError, StoreResult};
-use super::slot::{Entry, Object, Objects, Slot};
+use super::slot::{
+    Entry, Object, Objects, Slot, BUCKET_BYTES, BUCKET_ESTIMATE, KEY_OVERHEAD, OBJECT_OVERHEAD,
+    ORDERED_INDEX_OVERHEAD,
+};
 use super::types::{Access, Eviction, Origin, Persistence, TableType};
 use super::value::{Key, Value};
 use super::Shared;
@@ -206,6 +209,9 @@ pub struct Table {
     access_clock: AtomicU64,
     /// Write-back bookkeeping; `None` for memory-only tables.
     dirty: Option<Dirty>,
+    /// `(deadline, key)` of every key with a TTL, soonest first, for the
+    /// sweeper. Changed only under the key's shard lock, like `index`.
+    deadlines: SkipSet<(u64, Key)>,
     shared: Arc<Shared>,
 }
 
@@ -243,6 +249,7 @@ impl Table {
             stats: Stats::default(),
             access_clock: AtomicU64::new(0),
             dirty: (spec.persistence != Persistence::None).then(Dirty::default),
+            deadlines: SkipSet::new(),
             shared,
         }
     }
@@ -367,9 +374,34 @@ impl Table {
         self.size.load(Ordering::Relaxed).max(0) as u64
     }
 
-    /// Estimated bytes held by the table's objects.
+    /// Estimated bytes the table holds: keys, objects and indexes as
+    /// tracked on every change, with the map's bucket arrays counted as
+    /// they really are (hash tables grow in doublings, so a per-key average
+    /// would be off by up to a third).
     pub fn memory_bytes(&self) -> u64 {
-        self.memory.load(Ordering::Relaxed).max(0) as u64
+        let keys = self.map.len() as i64;
+        let tracked = self.memory.load(Ordering::Relaxed) - keys * BUCKET_ESTIMATE as i64;
+        let buckets: usize = self
+            .map
+            .shards()
+            .iter()
+            .map(|shard| {
+                let guard = shard.read();
+                if guard.capacity() == 0 {
+                    0
+                } else {
+                    guard.buckets()
+                }
+            })
+            .sum();
+        (tracked + (buckets * BUCKET_BYTES) as i64).max(0) as u64
+    }
+
+    /// The running estimate behind the server-wide memory limit: what
+    /// [`Table::memory_bytes`] reports, but with an average bucket share per
+    /// key. Zero exactly when the table is empty.
+    pub fn tracked_bytes(&self) -> i64 {
+        self.memory.load(Ordering::Relaxed)
     }
 
     /// Creation time, Unix milliseconds.
@@ -453,8 +485,42 @@ impl Table {
         self.size.fetch_sub(n as i64, Ordering::Relaxed);
     }
 
+    /// Estimated bytes a stored key costs this table, its indexes included.
+    fn cost(&self, key_len: usize, slot: &Slot) -> i64 {
+        let index = if self.index.is_some() {
+            ORDERED_INDEX_OVERHEAD + key_len
+        } else {
+            0
+        };
+        (slot.footprint(key_len) + index) as i64
+    }
+
     fn add_memory(&self, delta: i64) {
         self.memory.fetch_add(delta, Ordering::Relaxed);
+        self.shared.memory.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// Checks that growing by `delta` bytes fits the server-wide memory
+    /// limit. Tables that evict may pass it and shed keys afterwards.
+    ///
+    /// # Errors
+    /// [`StoreError::MemoryLimit`].
+    fn admit(&self, delta: i64) -> StoreResult<()> {
+        let limit = self.shared.memory_limit.load(Ordering::Relaxed);
+        if delta <= 0 || limit == 0 || self.eviction() == Eviction::Lru {
+            return Ok(());
+        }
+        let used = self.shared.memory.load(Ordering::Relaxed).max(0) as u64;
+        if used.saturating_add(delta as u64) > limit {
+            return Err(StoreError::MemoryLimit);
+        }
+        Ok(())
+    }
+
+    /// Whether the server is over its memory limit.
+    pub(crate) fn over_memory(&self) -> bool {
+        let limit = self.shared.memory_limit.load(Ordering::Relaxed);
+        limit != 0 && self.shared.memory.load(Ordering::Relaxed).max(0) as u64 > limit
     }
 
     /// Stores a new key. The caller has reserved its objects with [`Self::grow`].
@@ -463,7 +529,8 @@ impl Table {
             index.insert(v.key().as_bytes().into());
         }
         self.mark_dirty(v.key(), slot.version);
-        self.add_memory(slot.footprint(v.key().len()) as i64);
+        self.track_deadline(v.key(), 0, slot.expires_at);
+        self.add_memory(self.cost(v.key().len(), &slot));
         self.stats
             .inserts
             .fetch_add(slot.objects.count() as u64, Ordering::Relaxed);
@@ -474,7 +541,9 @@ impl Table {
     fn modify_occupied(&self, o: &mut OccupiedEntry<'_, Key, Slot>, f: impl FnOnce(&mut Slot)) {
         let key_len = o.key().len();
         let before = o.get().footprint(key_len) as i64;
+        let deadline_before = o.get().expires_at;
         f(o.get_mut());
+        self.track_deadline(o.key(), deadline_before, o.get().expires_at);
         *o.get_mut().last_access.get_mut() = self.tick();
         let after = o.get().footprint(key_len) as i64;
         self.add_memory(after - before);
@@ -496,6 +565,22 @@ impl Table {
         }
     }
 
+    /// Moves the key in the sweeper's deadline index; call under the key's
+    /// shard lock. Wakes the sweeper when the new deadline is earlier than
+    /// the one it sleeps towards.
+    fn track_deadline(&self, key: &str, old: u64, new: u64) {
+        if old == new {
+            return;
+        }
+        if old != 0 {
+            self.deadlines.remove(&(old, Key::from(key)));
+        }
+        if new != 0 {
+            self.deadlines.insert((new, Key::from(key)));
+            self.shared.expiry.deadline_added(new);
+        }
+    }
+
     /// Removes a stored key, counting it under `why`.
     pub(crate) fn remove_occupied(
         &self,
@@ -506,6 +591,7 @@ impl Table {
             index.remove(o.key().as_bytes());
         }
         self.mark_removed(o.key());
+        self.track_deadline(o.key(), o.get().expires_at, 0);
         let (key, slot) = o.remove_entry();
         self.account_removed(&key, &slot, why);
         (key, slot)
@@ -514,7 +600,7 @@ impl Table {
     fn account_removed(&self, key: &str, slot: &Slot, why: Removal) {
         let n = slot.objects.count();
         self.shrink(n);
-        self.add_memory(-(slot.footprint(key.len()) as i64));
+        self.add_memory(-self.cost(key.len(), slot));
         let stat = match why {
             Removal::Deleted => Some((&self.stats.deletes, n as u64)),
             Removal::Expired => Some((&self.stats.expired, 1)),
@@ -610,6 +696,13 @@ impl Table {
         match self.live_entry(key, now) {
             MapEntry::Vacant(v) => {
                 pre.check(None)?;
+                self.admit(
+                    (KEY_OVERHEAD
+                        + OBJECT_OVERHEAD
+                        + std::mem::size_of::<Object>()
+                        + v.key().len()
+                        + value.len()) as i64,
+                )?;
                 self.grow(1)?;
                 let version = self.next_version();
                 let slot = Slot::new(
@@ -639,6 +732,14 @@ impl Table {
                         inserted: 0,
                     });
                 }
+                let growth = match &o.get().objects {
+                    Objects::One(old) => value.len() as i64 - old.len() as i64,
+                    Objects::Many(_) if adds => {
+                        (value.len() + OBJECT_OVERHEAD + std::mem::size_of::<Object>()) as i64
+                    }
+                    Objects::Many(_) => 0,
+                };
+                self.admit(growth)?;
                 if adds {
                     self.grow(1)?;
                 }
@@ -794,6 +895,7 @@ impl Table {
                 index.remove(key.as_bytes());
             }
             self.mark_removed(key);
+            self.track_deadline(key, slot.expires_at, 0);
             let why = if slot.is_expired(now) {
                 Removal::Expired
             } else {
@@ -802,6 +904,8 @@ impl Table {
             self.account_removed(key, slot, why);
             false
         });
+        // Give the emptied bucket arrays back, as ETS frees a cleared table.
+        self.map.shrink_to_fit();
     }
 
     /// `update_counter/4`: atomically adds to an integer value (or member).
@@ -830,6 +934,7 @@ impl Table {
             MapEntry::Vacant(v) => {
                 let start = op.default_value().ok_or(StoreError::KeyNotFound)?;
                 let (value, n) = op.apply(&start)?;
+                self.admit((KEY_OVERHEAD + OBJECT_OVERHEAD + v.key().len() + value.len()) as i64)?;
                 self.grow(1)?;
                 let version = self.next_version();
                 let slot = Slot::new(
@@ -846,6 +951,7 @@ impl Table {
                     return Err(StoreError::WrongTableType("counters need a set table"));
                 };
                 let (value, n) = op.apply(current)?;
+                self.admit(value.len() as i64 - current.len() as i64)?;
                 let version = self.next_version();
                 let expires_at = self.refreshed_deadline(now, o.get().expires_at);
                 self.modify_occupied(&mut o, |slot| {
@@ -884,6 +990,7 @@ impl Table {
             return Err(StoreError::WrongTableType("merge patch needs a set table"));
         };
         let value = merge_patch(current, patch)?;
+        self.admit(value.len() as i64 - current.len() as i64)?;
         let version = self.next_version();
         let expires_at = self.refreshed_deadline(now, o.get().expires_at);
         self.modify_occupied(&mut o, |slot| {
@@ -892,6 +999,41 @@ impl Table {
             slot.expires_at = expires_at;
         });
         Ok(Entry::of(o.get(), now))
+    }
+
+    // ----- expiry ------------------------------------------------------------
+
+    /// Removes up to `budget` keys whose deadline has passed at `now`,
+    /// soonest first, counting each in `stats.expired`. Returns how many.
+    pub fn purge_expired(&self, now: u64, budget: usize) -> usize {
+        let mut removed = 0;
+        while removed < budget {
+            let Some(first) = self.deadlines.front() else {
+                break;
+            };
+            let (deadline, key) = first.value().clone();
+            drop(first);
+            if deadline > now {
+                break;
+            }
+            match self.map.entry(key.clone()) {
+                MapEntry::Occupied(o) if o.get().expires_at == deadline => {
+                    self.remove_occupied(o, Removal::Expired);
+                    removed += 1;
+                }
+                // The key moved on between our look and our lock; whoever
+                // moved it updated the index, so this entry is already stale.
+                _ => {
+                    self.deadlines.remove(&(deadline, key));
+                }
+            }
+        }
+        removed
+    }
+
+    /// The soonest deadline of any key, if any has one.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.deadlines.front().map(|e| e.value().0)
     }
 
     // ----- the durable tier's view ------------------------------------------
@@ -926,12 +1068,14 @@ impl Table {
                 if let Some(index) = &self.index {
                     index.insert(v.key().as_bytes().into());
                 }
-                self.add_memory(slot.footprint(v.key().len()) as i64);
+                self.track_deadline(v.key(), 0, slot.expires_at);
+                self.add_memory(self.cost(v.key().len(), &slot));
                 self.size.fetch_add(count, Ordering::Relaxed);
                 drop(v.insert(slot));
             }
             MapEntry::Occupied(mut o) => {
                 let key_len = o.key().len();
+                self.track_deadline(o.key(), o.get().expires_at, slot.expires_at);
                 let old = o.insert(slot);
                 self.add_memory(o.get().footprint(key_len) as i64 - old.footprint(key_len) as i64);
                 self.size

@@ -21,6 +21,7 @@ pub struct TestApp {
     pub base: String,
     pub client: reqwest::Client,
     pub clock: Option<ManualClock>,
+    pub store: larder::store::Store,
     pub dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<()>>,
@@ -41,6 +42,13 @@ pub async fn spawn_with_manual_clock() -> TestApp {
     spawn_inner(|_| {}, Some(ManualClock::new(1_700_000_000_000))).await
 }
 
+impl TestApp {
+    /// Moves the manual clock forward.
+    pub fn advance(&self, ms: u64) {
+        self.clock.as_ref().expect("a manual clock").advance(ms);
+    }
+}
+
 /// Starts a server on an existing data directory (a restart).
 pub async fn spawn_on(dir: tempfile::TempDir) -> TestApp {
     spawn_in(dir, |_| {}, None).await
@@ -56,6 +64,8 @@ async fn spawn_in(
     clock: Option<ManualClock>,
 ) -> TestApp {
     let mut config = Config::for_tests(dir.path().join("data"));
+    // Tests that move time by hand also sweep by hand.
+    config.run_sweeper = clock.is_none();
     tweak(&mut config);
     let app = match &clock {
         Some(c) => App::build_with_clock(config, Arc::new(c.clone()) as Arc<dyn Clock>).await,
@@ -63,6 +73,7 @@ async fn spawn_in(
     }
     .expect("server builds");
     let addr = app.local_addr().expect("bound address");
+    let store = app.store();
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(async move {
         app.run_until_stopped(async {
@@ -79,6 +90,7 @@ async fn spawn_in(
             .build()
             .expect("client"),
         clock,
+        store,
         dir,
         stop: Some(tx),
         handle: Some(handle),
