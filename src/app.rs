@@ -103,10 +103,13 @@ impl App {
                 addr: config.listen,
                 source,
             })?;
+        let metrics = crate::api::metrics::Metrics::new();
+        durability.set_round_histogram(metrics.writeback_histogram());
         let state = AppState {
             store,
             ready: Arc::new(AtomicBool::new(false)),
             durability,
+            metrics,
         };
         let router = api::build(
             state.clone(),

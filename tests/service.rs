@@ -161,6 +161,7 @@ async fn v1_and_readyz_answer_503_until_recovery_is_done() {
         store,
         ready: ready.clone(),
         durability,
+        metrics: larder::api::metrics::Metrics::new(),
     };
     let router = larder::api::build(
         state,

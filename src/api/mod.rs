@@ -9,6 +9,7 @@ pub mod auth;
 pub mod counters;
 pub mod entries;
 pub mod extract;
+pub mod metrics;
 pub mod openapi;
 pub mod respond;
 pub mod service;
@@ -46,6 +47,8 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     /// The durable tier.
     pub durability: Durability,
+    /// Request and write-back metrics.
+    pub metrics: metrics::Metrics,
 }
 
 impl AppState {
@@ -114,6 +117,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .merge(entries::router())
         .merge(counters::router())
         .merge(service::router())
+        .merge(metrics::router())
 }
 
 /// The complete router: API routes, `/openapi.json`, Swagger UI at `/docs`,
@@ -127,6 +131,10 @@ pub fn build(state: AppState, opts: &HttpOptions) -> Router {
         .layer(middleware::from_fn_with_state(
             state.clone(),
             readiness_gate,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
         ))
         .layer(DefaultBodyLimit::max(opts.max_body_bytes))
         .layer(Extension(BodyLimit(opts.max_body_bytes)))

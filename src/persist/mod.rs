@@ -95,6 +95,8 @@ struct Inner {
     stopping: AtomicBool,
     /// Counters of rounds and writes, for logs and metrics.
     stats: FlushStats,
+    /// Where round durations are recorded, once metrics are wired.
+    round_histogram: std::sync::OnceLock<metrics::Histogram>,
 }
 
 #[derive(Debug, Default)]
@@ -134,6 +136,7 @@ impl Durability {
                 wake_cv: Condvar::new(),
                 stopping: AtomicBool::new(false),
                 stats: FlushStats::default(),
+                round_histogram: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -141,6 +144,11 @@ impl Durability {
     /// The data directory.
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+
+    /// Records each write-back round's duration, in seconds, here.
+    pub fn set_round_histogram(&self, histogram: metrics::Histogram) {
+        let _ = self.inner.round_histogram.set(histogram);
     }
 
     /// Round and write counters.

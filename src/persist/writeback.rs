@@ -163,6 +163,9 @@ impl Durability {
         stats.sync_tickets.fetch_add(released, Ordering::Relaxed);
         stats.last_round_us.store(elapsed, Ordering::Relaxed);
         stats.total_round_us.fetch_add(elapsed, Ordering::Relaxed);
+        if let Some(h) = inner.round_histogram.get() {
+            h.record(elapsed as f64 / 1e6);
+        }
         for (table, _) in &written {
             if table.persistence() == Persistence::Periodic {
                 let bound = table.spec().auto_save_ms.unwrap_or(1000);

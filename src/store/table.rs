@@ -85,6 +85,8 @@ pub struct Stats {
     pub evicted: AtomicU64,
     /// Requests made to the table's origin.
     pub origin_fetches: AtomicU64,
+    /// Origin requests that failed or timed out.
+    pub origin_errors: AtomicU64,
 }
 
 /// A condition a write must meet, from `If-Match` / `If-None-Match`.

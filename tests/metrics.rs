@@ -1,0 +1,124 @@
+//! `/metrics` parsed by a real Prometheus text parser.
+
+mod common;
+
+use common::spawn_app;
+use prometheus_parse::{Scrape, Value};
+use reqwest::Method;
+use serde_json::json;
+
+async fn scrape(app: &common::TestApp) -> Scrape {
+    let r = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let text = r.text().await.unwrap();
+    Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("valid exposition format")
+}
+
+fn value(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match &s.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+            Value::Histogram(h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
+            Value::Summary(_) => f64::NAN,
+        })
+}
+
+#[tokio::test]
+async fn metrics_report_requests_tables_and_write_back() {
+    let app = spawn_app().await;
+    app.create_table(json!({"name": "t", "max_entries": 3, "eviction": "lru"}))
+        .await;
+    app.create_table(json!({"name": "p", "persistence": "sync"}))
+        .await;
+    for i in 0..5 {
+        assert_eq!(app.put("t", &format!("k{i}"), json!(i)).await.status, 201);
+    }
+    app.get("t", "k4").await;
+    app.get("t", "k4").await;
+    app.get("t", "nope").await;
+    app.put("p", "a", json!(1)).await;
+    app.put_with("t", "short", json!(1), "?ttl_ms=1", &[]).await;
+    let s = scrape(&app).await;
+
+    let route = "/v1/tables/:table/entries/:key";
+    assert_eq!(
+        value(
+            &s,
+            "larder_http_requests_total",
+            &[("route", route), ("method", "PUT"), ("status", "201")]
+        ),
+        Some(7.0)
+    );
+    assert_eq!(
+        value(
+            &s,
+            "larder_http_requests_total",
+            &[("route", route), ("method", "GET"), ("status", "404")]
+        ),
+        Some(1.0)
+    );
+    let hist = s
+        .samples
+        .iter()
+        .find(|x| {
+            x.metric == "larder_http_request_duration_seconds"
+                && x.labels.get("method") == Some("PUT")
+        })
+        .expect("latency histogram");
+    assert!(
+        matches!(&hist.value, Value::Histogram(b) if b.len() > 5),
+        "buckets, not a summary"
+    );
+
+    assert_eq!(
+        value(&s, "larder_table_objects", &[("table", "t")]),
+        Some(3.0)
+    );
+    assert!(value(&s, "larder_table_memory_bytes", &[("table", "t")]).unwrap() > 0.0);
+    assert_eq!(
+        value(&s, "larder_table_hits_total", &[("table", "t")]),
+        Some(2.0)
+    );
+    assert_eq!(
+        value(&s, "larder_table_misses_total", &[("table", "t")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&s, "larder_table_evicted_total", &[("table", "t")]),
+        Some(3.0)
+    );
+    assert_eq!(
+        value(&s, "larder_table_inserts_total", &[("table", "t")]),
+        Some(6.0)
+    );
+    assert_eq!(
+        value(&s, "larder_table_dirty_objects", &[("table", "p")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(&s, "larder_table_dirty_objects", &[("table", "t")]),
+        None,
+        "memory tables have no dirty count"
+    );
+    assert!(value(&s, "larder_writeback_rounds_total", &[]).unwrap() >= 1.0);
+    assert_eq!(value(&s, "larder_sync_writes_total", &[]), Some(1.0));
+    assert!(value(&s, "larder_writeback_round_duration_seconds", &[]).unwrap() >= 1.0);
+    assert!(value(&s, "larder_memory_bytes", &[]).unwrap() > 0.0);
+    assert_eq!(value(&s, "larder_tables", &[]), Some(2.0));
+
+    // Expirations are counted once swept.
+    app.store.purge_expired(usize::MAX);
+    let s = scrape(&app).await;
+    assert_eq!(
+        value(&s, "larder_table_expired_total", &[("table", "t")]),
+        Some(1.0)
+    );
+    let _ = app.send(Method::GET, "/healthz", None, &[]).await;
+}
