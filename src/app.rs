@@ -110,6 +110,10 @@ impl App {
             ready: Arc::new(AtomicBool::new(false)),
             durability,
             metrics,
+            origins: crate::api::origin::Origins::new(
+                config.origin_allow.clone(),
+                config.max_body_bytes,
+            ),
         };
         let router = api::build(
             state.clone(),

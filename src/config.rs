@@ -50,6 +50,12 @@ pub struct Config {
     #[arg(long, env = "LARDER_MAX_MEMORY_BYTES", default_value_t = 0)]
     pub max_memory_bytes: u64,
 
+    /// Origins tables may read through to, as `host:port` patterns
+    /// separated by commas: `*` matches any port, a leading `*.` any
+    /// subdomain (`127.0.0.1:*`, `*.internal:8080`). Empty: no origins.
+    #[arg(long, env = "LARDER_ORIGIN_ALLOW", value_delimiter = ',')]
+    pub origin_allow: Vec<String>,
+
     /// Whether the background TTL sweeper runs. Not a flag: embedders and
     /// tests that drive expiry by hand (with a manual clock) turn it off.
     #[arg(skip = true)]

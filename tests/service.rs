@@ -162,6 +162,7 @@ async fn v1_and_readyz_answer_503_until_recovery_is_done() {
         ready: ready.clone(),
         durability,
         metrics: larder::api::metrics::Metrics::new(),
+        origins: larder::api::origin::Origins::new(vec![], 1024),
     };
     let router = larder::api::build(
         state,

@@ -143,6 +143,14 @@ fn parse_value(bytes: &[u8]) -> ApiResult<Value> {
 /// `{"key","values","ttl_ms"}` with objects in insertion order. Sends an
 /// `ETag`; `If-None-Match` with a current tag answers 304. `X-Cache` says
 /// whether the answer came from memory (`HIT`) or not (`MISS`).
+///
+/// On a table with an `origin`, a miss fetches `origin.url` with the key
+/// percent-encoded into `{key}`: a 200 JSON body is stored with
+/// `origin.ttl_ms` and returned; a 404 is answered 404 and remembered for
+/// `origin.negative_ttl_ms` (served from memory, `X-Cache: HIT`, until
+/// then); any other answer is 502 `origin_error`, and no answer within
+/// `origin.timeout_ms` is 504 `origin_timeout`. Concurrent misses on one key
+/// make a single origin request.
 #[utoipa::path(
     get,
     path = "/v1/tables/{table}/entries/{key}",
@@ -155,6 +163,8 @@ fn parse_value(bytes: &[u8]) -> ApiResult<Value> {
         (status = 400, description = "Invalid table name or key", body = ErrorBody),
         (status = 403, description = "Not allowed to read the table", body = ErrorBody),
         (status = 404, description = "No such table, or the key is absent or expired", body = ErrorBody),
+        (status = 502, description = "The origin failed", body = ErrorBody),
+        (status = 504, description = "The origin did not answer in time", body = ErrorBody),
     )
 )]
 pub async fn get_entry(
@@ -166,7 +176,20 @@ pub async fn get_entry(
     let table = state.table_for(&table, &who, Op::Read)?;
     let if_none = respond::tag_list(&headers, header::IF_NONE_MATCH)?;
     let Some(entry) = table.lookup(&key) else {
-        return Ok(with_cache(ApiError::KeyNotFound.into_response(), MISS));
+        let Some(origin) = table.origin() else {
+            return Ok(with_cache(ApiError::KeyNotFound.into_response(), MISS));
+        };
+        if state.origins.remembered_missing(&table, &key, table.now()) {
+            return Ok(with_cache(ApiError::KeyNotFound.into_response(), HIT));
+        }
+        let resp = match state.origins.read_through(&table, &key, origin).await {
+            Ok(entry) => with_etag(
+                respond::json(StatusCode::OK, entry_body(&key, &entry)),
+                entry.version,
+            ),
+            Err(e) => e.into_response(),
+        };
+        return Ok(with_cache(resp, MISS));
     };
     if if_none.is_some_and(|tags| tags.matches(entry.version)) {
         let resp = with_etag(respond::empty(StatusCode::NOT_MODIFIED), entry.version);

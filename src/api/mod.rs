@@ -11,6 +11,7 @@ pub mod entries;
 pub mod extract;
 pub mod metrics;
 pub mod openapi;
+pub mod origin;
 pub mod respond;
 pub mod service;
 pub mod tables;
@@ -49,6 +50,8 @@ pub struct AppState {
     pub durability: Durability,
     /// Request and write-back metrics.
     pub metrics: metrics::Metrics,
+    /// Read-through fetching.
+    pub origins: origin::Origins,
 }
 
 impl AppState {

@@ -107,6 +107,8 @@ pub struct StatsInfo {
     pub evicted: u64,
     /// Requests made to the origin.
     pub origin_fetches: u64,
+    /// Origin requests that failed or timed out.
+    pub origin_errors: u64,
 }
 
 /// A table's settings and state (ETS `info/1`).
@@ -184,6 +186,7 @@ pub fn table_info(table: &Table) -> TableInfo {
             expired: s.expired.load(Relaxed),
             evicted: s.evicted.load(Relaxed),
             origin_fetches: s.origin_fetches.load(Relaxed),
+            origin_errors: s.origin_errors.load(Relaxed),
         },
         dirty: table.dirty().map(|_| table.dirty_count()),
         last_saved_at: table.dirty().map(|d| match d.last_saved_at.load(Relaxed) {
@@ -230,15 +233,13 @@ pub async fn create_table(
 ) -> ApiResult<Response> {
     crate::store::validate_table_name(&body.name)
         .map_err(|e| ApiError::InvalidName(e.to_string()))?;
-    if body.origin.is_some() {
+    if let Some(origin) = &body.origin {
         if !who.admin {
             return Err(ApiError::Forbidden(
                 "only admins create tables with an origin".into(),
             ));
         }
-        return Err(ApiError::InvalidArgument(
-            "this server allows no origins".into(),
-        ));
+        state.origins.check(origin)?;
     }
     let spec = TableSpec {
         name: body.name,
@@ -398,6 +399,7 @@ pub async fn delete_table(
 ) -> ApiResult<Response> {
     let table = state.table_for(&name, &who, Op::Manage)?;
     state.store.drop_table(&name)?;
+    state.origins.forget_table(&name);
     if table.persistence() != Persistence::None {
         state.blocking(move |d| d.drop_table(&name)).await?;
     }

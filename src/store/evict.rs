@@ -23,6 +23,9 @@ use super::Eviction;
 /// LRU more closely for little more work.
 pub const EVICTION_SAMPLES: usize = 8;
 
+/// Tables with at most this many keys choose their victim exactly.
+const EXACT_BELOW: usize = 4 * EVICTION_SAMPLES;
+
 thread_local! {
     /// Per-thread xorshift state; seeded from std's random hasher keys.
     static RNG: Cell<u64> = Cell::new({
@@ -88,11 +91,36 @@ impl Table {
         }
     }
 
-    /// The least recently used of [`EVICTION_SAMPLES`] random keys; `None`
-    /// only when the table is empty.
+    /// The least recently used of [`EVICTION_SAMPLES`] random keys, or of
+    /// all keys in a small table; `None` only when the table is empty.
     fn sample_victim(&self) -> Option<Candidate> {
         let now = self.now();
         let shards = self.map().shards();
+        if self.map().len() <= EXACT_BELOW {
+            // Sampling a handful of keys can hit the same one every time;
+            // scanning them all costs no more.
+            let mut best: Option<Candidate> = None;
+            for shard in shards {
+                let guard = shard.read();
+                // SAFETY: the read guard is held while we iterate, and keys
+                // are cloned out before it is released.
+                unsafe {
+                    for bucket in guard.iter() {
+                        let (key, shared) = bucket.as_ref();
+                        let slot = shared.get();
+                        let c = Candidate {
+                            key: key.clone(),
+                            stamp: slot.last_access(),
+                            expired: slot.is_expired(now),
+                        };
+                        if best.as_ref().is_none_or(|b| c.older_than(b)) {
+                            best = Some(c);
+                        }
+                    }
+                }
+            }
+            return best;
+        }
         let mut best: Option<Candidate> = None;
         for _ in 0..EVICTION_SAMPLES {
             // From a random shard, the first that holds anything, so sparse
