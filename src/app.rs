@@ -46,6 +46,9 @@ pub enum AppError {
     /// Serving failed.
     #[error("server error: {0}")]
     Serve(std::io::Error),
+    /// The configuration is unusable.
+    #[error("{0}")]
+    Config(String),
     /// Writing dirty data at shutdown failed.
     #[error("could not write all data at shutdown: {0}")]
     Shutdown(String),
@@ -75,6 +78,18 @@ impl App {
     /// # Errors
     /// [`AppError::Bind`], [`AppError::DataDir`].
     pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError> {
+        let tokens = crate::api::auth::Tokens::load(
+            config.tokens_file.as_deref(),
+            config.tokens.as_deref(),
+            &config.admin_principal,
+        )
+        .map_err(AppError::Config)?;
+        if !tokens.enabled() && !config.listen.ip().is_loopback() && !config.allow_insecure_public {
+            return Err(AppError::Config(format!(
+                "refusing to listen on {} with authentication off: configure --tokens-file or LARDER_TOKENS, or pass --allow-insecure-public",
+                config.listen
+            )));
+        }
         let store = Store::new(clock);
         store.set_memory_limit(config.max_memory_bytes);
         let dir = config.data_dir.clone();
@@ -114,6 +129,12 @@ impl App {
                 config.origin_allow.clone(),
                 config.max_body_bytes,
             ),
+            tokens: Arc::new(tokens),
+            limits: Arc::new(crate::api::Limits::new(
+                config.max_concurrent_requests,
+                Duration::from_millis(config.request_timeout_ms),
+                config.max_tables,
+            )),
         };
         let router = api::build(
             state.clone(),

@@ -56,6 +56,38 @@ pub struct Config {
     #[arg(long, env = "LARDER_ORIGIN_ALLOW", value_delimiter = ',')]
     pub origin_allow: Vec<String>,
 
+    /// File of `principal:token` lines (`#` starts a comment). With no
+    /// tokens configured, authentication is off and every caller is
+    /// `anonymous`, with full rights.
+    #[arg(long, env = "LARDER_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+
+    /// `principal:token` pairs separated by commas, added to the tokens file.
+    #[arg(long, env = "LARDER_TOKENS", hide_env_values = true)]
+    pub tokens: Option<String>,
+
+    /// The principal that may do everything.
+    #[arg(long, env = "LARDER_ADMIN_PRINCIPAL", default_value = "admin")]
+    pub admin_principal: String,
+
+    /// Listen on a non-loopback address even with authentication off.
+    #[arg(long, env = "LARDER_ALLOW_INSECURE_PUBLIC", default_value_t = false)]
+    pub allow_insecure_public: bool,
+
+    /// Most tables that may exist; creating one more is 507 `table_limit`.
+    #[arg(long, env = "LARDER_MAX_TABLES", default_value_t = 1000)]
+    pub max_tables: usize,
+
+    /// Longest a request may take, in milliseconds, before it is answered
+    /// 503 `unavailable`.
+    #[arg(long, env = "LARDER_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    pub request_timeout_ms: u64,
+
+    /// Requests served at once; more are shed at once with 503 and
+    /// `Retry-After` rather than queued without bound.
+    #[arg(long, env = "LARDER_MAX_CONCURRENT_REQUESTS", default_value_t = 1024)]
+    pub max_concurrent_requests: usize,
+
     /// Whether the background TTL sweeper runs. Not a flag: embedders and
     /// tests that drive expiry by hand (with a manual clock) turn it off.
     #[arg(skip = true)]

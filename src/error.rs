@@ -59,6 +59,8 @@ pub enum ApiError {
     TableFull(u64),
     /// 507 `memory_limit`.
     MemoryLimit,
+    /// 507 `table_limit`: the server holds `--max-tables` tables.
+    TableLimit(usize),
     /// 500 `internal`: a bug or an I/O failure; details go to the log only.
     Internal(String),
 }
@@ -101,7 +103,7 @@ impl ApiError {
             OriginError(_) => StatusCode::BAD_GATEWAY,
             OriginTimeout => StatusCode::GATEWAY_TIMEOUT,
             Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            TableFull(_) | MemoryLimit => StatusCode::INSUFFICIENT_STORAGE,
+            TableFull(_) | MemoryLimit | TableLimit(_) => StatusCode::INSUFFICIENT_STORAGE,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -132,6 +134,7 @@ impl ApiError {
             Unavailable(_) => "unavailable",
             TableFull(_) => "table_full",
             MemoryLimit => "memory_limit",
+            TableLimit(_) => "table_limit",
             Internal(_) => "internal",
         }
     }
@@ -159,6 +162,7 @@ impl ApiError {
             Unavailable(m) => m.clone(),
             TableFull(n) => format!("table is full ({n} entries) and does not evict"),
             MemoryLimit => "server memory limit reached".into(),
+            TableLimit(n) => format!("the server already holds its limit of {n} tables"),
             // Internal details go to the log, never to the client.
             Internal(_) => "internal error".into(),
         }
@@ -215,6 +219,10 @@ impl IntoResponse for ApiError {
         if matches!(self, ApiError::Unavailable(_)) {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if matches!(self, ApiError::Unauthorized) {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
     }

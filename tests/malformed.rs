@@ -276,3 +276,101 @@ async fn unknown_routes_and_methods_get_json_errors() {
         .assert_error(405, "method_not_allowed");
     assert_unchanged(&app).await;
 }
+
+#[tokio::test]
+async fn hostile_inputs_get_4xx_and_change_nothing() {
+    // Default limits, as a deployed server has them.
+    let app = common::spawn_app().await;
+    app.table("s", "set").await;
+    app.table("b", "bag").await;
+    app.put("s", "k", json!({"v": 1})).await;
+    app.put("b", "k", json!(1)).await;
+    let ten_mb = vec![b'1'; 10 * 1024 * 1024];
+    app.send(
+        Method::PUT,
+        "/v1/tables/s/entries/k",
+        Some(ten_mb.clone()),
+        &[],
+    )
+    .await
+    .assert_error(413, "payload_too_large");
+    app.send(Method::POST, "/v1/tables/s/entries", Some(ten_mb), &[])
+        .await
+        .assert_error(413, "payload_too_large");
+    // 100,000 levels of nesting: parsed with a depth limit, no stack overflow.
+    for open in [b'[', b'{'] {
+        let body: Vec<u8> = if open == b'[' {
+            [vec![b'['; 100_000], vec![b']'; 100_000]].concat()
+        } else {
+            std::iter::repeat_n(&b"{\"a\":"[..], 100_000)
+                .flatten()
+                .copied()
+                .chain(std::iter::once(b'1'))
+                .chain(std::iter::repeat_n(b'}', 100_000))
+                .collect()
+        };
+        for (method, path) in [
+            (Method::PUT, "/v1/tables/s/entries/deep"),
+            (Method::PATCH, "/v1/tables/s/entries/k"),
+            (Method::POST, "/v1/tables/s/entries"),
+            (Method::POST, "/v1/tables"),
+            (Method::POST, "/v1/tables/s/entries/k/counter"),
+        ] {
+            let r = app.send(method, path, Some(body.clone()), &[]).await;
+            assert_eq!(r.status, 400, "{path}: {}", r.text);
+        }
+    }
+    for path in [
+        "/v1/tables/s/entries/%ZZ",
+        "/v1/tables/s/entries/a%2",
+        "/v1/tables/s/entries/%",
+    ] {
+        app.send(Method::PUT, path, Some(b"1".to_vec()), &[])
+            .await
+            .assert_error(400, "invalid_key");
+    }
+    app.send(Method::GET, "/v1/tables/s%G1/entries/k", None, &[])
+        .await
+        .assert_error(400, "invalid_name");
+    for body in [
+        json!({"name": "x", "max_entries": 1e30}),
+        json!({"name": "x", "max_entries": 18446744073709551615u64}),
+        json!({"name": "x", "default_ttl_ms": 315360000001u64}),
+        json!({"name": "x", "auto_save_ms": 0, "persistence": "periodic"}),
+        json!({"name": "x", "auto_save_ms": 86400001, "persistence": "periodic"}),
+        json!({"name": "x", "origin": {"url": "http://127.0.0.1:1/{key}", "timeout_ms": 0}}),
+    ] {
+        app.create_table(body.clone())
+            .await
+            .assert_error(400, "invalid_argument");
+    }
+    for q in ["?ttl_ms=315360000001", "?ttl_ms=18446744073709551616"] {
+        app.put_with("s", "k", json!(2), q, &[])
+            .await
+            .assert_error(400, "invalid_argument");
+    }
+    for tag in ["\"1\", garbage", "W/", "\"a\"b\""] {
+        let r = app
+            .send(
+                Method::PUT,
+                "/v1/tables/s/entries/k",
+                Some(b"2".to_vec()),
+                &[("if-match", tag)],
+            )
+            .await;
+        assert_eq!(r.status, 400, "{tag}: {}", r.text);
+    }
+    // Still up, and nothing changed.
+    assert_eq!(
+        app.send(Method::GET, "/healthz", None, &[]).await.status,
+        200
+    );
+    assert_eq!(app.get("s", "k").await.body["value"], json!({"v": 1}));
+    assert_eq!(app.get("b", "k").await.body["values"], json!([1]));
+    app.get("s", "deep")
+        .await
+        .assert_error(404, "key_not_found");
+    assert_eq!(app.get_table("s").await.body["size"], 1);
+    let tables = app.send(Method::GET, "/v1/tables", None, &[]).await;
+    assert_eq!(tables.body["tables"].as_array().unwrap().len(), 2);
+}

@@ -163,6 +163,12 @@ async fn v1_and_readyz_answer_503_until_recovery_is_done() {
         durability,
         metrics: larder::api::metrics::Metrics::new(),
         origins: larder::api::origin::Origins::new(vec![], 1024),
+        tokens: Default::default(),
+        limits: std::sync::Arc::new(larder::api::Limits::new(
+            16,
+            std::time::Duration::from_secs(5),
+            10,
+        )),
     };
     let router = larder::api::build(
         state,

@@ -1,15 +1,25 @@
 //! Who is calling, and what they may do to a table.
 //!
 //! ETS guards a table by its owner process; larder guards it by the owning
-//! principal. [`Principal`] comes from request extensions, where the
-//! authentication layer puts it; with no tokens configured every caller is
-//! `anonymous`.
+//! principal, identified by a bearer token. [`Tokens`] holds the configured
+//! tokens; the [`authenticate`] middleware puts the caller's [`Principal`]
+//! in the request's extensions, and handlers check it with [`authorize`].
+//! With no tokens configured every caller is `anonymous`, with full rights.
+//!
+//! Tokens are compared in constant time against every configured token, and
+//! never logged.
 
+use std::collections::HashSet;
+use std::path::Path;
 use std::sync::Arc;
 
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
+use axum::http::{header, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 
+use super::AppState;
 use crate::error::ApiError;
 use crate::store::{Access, Table};
 
@@ -39,12 +49,163 @@ impl<S: Send + Sync> FromRequestParts<S> for Principal {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        Ok(parts
+        parts
             .extensions
             .get::<Principal>()
             .cloned()
-            .unwrap_or_else(Principal::anonymous))
+            .ok_or(ApiError::Unauthorized)
     }
+}
+
+/// The configured tokens. Empty means authentication is off.
+#[derive(Default)]
+pub struct Tokens {
+    entries: Vec<(Vec<u8>, Principal)>,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Names only: tokens never reach a log line.
+        let names: Vec<&str> = self.entries.iter().map(|(_, p)| &*p.name).collect();
+        f.debug_struct("Tokens")
+            .field("principals", &names)
+            .finish()
+    }
+}
+
+impl Tokens {
+    /// Reads `principal:token` lines from `file` and `list` (comma-separated
+    /// pairs). `#` starts a comment; blank lines are skipped.
+    ///
+    /// # Errors
+    /// A message naming the bad line (never the token).
+    pub fn load(file: Option<&Path>, list: Option<&str>, admin: &str) -> Result<Self, String> {
+        let mut lines: Vec<(String, String)> = Vec::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read tokens file {}: {e}", path.display()))?;
+            for (i, line) in text.lines().enumerate() {
+                lines.push((format!("{}:{}", path.display(), i + 1), line.to_owned()));
+            }
+        }
+        if let Some(list) = list {
+            for (i, item) in list.split(',').enumerate() {
+                lines.push((format!("LARDER_TOKENS item {}", i + 1), item.to_owned()));
+            }
+        }
+        let mut entries: Vec<(Vec<u8>, Principal)> = Vec::new();
+        for (place, line) in lines {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let Some((name, token)) = line.split_once(':') else {
+                return Err(format!("{place}: expected principal:token"));
+            };
+            let (name, token) = (name.trim(), token.trim());
+            let name_ok = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'@'));
+            if !name_ok {
+                return Err(format!("{place}: principal names are A-Z a-z 0-9 _ - . @"));
+            }
+            if token.len() < 8
+                || token
+                    .bytes()
+                    .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+            {
+                return Err(format!(
+                    "{place}: tokens are at least 8 printable characters"
+                ));
+            }
+            if entries.iter().any(|(t, _)| t == token.as_bytes()) {
+                return Err(format!(
+                    "{place}: this token is already given to a principal"
+                ));
+            }
+            entries.push((
+                token.as_bytes().to_vec(),
+                Principal {
+                    name: name.into(),
+                    admin: name == admin,
+                },
+            ));
+        }
+        Ok(Tokens { entries })
+    }
+
+    /// Whether authentication is on.
+    pub fn enabled(&self) -> bool {
+        !self.entries.is_empty()
+    }
+
+    /// Whether `name` is a configured principal.
+    pub fn knows(&self, name: &str) -> bool {
+        self.entries.iter().any(|(_, p)| &*p.name == name)
+    }
+
+    /// Configured principal names.
+    pub fn principals(&self) -> HashSet<String> {
+        self.entries
+            .iter()
+            .map(|(_, p)| p.name.to_string())
+            .collect()
+    }
+
+    /// The principal an `Authorization` header names.
+    ///
+    /// # Errors
+    /// [`ApiError::Unauthorized`] when it is missing, malformed or unknown.
+    pub fn authenticate(&self, header: Option<&HeaderValue>) -> Result<Principal, ApiError> {
+        if !self.enabled() {
+            return Ok(Principal::anonymous());
+        }
+        let value = header.ok_or(ApiError::Unauthorized)?.as_bytes();
+        let token = match value.get(..7) {
+            Some(scheme) if scheme.eq_ignore_ascii_case(b"bearer ") => value[7..].trim_ascii(),
+            _ => return Err(ApiError::Unauthorized),
+        };
+        // Compare against every token, without stopping at a match, so the
+        // time taken does not depend on which token (if any) matched.
+        let mut found: Option<&Principal> = None;
+        for (candidate, principal) in &self.entries {
+            if constant_time_eq(candidate, token) {
+                found = Some(principal);
+            }
+        }
+        found.cloned().ok_or(ApiError::Unauthorized)
+    }
+}
+
+/// Equality whose time depends only on the lengths, not on where bytes differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= usize::from(x ^ y);
+    }
+    diff == 0
+}
+
+/// Middleware: puts the caller's [`Principal`] in the request, or answers
+/// 401 on the routes that need one (`/v1/…` and `/metrics`).
+pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let needs_auth = path.starts_with("/v1/") || path == "/metrics";
+    match state
+        .tokens
+        .authenticate(req.headers().get(header::AUTHORIZATION))
+    {
+        Ok(principal) => {
+            tracing::Span::current().record("principal", &*principal.name);
+            req.extensions_mut().insert(principal);
+        }
+        Err(e) if needs_auth => return e.into_response(),
+        Err(_) => {}
+    }
+    next.run(req).await
 }
 
 /// What a request does to a table.
@@ -90,5 +251,50 @@ pub fn authorize(table: &Table, who: &Principal, op: Op) -> Result<(), ApiError>
             table.access(),
             owner
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_parse_with_comments_and_reject_bad_lines() {
+        let t = Tokens::load(
+            None,
+            Some("alice:alicetoken1, bob:bobtoken22 # b,admin:admintoken3"),
+            "admin",
+        )
+        .unwrap();
+        assert_eq!(t.principals().len(), 3);
+        let bearer = |s: &str| HeaderValue::from_str(&format!("Bearer {s}")).unwrap();
+        assert_eq!(
+            &*t.authenticate(Some(&bearer("alicetoken1"))).unwrap().name,
+            "alice"
+        );
+        assert!(t.authenticate(Some(&bearer("admintoken3"))).unwrap().admin);
+        assert!(!t.authenticate(Some(&bearer("bobtoken22"))).unwrap().admin);
+        assert!(t.authenticate(Some(&bearer("alicetoken"))).is_err());
+        assert!(t
+            .authenticate(Some(&HeaderValue::from_static("Basic alicetoken1")))
+            .is_err());
+        assert!(t.authenticate(None).is_err());
+        for bad in [
+            "nocolon",
+            ":tokentoken",
+            "a b:tokentoken",
+            "a:short",
+            "a:aaaaaaaa,b:aaaaaaaa",
+        ] {
+            assert!(Tokens::load(None, Some(bad), "admin").is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn constant_time_eq_is_equality() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"", b"a"));
     }
 }

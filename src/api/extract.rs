@@ -154,10 +154,37 @@ pub struct TablePath(pub String);
 #[derive(Debug)]
 pub struct EntryPath(pub String, pub String);
 
+/// Whether a raw path segment has a `%` not followed by two hex digits.
+fn malformed_escape(segment: &str) -> bool {
+    let b = segment.as_bytes();
+    b.iter().enumerate().any(|(i, &c)| {
+        c == b'%'
+            && !(b.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && b.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+    })
+}
+
+/// Rejects malformed percent-escapes in the table (3rd) and key (5th)
+/// segments of `/v1/tables/{table}/entries/{key}…`, which would otherwise be
+/// taken literally.
+fn check_escapes(parts: &Parts) -> Result<(), ApiError> {
+    for (i, segment) in parts.uri.path().split('/').enumerate() {
+        if !malformed_escape(segment) {
+            continue;
+        }
+        return Err(match i {
+            3 => ApiError::InvalidName("table name has a malformed percent-escape".into()),
+            _ => ApiError::InvalidKey("key has a malformed percent-escape".into()),
+        });
+    }
+    Ok(())
+}
+
 async fn path_params<S: Send + Sync>(
     parts: &mut Parts,
     state: &S,
 ) -> Result<Vec<(String, String)>, ApiError> {
+    check_escapes(parts)?;
     Path::<Vec<(String, String)>>::from_request_parts(parts, state)
         .await
         .map(|Path(p)| p)

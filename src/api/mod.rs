@@ -52,6 +52,32 @@ pub struct AppState {
     pub metrics: metrics::Metrics,
     /// Read-through fetching.
     pub origins: origin::Origins,
+    /// Configured bearer tokens; empty when authentication is off.
+    pub tokens: Arc<auth::Tokens>,
+    /// Request limits.
+    pub limits: Arc<Limits>,
+}
+
+/// Limits on requests, from the configuration.
+#[derive(Debug)]
+pub struct Limits {
+    /// Permits for requests in flight; none left means shed with 503.
+    pub inflight: Arc<tokio::sync::Semaphore>,
+    /// Longest a request may take.
+    pub timeout: Duration,
+    /// Most tables that may exist.
+    pub max_tables: usize,
+}
+
+impl Limits {
+    /// Limits of `max_concurrent` requests, `timeout` each, `max_tables`.
+    pub fn new(max_concurrent: usize, timeout: Duration, max_tables: usize) -> Self {
+        Limits {
+            inflight: Arc::new(tokio::sync::Semaphore::new(max_concurrent.max(1))),
+            timeout,
+            max_tables,
+        }
+    }
 }
 
 impl AppState {
@@ -86,6 +112,19 @@ impl AppState {
             .map_err(|e| ApiError::Unavailable(format!("could not make the write durable: {e}")))
     }
 
+    /// Stores a persistent table's changed settings or owner durably; a
+    /// no-op for memory tables.
+    ///
+    /// # Errors
+    /// [`ApiError::Internal`] when the write fails.
+    pub async fn save_definition(&self, table: &Arc<Table>) -> Result<(), ApiError> {
+        if table.persistence() == Persistence::None {
+            return Ok(());
+        }
+        let table = table.clone();
+        self.blocking(move |d| d.save_definition(&table)).await
+    }
+
     /// Runs blocking durable-tier work off the async workers.
     ///
     /// # Errors
@@ -111,7 +150,7 @@ pub struct HttpOptions {
 
 /// The spec of every route, as [`build`] serves it at `/openapi.json`.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    api_router().split_for_parts().1
+    openapi::finish(api_router().split_for_parts().1)
 }
 
 fn api_router() -> OpenApiRouter<AppState> {
@@ -127,13 +166,22 @@ fn api_router() -> OpenApiRouter<AppState> {
 /// JSON fallbacks, and the middleware stack.
 pub fn build(state: AppState, opts: &HttpOptions) -> Router {
     let (api, spec) = api_router().split_for_parts();
+    let spec = openapi::finish(spec);
     let request_id = HeaderName::from_static("x-request-id");
     api.merge(SwaggerUi::new("/docs").url("/openapi.json", spec))
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(
             state.clone(),
+            auth::authenticate,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
             readiness_gate,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            shed_and_time_out,
         ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -156,7 +204,13 @@ pub fn build(state: AppState, opts: &HttpOptions) -> Router {
                         .and_then(|id| id.header_value().to_str().ok())
                         .unwrap_or("-")
                         .to_owned();
-                    tracing::debug_span!("request", method = %req.method(), route, id)
+                    tracing::debug_span!(
+                        "request",
+                        method = %req.method(),
+                        route,
+                        id,
+                        principal = tracing::field::Empty
+                    )
                 })
                 .on_response(|resp: &Response, latency: Duration, _span: &Span| {
                     if let Some(InternalDetail(detail)) = resp.extensions().get::<InternalDetail>()
@@ -185,6 +239,25 @@ async fn readiness_gate(State(state): State<AppState>, req: Request, next: Next)
         return ApiError::Unavailable("the server is starting or stopping".into()).into_response();
     }
     next.run(req).await
+}
+
+/// Sheds requests past the concurrency limit with 503 and `Retry-After`,
+/// and answers 503 for requests that run past the timeout. Liveness and
+/// readiness probes are exempt, so overload never looks like death.
+async fn shed_and_time_out(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if path == "/healthz" || path == "/readyz" {
+        return next.run(req).await;
+    }
+    let Ok(_permit) = state.limits.inflight.clone().try_acquire_owned() else {
+        return ApiError::Unavailable("too many requests in flight; retry shortly".into())
+            .into_response();
+    };
+    match tokio::time::timeout(state.limits.timeout, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::Unavailable("the request took too long and was abandoned".into())
+            .into_response(),
+    }
 }
 
 /// Request ids: a per-process sequence, cheap and unique within a log.

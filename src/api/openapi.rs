@@ -1,7 +1,10 @@
 //! The OpenAPI document's frame; paths come from the handlers' annotations
 //! as the routers are built, so the spec cannot drift from the routes.
 
-use utoipa::OpenApi;
+use utoipa::openapi::path::{Operation, ParameterIn};
+use utoipa::openapi::schema::{ObjectBuilder, Type};
+use utoipa::openapi::{Ref, ResponseBuilder};
+use utoipa::{Modify, OpenApi};
 
 use crate::error::ErrorBody;
 
@@ -30,3 +33,107 @@ conditional. Versions increase with every write of any key.",
     components(schemas(ErrorBody))
 )]
 pub struct ApiDoc;
+
+/// The frame plus the routes' paths, with [`CommonResponses`] applied.
+/// Run after the routers are merged: the paths only exist from then on.
+pub(crate) fn finish(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    CommonResponses.modify(&mut doc);
+    doc
+}
+
+/// Adds what every operation shares, so handlers document only their own
+/// outcomes: path parameter constraints, and the error statuses any request
+/// may meet (400 for a malformed name or key, 401 when authentication is
+/// on, 413 for bodies over the limit, 503 while starting, stopping or
+/// shedding load).
+pub(crate) struct CommonResponses;
+
+impl Modify for CommonResponses {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        for (path, item) in doc.paths.paths.iter_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+                &mut item.head,
+            ];
+            for (op, is_head) in operations
+                .into_iter()
+                .zip([false, false, false, false, false, true])
+            {
+                if let Some(op) = op.as_mut() {
+                    common(path, op, is_head);
+                }
+            }
+        }
+    }
+}
+
+fn error_response(description: &str, with_body: bool) -> utoipa::openapi::Response {
+    let builder = ResponseBuilder::new().description(description);
+    if with_body {
+        builder
+            .content(
+                "application/json",
+                utoipa::openapi::ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build()
+    } else {
+        builder.build()
+    }
+}
+
+fn common(path: &str, op: &mut Operation, is_head: bool) {
+    let service = !path.starts_with("/v1/");
+    for param in op.parameters.iter_mut().flatten() {
+        if param.parameter_in != ParameterIn::Path {
+            continue;
+        }
+        let schema = match param.name.as_str() {
+            "table" => ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(r"^[A-Za-z0-9_.\-]{1,64}$"))
+                .min_length(Some(1))
+                .max_length(Some(64))
+                .build(),
+            "key" => ObjectBuilder::new()
+                .schema_type(Type::String)
+                .description(Some("1 to 1024 bytes of UTF-8 without NUL"))
+                .min_length(Some(1))
+                .max_length(Some(1024))
+                .build(),
+            _ => continue,
+        };
+        param.schema = Some(schema.into());
+    }
+    let responses = &mut op.responses.responses;
+    let mut add = |code: &str, description: &str| {
+        responses
+            .entry(code.to_owned())
+            .or_insert_with(|| error_response(description, !is_head).into());
+    };
+    if !service {
+        add("400", "Malformed table name, key, parameter or body");
+        add(
+            "401",
+            "Authentication is on and the bearer token is missing or unknown",
+        );
+        add(
+            "503",
+            "Starting, stopping, or shedding load (see Retry-After)",
+        );
+        if op.request_body.is_some() {
+            add("413", "Body larger than --max-body-bytes");
+        }
+    } else if path == "/metrics" {
+        add(
+            "401",
+            "Authentication is on and the bearer token is missing or unknown",
+        );
+        add("503", "Shedding load (see Retry-After)");
+    }
+}

@@ -25,6 +25,16 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(create_table, list_tables))
         .routes(routes!(get_table, patch_table, delete_table))
         .routes(routes!(sync_table))
+        .routes(routes!(give_away))
+}
+
+/// Body of `POST /v1/tables/{table}/give_away`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"to": "bob"}))]
+pub struct GiveAway {
+    /// The principal that will own the table.
+    pub to: String,
 }
 
 /// Body of `POST /v1/tables`; only `name` is required.
@@ -224,6 +234,7 @@ fn info_response(status: StatusCode, table: &Table) -> Response {
         (status = 400, description = "Invalid name or settings", body = ErrorBody),
         (status = 403, description = "Only admins create tables with an origin", body = ErrorBody),
         (status = 409, description = "A table of that name exists", body = ErrorBody),
+        (status = 507, description = "The server holds --max-tables tables", body = ErrorBody),
     )
 )]
 pub async fn create_table(
@@ -233,6 +244,9 @@ pub async fn create_table(
 ) -> ApiResult<Response> {
     crate::store::validate_table_name(&body.name)
         .map_err(|e| ApiError::InvalidName(e.to_string()))?;
+    if state.store.table_count() >= state.limits.max_tables {
+        return Err(ApiError::TableLimit(state.limits.max_tables));
+    }
     if let Some(origin) = &body.origin {
         if !who.admin {
             return Err(ApiError::Forbidden(
@@ -369,10 +383,7 @@ pub async fn patch_table(
     if let Some(eviction) = patch.eviction {
         table.set_eviction(eviction);
     }
-    if table.persistence() != Persistence::None {
-        let t = table.clone();
-        state.blocking(move |d| d.save_definition(&t)).await?;
-    }
+    state.save_definition(&table).await?;
     Ok(info_response(StatusCode::OK, &table))
 }
 
@@ -436,5 +447,46 @@ pub async fn sync_table(
             .await
             .map_err(|e| ApiError::Unavailable(format!("could not sync: {e}")))?;
     }
+    Ok(info_response(StatusCode::OK, &table))
+}
+
+/// Hand a table to another principal.
+///
+/// ETS `give_away/3`: the table's owner becomes `to`, which then has the
+/// owner's rights (and the previous owner loses them). Owner or admin only;
+/// `to` must be a configured principal when authentication is on.
+#[utoipa::path(
+    post,
+    path = "/v1/tables/{table}/give_away",
+    tag = "tables",
+    params(("table" = String, Path, description = "Table name")),
+    request_body = GiveAway,
+    responses(
+        (status = 200, description = "The table with its new owner", body = TableInfo),
+        (status = 400, description = "Unknown principal or bad body", body = ErrorBody),
+        (status = 403, description = "Not the owner", body = ErrorBody),
+        (status = 404, description = "No such table", body = ErrorBody),
+    )
+)]
+pub async fn give_away(
+    State(state): State<AppState>,
+    who: Principal,
+    TablePath(name): TablePath,
+    JsonObject(body): JsonObject<GiveAway>,
+) -> ApiResult<Response> {
+    let table = state.table_for(&name, &who, Op::Manage)?;
+    let known = if state.tokens.enabled() {
+        state.tokens.knows(&body.to)
+    } else {
+        body.to == crate::api::auth::ANONYMOUS
+    };
+    if !known {
+        return Err(ApiError::InvalidArgument(format!(
+            "'{}' is not a principal of this server",
+            body.to
+        )));
+    }
+    table.set_owner(&body.to);
+    state.save_definition(&table).await?;
     Ok(info_response(StatusCode::OK, &table))
 }

@@ -90,11 +90,27 @@ impl SledEngine {
     /// [`PersistError::Open`] with the cause: another process holds the
     /// directory, permission denied, or corrupt files.
     pub fn open(dir: &Path) -> Result<Self, PersistError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| PersistError::Open(open_cause(&e)))?;
+        // sled's worker threads can hold the directory lock for a moment after
+        // the database that owned it is dropped (in this process, or in one
+        // that just exited); only a lock held for longer is another larder.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            // No background flusher: every write-back round, definition
+            // change, migration and shutdown flushes explicitly, and the
+            // flusher thread's clone of the database would hold the lock.
+            let opened = sled::Config::new()
+                .path(dir)
+                .mode(sled::Mode::HighThroughput)
+                .flush_every_ms(None)
+                .open();
+            match opened {
+                Ok(db) => break db,
+                Err(e) if is_lock_error(&e) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(PersistError::Open(open_cause(&e))),
+            }
+        };
         let meta = db.open_tree("meta").map_err(io)?;
         let tables = db.open_tree("tables").map_err(io)?;
         Ok(SledEngine { db, meta, tables })
@@ -107,14 +123,19 @@ impl SledEngine {
     }
 }
 
+/// How long a held directory lock is waited for before it is reported.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn is_lock_error(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("lock"))
+}
+
 fn open_cause(e: &sled::Error) -> String {
     match e {
         sled::Error::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
             "permission denied".into()
         }
-        sled::Error::Io(io) if io.to_string().contains("lock") => {
-            "it is in use by another larder process".into()
-        }
+        e if is_lock_error(e) => "it is in use by another larder process".into(),
         sled::Error::Corruption { .. } => "its files are corrupt".into(),
         other => other.to_string(),
     }

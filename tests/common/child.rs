@@ -18,6 +18,11 @@ impl ChildServer {
     /// Starts the binary on `data_dir` at a free loopback port and waits
     /// until it is ready.
     pub async fn start(data_dir: &Path) -> ChildServer {
+        Self::start_with(data_dir, &[]).await
+    }
+
+    /// Like [`ChildServer::start`], with extra environment variables.
+    pub async fn start_with(data_dir: &Path, env: &[(&str, &str)]) -> ChildServer {
         let mut child = Command::new(env!("CARGO_BIN_EXE_larder"))
             .args([
                 "--listen",
@@ -27,6 +32,7 @@ impl ChildServer {
                 "--data-dir",
             ])
             .arg(data_dir)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
