@@ -31,7 +31,7 @@ fn write_format_1(path: &std::path::Path) {
     let mut changes = Vec::new();
     for i in 0..250u64 {
         let slot = Slot::new(
-            Objects::Many(vec![
+            Objects::Many(Box::new(vec![
                 Object {
                     seq: i * 2 + 1,
                     value: value(&format!("{{\"n\":{i}}}")),
@@ -40,7 +40,7 @@ fn write_format_1(path: &std::path::Path) {
                     seq: i * 2 + 2,
                     value: value("\"second\""),
                 },
-            ]),
+            ])),
             i * 2 + 2,
             0,
             0,

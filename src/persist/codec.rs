@@ -54,7 +54,7 @@ pub fn encode_body(slot: &Slot, out: &mut Vec<u8>) {
             out.push(MANY);
             out.extend_from_slice(&slot.version.to_be_bytes());
             out.extend_from_slice(&slot.expires_at.to_be_bytes());
-            for o in objs {
+            for o in objs.iter() {
                 out.extend_from_slice(&o.seq.to_be_bytes());
                 out.extend_from_slice(&(o.value.len() as u32).to_be_bytes());
                 out.extend_from_slice(o.value.as_bytes());
@@ -105,7 +105,7 @@ fn decode_body(b: &[u8]) -> Result<Slot, PersistError> {
             if objs.is_empty() {
                 return Err(PersistError::Corrupt("bag record without objects".into()));
             }
-            Objects::Many(objs)
+            Objects::Many(Box::new(objs))
         }
         other => {
             return Err(PersistError::Corrupt(format!(
@@ -225,7 +225,7 @@ mod tests {
         assert_eq!(back.objects, one.objects);
         assert_eq!((back.version, back.expires_at), (42, 1_700_000_000_000));
         let many = Slot::new(
-            Objects::Many(vec![
+            Objects::Many(Box::new(vec![
                 Object {
                     seq: 3,
                     value: v("\"x\""),
@@ -234,7 +234,7 @@ mod tests {
                     seq: 9,
                     value: v("[1,2]"),
                 },
-            ]),
+            ])),
             9,
             0,
             0,

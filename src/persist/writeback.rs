@@ -20,6 +20,11 @@ const IDLE_WAKE: Duration = Duration::from_millis(1000);
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// Rounds the final drain at shutdown may take before giving up.
 const DRAIN_ROUNDS: usize = 64;
+/// Group commit: while sync writers keep arriving, wait this long at a time
+/// before committing, so one fsync covers more of them.
+const GATHER_STEP: Duration = Duration::from_micros(200);
+/// Group commit: never delay a commit by more than this.
+const GATHER_MAX: Duration = Duration::from_millis(2);
 
 /// Keys snapshotted from one table's dirty set, with their mark versions.
 type Snapshot = (Arc<Table>, Vec<(Key, u64)>);
@@ -237,6 +242,28 @@ impl Durability {
         Duration::from_millis(wait.max(1))
     }
 
+    /// Group commit's gathering: when sync writers are waiting, keep waiting
+    /// in short steps for as long as more of them arrive (at most
+    /// [`GATHER_MAX`]). A lone writer pays one [`GATHER_STEP`]; under load
+    /// one fsync then covers many writers.
+    fn gather_sync_writers(&self) {
+        let inner = &self.inner;
+        let durable = inner.progress.borrow().durable;
+        let mut seen = inner.next_ticket.load(Ordering::Acquire);
+        if seen <= durable {
+            return;
+        }
+        let started = Instant::now();
+        while started.elapsed() + GATHER_STEP <= GATHER_MAX {
+            std::thread::sleep(GATHER_STEP);
+            let now = inner.next_ticket.load(Ordering::Acquire);
+            if now == seen {
+                return;
+            }
+            seen = now;
+        }
+    }
+
     /// Starts the persister thread.
     ///
     /// # Errors
@@ -270,6 +297,9 @@ impl Durability {
             };
             if inner.stopping.load(Ordering::Acquire) {
                 return;
+            }
+            if !force {
+                self.gather_sync_writers();
             }
             if let Err(e) = self.flush_round(force) {
                 tracing::error!(error = %e, "write-back round failed; retrying");

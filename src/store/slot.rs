@@ -20,8 +20,9 @@ pub struct Object {
 pub enum Objects {
     /// `set` and `ordered_set`.
     One(Value),
-    /// `bag` and `duplicate_bag`; never empty while stored.
-    Many(Vec<Object>),
+    /// `bag` and `duplicate_bag`; never empty while stored. Boxed so that
+    /// set types, the common case, keep a two-word slot.
+    Many(Box<Vec<Object>>),
 }
 
 impl Objects {
@@ -69,14 +70,17 @@ impl Clone for Slot {
 }
 
 /// Bytes one map bucket occupies: the `(Key, Slot)` pair and its control byte.
-pub const BUCKET_BYTES: usize = std::mem::size_of::<(Box<str>, Slot)>() + 1;
+pub const BUCKET_BYTES: usize = std::mem::size_of::<(super::value::Key, Slot)>() + 1;
 /// Running estimate of a key's share of its map's bucket array: hash tables
 /// run between 44% and 87.5% full, so about 1.5 buckets per key. Table info
 /// replaces this estimate with the real bucket count.
 pub const BUCKET_ESTIMATE: usize = BUCKET_BYTES * 3 / 2;
-/// Bytes a key costs beyond its text: its share of the bucket array and the
-/// allocator's bookkeeping for the key's heap block.
-pub const KEY_OVERHEAD: usize = BUCKET_ESTIMATE + 16;
+/// Bytes a key costs beyond its text: its share of the bucket array. Keys
+/// up to 24 bytes live inline; a longer key's heap block is its text plus
+/// allocator bookkeeping, counted by [`Slot::footprint`].
+pub const KEY_OVERHEAD: usize = BUCKET_ESTIMATE;
+/// Longest key stored inline, without a heap block.
+pub const INLINE_KEY_BYTES: usize = 24;
 /// Bytes an object costs beyond its JSON text: its `Arc` header, allocator
 /// bookkeeping, and for bag objects the `Object` record.
 pub const OBJECT_OVERHEAD: usize = 32;
@@ -124,7 +128,12 @@ impl Slot {
         } else {
             0
         };
-        KEY_OVERHEAD + key_len + objects + deadline
+        let key_heap = if key_len > INLINE_KEY_BYTES {
+            key_len + 16
+        } else {
+            0
+        };
+        KEY_OVERHEAD + key_heap + objects + deadline
     }
 
     /// The remaining time to live at `now`, if the key has a deadline.

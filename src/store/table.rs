@@ -447,10 +447,10 @@ impl Table {
         if self.kind.is_single() {
             self.single(value)
         } else {
-            Objects::Many(vec![Object {
+            Objects::Many(Box::new(vec![Object {
                 seq: version,
                 value,
-            }])
+            }]))
         }
     }
 

@@ -6,7 +6,7 @@
 //! `delete_object`) a byte comparison, and lets a read answer without
 //! re-serializing.
 
-use std::sync::Arc;
+use triomphe::ThinArc;
 
 use super::error::{StoreError, StoreResult};
 
@@ -15,12 +15,32 @@ pub const MAX_KEY_BYTES: usize = 1024;
 /// Longest table name, per the API contract.
 pub const MAX_NAME_CHARS: usize = 64;
 
-/// A key as stored in a table.
-pub type Key = Box<str>;
+/// A key as stored in a table: keys up to 24 bytes live inline, without a
+/// heap allocation of their own (most cache keys are that short). Hashes and
+/// compares exactly as `str`, so maps keyed by it are looked up by `&str`.
+pub type Key = compact_str::CompactString;
 
 /// Canonical JSON text of one stored object. Cloning is shallow.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct Value(Arc<[u8]>);
+///
+/// A thin pointer (one word) to a single allocation holding the reference
+/// count, the length and the text: stored values are most of a table's
+/// memory, and every word of a map bucket costs about two per entry.
+#[derive(Clone)]
+pub struct Value(ThinArc<(), u8>);
+
+impl PartialEq for Value {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Value {}
+
+impl std::hash::Hash for Value {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state);
+    }
+}
 
 impl Value {
     /// Canonicalizes a parsed JSON value.
@@ -28,7 +48,7 @@ impl Value {
         // Serializing a serde_json::Value into a Vec cannot fail: every map key
         // is a string and no custom Serialize impl is involved.
         let bytes = serde_json::to_vec(v).unwrap_or_else(|_| b"null".to_vec());
-        Value(bytes.into())
+        Self::from_canonical(bytes)
     }
 
     /// Parses and canonicalizes JSON text.
@@ -42,33 +62,33 @@ impl Value {
 
     /// Wraps text that is already canonical JSON (from our own encoder or disk).
     pub fn from_canonical(bytes: Vec<u8>) -> Self {
-        Value(bytes.into())
+        Value(ThinArc::from_header_and_slice((), &bytes))
     }
 
     /// The canonical JSON text.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        &self.0.slice
     }
 
     /// Parses the stored text back into a JSON tree.
     pub fn to_json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.0).unwrap_or(serde_json::Value::Null)
+        serde_json::from_slice(self.as_bytes()).unwrap_or(serde_json::Value::Null)
     }
 
     /// Length of the JSON text in bytes.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.as_bytes().len()
     }
 
     /// Whether the text is empty (never true for a parsed value).
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.as_bytes().is_empty()
     }
 }
 
 impl std::fmt::Debug for Value {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&String::from_utf8_lossy(&self.0))
+        f.write_str(&String::from_utf8_lossy(self.as_bytes()))
     }
 }
 
