@@ -140,6 +140,7 @@ impl App {
             state.clone(),
             &HttpOptions {
                 max_body_bytes: config.max_body_bytes,
+                access_log: config.access_log,
             },
         );
         Ok(App {

@@ -88,10 +88,21 @@ pub struct Config {
     #[arg(long, env = "LARDER_MAX_CONCURRENT_REQUESTS", default_value_t = 1024)]
     pub max_concurrent_requests: usize,
 
+    /// Instead of serving: ask the server at `--listen` for `/healthz` and
+    /// exit 0 if it answers 200, 1 otherwise. For container health checks,
+    /// where the image has no HTTP client.
+    #[arg(long, default_value_t = false)]
+    pub healthcheck: bool,
+
     /// Whether the background TTL sweeper runs. Not a flag: embedders and
     /// tests that drive expiry by hand (with a manual clock) turn it off.
     #[arg(skip = true)]
     pub run_sweeper: bool,
+
+    /// Log every request at `info` (request id, method, route, principal,
+    /// status, latency); otherwise they are logged at `debug`.
+    #[arg(long, env = "LARDER_ACCESS_LOG", default_value_t = false)]
+    pub access_log: bool,
 
     /// Seconds a graceful stop may take before the process exits anyway.
     #[arg(long, env = "LARDER_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]

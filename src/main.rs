@@ -9,8 +9,36 @@ use tracing_subscriber::EnvFilter;
 use larder::app::{shutdown_signal, App};
 use larder::config::{Config, LogFormat};
 
+/// `--healthcheck`: one `GET /healthz` to the configured address over a
+/// plain socket, with a two-second limit.
+fn healthcheck(config: &Config) -> ExitCode {
+    use std::io::{Read, Write};
+    let mut addr = config.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let limit = std::time::Duration::from_secs(2);
+    let healthy = std::net::TcpStream::connect_timeout(&addr, limit)
+        .and_then(|mut stream| {
+            stream.set_read_timeout(Some(limit))?;
+            stream.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+            let mut head = [0u8; 12];
+            stream.read_exact(&mut head)?;
+            Ok(head.starts_with(b"HTTP/1.1 200") || head.starts_with(b"HTTP/1.0 200"))
+        })
+        .unwrap_or(false);
+    if healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 fn main() -> ExitCode {
     let config = Config::parse();
+    if config.healthcheck {
+        return healthcheck(&config);
+    }
     let filter = EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

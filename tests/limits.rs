@@ -96,7 +96,11 @@ async fn tokens_never_appear_in_logs() {
     let tokens = format!("alice:{secret}");
     let server = ChildServer::start_with(
         dir.path(),
-        &[("LARDER_TOKENS", tokens.as_str()), ("LARDER_LOG", "debug")],
+        &[
+            ("LARDER_TOKENS", tokens.as_str()),
+            ("LARDER_LOG", "debug"),
+            ("LARDER_ACCESS_LOG", "true"),
+        ],
     )
     .await;
     let client = reqwest::Client::new();

@@ -174,6 +174,7 @@ async fn v1_and_readyz_answer_503_until_recovery_is_done() {
         state,
         &larder::api::HttpOptions {
             max_body_bytes: 1024,
+            access_log: false,
         },
     );
     let call = |path: &'static str| {

@@ -146,6 +146,8 @@ impl AppState {
 pub struct HttpOptions {
     /// Largest body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// Log every request at `info` rather than `debug`.
+    pub access_log: bool,
 }
 
 /// The spec of every route, as [`build`] serves it at `/openapi.json`.
@@ -165,6 +167,7 @@ fn api_router() -> OpenApiRouter<AppState> {
 /// The complete router: API routes, `/openapi.json`, Swagger UI at `/docs`,
 /// JSON fallbacks, and the middleware stack.
 pub fn build(state: AppState, opts: &HttpOptions) -> Router {
+    let access_log = opts.access_log;
     let (api, spec) = api_router().split_for_parts();
     let spec = openapi::finish(spec);
     let request_id = HeaderName::from_static("x-request-id");
@@ -212,17 +215,16 @@ pub fn build(state: AppState, opts: &HttpOptions) -> Router {
                         principal = tracing::field::Empty
                     )
                 })
-                .on_response(|resp: &Response, latency: Duration, _span: &Span| {
+                .on_response(move |resp: &Response, latency: Duration, _span: &Span| {
+                    let status = resp.status().as_u16();
+                    let latency_us = latency.as_micros() as u64;
                     if let Some(InternalDetail(detail)) = resp.extensions().get::<InternalDetail>()
                     {
-                        tracing::error!(
-                            status = resp.status().as_u16(),
-                            ?latency,
-                            detail,
-                            "request failed"
-                        );
+                        tracing::error!(status, latency_us, detail, "request failed");
+                    } else if access_log {
+                        tracing::info!(status, latency_us, "request");
                     } else {
-                        tracing::debug!(status = resp.status().as_u16(), ?latency, "response");
+                        tracing::debug!(status, latency_us, "request");
                     }
                 }),
         )

@@ -71,6 +71,31 @@ impl Modify for CommonResponses {
     }
 }
 
+/// A typical error body for a status, shown as the response's example.
+fn error_example(code: &str) -> Option<serde_json::Value> {
+    let (code, message) = match code {
+        "400" => ("invalid_argument", "limit must be between 1 and 10000"),
+        "401" => ("unauthorized", "a valid bearer token is required"),
+        "403" => (
+            "forbidden",
+            "principal 'bob' may not write to table 'users' (Protected access, owned by 'alice')",
+        ),
+        "404" => ("key_not_found", "key not found"),
+        "409" => ("not_a_counter", "the stored value is not a 64-bit integer"),
+        "412" => ("precondition_failed", "the entry changed or is absent"),
+        "413" => ("payload_too_large", "request body exceeds 1048576 bytes"),
+        "502" => ("origin_error", "origin failed: origin answered 500"),
+        "503" => ("unavailable", "too many requests in flight; retry shortly"),
+        "504" => ("origin_timeout", "origin did not answer in time"),
+        "507" => (
+            "table_full",
+            "table is full (1000 entries) and does not evict",
+        ),
+        _ => return None,
+    };
+    Some(serde_json::json!({"error": {"code": code, "message": message}}))
+}
+
 fn error_response(description: &str, with_body: bool) -> utoipa::openapi::Response {
     let builder = ResponseBuilder::new().description(description);
     if with_body {
@@ -135,5 +160,14 @@ fn common(path: &str, op: &mut Operation, is_head: bool) {
             "Authentication is on and the bearer token is missing or unknown",
         );
         add("503", "Shedding load (see Retry-After)");
+    }
+    for (code, response) in op.responses.responses.iter_mut() {
+        if let utoipa::openapi::RefOr::T(response) = response {
+            for content in response.content.values_mut() {
+                if let Some(example) = error_example(code) {
+                    content.example = Some(example);
+                }
+            }
+        }
     }
 }

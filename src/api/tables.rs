@@ -123,6 +123,15 @@ pub struct StatsInfo {
 
 /// A table's settings and state (ETS `info/1`).
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({
+    "name": "users", "type": "set", "access": "protected", "persistence": "periodic",
+    "auto_save_ms": 1000, "default_ttl_ms": null, "max_entries": null, "eviction": "none",
+    "origin": null, "size": 2, "memory_bytes": 684, "owner": "alice",
+    "created_at": "2026-11-21T22:37:05.540Z",
+    "stats": {"hits": 10, "misses": 1, "inserts": 2, "deletes": 0, "expired": 0,
+              "evicted": 0, "origin_fetches": 0, "origin_errors": 0},
+    "dirty": 0, "last_saved_at": "2026-11-21T22:37:06.041Z"
+}))]
 pub struct TableInfo {
     /// Table name.
     pub name: String,
@@ -164,6 +173,12 @@ pub struct TableInfo {
 
 /// All tables the caller may read.
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"tables": [{"name": "users", "type": "set", "access": "protected",
+    "persistence": "none", "auto_save_ms": null, "default_ttl_ms": null, "max_entries": null,
+    "eviction": "none", "origin": null, "size": 0, "memory_bytes": 0, "owner": "alice",
+    "created_at": "2026-11-21T22:37:05.540Z",
+    "stats": {"hits": 0, "misses": 0, "inserts": 0, "deletes": 0, "expired": 0,
+              "evicted": 0, "origin_fetches": 0, "origin_errors": 0}}]}))]
 pub struct TableList {
     /// Tables by name.
     pub tables: Vec<TableInfo>,
