@@ -174,7 +174,21 @@ impl Durability {
     pub fn save_definition(&self, table: &Table) -> Result<(), PersistError> {
         let def = StoredTable::of(&table.spec()).encode();
         self.inner.engine.put_table_def(table.name(), &def)?;
-        self.inner.engine.flush()
+        self.inner.engine.flush()?;
+        // The persister plans its sleep from the tables it knows: a new
+        // table, or a shorter auto_save_ms, must not wait out that sleep.
+        self.reschedule();
+        Ok(())
+    }
+
+    /// Makes the persister recompute when the next save is due, without
+    /// forcing a round.
+    fn reschedule(&self) {
+        let _flags = match self.inner.wake.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        self.inner.wake_cv.notify_one();
     }
 
     /// Removes a table's definition and data from disk.
