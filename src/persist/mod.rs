@@ -97,6 +97,10 @@ struct Inner {
     stats: FlushStats,
     /// Where round durations are recorded, once metrics are wired.
     round_histogram: std::sync::OnceLock<metrics::Histogram>,
+    /// Held for a whole write-back round and for every change of a table's
+    /// stored definition, so a round never writes a dropped table's keys
+    /// into the data space of a table re-created under the same name.
+    round_lock: Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -137,6 +141,7 @@ impl Durability {
                 stopping: AtomicBool::new(false),
                 stats: FlushStats::default(),
                 round_histogram: std::sync::OnceLock::new(),
+                round_lock: Mutex::new(()),
             }),
         })
     }
@@ -161,10 +166,11 @@ impl Durability {
     /// # Errors
     /// [`PersistError::Io`].
     pub fn create_table(&self, table: &Table) -> Result<(), PersistError> {
+        let _round = self.round_guard();
         // A data space left by a drop that crashed half-way must not leak
         // into the new table.
         self.inner.engine.remove_table(table.name())?;
-        self.save_definition(table)
+        self.write_definition(table)
     }
 
     /// Rewrites a persistent table's definition (after PATCH or give-away).
@@ -172,6 +178,11 @@ impl Durability {
     /// # Errors
     /// [`PersistError::Io`].
     pub fn save_definition(&self, table: &Table) -> Result<(), PersistError> {
+        let _round = self.round_guard();
+        self.write_definition(table)
+    }
+
+    fn write_definition(&self, table: &Table) -> Result<(), PersistError> {
         let def = StoredTable::of(&table.spec()).encode();
         self.inner.engine.put_table_def(table.name(), &def)?;
         self.inner.engine.flush()?;
@@ -196,8 +207,18 @@ impl Durability {
     /// # Errors
     /// [`PersistError::Io`].
     pub fn drop_table(&self, name: &str) -> Result<(), PersistError> {
+        let _round = self.round_guard();
         self.inner.engine.remove_table(name)?;
         self.inner.engine.flush()
+    }
+
+    /// Waits for any write-back round in flight, and keeps the next one
+    /// from starting until the guard is dropped.
+    fn round_guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        match self.inner.round_lock.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
     }
 
     /// Waits until every change applied in memory before this call is on

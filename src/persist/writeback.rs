@@ -82,6 +82,10 @@ impl Durability {
     /// told the round failed.
     pub fn flush_round(&self, force: bool) -> Result<FlushOutcome, PersistError> {
         let inner = &self.inner;
+        // Tables are listed and written under the round lock: a table
+        // dropped before it is gone from the list, one dropped after waits
+        // until this round's writes are done and then removes them.
+        let _round = self.round_guard();
         let started = Instant::now();
         let target = inner.next_ticket.load(Ordering::Acquire);
         let now = inner.store.now_ms();
