@@ -16,8 +16,8 @@ pub enum LogFormat {
     Json,
 }
 
-/// larder's settings.
-#[derive(Debug, Clone, Parser)]
+/// larder's settings. `Debug` prints everything but the tokens.
+#[derive(Clone, Parser)]
 #[command(
     name = "larder",
     version,
@@ -117,5 +117,44 @@ impl Config {
         config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config.data_dir = data_dir.into();
         config
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("log_format", &self.log_format)
+            .field("log", &self.log)
+            .field("max_memory_bytes", &self.max_memory_bytes)
+            .field("origin_allow", &self.origin_allow)
+            .field("tokens_file", &self.tokens_file)
+            .field("tokens", &self.tokens.as_ref().map(|_| "<redacted>"))
+            .field("admin_principal", &self.admin_principal)
+            .field("allow_insecure_public", &self.allow_insecure_public)
+            .field("max_tables", &self.max_tables)
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("max_concurrent_requests", &self.max_concurrent_requests)
+            .field("access_log", &self.access_log)
+            .field("healthcheck", &self.healthcheck)
+            .field("run_sweeper", &self.run_sweeper)
+            .field("shutdown_timeout_secs", &self.shutdown_timeout_secs)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_tokens() {
+        let mut c = Config::for_tests("/tmp/x");
+        c.tokens = Some("alice:supersecret-token".into());
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("supersecret"), "{shown}");
+        assert!(shown.contains("<redacted>"));
     }
 }

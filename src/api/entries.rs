@@ -202,6 +202,7 @@ pub async fn get_entry(
 /// Test whether a key exists.
 ///
 /// ETS `member/2`: 200 when the key is present and live, 404 otherwise; no body.
+/// Looks in memory only: on a table with an `origin`, HEAD never fetches.
 #[utoipa::path(
     head,
     path = "/v1/tables/{table}/entries/{key}",
