@@ -27,7 +27,7 @@ mod writeback;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use thiserror::Error;
 use tokio::sync::watch;
@@ -195,10 +195,11 @@ impl Durability {
     /// Makes the persister recompute when the next save is due, without
     /// forcing a round.
     fn reschedule(&self) {
-        let _flags = match self.inner.wake.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let _flags = self
+            .inner
+            .wake
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         self.inner.wake_cv.notify_one();
     }
 
@@ -215,10 +216,10 @@ impl Durability {
     /// Waits for any write-back round in flight, and keeps the next one
     /// from starting until the guard is dropped.
     fn round_guard(&self) -> std::sync::MutexGuard<'_, ()> {
-        match self.inner.round_lock.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        self.inner
+            .round_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Waits until every change applied in memory before this call is on
@@ -247,10 +248,11 @@ impl Durability {
     }
 
     fn wake(&self, force: bool) {
-        let mut flags = match self.inner.wake.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut flags = self
+            .inner
+            .wake
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         flags.pending = true;
         flags.force |= force;
         self.inner.wake_cv.notify_one();

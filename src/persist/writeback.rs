@@ -7,7 +7,7 @@
 //! meanwhile stays dirty for the next round) and releases the waiting tickets.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::codec::encode_slot;
@@ -112,7 +112,7 @@ impl Durability {
             let changes = snapshot
                 .iter()
                 .map(|(k, _)| {
-                    let record = table.durable_state(k).map(|slot| encode_slot(&slot));
+                    let record = table.live_slot(k).map(|slot| encode_slot(&slot));
                     (k.as_bytes().to_vec(), record)
                 })
                 .collect();
@@ -283,16 +283,14 @@ impl Durability {
         let inner = &self.inner;
         loop {
             let force = {
-                let mut flags = match inner.wake.lock() {
-                    Ok(g) => g,
-                    Err(p) => p.into_inner(),
-                };
+                let mut flags = inner.wake.lock().unwrap_or_else(PoisonError::into_inner);
                 if !flags.pending && !inner.stopping.load(Ordering::Acquire) {
                     let timeout = self.next_wake();
-                    flags = match inner.wake_cv.wait_timeout(flags, timeout) {
-                        Ok((g, _)) => g,
-                        Err(p) => p.into_inner().0,
-                    };
+                    flags = inner
+                        .wake_cv
+                        .wait_timeout(flags, timeout)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
                 }
                 let force = flags.force;
                 flags.pending = false;

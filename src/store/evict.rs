@@ -54,6 +54,21 @@ struct Candidate {
 }
 
 impl Candidate {
+    fn of(key: &Key, slot: &crate::store::Slot, now: u64) -> Self {
+        Candidate {
+            key: key.clone(),
+            stamp: slot.last_access(),
+            expired: slot.is_expired(now),
+        }
+    }
+
+    /// Keeps whichever of `best` and `self` was used less recently.
+    fn keep_older(self, best: &mut Option<Candidate>) {
+        if best.as_ref().is_none_or(|b| self.older_than(b)) {
+            *best = Some(self);
+        }
+    }
+
     fn older_than(&self, other: &Candidate) -> bool {
         (self.expired && !other.expired)
             || (self.expired == other.expired && self.stamp < other.stamp)
@@ -107,15 +122,7 @@ impl Table {
                 unsafe {
                     for bucket in guard.iter() {
                         let (key, shared) = bucket.as_ref();
-                        let slot = shared.get();
-                        let c = Candidate {
-                            key: key.clone(),
-                            stamp: slot.last_access(),
-                            expired: slot.is_expired(now),
-                        };
-                        if best.as_ref().is_none_or(|b| c.older_than(b)) {
-                            best = Some(c);
-                        }
+                        Candidate::of(key, shared.get(), now).keep_older(&mut best);
                     }
                 }
             }
@@ -142,20 +149,12 @@ impl Table {
                     unsafe {
                         guard.is_bucket_full(index).then(|| {
                             let (key, shared) = guard.bucket(index).as_ref();
-                            let slot = shared.get();
-                            Candidate {
-                                key: key.clone(),
-                                stamp: slot.last_access(),
-                                expired: slot.is_expired(now),
-                            }
+                            Candidate::of(key, shared.get(), now)
                         })
                     }
                 })
             });
-            let c = found?;
-            if best.as_ref().is_none_or(|b| c.older_than(b)) {
-                best = Some(c);
-            }
+            found?.keep_older(&mut best);
         }
         best
     }

@@ -20,7 +20,7 @@
 //! helpers below take and release shard locks within one call.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use crossbeam_skiplist::SkipSet;
 use dashmap::mapref::entry::{Entry as MapEntry, OccupiedEntry, VacantEntry};
@@ -285,19 +285,15 @@ impl Table {
 
     /// The owning principal.
     pub fn owner(&self) -> Arc<str> {
-        match self.owner.read() {
-            Ok(g) => g.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.owner
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Hands the table to another principal (`ets:give_away`).
     pub fn set_owner(&self, owner: &str) {
-        let mut g = match self.owner.write() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        *g = owner.into();
+        *self.owner.write().unwrap_or_else(PoisonError::into_inner) = owner.into();
     }
 
     /// The settings as they are now, in creation form.
@@ -439,13 +435,9 @@ impl Table {
         }
     }
 
-    fn single(&self, value: Value) -> Objects {
-        Objects::One(value)
-    }
-
     fn fresh_objects(&self, value: Value, version: u64) -> Objects {
         if self.kind.is_single() {
-            self.single(value)
+            Objects::One(value)
         } else {
             Objects::Many(Box::new(vec![Object {
                 seq: version,
@@ -527,15 +519,21 @@ impl Table {
 
     /// Stores a new key. The caller has reserved its objects with [`Self::grow`].
     fn insert_vacant(&self, v: VacantEntry<'_, Key, Slot>, slot: Slot) {
-        if let Some(index) = &self.index {
-            index.insert(v.key().as_bytes().into());
-        }
         self.mark_dirty(v.key(), slot.version);
-        self.track_deadline(v.key(), 0, slot.expires_at);
-        self.add_memory(self.cost(v.key().len(), &slot));
         self.stats
             .inserts
             .fetch_add(slot.objects.count() as u64, Ordering::Relaxed);
+        self.place_vacant(v, slot);
+    }
+
+    /// Puts a new key in the map and its indexes and counts its memory;
+    /// object counts, statistics and dirty marks are the caller's.
+    fn place_vacant(&self, v: VacantEntry<'_, Key, Slot>, slot: Slot) {
+        if let Some(index) = &self.index {
+            index.insert(v.key().as_bytes().into());
+        }
+        self.track_deadline(v.key(), 0, slot.expires_at);
+        self.add_memory(self.cost(v.key().len(), &slot));
         drop(v.insert(slot));
     }
 
@@ -779,7 +777,7 @@ impl Table {
         let count = items.len();
         let mut undo: Vec<(String, Option<Slot>, Written)> = Vec::with_capacity(count);
         for (key, value, ttl) in items {
-            let before = self.peek_slot(&key);
+            let before = self.live_slot(&key);
             match self.insert(&key, value, ttl, &Precondition::None) {
                 Ok(w) if before.as_ref().map(|b| b.version) == Some(w.version) => {}
                 Ok(w) => undo.push((key, before, w)),
@@ -792,12 +790,6 @@ impl Table {
             }
         }
         Ok(count)
-    }
-
-    fn peek_slot(&self, key: &str) -> Option<Slot> {
-        let now = self.now();
-        let slot = self.map.get(key)?;
-        (!slot.is_expired(now)).then(|| slot.clone())
     }
 
     /// Puts back what a key held before `written`, unless someone has
@@ -940,7 +932,7 @@ impl Table {
                 self.grow(1)?;
                 let version = self.next_version();
                 let slot = Slot::new(
-                    self.single(value),
+                    Objects::One(value),
                     version,
                     self.deadline(now, None),
                     self.tick(),
@@ -1050,8 +1042,9 @@ impl Table {
         self.dirty.as_ref().map_or(0, |d| d.keys.len() as u64)
     }
 
-    /// The key's stored state for writing out: `None` when absent or expired.
-    pub fn durable_state(&self, key: &str) -> Option<Slot> {
+    /// A copy of the key's live slot: `None` when absent or expired. What the
+    /// durable tier writes out, and what a failed bulk insert restores.
+    pub fn live_slot(&self, key: &str) -> Option<Slot> {
         let now = self.now();
         let slot = self.map.get(key)?;
         (!slot.is_expired(now)).then(|| slot.clone())
@@ -1067,13 +1060,8 @@ impl Table {
         let count = slot.objects.count() as i64;
         match self.map.entry(Key::from(key)) {
             MapEntry::Vacant(v) => {
-                if let Some(index) = &self.index {
-                    index.insert(v.key().as_bytes().into());
-                }
-                self.track_deadline(v.key(), 0, slot.expires_at);
-                self.add_memory(self.cost(v.key().len(), &slot));
                 self.size.fetch_add(count, Ordering::Relaxed);
-                drop(v.insert(slot));
+                self.place_vacant(v, slot);
             }
             MapEntry::Occupied(mut o) => {
                 let key_len = o.key().len();
