@@ -191,8 +191,7 @@ impl From<StoreError> for ApiError {
             StoreError::TableFull(n) => ApiError::TableFull(n),
             StoreError::MemoryLimit => ApiError::MemoryLimit,
             StoreError::InvalidArgument(m) => ApiError::InvalidArgument(m),
-            StoreError::Unavailable(m) => ApiError::Unavailable(m),
-            StoreError::Storage(m) => ApiError::Internal(m),
+            StoreError::TableLimit(n) => ApiError::TableLimit(n),
         }
     }
 }

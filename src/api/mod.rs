@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod counters;
+pub mod drain;
 pub mod entries;
 pub mod extract;
 pub mod metrics;
@@ -36,7 +37,7 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use crate::error::{ApiError, InternalDetail};
 use crate::persist::Durability;
-use crate::store::{Persistence, Store, Table};
+use crate::store::{Persistence, Store, Table, TableSpec};
 use extract::BodyLimit;
 
 /// What every handler can reach. Cloning is shallow.
@@ -112,33 +113,92 @@ impl AppState {
             .map_err(|e| ApiError::Unavailable(format!("could not make the write durable: {e}")))
     }
 
-    /// Stores a persistent table's changed settings or owner durably; a
-    /// no-op for memory tables.
+    /// Creates a table. A persistent table becomes visible only once its
+    /// definition is on disk, so no write to it is acknowledged earlier;
+    /// the table limit is exact under concurrent creates.
     ///
     /// # Errors
-    /// [`ApiError::Internal`] when the write fails.
-    pub async fn save_definition(&self, table: &Arc<Table>) -> Result<(), ApiError> {
-        if table.persistence() == Persistence::None {
-            return Ok(());
+    /// [`ApiError::TableExists`], [`ApiError::TableLimit`],
+    /// [`ApiError::InvalidArgument`], or [`ApiError::Internal`] when the
+    /// definition cannot be stored (nothing is created then).
+    pub async fn create_table(&self, spec: TableSpec) -> Result<Arc<Table>, ApiError> {
+        let store = self.store.clone();
+        let durability = self.durability.clone();
+        let limit = self.limits.max_tables;
+        let table = run_blocking(move || {
+            store.create_table_with(spec, limit, |t| {
+                if t.persistence() == Persistence::None {
+                    return Ok(());
+                }
+                durability.create_table(t).map_err(storage_failed)
+            })
+        })
+        .await?;
+        if table.persistence() != Persistence::None {
+            self.durability.table_added();
         }
-        let table = table.clone();
-        self.blocking(move |d| d.save_definition(&table)).await
+        Ok(table)
     }
 
-    /// Runs blocking durable-tier work off the async workers.
+    /// Drops `table`, and its data on disk, unless it was dropped meanwhile.
+    /// A table of the same name can be created only after this finished.
     ///
     /// # Errors
-    /// [`ApiError::Internal`] when the work fails.
-    pub async fn blocking<T: Send + 'static>(
-        &self,
-        work: impl FnOnce(&Durability) -> Result<T, crate::persist::PersistError> + Send + 'static,
-    ) -> Result<T, ApiError> {
+    /// [`ApiError::TableNotFound`], or [`ApiError::Internal`] when the disk
+    /// data cannot be removed (the table then stays).
+    pub async fn drop_table(&self, table: Arc<Table>) -> Result<(), ApiError> {
+        let store = self.store.clone();
         let durability = self.durability.clone();
-        tokio::task::spawn_blocking(move || work(&durability))
-            .await
-            .map_err(|e| ApiError::Internal(format!("durable-tier task: {e}")))?
-            .map_err(|e| ApiError::Internal(e.to_string()))
+        run_blocking(move || {
+            store.drop_table_with(&table, |t| {
+                if t.persistence() == Persistence::None {
+                    return Ok(());
+                }
+                durability.drop_table(t.name()).map_err(storage_failed)
+            })
+        })
+        .await
     }
+
+    /// Changes a table's settings or owner with `apply` and stores the new
+    /// definition of a persistent table, as one step that a concurrent drop
+    /// cannot interleave with.
+    ///
+    /// # Errors
+    /// [`ApiError::TableNotFound`] when the table was dropped meanwhile,
+    /// [`ApiError::Internal`] when the write fails.
+    pub async fn redefine_table(
+        &self,
+        table: &Arc<Table>,
+        apply: impl FnOnce(&Table) + Send + 'static,
+    ) -> Result<(), ApiError> {
+        let store = self.store.clone();
+        let durability = self.durability.clone();
+        let table = table.clone();
+        run_blocking(move || {
+            store.redefine_table(&table, apply, |t| {
+                if t.persistence() == Persistence::None {
+                    return Ok(());
+                }
+                durability.save_definition(t).map_err(storage_failed)
+            })
+        })
+        .await
+    }
+}
+
+/// Runs blocking catalog or durable-tier work off the async workers.
+async fn run_blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::Internal(format!("blocking task: {e}")))?
+}
+
+/// The durable tier failed to store a definition.
+fn storage_failed(e: crate::persist::PersistError) -> ApiError {
+    ApiError::Internal(e.to_string())
 }
 
 /// Options of the HTTP layer.
@@ -232,6 +292,9 @@ pub fn build(state: AppState, opts: &HttpOptions) -> Router {
             request_id,
             CountingRequestId::default(),
         ))
+        .layer(drain::DrainLayer {
+            limit: opts.max_body_bytes,
+        })
         .with_state(state)
 }
 

@@ -259,9 +259,6 @@ pub async fn create_table(
 ) -> ApiResult<Response> {
     crate::store::validate_table_name(&body.name)
         .map_err(|e| ApiError::InvalidName(e.to_string()))?;
-    if state.store.table_count() >= state.limits.max_tables {
-        return Err(ApiError::TableLimit(state.limits.max_tables));
-    }
     if let Some(origin) = &body.origin {
         if !who.admin {
             return Err(ApiError::Forbidden(
@@ -283,14 +280,7 @@ pub async fn create_table(
         owner: who.name.to_string(),
         created_at: state.store.now_ms(),
     };
-    let table = state.store.create_table(spec)?;
-    if table.persistence() != Persistence::None {
-        let t = table.clone();
-        if let Err(e) = state.blocking(move |d| d.create_table(&t)).await {
-            let _ = state.store.drop_table(table.name());
-            return Err(e);
-        }
-    }
+    let table = state.create_table(spec).await?;
     Ok(info_response(StatusCode::CREATED, &table))
 }
 
@@ -386,19 +376,24 @@ pub async fn patch_table(
     if let Some(Some(max)) = patch.max_entries {
         check_max_entries(max)?;
     }
-    if let Some(Some(ms)) = patch.auto_save_ms {
-        table.set_auto_save_ms(ms);
-    }
-    if let Some(ttl) = patch.default_ttl_ms {
-        table.set_default_ttl_ms(ttl);
-    }
-    if let Some(max) = patch.max_entries {
-        table.set_max_entries(max);
-    }
-    if let Some(eviction) = patch.eviction {
-        table.set_eviction(eviction);
-    }
-    state.save_definition(&table).await?;
+    state
+        .redefine_table(&table, move |t| {
+            if let Some(Some(ms)) = patch.auto_save_ms {
+                t.set_auto_save_ms(ms);
+            }
+            if let Some(ttl) = patch.default_ttl_ms {
+                t.set_default_ttl_ms(ttl);
+            }
+            if let Some(max) = patch.max_entries {
+                t.set_max_entries(max);
+            }
+            if let Some(eviction) = patch.eviction {
+                t.set_eviction(eviction);
+            }
+        })
+        .await?;
+    // A shorter auto_save_ms must not wait out the persister's current sleep.
+    state.durability.table_added();
     Ok(info_response(StatusCode::OK, &table))
 }
 
@@ -424,11 +419,8 @@ pub async fn delete_table(
     TablePath(name): TablePath,
 ) -> ApiResult<Response> {
     let table = state.table_for(&name, &who, Op::Manage)?;
-    state.store.drop_table(&name)?;
+    state.drop_table(table).await?;
     state.origins.forget_table(&name);
-    if table.persistence() != Persistence::None {
-        state.blocking(move |d| d.drop_table(&name)).await?;
-    }
     Ok(respond::empty(StatusCode::NO_CONTENT))
 }
 
@@ -501,7 +493,8 @@ pub async fn give_away(
             body.to
         )));
     }
-    table.set_owner(&body.to);
-    state.save_definition(&table).await?;
+    state
+        .redefine_table(&table, move |t| t.set_owner(&body.to))
+        .await?;
     Ok(info_response(StatusCode::OK, &table))
 }

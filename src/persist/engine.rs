@@ -9,6 +9,22 @@
 //!   entry version handed out when last saved).
 //! - tree `tables`: table name → [`super::codec::StoredTable`] JSON.
 //! - tree `data/<name>`: key bytes → record ([`super::codec`]).
+//!
+//! # What a flush promises
+//! sled 0.34 "flushes" with `sync_file_range`, which starts and waits for the
+//! write-out of its log but neither flushes the drive's volatile write cache
+//! nor writes the file's metadata, and gives no integrity guarantee on
+//! copy-on-write filesystems. [`SledEngine::flush`] therefore follows sled's
+//! flush with real syncs: `fdatasync` of every blob file sled created since
+//! the last flush (large values and pages live in `blobs/`), then of the log
+//! file `db`, and an `fsync` of each directory whose entries changed (new
+//! blobs, snapshots renamed into place). Only after all of them returns is a
+//! `sync` write acknowledged.
+//!
+//! # The lock file
+//! `larder.lock` in the data directory is held with an exclusive advisory
+//! lock for as long as the engine lives, so a second larder on the same
+//! directory is refused with a clear message instead of whatever sled says.
 
 use std::path::Path;
 
@@ -62,7 +78,8 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// [`PersistError::Io`], or what `f` returns.
     fn for_each(&self, table: &str, f: &mut Visitor<'_>) -> Result<(), PersistError>;
-    /// Makes everything written so far durable (fsync).
+    /// Makes everything written so far durable: when it returns, the data
+    /// has been through `fdatasync`/`fsync`, not only handed to the OS.
     ///
     /// # Errors
     /// [`PersistError::Io`].
@@ -75,12 +92,21 @@ pub struct SledEngine {
     db: sled::Db,
     meta: sled::Tree,
     tables: sled::Tree,
+    syncer: DirSyncer,
+    /// Held (locked) for the engine's life; see "The lock file".
+    _lock: std::fs::File,
 }
 
 const DATA_PREFIX: &str = "data/";
+/// Name of the lock file in the data directory.
+pub const LOCK_FILE: &str = "larder.lock";
 
 fn io(e: sled::Error) -> PersistError {
     PersistError::Io(e.to_string())
+}
+
+fn os(what: &str, path: &Path, e: std::io::Error) -> PersistError {
+    PersistError::Io(format!("{what} {}: {e}", path.display()))
 }
 
 impl SledEngine {
@@ -90,9 +116,10 @@ impl SledEngine {
     /// [`PersistError::Open`] with the cause: another process holds the
     /// directory, permission denied, or corrupt files.
     pub fn open(dir: &Path) -> Result<Self, PersistError> {
-        // sled's worker threads can hold the directory lock for a moment after
-        // the database that owned it is dropped (in this process, or in one
-        // that just exited); only a lock held for longer is another larder.
+        let lock = hold_lock(dir)?;
+        // Our lock is held, so no other larder uses the directory; sled's
+        // own lock can still be held for a moment by the worker threads of
+        // a database this process just dropped.
         let deadline = std::time::Instant::now() + LOCK_WAIT;
         let db = loop {
             // No background flusher: every write-back round, definition
@@ -105,7 +132,11 @@ impl SledEngine {
                 .open();
             match opened {
                 Ok(db) => break db,
-                Err(e) if is_lock_error(&e) && std::time::Instant::now() < deadline => {
+                Err(sled::Error::Io(e))
+                    if (e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.to_string().contains("lock"))
+                        && std::time::Instant::now() < deadline =>
+                {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
                 Err(e) => return Err(PersistError::Open(open_cause(&e))),
@@ -113,7 +144,19 @@ impl SledEngine {
         };
         let meta = db.open_tree("meta").map_err(io)?;
         let tables = db.open_tree("tables").map_err(io)?;
-        Ok(SledEngine { db, meta, tables })
+        let syncer = DirSyncer::new(dir);
+        // Files sled created at open (and the directory itself, if new)
+        // must survive a power cut as surely as what is later written.
+        syncer
+            .sync_all()
+            .map_err(|e| PersistError::Open(e.to_string()))?;
+        Ok(SledEngine {
+            db,
+            meta,
+            tables,
+            syncer,
+            _lock: lock,
+        })
     }
 
     fn data(&self, table: &str) -> Result<sled::Tree, PersistError> {
@@ -123,22 +166,159 @@ impl SledEngine {
     }
 }
 
-/// How long a held directory lock is waited for before it is reported.
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
-fn is_lock_error(e: &sled::Error) -> bool {
-    matches!(e, sled::Error::Io(io) if io.to_string().contains("lock"))
+/// Takes the data directory's lock file, or says who has it.
+fn hold_lock(dir: &Path) -> Result<std::fs::File, PersistError> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        PersistError::Open(match e.kind() {
+            std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+            _ => e.to_string(),
+        })
+    })?;
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| {
+            PersistError::Open(match e.kind() {
+                std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+                _ => format!("cannot open {}: {e}", path.display()),
+            })
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(PersistError::Open(
+            "it is in use by another larder process".into(),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(PersistError::Open(format!(
+            "cannot lock {}: {e}",
+            path.display()
+        ))),
+    }
 }
+
+/// How long sled's own directory lock is waited for after ours was taken.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn open_cause(e: &sled::Error) -> String {
     match e {
         sled::Error::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
             "permission denied".into()
         }
-        e if is_lock_error(e) => "it is in use by another larder process".into(),
         sled::Error::Corruption { .. } => "its files are corrupt".into(),
         other => other.to_string(),
     }
+}
+
+/// Makes sled's files durable: the part of a flush that sled leaves out.
+///
+/// # Locking
+/// `state` is held for a whole [`DirSyncer::sync_after_flush`], so two
+/// flushes never interleave their bookkeeping; flushes are rare and already
+/// serialized by the write-back round lock.
+#[derive(Debug)]
+struct DirSyncer {
+    dir: std::path::PathBuf,
+    state: std::sync::Mutex<SyncState>,
+}
+
+#[derive(Debug, Default)]
+struct SyncState {
+    /// Entries of the data directory when it was last fsynced.
+    top: std::collections::BTreeSet<std::ffi::OsString>,
+    /// Blob files already fdatasynced (sled never rewrites a blob).
+    blobs: std::collections::BTreeSet<std::ffi::OsString>,
+    /// The log file, kept open for its fdatasync.
+    log: Option<std::fs::File>,
+}
+
+impl DirSyncer {
+    fn new(dir: &Path) -> Self {
+        DirSyncer {
+            dir: dir.to_owned(),
+            state: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Everything, as at open: every file, both directories, and the parent
+    /// (which holds the data directory's own entry).
+    fn sync_all(&self) -> Result<(), PersistError> {
+        for entry in std::fs::read_dir(&self.dir).map_err(|e| os("cannot list", &self.dir, e))? {
+            let entry = entry.map_err(|e| os("cannot list", &self.dir, e))?;
+            let path = entry.path();
+            if path.is_file() {
+                sync_file(&path)?;
+            }
+        }
+        self.sync_after_flush()?;
+        if let Some(parent) = self.dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+        Ok(())
+    }
+
+    /// After sled's flush: new blob files and the blob directory, the log
+    /// file, then the data directory if its entries changed.
+    fn sync_after_flush(&self) -> Result<(), PersistError> {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let blob_dir = self.dir.join("blobs");
+        if blob_dir.is_dir() {
+            let now = list(&blob_dir)?;
+            let mut new_blob = false;
+            for name in now.difference(&state.blobs) {
+                match sync_file(&blob_dir.join(name)) {
+                    Ok(()) => new_blob = true,
+                    // Collected by sled between our listing and our sync.
+                    Err(_) if !blob_dir.join(name).exists() => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if new_blob || now.len() != state.blobs.len() {
+                sync_dir(&blob_dir)?;
+            }
+            state.blobs = now;
+        }
+        if state.log.is_none() {
+            let path = self.dir.join("db");
+            state.log = Some(std::fs::File::open(&path).map_err(|e| os("cannot open", &path, e))?);
+        }
+        if let Some(log) = &state.log {
+            log.sync_data()
+                .map_err(|e| os("fdatasync failed on", &self.dir.join("db"), e))?;
+        }
+        let top = list(&self.dir)?;
+        if top != state.top {
+            sync_dir(&self.dir)?;
+            state.top = top;
+        }
+        Ok(())
+    }
+}
+
+fn list(dir: &Path) -> Result<std::collections::BTreeSet<std::ffi::OsString>, PersistError> {
+    std::fs::read_dir(dir)
+        .map_err(|e| os("cannot list", dir, e))?
+        .map(|e| {
+            e.map(|e| e.file_name())
+                .map_err(|e| os("cannot list", dir, e))
+        })
+        .collect()
+}
+
+fn sync_file(path: &Path) -> Result<(), PersistError> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_data())
+        .map_err(|e| os("fdatasync failed on", path, e))
+}
+
+fn sync_dir(path: &Path) -> Result<(), PersistError> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| os("fsync failed on", path, e))
 }
 
 impl Engine for SledEngine {
@@ -211,6 +391,7 @@ impl Engine for SledEngine {
     }
 
     fn flush(&self) -> Result<(), PersistError> {
-        self.db.flush().map_err(io).map(|_| ())
+        self.db.flush().map_err(io)?;
+        self.syncer.sync_after_flush()
     }
 }

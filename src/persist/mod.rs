@@ -121,12 +121,6 @@ impl Durability {
         if dir.exists() && !dir.is_dir() {
             return Err(PersistError::Open("it is not a directory".into()));
         }
-        std::fs::create_dir_all(dir).map_err(|e| {
-            PersistError::Open(match e.kind() {
-                std::io::ErrorKind::PermissionDenied => "permission denied".into(),
-                _ => e.to_string(),
-            })
-        })?;
         let engine: Arc<dyn Engine> = Arc::new(SledEngine::open(dir)?);
         migrate(engine.as_ref())?;
         Ok(Durability {
@@ -161,7 +155,9 @@ impl Durability {
         &self.inner.stats
     }
 
-    /// Stores a new persistent table's definition durably.
+    /// Stores a new persistent table's definition durably, after removing
+    /// any data a crashed drop left under its name. Call under the store's
+    /// catalog, before the table is visible.
     ///
     /// # Errors
     /// [`PersistError::Io`].
@@ -185,16 +181,14 @@ impl Durability {
     fn write_definition(&self, table: &Table) -> Result<(), PersistError> {
         let def = StoredTable::of(&table.spec()).encode();
         self.inner.engine.put_table_def(table.name(), &def)?;
-        self.inner.engine.flush()?;
-        // The persister plans its sleep from the tables it knows: a new
-        // table, or a shorter auto_save_ms, must not wait out that sleep.
-        self.reschedule();
-        Ok(())
+        self.inner.engine.flush()
     }
 
     /// Makes the persister recompute when the next save is due, without
-    /// forcing a round.
-    fn reschedule(&self) {
+    /// forcing a round. The persister plans its sleep from the tables it
+    /// knows: call this once a new persistent table is visible, or after a
+    /// table's `auto_save_ms` got shorter, so neither waits out that sleep.
+    pub fn table_added(&self) {
         let _flags = self
             .inner
             .wake
@@ -203,7 +197,10 @@ impl Durability {
         self.inner.wake_cv.notify_one();
     }
 
-    /// Removes a table's definition and data from disk.
+    /// Removes a table's definition and data from disk. Call under the
+    /// store's catalog, once the table has left the store: a round that
+    /// still holds the table finishes first (the round lock), and no later
+    /// round can see it.
     ///
     /// # Errors
     /// [`PersistError::Io`].

@@ -109,6 +109,7 @@ impl Durability {
             if snapshot.is_empty() {
                 continue;
             }
+            fail::fail_point!("writeback-after-snapshot");
             let changes = snapshot
                 .iter()
                 .map(|(k, _)| {
@@ -141,6 +142,7 @@ impl Durability {
             self.round_failed(target, &written, None, now);
             return Err(e);
         }
+        fail::fail_point!("writeback-before-clear");
         let saved_at = inner.store.now_ms();
         for (table, snapshot) in &written {
             if let Some(dirty) = table.dirty() {

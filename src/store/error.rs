@@ -38,12 +38,9 @@ pub enum StoreError {
     /// An argument is out of range or inconsistent.
     #[error("{0}")]
     InvalidArgument(String),
-    /// The store cannot take the request now (starting, stopping, write-back full).
-    #[error("{0}")]
-    Unavailable(String),
-    /// The durable tier failed.
-    #[error("storage failure: {0}")]
-    Storage(String),
+    /// Creating one more table would pass the server's table limit.
+    #[error("the server already holds its limit of {0} tables")]
+    TableLimit(usize),
 }
 
 /// Shorthand for store results.

@@ -7,6 +7,15 @@
 //! [`Store`] is a cheap handle (cloning is shallow). Tables are
 //! `Arc<Table>`: a request holds its table for its own duration, so dropping a
 //! table never pulls memory from under a request in flight.
+//!
+//! # The catalog
+//! Creating, dropping and re-defining tables go one at a time, under the
+//! catalog lock, each with a hook in which the caller makes the change
+//! durable. A new table becomes visible only after its hook succeeded, so no
+//! write to it can be acknowledged before its definition is on disk; a drop
+//! finishes its hook before a table of the same name can be created; and the
+//! table limit is checked and taken in one step. Lookups never take the
+//! lock. The hooks block (they fsync): call these from blocking threads.
 
 mod counter;
 mod error;
@@ -19,9 +28,8 @@ mod types;
 mod value;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
 
 pub use counter::{merge_patch, CounterOp};
@@ -66,6 +74,9 @@ pub(crate) struct Shared {
 #[derive(Debug, Clone)]
 pub struct Store {
     tables: Arc<DashMap<Box<str>, Arc<Table>>>,
+    /// Held while the set of tables or a table's definition changes; see
+    /// "The catalog" above.
+    catalog: Arc<Mutex<()>>,
     shared: Arc<Shared>,
 }
 
@@ -74,6 +85,7 @@ impl Store {
     pub fn new(clock: Arc<dyn Clock>) -> Self {
         Store {
             tables: Arc::new(DashMap::new()),
+            catalog: Arc::new(Mutex::new(())),
             shared: Arc::new(Shared {
                 clock,
                 revision: AtomicU64::new(0),
@@ -94,21 +106,107 @@ impl Store {
         self.shared.clock.now_ms()
     }
 
-    /// Creates a table (`ets:new`).
+    /// Creates a table (`ets:new`) with no limit and nothing to make
+    /// durable: for memory-only use and for recovery.
     ///
     /// # Errors
     /// [`StoreError::InvalidArgument`] for bad settings,
     /// [`StoreError::TableExists`] when the name is taken.
     pub fn create_table(&self, spec: TableSpec) -> StoreResult<Arc<Table>> {
+        self.create_table_with(spec, usize::MAX, |_| Ok::<(), StoreError>(()))
+    }
+
+    /// Creates a table if fewer than `limit` exist, running `make_durable`
+    /// before anyone can see it; the table appears only if that succeeds.
+    ///
+    /// # Errors
+    /// [`StoreError::InvalidArgument`], [`StoreError::TableExists`],
+    /// [`StoreError::TableLimit`], or what `make_durable` returns.
+    pub fn create_table_with<E: From<StoreError>>(
+        &self,
+        spec: TableSpec,
+        limit: usize,
+        make_durable: impl FnOnce(&Arc<Table>) -> Result<(), E>,
+    ) -> Result<Arc<Table>, E> {
         let spec = spec.validated()?;
-        match self.tables.entry(spec.name.clone().into_boxed_str()) {
-            MapEntry::Occupied(_) => Err(StoreError::TableExists(spec.name)),
-            MapEntry::Vacant(v) => {
-                let table = Arc::new(Table::new(spec, self.shared.clone()));
-                v.insert(table.clone());
-                Ok(table)
-            }
+        let _catalog = self.catalog();
+        if self.tables.contains_key(spec.name.as_str()) {
+            return Err(StoreError::TableExists(spec.name).into());
         }
+        if self.tables.len() >= limit {
+            return Err(StoreError::TableLimit(limit).into());
+        }
+        fail::fail_point!("create-after-limit-check");
+        let table = Arc::new(Table::new(spec, self.shared.clone()));
+        fail::fail_point!("create-before-durable");
+        make_durable(&table)?;
+        self.tables.insert(table.name().into(), table.clone());
+        Ok(table)
+    }
+
+    /// Removes `table` (`ets:delete/1`), then runs `remove_durably`; if that
+    /// fails the table is put back as it was.
+    ///
+    /// # Errors
+    /// [`StoreError::TableNotFound`] when `table` is no longer the table of
+    /// its name (dropped meanwhile), or what `remove_durably` returns.
+    pub fn drop_table_with<E: From<StoreError>>(
+        &self,
+        table: &Arc<Table>,
+        remove_durably: impl FnOnce(&Arc<Table>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let _catalog = self.catalog();
+        let name = table.name();
+        if self
+            .tables
+            .remove_if(name, |_, t| Arc::ptr_eq(t, table))
+            .is_none()
+        {
+            return Err(StoreError::TableNotFound(name.to_owned()).into());
+        }
+        // Give the table's bytes back to the server-wide count; requests
+        // still holding the table may touch it, but it is no longer reachable.
+        self.shared
+            .memory
+            .fetch_sub(table.tracked_bytes(), Ordering::Relaxed);
+        fail::fail_point!("drop-before-disk");
+        if let Err(e) = remove_durably(table) {
+            self.shared
+                .memory
+                .fetch_add(table.tracked_bytes(), Ordering::Relaxed);
+            self.tables.insert(name.into(), table.clone());
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Changes `table`'s settings with `apply`, then runs `save` (which
+    /// stores the new definition), as one catalog step.
+    ///
+    /// # Errors
+    /// [`StoreError::TableNotFound`] when `table` was dropped meanwhile, or
+    /// what `save` returns.
+    pub fn redefine_table<E: From<StoreError>>(
+        &self,
+        table: &Arc<Table>,
+        apply: impl FnOnce(&Table),
+        save: impl FnOnce(&Arc<Table>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let _catalog = self.catalog();
+        let current = self
+            .tables
+            .get(table.name())
+            .is_some_and(|t| Arc::ptr_eq(&t, table));
+        if !current {
+            return Err(StoreError::TableNotFound(table.name().to_owned()).into());
+        }
+        apply(table);
+        save(table)
+    }
+
+    fn catalog(&self) -> MutexGuard<'_, ()> {
+        fail::fail_point!("catalog-wait");
+        self.catalog.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The table named `name`.
@@ -166,23 +264,6 @@ impl Store {
     /// How many tables exist.
     pub fn table_count(&self) -> usize {
         self.tables.len()
-    }
-
-    /// Removes a table (`ets:delete/1`) and returns it.
-    ///
-    /// # Errors
-    /// [`StoreError::TableNotFound`].
-    pub fn drop_table(&self, name: &str) -> StoreResult<Arc<Table>> {
-        let (_, table) = self
-            .tables
-            .remove(name)
-            .ok_or_else(|| StoreError::TableNotFound(name.to_owned()))?;
-        // Give the table's bytes back to the server-wide count; requests
-        // still holding the table may touch it, but it is no longer reachable.
-        self.shared
-            .memory
-            .fetch_sub(table.tracked_bytes(), Ordering::Relaxed);
-        Ok(table)
     }
 }
 

@@ -782,6 +782,7 @@ impl Table {
                 Ok(w) if before.as_ref().map(|b| b.version) == Some(w.version) => {}
                 Ok(w) => undo.push((key, before, w)),
                 Err(e) => {
+                    fail::fail_point!("bulk-before-undo");
                     for (key, before, written) in undo.into_iter().rev() {
                         self.restore(&key, before, written);
                     }
@@ -794,6 +795,11 @@ impl Table {
 
     /// Puts back what a key held before `written`, unless someone has
     /// written the key since.
+    ///
+    /// The restored content gets a fresh version, never the old one:
+    /// versions only go forward, so a write-back round that wrote the
+    /// undone value cannot mistake the restored key for one it already
+    /// saved and clear its dirty mark.
     fn restore(&self, key: &str, before: Option<Slot>, written: Written) {
         let MapEntry::Occupied(mut o) = self.map.entry(Key::from(key)) else {
             return;
@@ -806,10 +812,11 @@ impl Table {
             None => {
                 self.remove_occupied(o, Removal::Undo);
             }
-            Some(prev) => {
+            Some(mut prev) => {
                 let restored = prev.objects.count();
                 self.size
                     .fetch_add(restored as i64 - inserted as i64, Ordering::Relaxed);
+                prev.version = self.next_version();
                 self.modify_occupied(&mut o, |slot| *slot = prev);
             }
         }

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod child;
+pub mod gate;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

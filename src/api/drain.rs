@@ -1,0 +1,182 @@
+//! Keeps keep-alive connections usable when a request is answered before
+//! its body is read.
+//!
+//! Many answers come before the body is looked at: 401 from authentication,
+//! 404/405 from routing, 403 from a handler, 413 part-way through a body,
+//! 503 from load shedding, or a handler that takes no body at all. If the
+//! unread bytes are simply dropped, hyper may close the connection under a
+//! client that is already sending its next request, and a pooled client sees
+//! a reset. [`DrainLayer`] keeps the unread remainder of every request body;
+//! once the response is ready it reads and discards up to a bound, and when
+//! the remainder is larger (or arrives too slowly) it marks the response
+//! `Connection: close`, so the client is told before the connection goes.
+//!
+//! Requests without a body pass straight through, untouched.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{header, HeaderValue};
+use axum::response::Response;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use tower::{Layer, Service};
+
+/// Longest a leftover body is read before the connection is closed instead:
+/// long enough for any client that sends at network speed, short enough
+/// that a slow sender cannot hold a task.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Adds [`Drain`] around a service.
+#[derive(Debug, Clone, Copy)]
+pub struct DrainLayer {
+    /// Most unread bytes read and discarded per request.
+    pub limit: usize,
+}
+
+impl<S> Layer<S> for DrainLayer {
+    type Service = Drain<S>;
+
+    fn layer(&self, inner: S) -> Drain<S> {
+        Drain {
+            inner,
+            limit: self.limit,
+        }
+    }
+}
+
+/// The service [`DrainLayer`] makes.
+#[derive(Debug, Clone)]
+pub struct Drain<S> {
+    inner: S,
+    limit: usize,
+}
+
+/// Where a request body that was dropped before its end is put back.
+type Leftover = Arc<Mutex<Option<Body>>>;
+
+impl<S> Service<Request> for Drain<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        use http_body::Body as _;
+        if req.body().is_end_stream() {
+            return Box::pin(self.inner.call(req));
+        }
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let leftover: Leftover = Arc::default();
+        let (parts, body) = req.into_parts();
+        let tracked = Body::new(Tracked {
+            inner: Some(body),
+            leftover: leftover.clone(),
+        });
+        let response = self.inner.call(Request::from_parts(parts, tracked));
+        let limit = self.limit;
+        Box::pin(async move {
+            let mut resp = response.await?;
+            let rest = leftover
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            if let Some(rest) = rest {
+                let too_big = declared.is_some_and(|n| n > 2 * limit as u64);
+                if too_big || !drain(rest, limit).await {
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+            }
+            Ok(resp)
+        })
+    }
+}
+
+/// Reads and discards `body` to its end; false if it holds more than
+/// `limit` bytes, fails, or takes longer than [`DRAIN_DEADLINE`].
+async fn drain(mut body: Body, limit: usize) -> bool {
+    let read = async {
+        let mut seen = 0usize;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
+                return false;
+            };
+            if let Some(data) = frame.data_ref() {
+                seen += data.len();
+                if seen > limit {
+                    return false;
+                }
+            }
+        }
+        true
+    };
+    tokio::time::timeout(DRAIN_DEADLINE, read)
+        .await
+        .unwrap_or(false)
+}
+
+/// A request body that, when dropped before its end, hands what is left to
+/// the [`Drain`] service instead of discarding it.
+struct Tracked {
+    inner: Option<Body>,
+    leftover: Leftover,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            // Finished, or broken (the connection is gone either way).
+            self.inner = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| http_body::SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        use http_body::Body as _;
+        if let Some(rest) = self.inner.take() {
+            if !rest.is_end_stream() {
+                *self.leftover.lock().unwrap_or_else(PoisonError::into_inner) = Some(rest);
+            }
+        }
+    }
+}
