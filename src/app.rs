@@ -22,6 +22,7 @@ use crate::api::{self, AppState, HttpOptions};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::persist::Durability;
+pub use crate::persist::EngineWrapper;
 use crate::store::Store;
 
 /// Why the server could not start, or did not stop cleanly.
@@ -54,6 +55,15 @@ pub enum AppError {
     Shutdown(String),
 }
 
+/// Parts of a server that an embedder or a test may replace.
+#[derive(Default)]
+pub struct Parts {
+    /// Where time comes from; the system clock when `None`.
+    pub clock: Option<Arc<dyn Clock>>,
+    /// Wraps the sled engine; tests prove fsync ordering through it.
+    pub wrap_engine: Option<EngineWrapper>,
+}
+
 /// A bound, wired server, ready to run.
 pub struct App {
     listener: TcpListener,
@@ -70,7 +80,7 @@ impl App {
     /// # Errors
     /// [`AppError::Bind`], [`AppError::DataDir`].
     pub async fn build(config: Config) -> Result<App, AppError> {
-        Self::build_with_clock(config, Arc::new(SystemClock)).await
+        Self::build_with(config, Parts::default()).await
     }
 
     /// Like [`App::build`], with an injected clock (tests move time by hand).
@@ -78,6 +88,19 @@ impl App {
     /// # Errors
     /// [`AppError::Bind`], [`AppError::DataDir`].
     pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError> {
+        let parts = Parts {
+            clock: Some(clock),
+            ..Parts::default()
+        };
+        Self::build_with(config, parts).await
+    }
+
+    /// Like [`App::build`], with some parts replaced.
+    ///
+    /// # Errors
+    /// [`AppError::Bind`], [`AppError::DataDir`].
+    pub async fn build_with(config: Config, parts: Parts) -> Result<App, AppError> {
+        let clock = parts.clock.unwrap_or_else(|| Arc::new(SystemClock));
         let tokens = crate::api::auth::Tokens::load(
             config.tokens_file.as_deref(),
             config.tokens.as_deref(),
@@ -95,7 +118,8 @@ impl App {
         let dir = config.data_dir.clone();
         let opened = {
             let store = store.clone();
-            tokio::task::spawn_blocking(move || Durability::open(&dir, store)).await
+            let wrap = parts.wrap_engine;
+            tokio::task::spawn_blocking(move || Durability::open_with(&dir, store, wrap)).await
         };
         let durability = match opened {
             Ok(Ok(d)) => d,

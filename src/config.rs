@@ -112,11 +112,24 @@ pub struct Config {
 impl Config {
     /// A configuration for tests and embedding: loopback port 0, the given
     /// data directory, everything else at its default.
+    /// The environment is not read: a `LARDER_*` variable set in the shell
+    /// must not change what a test runs with.
     pub fn for_tests(data_dir: impl Into<PathBuf>) -> Self {
-        let mut config = Config::parse_from(["larder"]);
+        let mut config = Config::defaults();
         config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config.data_dir = data_dir.into();
         config
+    }
+}
+
+impl Config {
+    /// Every setting at its documented default, ignoring the environment.
+    pub fn defaults() -> Self {
+        use clap::{CommandFactory, FromArgMatches};
+        let command = Config::command().mut_args(|arg| arg.env(None));
+        let matches = command.get_matches_from(["larder"]);
+        // Cannot fail: every field has a default and nothing was passed.
+        Config::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
     }
 }
 
@@ -148,6 +161,29 @@ impl std::fmt::Debug for Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn defaults_ignore_the_environment() {
+        // The variable is set in a child process so this test cannot
+        // change what other tests in this process see.
+        if std::env::var_os("LARDER_DEFAULTS_PROBE").is_some() {
+            let c = Config::defaults();
+            assert_eq!(c.max_tables, 1000);
+            assert_eq!(c.data_dir, PathBuf::from("./data"));
+            assert!(c.tokens.is_none());
+            return;
+        }
+        let exe = std::env::current_exe().unwrap();
+        let status = std::process::Command::new(exe)
+            .args(["--exact", "config::tests::defaults_ignore_the_environment"])
+            .env("LARDER_DEFAULTS_PROBE", "1")
+            .env("LARDER_MAX_TABLES", "3")
+            .env("LARDER_DATA_DIR", "/elsewhere")
+            .env("LARDER_TOKENS", "alice:abcdefghijkl")
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
 
     #[test]
     fn debug_output_never_shows_tokens() {

@@ -9,6 +9,8 @@ fn the_benchmark_runs_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("bench.json");
     let run = Command::new(env!("CARGO_BIN_EXE_larder-bench"))
+        .env_clear()
+        .envs(std::env::vars().filter(|(k, _)| !k.starts_with("LARDER_")))
         .args([
             "--duration",
             "1s",

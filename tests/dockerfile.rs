@@ -106,12 +106,16 @@ async fn the_healthcheck_flag_tells_up_from_down() {
     let server = common::child::ChildServer::start(dir.path()).await;
     let addr = server.base.trim_start_matches("http://").to_owned();
     let up = Command::new(env!("CARGO_BIN_EXE_larder"))
+        .env_clear()
+        .envs(common::child::clean_env())
         .args(["--healthcheck", "--listen", &addr])
         .status()
         .unwrap();
     assert!(up.success());
     drop(server);
     let down = Command::new(env!("CARGO_BIN_EXE_larder"))
+        .env_clear()
+        .envs(common::child::clean_env())
         .args(["--healthcheck", "--listen", &addr])
         .status()
         .unwrap();

@@ -187,6 +187,8 @@ async fn the_binary_exits_non_zero_with_one_line_for_an_unusable_directory() {
     let file = dir.path().join("file");
     std::fs::write(&file, b"x").unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_larder"))
+        .env_clear()
+        .envs(common::child::clean_env())
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(&file)
         .output()

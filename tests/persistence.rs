@@ -272,6 +272,31 @@ async fn sync_mode_acknowledges_only_written_data_and_groups_fsyncs() {
     // Every acknowledged sync write was on disk when acknowledged, so the
     // table has nothing dirty left behind by those writes.
     assert_eq!(app.get_table("s").await.body["dirty"], 0);
+    // Grouping: 32 concurrent writers shared flushes.
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let sample = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    let (writes, flushes) = (
+        sample("larder_sync_writes_total"),
+        sample("larder_writeback_rounds_total"),
+    );
+    assert_eq!(writes, 320.0);
+    assert!(
+        writes / flushes > 1.0,
+        "{writes} sync writes took {flushes} flushes: no grouping"
+    );
     let dir = app.stop().await;
     let app = spawn_on(dir).await;
     assert_eq!(app.get_table("s").await.body["size"], 320);

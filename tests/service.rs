@@ -62,13 +62,13 @@ async fn the_served_spec_is_the_committed_spec() {
     assert_eq!(served, generated);
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/openapi.json");
     let pretty = serde_json::to_string_pretty(&generated).unwrap() + "\n";
-    if std::env::var_os("LARDER_WRITE_OPENAPI").is_some() {
+    if std::env::var_os("UPDATE_OPENAPI").is_some() {
         std::fs::write(path, &pretty).unwrap();
     }
     let committed = std::fs::read_to_string(path).unwrap_or_default();
     assert!(
         committed == pretty,
-        "openapi/openapi.json is stale: run `LARDER_WRITE_OPENAPI=1 cargo test --test service` and commit it"
+        "openapi/openapi.json is stale: run `UPDATE_OPENAPI=1 cargo test --test service` and commit it"
     );
 }
 

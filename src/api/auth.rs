@@ -106,7 +106,7 @@ impl Tokens {
         }
         let mut entries: Vec<(Vec<u8>, Principal)> = Vec::new();
         for (place, line) in lines {
-            let line = line.split('#').next().unwrap_or("").trim();
+            let line = strip_comment(&line).map_err(|m| format!("{place}: {m}"))?;
             if line.is_empty() {
                 continue;
             }
@@ -192,15 +192,29 @@ impl Tokens {
     }
 }
 
+/// A line without its comment, trimmed. `#` starts a comment at the start
+/// of a line or after whitespace; one glued to a principal or token would
+/// silently shorten the secret in force, so it is refused.
+fn strip_comment(line: &str) -> Result<&str, String> {
+    let Some(at) = line.find('#') else {
+        return Ok(line.trim());
+    };
+    let before = &line[..at];
+    if before.trim().is_empty() || before.ends_with(char::is_whitespace) {
+        Ok(before.trim())
+    } else {
+        Err(
+            "'#' cannot be part of a principal or token (it starts a comment); \
+             put whitespace before a comment"
+                .into(),
+        )
+    }
+}
+
 /// Equality whose time depends only on the lengths, not on where bytes differ.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= usize::from(x ^ y);
-    }
-    diff == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 /// Middleware: puts the caller's [`Principal`] in the request, or answers
@@ -302,6 +316,28 @@ mod tests {
         ] {
             assert!(Tokens::load(None, Some(bad), "admin").is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_hash_inside_a_token_is_refused_never_cut() {
+        // The measured failure: `abcdefgh` authenticated as alice.
+        for list in [
+            "alice:abcdefgh#ijklmnop",
+            "alice#x:abcdefghijkl",
+            "bob:bobtoken22,alice:abcdefgh#ijklmnop",
+        ] {
+            let err = Tokens::load(None, Some(list), "admin").unwrap_err();
+            assert!(err.contains("'#' cannot be part of"), "{list}: {err}");
+            assert!(!err.contains("abcdefgh"), "the token leaked: {err}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tokens");
+        std::fs::write(&file, "# all fine\nalice:abcdefgh#ijklmnop\n").unwrap();
+        let err = Tokens::load(Some(&file), None, "admin").unwrap_err();
+        assert!(err.contains(":2: '#'"), "{err}");
+        // Comments after whitespace still work, in both sources.
+        let t = Tokens::load(None, Some("alice:abcdefghijkl\t# note"), "admin").unwrap();
+        assert!(t.knows("alice"));
     }
 
     #[test]

@@ -36,6 +36,11 @@ pub type Change = (Vec<u8>, Option<Vec<u8>>);
 /// A visitor of stored `(key, record)` pairs; its error stops the walk.
 pub type Visitor<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), PersistError> + 'a;
 
+/// Wraps the durable engine when the server is built, for example to record
+/// every write and flush it receives.
+pub type EngineWrapper =
+    Box<dyn FnOnce(std::sync::Arc<dyn Engine>) -> std::sync::Arc<dyn Engine> + Send>;
+
 /// What the durable tier must do.
 pub trait Engine: Send + Sync + std::fmt::Debug {
     /// A value from the metadata space.

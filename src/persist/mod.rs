@@ -33,7 +33,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 
 pub use codec::{decode_slot, encode_body, encode_slot, StoredTable, FORMAT_VERSION, RECORD_V2};
-pub use engine::{Change, Engine, SledEngine, Visitor};
+pub use engine::{Change, Engine, EngineWrapper, SledEngine, Visitor, LOCK_FILE};
 pub use migrate::{migrate, Migration, MIGRATIONS};
 pub use recovery::RecoveryReport;
 pub use writeback::{FlushOutcome, FlushStats};
@@ -118,10 +118,26 @@ impl Durability {
     /// # Errors
     /// [`PersistError::Open`], [`PersistError::TooNew`], or a failed migration.
     pub fn open(dir: &Path, store: Store) -> Result<Self, PersistError> {
+        Self::open_with(dir, store, None)
+    }
+
+    /// Like [`Durability::open`], with the sled engine passed through `wrap`
+    /// first (tests record what reaches the engine).
+    ///
+    /// # Errors
+    /// As [`Durability::open`].
+    pub fn open_with(
+        dir: &Path,
+        store: Store,
+        wrap: Option<EngineWrapper>,
+    ) -> Result<Self, PersistError> {
         if dir.exists() && !dir.is_dir() {
             return Err(PersistError::Open("it is not a directory".into()));
         }
-        let engine: Arc<dyn Engine> = Arc::new(SledEngine::open(dir)?);
+        let mut engine: Arc<dyn Engine> = Arc::new(SledEngine::open(dir)?);
+        if let Some(wrap) = wrap {
+            engine = wrap(engine);
+        }
         migrate(engine.as_ref())?;
         Ok(Durability {
             inner: Arc::new(Inner {

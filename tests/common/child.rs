@@ -23,7 +23,23 @@ impl ChildServer {
 
     /// Like [`ChildServer::start`], with extra environment variables.
     pub async fn start_with(data_dir: &Path, env: &[(&str, &str)]) -> ChildServer {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_larder"))
+        Self::start_under(data_dir, env, &[]).await
+    }
+
+    /// Like [`ChildServer::start_with`], with the server run by `wrapper`
+    /// (for example `strace -f -o FILE`); `child` is then the wrapper.
+    pub async fn start_under(
+        data_dir: &Path,
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> ChildServer {
+        let server = env!("CARGO_BIN_EXE_larder");
+        let (program, prefix) = match wrapper.split_first() {
+            Some((first, rest)) => (*first, [rest, &[server]].concat()),
+            None => (server, Vec::new()),
+        };
+        let mut child = Command::new(program)
+            .args(prefix)
             .args([
                 "--listen",
                 "127.0.0.1:0",
@@ -32,6 +48,8 @@ impl ChildServer {
                 "--data-dir",
             ])
             .arg(data_dir)
+            .env_clear()
+            .envs(clean_env())
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -98,6 +116,12 @@ impl ChildServer {
     pub fn log_text(&self) -> String {
         self.logs.lock().unwrap().join("\n")
     }
+}
+
+/// The test process's environment without any `LARDER_*` variable, so a
+/// variable set in the shell cannot change what a child server runs with.
+pub fn clean_env() -> impl Iterator<Item = (String, String)> {
+    std::env::vars().filter(|(k, _)| !k.starts_with("LARDER_"))
 }
 
 impl Drop for ChildServer {

@@ -5,11 +5,12 @@
 
 pub mod child;
 pub mod gate;
+pub mod recording;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use larder::app::App;
+use larder::app::{App, EngineWrapper, Parts};
 use larder::clock::{Clock, ManualClock};
 use larder::config::Config;
 use reqwest::{Method, Response, StatusCode};
@@ -52,27 +53,39 @@ impl TestApp {
 
 /// Starts a server on an existing data directory (a restart).
 pub async fn spawn_on(dir: tempfile::TempDir) -> TestApp {
-    spawn_in(dir, |_| {}, None).await
+    spawn_in(dir, |_| {}, None, None).await
 }
 
 async fn spawn_inner(tweak: impl FnOnce(&mut Config), clock: Option<ManualClock>) -> TestApp {
-    spawn_in(tempfile::tempdir().expect("temp dir"), tweak, clock).await
+    spawn_in(tempfile::tempdir().expect("temp dir"), tweak, clock, None).await
+}
+
+/// Starts a server whose durable engine is wrapped by `wrap`.
+pub async fn spawn_with_engine(wrap: EngineWrapper) -> TestApp {
+    spawn_in(
+        tempfile::tempdir().expect("temp dir"),
+        |_| {},
+        None,
+        Some(wrap),
+    )
+    .await
 }
 
 async fn spawn_in(
     dir: tempfile::TempDir,
     tweak: impl FnOnce(&mut Config),
     clock: Option<ManualClock>,
+    wrap_engine: Option<EngineWrapper>,
 ) -> TestApp {
     let mut config = Config::for_tests(dir.path().join("data"));
     // Tests that move time by hand also sweep by hand.
     config.run_sweeper = clock.is_none();
     tweak(&mut config);
-    let app = match &clock {
-        Some(c) => App::build_with_clock(config, Arc::new(c.clone()) as Arc<dyn Clock>).await,
-        None => App::build(config).await,
-    }
-    .expect("server builds");
+    let parts = Parts {
+        clock: clock.clone().map(|c| Arc::new(c) as Arc<dyn Clock>),
+        wrap_engine,
+    };
+    let app = App::build_with(config, parts).await.expect("server builds");
     let addr = app.local_addr().expect("bound address");
     let store = app.store();
     let (tx, rx) = oneshot::channel::<()>();

@@ -1,0 +1,157 @@
+//! An engine wrapper that records every write and flush the durable tier
+//! makes, in one order shared with the test's own observations, so a test
+//! can prove that an acknowledgement came after the fsync of what it
+//! acknowledged.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use larder::app::EngineWrapper;
+use larder::persist::{decode_slot, Change, Engine, PersistError, Visitor};
+use larder::store::Objects;
+
+/// What reached the engine.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A key written (or removed, `value: None`) in a table's data space.
+    Write {
+        seq: u64,
+        table: String,
+        key: String,
+        value: Option<serde_json::Value>,
+    },
+    /// A flush returned successfully; `began` is its sequence number at entry.
+    Flushed { began: u64, seq: u64, at: Instant },
+}
+
+/// The shared log. Every event and every [`Recorder::mark`] takes the next
+/// number of one counter, so their order is the order they happened in.
+#[derive(Debug, Default)]
+pub struct Recorder {
+    seq: AtomicU64,
+    events: Mutex<Vec<Event>>,
+}
+
+impl Recorder {
+    /// A number ordered after everything the engine has done so far.
+    pub fn mark(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// A copy of the log.
+    pub fn events(&self) -> Vec<Event> {
+        self.events.lock().unwrap().clone()
+    }
+
+    /// How many flushes completed.
+    pub fn flushes(&self) -> usize {
+        self.events()
+            .iter()
+            .filter(|e| matches!(e, Event::Flushed { .. }))
+            .count()
+    }
+
+    /// A wrapper for [`larder::app::Parts::wrap_engine`] recording here.
+    pub fn wrapper(self: &Arc<Self>) -> EngineWrapper {
+        let rec = self.clone();
+        Box::new(move |inner| Arc::new(Recording { inner, rec }) as Arc<dyn Engine>)
+    }
+}
+
+/// The value a set-type record holds (bag records give their last object).
+fn record_value(bytes: &[u8]) -> serde_json::Value {
+    let slot = decode_slot(bytes).expect("a record the server wrote decodes");
+    match &slot.objects {
+        Objects::One(v) => v.to_json(),
+        Objects::Many(objs) => objs.last().expect("never empty").value.to_json(),
+    }
+}
+
+#[derive(Debug)]
+struct Recording {
+    inner: Arc<dyn Engine>,
+    rec: Arc<Recorder>,
+}
+
+impl Engine for Recording {
+    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, PersistError> {
+        self.inner.get_meta(key)
+    }
+    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), PersistError> {
+        self.inner.put_meta(key, value)
+    }
+    fn table_defs(&self) -> Result<Vec<(String, Vec<u8>)>, PersistError> {
+        self.inner.table_defs()
+    }
+    fn put_table_def(&self, name: &str, def: &[u8]) -> Result<(), PersistError> {
+        self.inner.put_table_def(name, def)
+    }
+    fn remove_table(&self, name: &str) -> Result<(), PersistError> {
+        self.inner.remove_table(name)
+    }
+    fn data_spaces(&self) -> Result<Vec<String>, PersistError> {
+        self.inner.data_spaces()
+    }
+    fn write(&self, table: &str, changes: Vec<Change>) -> Result<(), PersistError> {
+        let described: Vec<(String, Option<serde_json::Value>)> = changes
+            .iter()
+            .map(|(k, r)| {
+                (
+                    String::from_utf8(k.clone()).unwrap(),
+                    r.as_deref().map(record_value),
+                )
+            })
+            .collect();
+        self.inner.write(table, changes)?;
+        let mut events = self.rec.events.lock().unwrap();
+        for (key, value) in described {
+            events.push(Event::Write {
+                seq: self.rec.mark(),
+                table: table.to_owned(),
+                key,
+                value,
+            });
+        }
+        Ok(())
+    }
+    fn for_each(&self, table: &str, f: &mut Visitor<'_>) -> Result<(), PersistError> {
+        self.inner.for_each(table, f)
+    }
+    fn flush(&self) -> Result<(), PersistError> {
+        let began = self.rec.mark();
+        self.inner.flush()?;
+        let mut events = self.rec.events.lock().unwrap();
+        events.push(Event::Flushed {
+            began,
+            seq: self.rec.mark(),
+            at: Instant::now(),
+        });
+        Ok(())
+    }
+}
+
+/// The first flush that began after `table`/`key` was written with `value`
+/// (at or before `before`) and completed before `before`: proof that the
+/// value was on disk by then. `None` if there is none.
+pub fn flushed_before(
+    events: &[Event],
+    table: &str,
+    key: &str,
+    value: &serde_json::Value,
+    before: u64,
+) -> Option<(u64, Instant)> {
+    let written = events.iter().rev().find_map(|e| match e {
+        Event::Write {
+            seq,
+            table: t,
+            key: k,
+            value: Some(v),
+        } if *seq < before && t == table && k == key && v == value => Some(*seq),
+        _ => None,
+    })?;
+    events.iter().find_map(|e| match e {
+        Event::Flushed { began, seq, at } if *began > written && *seq < before => Some((*seq, *at)),
+        _ => None,
+    })
+}

@@ -1,0 +1,311 @@
+//! Acknowledged means flushed. A SIGKILL leaves the OS page cache intact,
+//! so crash tests cannot tell a write from an fsync; these tests watch the
+//! flushes themselves:
+//!
+//! - through the engine trait: every write and flush the durable tier makes
+//!   is recorded in one order with the clients' acknowledgements;
+//! - through the kernel: where `strace` is installed, the real `fdatasync`
+//!   calls of a child server are traced against its HTTP responses.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::recording::{flushed_before, Event, Recorder};
+use common::{spawn_with_engine, TestApp};
+use serde_json::{json, Value};
+
+/// Reads one sample of a metric without labels from `/metrics`.
+async fn metric(app: &TestApp, name: &str) -> f64 {
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_sync_acknowledgement_follows_a_flush_of_what_it_acknowledges() {
+    let rec = Arc::new(Recorder::default());
+    let app = spawn_with_engine(rec.wrapper()).await;
+    let r = app
+        .create_table(json!({"name": "s", "persistence": "sync"}))
+        .await;
+    assert_eq!(r.status, 201);
+    // (key, value, mark taken once the acknowledgement arrived)
+    let acks: Arc<Mutex<Vec<(String, Value, u64)>>> = Arc::default();
+    let mut clients = Vec::new();
+    for c in 0..16 {
+        let (acks, rec) = (acks.clone(), rec.clone());
+        let client = app.client.clone();
+        let base = app.entry_url("s", "");
+        clients.push(tokio::spawn(async move {
+            for i in 0..40 {
+                // Each client rewrites its own few keys, so a later write
+                // of another client never stands in for this one.
+                let key = format!("c{c}-{}", i % 4);
+                let value = json!({"client": c, "i": i});
+                let resp = client
+                    .put(format!("{base}{key}"))
+                    .body(value.to_string())
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(resp.status().is_success());
+                let seen = rec.mark();
+                acks.lock().unwrap().push((key, value, seen));
+            }
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    let events = rec.events();
+    let acks = acks.lock().unwrap().clone();
+    assert_eq!(acks.len(), 640);
+    for (key, value, seen) in &acks {
+        assert!(
+            flushed_before(&events, "s", key, value, *seen).is_some(),
+            "{key}={value} was acknowledged before a flush of it completed"
+        );
+    }
+    // Group commit: the writers shared flushes.
+    let writes = metric(&app, "larder_sync_writes_total").await;
+    let rounds = metric(&app, "larder_writeback_rounds_total").await;
+    assert!(writes >= 640.0, "{writes}");
+    assert!(
+        writes / rounds > 1.0,
+        "{writes} sync writes took {rounds} flushes: no grouping"
+    );
+}
+
+/// Slack on top of `auto_save_ms`: scheduling on a loaded two-core machine.
+const SLACK: Duration = Duration::from_millis(100);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn periodic_writes_are_flushed_within_auto_save_ms_under_constant_load() {
+    let rec = Arc::new(Recorder::default());
+    let app = spawn_with_engine(rec.wrapper()).await;
+    let auto_save = Duration::from_millis(200);
+    let r = app
+        .create_table(json!({"name": "p", "persistence": "periodic", "auto_save_ms": 200}))
+        .await;
+    assert_eq!(r.status, 201);
+    let acks: Arc<Mutex<Vec<(String, Value, Instant)>>> = Arc::default();
+    let load = Duration::from_millis(1500);
+    let started = Instant::now();
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let acks = acks.clone();
+        let client = app.client.clone();
+        let base = app.entry_url("p", "");
+        writers.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while started.elapsed() < load {
+                let key = format!("w{w}-{}", i % 50);
+                let value = json!(i);
+                let resp = client
+                    .put(format!("{base}{key}"))
+                    .body(value.to_string())
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(resp.status().is_success());
+                acks.lock().unwrap().push((key, value, Instant::now()));
+                i += 1;
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    // Wait until the last writes are saved, then read the log.
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while app.get_table("p").await.body["dirty"] != 0 {
+        assert!(Instant::now() < give_up, "the table never became clean");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let events = rec.events();
+    let acks = acks.lock().unwrap().clone();
+    assert!(acks.len() > 200, "only {} writes", acks.len());
+    let flushes: Vec<(u64, u64, Instant)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Flushed { began, seq, at } => Some((*began, *seq, *at)),
+            _ => None,
+        })
+        .collect();
+    for (key, value, acked_at) in &acks {
+        // The value, or a later one of the same key, was written and then
+        // flushed no later than auto_save_ms after the acknowledgement.
+        let written = events.iter().find_map(|e| match e {
+            Event::Write {
+                seq,
+                table,
+                key: k,
+                value: Some(v),
+            } if table == "p" && k == key && v.as_u64() >= value.as_u64() => Some(*seq),
+            _ => None,
+        });
+        let written = written.unwrap_or_else(|| panic!("{key}={value} never reached the engine"));
+        let (_, _, flushed_at) = flushes
+            .iter()
+            .find(|(began, _, _)| *began > written)
+            .unwrap_or_else(|| panic!("{key}={value} was written but never flushed"));
+        let delay = flushed_at.saturating_duration_since(*acked_at);
+        assert!(
+            delay <= auto_save + SLACK,
+            "{key}={value} reached a flush {delay:?} after its acknowledgement"
+        );
+    }
+}
+
+/// A syscall line of `strace -f -ttt -T`: when it returned, and what it was.
+enum Traced {
+    /// `fdatasync` or `fsync` returned 0 at this time.
+    Synced(f64),
+    /// An HTTP response with this status began to be written at this time.
+    Responded(f64, u16),
+}
+
+fn parse_trace(text: &str) -> Vec<Traced> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        // `PID  SECONDS.MICROS CALL…`; strace pads the pid column.
+        let Some((_pid, rest)) = line.trim_start().split_once(' ') else {
+            continue;
+        };
+        let Some((ts, call)) = rest.trim_start().split_once(' ') else {
+            continue;
+        };
+        let Ok(ts) = ts.parse::<f64>() else { continue };
+        let took = call
+            .rsplit_once('<')
+            .and_then(|(_, d)| d.strip_suffix('>'))
+            .and_then(|d| d.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        let sync = [
+            "fdatasync(",
+            "fsync(",
+            "<... fdatasync resumed>",
+            "<... fsync resumed>",
+        ]
+        .iter()
+        .any(|p| call.starts_with(p));
+        if sync && !call.contains("<unfinished") && call.contains(" = 0 ") {
+            out.push(Traced::Synced(ts + took));
+        } else if let Some(at) = call.find("\"HTTP/1.1 ") {
+            let status = call[at + 10..].get(..3).and_then(|s| s.parse().ok());
+            if let Some(status) = status {
+                out.push(Traced::Responded(ts, status));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kernel_sees_an_fdatasync_before_every_sync_acknowledgement() {
+    let strace_found = std::process::Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !strace_found {
+        eprintln!("skipped: strace is not installed (.ci/run installs it)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("trace");
+    let trace_arg = trace.to_str().unwrap().to_owned();
+    let mut server = common::child::ChildServer::start_under(
+        &dir.path().join("data"),
+        &[],
+        &[
+            "strace",
+            "-f",
+            "-qq",
+            "-e",
+            "signal=none",
+            "-ttt",
+            "-T",
+            "-s",
+            "24",
+            "-e",
+            "trace=fdatasync,fsync,write,writev,sendto,sendmsg",
+            "-o",
+            &trace_arg,
+        ],
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let created = http
+        .post(format!("{}/v1/tables", server.base))
+        .body(json!({"name": "s", "persistence": "sync"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let url = server.entry_url("s", "k");
+    assert_eq!(http.put(&url).body("0").send().await.unwrap().status(), 201);
+    const ACKS: usize = 30;
+    for i in 1..=ACKS {
+        let r = http.put(&url).body(i.to_string()).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // Stop the traced server itself; strace exits with it.
+    let tracer = server.child.id();
+    let children = std::fs::read_to_string(format!("/proc/{tracer}/task/{tracer}/children"))
+        .expect("the tracer's child");
+    let pid = children
+        .split_whitespace()
+        .next()
+        .expect("one child")
+        .to_owned();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    server.child.wait().unwrap();
+
+    let events = parse_trace(&std::fs::read_to_string(&trace).unwrap());
+    // The replaces are the 200 answers after the last 201 (the first PUT).
+    let first_put = events
+        .iter()
+        .rposition(|e| matches!(e, Traced::Responded(_, 201)))
+        .expect("the 201 of the first PUT was traced");
+    let acks: Vec<f64> = events[first_put..]
+        .iter()
+        .filter_map(|e| match e {
+            Traced::Responded(at, 200) => Some(*at),
+            Traced::Responded(at, 201) => Some(*at),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acks.len(), ACKS + 1, "responses traced");
+    let syncs: Vec<f64> = events
+        .iter()
+        .filter_map(|e| match e {
+            Traced::Synced(at) => Some(*at),
+            _ => None,
+        })
+        .collect();
+    // One client, one request at a time: each acknowledgement needs an
+    // fdatasync that returned after the previous acknowledgement was sent.
+    for pair in acks.windows(2) {
+        assert!(
+            syncs.iter().any(|s| *s > pair[0] && *s <= pair[1]),
+            "an acknowledgement at {:.6} had no fdatasync since the one at {:.6}",
+            pair[1],
+            pair[0]
+        );
+    }
+}
