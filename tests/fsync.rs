@@ -13,24 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::recording::{flushed_before, Event, Recorder};
-use common::{spawn_with_engine, TestApp};
+use common::spawn_with_engine;
 use serde_json::{json, Value};
-
-/// Reads one sample of a metric without labels from `/metrics`.
-async fn metric(app: &TestApp, name: &str) -> f64 {
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_sync_acknowledgement_follows_a_flush_of_what_it_acknowledges() {
@@ -78,8 +62,8 @@ async fn every_sync_acknowledgement_follows_a_flush_of_what_it_acknowledges() {
         );
     }
     // Group commit: the writers shared flushes.
-    let writes = metric(&app, "larder_sync_writes_total").await;
-    let rounds = metric(&app, "larder_writeback_rounds_total").await;
+    let writes = app.metric("larder_sync_writes_total").await;
+    let rounds = app.metric("larder_writeback_rounds_total").await;
     assert!(writes >= 640.0, "{writes}");
     assert!(
         writes / rounds > 1.0,

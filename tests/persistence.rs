@@ -273,24 +273,9 @@ async fn sync_mode_acknowledges_only_written_data_and_groups_fsyncs() {
     // table has nothing dirty left behind by those writes.
     assert_eq!(app.get_table("s").await.body["dirty"], 0);
     // Grouping: 32 concurrent writers shared flushes.
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let sample = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing"))
-    };
     let (writes, flushes) = (
-        sample("larder_sync_writes_total"),
-        sample("larder_writeback_rounds_total"),
+        app.metric("larder_sync_writes_total").await,
+        app.metric("larder_writeback_rounds_total").await,
     );
     assert_eq!(writes, 320.0);
     assert!(

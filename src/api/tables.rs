@@ -238,7 +238,10 @@ fn info_response(status: StatusCode, table: &Table) -> Response {
 /// acknowledged, so a crash loses at most that much (like DETS `auto_save`,
 /// but the bound holds under constant load); `sync` acknowledges a write only
 /// once it is on disk, sharing each fsync among concurrent writers. A graceful
-/// stop writes everything.
+/// stop writes everything. A persistent table becomes visible to every
+/// request only once its definition is on disk, and the 201 follows; creates
+/// and drops of one name take effect one at a time, in the order they
+/// happen. `--max-tables` is exact under concurrent creates.
 #[utoipa::path(
     post,
     path = "/v1/tables",
@@ -400,7 +403,9 @@ pub async fn patch_table(
 /// Drop a table.
 ///
 /// ETS `delete/1`: the table and all its objects (and, for persistent
-/// tables, its data on disk) are gone. Owner or admin only.
+/// tables, its data on disk) are gone. Owner or admin only. The 204 comes
+/// once the data is gone from disk; a create of the same name waits for
+/// that, so it never sees the old table's data.
 #[utoipa::path(
     delete,
     path = "/v1/tables/{table}",
