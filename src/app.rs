@@ -119,7 +119,9 @@ impl App {
         let opened = {
             let store = store.clone();
             let wrap = parts.wrap_engine;
-            tokio::task::spawn_blocking(move || Durability::open_with(&dir, store, wrap)).await
+            let cache = config.sled_cache_bytes;
+            tokio::task::spawn_blocking(move || Durability::open_with(&dir, store, wrap, cache))
+                .await
         };
         let durability = match opened {
             Ok(Ok(d)) => d,
@@ -144,7 +146,7 @@ impl App {
             })?;
         let metrics = crate::api::metrics::Metrics::new();
         durability.set_round_histogram(metrics.writeback_histogram());
-        let state = AppState {
+        let state = AppState::new(crate::api::Services {
             store,
             ready: Arc::new(AtomicBool::new(false)),
             durability,
@@ -154,12 +156,14 @@ impl App {
                 config.max_body_bytes,
             ),
             tokens: Arc::new(tokens),
-            limits: Arc::new(crate::api::Limits::new(
+            limits: crate::api::Limits::new(
                 config.max_concurrent_requests,
                 Duration::from_millis(config.request_timeout_ms),
                 config.max_tables,
-            )),
-        };
+                config.max_body_bytes,
+            ),
+            request_ids: std::sync::atomic::AtomicU64::new(0),
+        });
         let router = api::build(
             state.clone(),
             &HttpOptions {

@@ -32,6 +32,14 @@ pub struct Config {
     #[arg(long, env = "LARDER_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
 
+    /// Bytes of sled's page cache (the durable tier). larder keeps every
+    /// live object in its own memory, so sled's pages are read back only at
+    /// start-up and when a write-back round updates a page it evicted: a
+    /// larger cache makes write-back of big, randomly written durable tables
+    /// faster at the price of memory; a smaller one bounds memory.
+    #[arg(long, env = "LARDER_SLED_CACHE_BYTES", default_value_t = crate::persist::DEFAULT_SLED_CACHE_BYTES)]
+    pub sled_cache_bytes: u64,
+
     /// Largest request body accepted, in bytes; larger ones get 413.
     #[arg(long, env = "LARDER_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -138,6 +146,7 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("listen", &self.listen)
             .field("data_dir", &self.data_dir)
+            .field("sled_cache_bytes", &self.sled_cache_bytes)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("log_format", &self.log_format)
             .field("log", &self.log)

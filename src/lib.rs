@@ -18,11 +18,13 @@
 //! - [`persist`]: the durable tier (sled behind a trait), write-back and
 //!   group commit, recovery, and the versioned on-disk format.
 //! - [`clock`]: time behind a trait so expiry is testable without sleeping.
+//! - [`histogram`]: fixed-bucket latency histograms for the metrics.
 
 pub mod api;
 pub mod app;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod histogram;
 pub mod persist;
 pub mod store;

@@ -157,19 +157,16 @@ async fn v1_and_readyz_answer_503_until_recovery_is_done() {
     let store = larder::store::Store::new(std::sync::Arc::new(larder::clock::SystemClock));
     let durability = larder::persist::Durability::open(dir.path(), store.clone()).unwrap();
     let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let state = larder::api::AppState {
+    let state = larder::api::AppState::new(larder::api::Services {
         store,
         ready: ready.clone(),
         durability,
         metrics: larder::api::metrics::Metrics::new(),
         origins: larder::api::origin::Origins::new(vec![], 1024),
         tokens: Default::default(),
-        limits: std::sync::Arc::new(larder::api::Limits::new(
-            16,
-            std::time::Duration::from_secs(5),
-            10,
-        )),
-    };
+        limits: larder::api::Limits::new(16, std::time::Duration::from_secs(5), 10, 1024),
+        request_ids: Default::default(),
+    });
     let router = larder::api::build(
         state,
         &larder::api::HttpOptions {

@@ -5,13 +5,13 @@
 //! parsers with their rejections mapped to `invalid_name`, `invalid_key` or
 //! `invalid_argument`.
 
-use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use axum::extract::rejection::{QueryRejection, RawPathParamsRejection};
+use axum::extract::{FromRequest, FromRequestParts, Query, RawPathParams, Request};
 use axum::http::request::Parts;
-use axum::http::StatusCode;
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
+use super::AppState;
 use crate::error::ApiError;
 use crate::store::{validate_key, validate_table_name};
 
@@ -23,32 +23,23 @@ pub struct JsonBody<T>(pub T);
 #[derive(Debug)]
 pub struct RawBody(pub Bytes);
 
-impl<S: Send + Sync> FromRequest<S> for RawBody {
+impl FromRequest<AppState> for RawBody {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let limit = req
-            .extensions()
-            .get::<BodyLimit>()
-            .map(|l| l.0)
-            .unwrap_or(usize::MAX);
-        Bytes::from_request(req, state)
-            .await
-            .map(RawBody)
-            .map_err(|e| body_rejection(e, limit))
-    }
-}
-
-/// The configured body limit, put in request extensions so rejections can
-/// name it.
-#[derive(Debug, Clone, Copy)]
-pub struct BodyLimit(pub usize);
-
-fn body_rejection(e: BytesRejection, limit: usize) -> ApiError {
-    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::PayloadTooLarge(limit)
-    } else {
-        ApiError::InvalidArgument(format!("could not read the body: {e}"))
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let limit = state.limits.max_body_bytes;
+        match axum::body::to_bytes(req.into_body(), limit).await {
+            Ok(bytes) => Ok(RawBody(bytes)),
+            Err(e) => {
+                let too_large = std::error::Error::source(&e)
+                    .is_some_and(|cause| cause.is::<http_body_util::LengthLimitError>());
+                Err(if too_large {
+                    ApiError::PayloadTooLarge(limit)
+                } else {
+                    ApiError::InvalidArgument(format!("could not read the body: {e}"))
+                })
+            }
+        }
     }
 }
 
@@ -71,10 +62,10 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     })
 }
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let RawBody(bytes) = RawBody::from_request(req, state).await?;
         parse_json(&bytes).map(JsonBody)
     }
@@ -105,10 +96,10 @@ pub fn from_object<T: DeserializeOwned>(
 #[derive(Debug)]
 pub struct JsonObject<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonObject<T> {
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonObject<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let RawBody(bytes) = RawBody::from_request(req, state).await?;
         parse_object(&bytes).map(JsonObject)
     }
@@ -119,10 +110,10 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonObject<T> {
 #[derive(Debug)]
 pub struct OptionalJsonBody<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJsonBody<T> {
+impl<T: DeserializeOwned + Default> FromRequest<AppState> for OptionalJsonBody<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let RawBody(bytes) = RawBody::from_request(req, state).await?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(OptionalJsonBody(T::default()));
@@ -180,16 +171,17 @@ fn check_escapes(parts: &Parts) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The route's captures, percent-decoded, without deserializing them into
+/// a map (this runs on every entry request).
 async fn path_params<S: Send + Sync>(
     parts: &mut Parts,
     state: &S,
-) -> Result<Vec<(String, String)>, ApiError> {
+) -> Result<RawPathParams, ApiError> {
     check_escapes(parts)?;
-    Path::<Vec<(String, String)>>::from_request_parts(parts, state)
+    RawPathParams::from_request_parts(parts, state)
         .await
-        .map(|Path(p)| p)
-        .map_err(|e| match &e {
-            PathRejection::FailedToDeserializePathParams(inner) => {
+        .map_err(|e| match e {
+            RawPathParamsRejection::InvalidUtf8InPathParam(inner) => {
                 let text = inner.body_text();
                 if text.contains("`key`") {
                     ApiError::InvalidKey(format!("key is not valid percent-encoded UTF-8: {text}"))
@@ -203,11 +195,11 @@ async fn path_params<S: Send + Sync>(
         })
 }
 
-fn param(params: &[(String, String)], name: &str) -> Result<String, ApiError> {
+fn param(params: &RawPathParams, name: &str) -> Result<String, ApiError> {
     params
         .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.clone())
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
         .ok_or_else(|| ApiError::Internal(format!("route lacks the {name} parameter")))
 }
 

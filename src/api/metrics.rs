@@ -1,108 +1,136 @@
 //! `GET /metrics`: Prometheus text format.
 //!
-//! Request counts and latency histograms go through a per-app
-//! [`PrometheusRecorder`] (never a global one, so several servers in one
-//! process keep apart). Table figures are read from the tables' own counters
-//! at scrape time and formatted here, so a scrape shows a principal only the
-//! tables it may read.
+//! Request counts and latency histograms are kept per route, method and
+//! status in [`Metrics`], one per app (never global, so several servers in
+//! one process keep apart). Recording a request hashes its labels and adds
+//! to three atomics; label text is formatted once per series, not per
+//! request. Table figures are read from the tables' own counters at scrape
+//! time, so a scrape shows a principal only the tables it may read.
 
 use std::fmt::Write as _;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::middleware::Next;
+use axum::extract::State;
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
+use dashmap::DashMap;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{authorize, Op, Principal};
 use super::AppState;
+use crate::histogram::Histogram;
 use crate::store::Table;
 
-/// Latency histogram buckets in seconds: 50 µs to 2.5 s.
-const LATENCY_BUCKETS: [f64; 14] = [
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5,
-];
-
-/// The server's metrics registry. Cloning is shallow.
-#[derive(Clone)]
+/// Request metrics and the write-back round histogram. Cloning is shallow.
+#[derive(Debug, Clone, Default)]
 pub struct Metrics {
-    recorder: Arc<PrometheusRecorder>,
+    inner: Arc<Registry>,
 }
 
-impl std::fmt::Debug for Metrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Metrics")
+#[derive(Debug, Default)]
+struct Registry {
+    /// One series per (route, method, status), keyed by a hash of the three.
+    requests: DashMap<u64, Series, BuildHasherDefault<Prehashed>>,
+    /// Durations of write-back rounds.
+    writeback: Arc<Histogram>,
+}
+
+/// A series of requests: its labels, formatted once, and its latencies
+/// (whose count is the request count).
+#[derive(Debug)]
+struct Series {
+    labels: String,
+    latency: Histogram,
+}
+
+/// The map's keys are already hashes; hashing them again is wasted work.
+#[derive(Debug, Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
     }
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
     }
 }
 
 impl Metrics {
-    /// An empty registry with histogram buckets for latencies.
+    /// An empty registry.
     pub fn new() -> Self {
-        // set_buckets fails only for an empty list, which ours is not; the
-        // fallback renders summaries instead of histograms.
-        let builder = PrometheusBuilder::new()
-            .set_buckets(&LATENCY_BUCKETS)
-            .unwrap_or_else(|_| PrometheusBuilder::new());
-        Metrics {
-            recorder: Arc::new(builder.build_recorder()),
+        Self::default()
+    }
+
+    /// Counts one request and records its latency. `route` is the matched
+    /// route pattern (`/v1/tables/{table}`), or `unmatched`.
+    pub fn record_request(&self, route: &str, method: &Method, status: u16, took: Duration) {
+        let mut h = std::hash::DefaultHasher::new();
+        (route, method.as_str(), status).hash(&mut h);
+        let key = h.finish();
+        if let Some(series) = self.inner.requests.get(&key) {
+            series.latency.record(took);
+            return;
         }
+        self.inner
+            .requests
+            .entry(key)
+            .or_insert_with(|| Series {
+                // `:table` rather than `{table}`: some exposition-format
+                // parsers stumble on braces inside label values.
+                labels: format!(
+                    "route=\"{}\",method=\"{}\",status=\"{status}\"",
+                    route.replace('{', ":").replace('}', ""),
+                    method.as_str()
+                ),
+                latency: Histogram::default(),
+            })
+            .latency
+            .record(took);
     }
 
-    /// Counts one request and records its latency.
-    pub fn record_request(&self, route: &str, method: &str, status: u16, seconds: f64) {
-        metrics::with_local_recorder(self.recorder.as_ref(), || {
-            let labels = [
-                ("route", route.to_owned()),
-                ("method", method.to_owned()),
-                ("status", status.to_string()),
-            ];
-            metrics::counter!("larder_http_requests_total", &labels).increment(1);
-            metrics::histogram!("larder_http_request_duration_seconds", &labels).record(seconds);
-        });
+    /// The histogram of write-back round durations.
+    pub fn writeback_histogram(&self) -> Arc<Histogram> {
+        self.inner.writeback.clone()
     }
 
-    /// A histogram handle for write-back round durations, in seconds.
-    pub fn writeback_histogram(&self) -> metrics::Histogram {
-        metrics::with_local_recorder(self.recorder.as_ref(), || {
-            metrics::histogram!("larder_writeback_round_duration_seconds")
-        })
-    }
-
-    /// The registry's metrics in Prometheus text format.
+    /// The request and write-back metrics in Prometheus text format.
     pub fn render(&self) -> String {
-        self.recorder.handle().render()
+        let mut series: Vec<_> = self.inner.requests.iter().collect();
+        series.sort_by(|a, b| a.labels.cmp(&b.labels));
+        let mut out = String::new();
+        out.push_str(
+            "# HELP larder_http_requests_total Requests answered, by route, method and status.\n",
+        );
+        out.push_str("# TYPE larder_http_requests_total counter\n");
+        for s in &series {
+            let (labels, count) = (&s.labels, s.latency.count());
+            let _ = writeln!(out, "larder_http_requests_total{{{labels}}} {count}");
+        }
+        out.push_str("# HELP larder_http_request_duration_seconds Time to answer, by route, method and status.\n");
+        out.push_str("# TYPE larder_http_request_duration_seconds histogram\n");
+        for s in &series {
+            s.latency
+                .render(&mut out, "larder_http_request_duration_seconds", &s.labels);
+        }
+        out.push_str(
+            "# HELP larder_writeback_round_duration_seconds Duration of write-back rounds.\n",
+        );
+        out.push_str("# TYPE larder_writeback_round_duration_seconds histogram\n");
+        self.inner
+            .writeback
+            .render(&mut out, "larder_writeback_round_duration_seconds", "");
+        out
     }
-}
-
-/// Middleware: counts and times every request by route and status.
-pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    // `:table` rather than `{table}`: some exposition-format parsers stumble
-    // on braces inside label values.
-    let route = req.extensions().get::<MatchedPath>().map_or_else(
-        || "unmatched".to_owned(),
-        |p| p.as_str().replace('{', ":").replace('}', ""),
-    );
-    let method = req.method().as_str().to_owned();
-    let resp = next.run(req).await;
-    state.metrics.record_request(
-        &route,
-        &method,
-        resp.status().as_u16(),
-        started.elapsed().as_secs_f64(),
-    );
-    resp
 }
 
 /// Routes for `/metrics`.
@@ -294,8 +322,9 @@ mod tests {
     #[test]
     fn recorded_requests_are_rendered() {
         let m = Metrics::new();
-        m.record_request("/x", "GET", 200, 0.001);
-        m.record_request("/x", "GET", 200, 0.002);
+        let ms = std::time::Duration::from_millis;
+        m.record_request("/x", &Method::GET, 200, ms(1));
+        m.record_request("/x", &Method::GET, 200, ms(2));
         let text = m.render();
         assert!(
             text.contains(r#"larder_http_requests_total{route="/x",method="GET",status="200"} 2"#),

@@ -10,6 +10,7 @@ pub mod counters;
 pub mod drain;
 pub mod entries;
 pub mod extract;
+pub mod front;
 pub mod metrics;
 pub mod openapi;
 pub mod origin;
@@ -17,32 +18,43 @@ pub mod respond;
 pub mod service;
 pub mod tables;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{HeaderName, HeaderValue};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
-use axum::{Extension, Router};
-use tower_http::request_id::{
-    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
-};
-use tower_http::trace::TraceLayer;
-use tracing::Span;
+use axum::Router;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::error::{ApiError, InternalDetail};
+use crate::error::ApiError;
 use crate::persist::Durability;
 use crate::store::{Persistence, Store, Table, TableSpec};
-use extract::BodyLimit;
 
-/// What every handler can reach. Cloning is shallow.
+/// What every handler can reach. Cloning copies one pointer: axum clones
+/// the state for every layer and handler of every request, so it must cost
+/// one atomic increment, not one per field.
 #[derive(Debug, Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Services>);
+
+impl AppState {
+    /// Wraps the server's services.
+    pub fn new(services: Services) -> Self {
+        AppState(Arc::new(services))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Services;
+
+    fn deref(&self) -> &Services {
+        &self.0
+    }
+}
+
+/// The server's services, shared by every request through [`AppState`].
+#[derive(Debug)]
+pub struct Services {
     /// The tables.
     pub store: Store,
     /// Set once recovery is done; cleared when a stop begins. Gates `/v1`.
@@ -56,32 +68,63 @@ pub struct AppState {
     /// Configured bearer tokens; empty when authentication is off.
     pub tokens: Arc<auth::Tokens>,
     /// Request limits.
-    pub limits: Arc<Limits>,
+    pub limits: Limits,
+    /// Last request id handed out (ids count up from 1 per process).
+    pub request_ids: AtomicU64,
 }
 
 /// Limits on requests, from the configuration.
 #[derive(Debug)]
 pub struct Limits {
-    /// Permits for requests in flight; none left means shed with 503.
-    pub inflight: Arc<tokio::sync::Semaphore>,
+    /// Requests in flight now.
+    inflight: AtomicUsize,
+    /// Most requests in flight; past it new ones are shed with 503.
+    max_inflight: usize,
     /// Longest a request may take.
     pub timeout: Duration,
     /// Most tables that may exist.
     pub max_tables: usize,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
 }
 
 impl Limits {
-    /// Limits of `max_concurrent` requests, `timeout` each, `max_tables`.
-    pub fn new(max_concurrent: usize, timeout: Duration, max_tables: usize) -> Self {
+    /// Limits of `max_concurrent` requests, `timeout` each, `max_tables`,
+    /// and bodies of at most `max_body_bytes`.
+    pub fn new(
+        max_concurrent: usize,
+        timeout: Duration,
+        max_tables: usize,
+        max_body_bytes: usize,
+    ) -> Self {
         Limits {
-            inflight: Arc::new(tokio::sync::Semaphore::new(max_concurrent.max(1))),
+            inflight: AtomicUsize::new(0),
+            max_inflight: max_concurrent.max(1),
             timeout,
             max_tables,
+            max_body_bytes,
         }
+    }
+
+    /// Counts a request in, or `None` when the limit is reached.
+    pub fn enter(&self) -> Option<InflightPermit<'_>> {
+        let was = self.inflight.fetch_add(1, Ordering::AcqRel);
+        let permit = InflightPermit(&self.inflight);
+        (was < self.max_inflight).then_some(permit)
     }
 }
 
-impl AppState {
+/// Counts one request in flight until dropped.
+#[derive(Debug)]
+pub struct InflightPermit<'a>(&'a AtomicUsize);
+
+impl Drop for InflightPermit<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Services {
     /// The table named `name`, if `who` may perform `op` on it.
     ///
     /// # Errors
@@ -225,115 +268,21 @@ fn api_router() -> OpenApiRouter<AppState> {
 }
 
 /// The complete router: API routes, `/openapi.json`, Swagger UI at `/docs`,
-/// JSON fallbacks, and the middleware stack.
+/// JSON fallbacks, and the middleware: [`front`] on every route, and
+/// [`drain`] outermost so that even a request no route matched keeps its
+/// connection usable.
 pub fn build(state: AppState, opts: &HttpOptions) -> Router {
-    let access_log = opts.access_log;
     let (api, spec) = api_router().split_for_parts();
     let spec = openapi::finish(spec);
-    let request_id = HeaderName::from_static("x-request-id");
     api.merge(SwaggerUi::new("/docs").url("/openapi.json", spec))
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            auth::authenticate,
-        ))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            readiness_gate,
-        ))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            shed_and_time_out,
-        ))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            metrics::track,
-        ))
-        .layer(DefaultBodyLimit::max(opts.max_body_bytes))
-        .layer(Extension(BodyLimit(opts.max_body_bytes)))
-        .layer(PropagateRequestIdLayer::new(request_id.clone()))
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(|req: &Request| {
-                    let route = req
-                        .extensions()
-                        .get::<MatchedPath>()
-                        .map(|p| p.as_str().to_owned())
-                        .unwrap_or_default();
-                    let id = req
-                        .extensions()
-                        .get::<RequestId>()
-                        .and_then(|id| id.header_value().to_str().ok())
-                        .unwrap_or("-")
-                        .to_owned();
-                    tracing::debug_span!(
-                        "request",
-                        method = %req.method(),
-                        route,
-                        id,
-                        principal = tracing::field::Empty
-                    )
-                })
-                .on_response(move |resp: &Response, latency: Duration, _span: &Span| {
-                    let status = resp.status().as_u16();
-                    let latency_us = latency.as_micros() as u64;
-                    if let Some(InternalDetail(detail)) = resp.extensions().get::<InternalDetail>()
-                    {
-                        tracing::error!(status, latency_us, detail, "request failed");
-                    } else if access_log {
-                        tracing::info!(status, latency_us, "request");
-                    } else {
-                        tracing::debug!(status, latency_us, "request");
-                    }
-                }),
-        )
-        .layer(SetRequestIdLayer::new(
-            request_id,
-            CountingRequestId::default(),
-        ))
+        .layer(front::FrontLayer {
+            state: state.clone(),
+            access_log: opts.access_log,
+        })
         .layer(drain::DrainLayer {
             limit: opts.max_body_bytes,
         })
         .with_state(state)
-}
-
-/// Answers 503 on `/v1` until the store is recovered and after a stop begins.
-async fn readiness_gate(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if req.uri().path().starts_with("/v1/") && !state.ready.load(Ordering::Acquire) {
-        return ApiError::Unavailable("the server is starting or stopping".into()).into_response();
-    }
-    next.run(req).await
-}
-
-/// Sheds requests past the concurrency limit with 503 and `Retry-After`,
-/// and answers 503 for requests that run past the timeout. Liveness and
-/// readiness probes are exempt, so overload never looks like death.
-async fn shed_and_time_out(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let path = req.uri().path();
-    if path == "/healthz" || path == "/readyz" {
-        return next.run(req).await;
-    }
-    let Ok(_permit) = state.limits.inflight.clone().try_acquire_owned() else {
-        return ApiError::Unavailable("too many requests in flight; retry shortly".into())
-            .into_response();
-    };
-    match tokio::time::timeout(state.limits.timeout, next.run(req)).await {
-        Ok(resp) => resp,
-        Err(_) => ApiError::Unavailable("the request took too long and was abandoned".into())
-            .into_response(),
-    }
-}
-
-/// Request ids: a per-process sequence, cheap and unique within a log.
-#[derive(Debug, Clone, Default)]
-struct CountingRequestId(Arc<AtomicU64>);
-
-impl MakeRequestId for CountingRequestId {
-    fn make_request_id<B>(&mut self, _req: &axum::http::Request<B>) -> Option<RequestId> {
-        let n = self.0.fetch_add(1, Ordering::Relaxed) + 1;
-        HeaderValue::from_str(&n.to_string())
-            .ok()
-            .map(RequestId::new)
-    }
 }

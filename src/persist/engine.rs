@@ -103,6 +103,13 @@ pub struct SledEngine {
 }
 
 const DATA_PREFIX: &str = "data/";
+/// sled's page cache unless configured (`--sled-cache-bytes`). larder's own
+/// store holds every live object in memory already, and sled's pages are
+/// read only at start-up and when a write-back round updates a page that
+/// was evicted; sled's own default (1 GiB) kept a second, larger copy of
+/// every durable table in memory.
+pub const DEFAULT_SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 /// Name of the lock file in the data directory.
 pub const LOCK_FILE: &str = "larder.lock";
 
@@ -121,6 +128,15 @@ impl SledEngine {
     /// [`PersistError::Open`] with the cause: another process holds the
     /// directory, permission denied, or corrupt files.
     pub fn open(dir: &Path) -> Result<Self, PersistError> {
+        Self::open_with_cache(dir, DEFAULT_SLED_CACHE_BYTES)
+    }
+
+    /// Like [`SledEngine::open`], with sled's page cache bounded to
+    /// `cache_bytes`.
+    ///
+    /// # Errors
+    /// As [`SledEngine::open`].
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Self, PersistError> {
         let lock = hold_lock(dir)?;
         // Our lock is held, so no other larder uses the directory; sled's
         // own lock can still be held for a moment by the worker threads of
@@ -132,6 +148,7 @@ impl SledEngine {
             // flusher thread's clone of the database would hold the lock.
             let opened = sled::Config::new()
                 .path(dir)
+                .cache_capacity(cache_bytes)
                 .mode(sled::Mode::HighThroughput)
                 .flush_every_ms(None)
                 .open();

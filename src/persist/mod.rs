@@ -33,7 +33,9 @@ use thiserror::Error;
 use tokio::sync::watch;
 
 pub use codec::{decode_slot, encode_body, encode_slot, StoredTable, FORMAT_VERSION, RECORD_V2};
-pub use engine::{Change, Engine, EngineWrapper, SledEngine, Visitor, LOCK_FILE};
+pub use engine::{
+    Change, Engine, EngineWrapper, SledEngine, Visitor, DEFAULT_SLED_CACHE_BYTES, LOCK_FILE,
+};
 pub use migrate::{migrate, Migration, MIGRATIONS};
 pub use recovery::RecoveryReport;
 pub use writeback::{FlushOutcome, FlushStats};
@@ -96,7 +98,7 @@ struct Inner {
     /// Counters of rounds and writes, for logs and metrics.
     stats: FlushStats,
     /// Where round durations are recorded, once metrics are wired.
-    round_histogram: std::sync::OnceLock<metrics::Histogram>,
+    round_histogram: std::sync::OnceLock<Arc<crate::histogram::Histogram>>,
     /// Held for a whole write-back round and for every change of a table's
     /// stored definition, so a round never writes a dropped table's keys
     /// into the data space of a table re-created under the same name.
@@ -118,11 +120,12 @@ impl Durability {
     /// # Errors
     /// [`PersistError::Open`], [`PersistError::TooNew`], or a failed migration.
     pub fn open(dir: &Path, store: Store) -> Result<Self, PersistError> {
-        Self::open_with(dir, store, None)
+        Self::open_with(dir, store, None, DEFAULT_SLED_CACHE_BYTES)
     }
 
-    /// Like [`Durability::open`], with the sled engine passed through `wrap`
-    /// first (tests record what reaches the engine).
+    /// Like [`Durability::open`], with sled's page cache bounded to
+    /// `sled_cache_bytes` and the engine passed through `wrap` first (tests
+    /// record what reaches the engine).
     ///
     /// # Errors
     /// As [`Durability::open`].
@@ -130,11 +133,13 @@ impl Durability {
         dir: &Path,
         store: Store,
         wrap: Option<EngineWrapper>,
+        sled_cache_bytes: u64,
     ) -> Result<Self, PersistError> {
         if dir.exists() && !dir.is_dir() {
             return Err(PersistError::Open("it is not a directory".into()));
         }
-        let mut engine: Arc<dyn Engine> = Arc::new(SledEngine::open(dir)?);
+        let mut engine: Arc<dyn Engine> =
+            Arc::new(SledEngine::open_with_cache(dir, sled_cache_bytes)?);
         if let Some(wrap) = wrap {
             engine = wrap(engine);
         }
@@ -162,7 +167,7 @@ impl Durability {
     }
 
     /// Records each write-back round's duration, in seconds, here.
-    pub fn set_round_histogram(&self, histogram: metrics::Histogram) {
+    pub fn set_round_histogram(&self, histogram: Arc<crate::histogram::Histogram>) {
         let _ = self.inner.round_histogram.set(histogram);
     }
 

@@ -175,7 +175,7 @@ impl Durability {
         stats.last_round_us.store(elapsed, Ordering::Relaxed);
         stats.total_round_us.fetch_add(elapsed, Ordering::Relaxed);
         if let Some(h) = inner.round_histogram.get() {
-            h.record(elapsed as f64 / 1e6);
+            h.record(started.elapsed());
         }
         for (table, _) in &written {
             if table.persistence() == Persistence::Periodic {

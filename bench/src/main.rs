@@ -1,0 +1,413 @@
+//! `larder-bench`: larder measured from outside, against the ceiling the
+//! HTTP stack itself sets on the same machine.
+//!
+//! The ceiling is `larder-ceiling`, a bare axum server with no middleware
+//! answering the same paths with bodies of the same size. Every row runs
+//! the same wrk workload against the ceiling and against larder, alternating
+//! (A B A B …) so that drift of a shared, noisy machine cancels, and reports
+//! larder's throughput as a ratio of the ceiling's. When Redis and Webdis are
+//! installed, peer rows compare larder with Webdis on the same keys and
+//! value sizes. Memory rows load 1M entries into `none`, `periodic` and
+//! `sync` tables and read the server's resident memory, after the load and
+//! after a restart; the restart of the persisted table is timed.
+//!
+//! Absolute numbers on a shared two-core machine are noise; ratios are the
+//! signal.
+
+mod procs;
+mod report;
+mod wrk;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use procs::{fail, http, metric, Proc};
+use report::{MemoryRow, PeerRow, Report, Row};
+use wrk::Workload;
+
+/// Benchmark options.
+#[derive(Debug, Parser)]
+#[command(
+    name = "larder-bench",
+    about = "Benchmark larder against a bare axum server and Webdis"
+)]
+struct Options {
+    /// How long each wrk run lasts, e.g. `5s` or `1500ms`.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Alternations per row: each round runs the ceiling, then larder.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Keep-alive connections of wrk.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Keys in the GET, PUT and counter tables.
+    #[arg(long, default_value_t = 10_000)]
+    keys: usize,
+    /// Entries loaded for the memory rows and the start-up measurement.
+    #[arg(long, default_value_t = 1_000_000)]
+    memory_entries: usize,
+    /// Skip the memory and start-up rows.
+    #[arg(long)]
+    skip_memory: bool,
+    /// The `larder` binary; default: next to this one.
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// The `larder-ceiling` binary; default: next to this one.
+    #[arg(long)]
+    ceiling_bin: Option<PathBuf>,
+    /// Where to write the results as JSON.
+    #[arg(long, default_value = "bench-results.json")]
+    out: PathBuf,
+}
+
+/// A 100-byte JSON value: a string of 98 characters in quotes.
+fn value100() -> String {
+    format!("\"{}\"", "v".repeat(98))
+}
+
+/// A 16-byte key.
+fn key(i: usize) -> String {
+    format!("k{i:015}")
+}
+
+fn create(addr: SocketAddr, body: serde_json::Value) {
+    let (status, text) = http(addr, "POST", "/v1/tables", body.to_string().as_bytes());
+    if status != 201 {
+        fail(&format!(
+            "creating a table: {status} {}",
+            String::from_utf8_lossy(&text)
+        ));
+    }
+}
+
+/// Bulk-inserts keys `0..n` with 100-byte values, in batches under the
+/// default body limit.
+fn fill(addr: SocketAddr, table: &str, n: usize) {
+    let value = value100();
+    for start in (0..n).step_by(4000) {
+        let end = (start + 4000).min(n);
+        let mut body = String::with_capacity((end - start) * 140 + 2);
+        body.push('[');
+        for i in start..end {
+            if i > start {
+                body.push(',');
+            }
+            body.push_str(&format!("{{\"key\":\"{}\",\"value\":{value}}}", key(i)));
+        }
+        body.push(']');
+        let path = format!("/v1/tables/{table}/entries");
+        let (status, text) = http(addr, "POST", &path, body.as_bytes());
+        if status != 200 {
+            fail(&format!(
+                "filling {table}: {status} {}",
+                String::from_utf8_lossy(&text)
+            ));
+        }
+    }
+}
+
+/// One row: a workload, its target ratio, and whether it counts fsyncs.
+struct Spec {
+    name: &'static str,
+    target: f64,
+    workload: Workload,
+    sync: bool,
+}
+
+fn specs(keys: usize) -> Vec<Spec> {
+    let v = value100();
+    let row = |name, target, method, path: &str, body: Option<&str>, sync| Spec {
+        name,
+        target,
+        workload: Workload::new(method, path, body, keys),
+        sync,
+    };
+    vec![
+        row("noop (middleware only)", 0.90, "GET", "/noop", None, false),
+        row(
+            "GET hit, 10k keys, 100-byte values",
+            0.85,
+            "GET",
+            "/v1/tables/hits/entries/%K",
+            None,
+            false,
+        ),
+        row(
+            "PUT replace, none",
+            0.80,
+            "PUT",
+            "/v1/tables/none/entries/%K",
+            Some(&v),
+            false,
+        ),
+        row(
+            "PUT replace, periodic 1000 ms",
+            0.75,
+            "PUT",
+            "/v1/tables/periodic/entries/%K",
+            Some(&v),
+            false,
+        ),
+        row(
+            "PUT replace, sync",
+            0.30,
+            "PUT",
+            "/v1/tables/sync/entries/%K",
+            Some(&v),
+            true,
+        ),
+        row(
+            "counter, 10k keys",
+            0.80,
+            "POST",
+            "/v1/tables/counters/entries/%C/counter",
+            Some("{\"default\":0}"),
+            false,
+        ),
+        row(
+            "counter, one hot key",
+            0.60,
+            "POST",
+            "/v1/tables/counters/entries/hot/counter",
+            Some("{\"default\":0}"),
+            false,
+        ),
+        row(
+            "scan 100, ordered_set",
+            0.40,
+            "GET",
+            "/v1/tables/ordered/entries?start=%K&limit=100",
+            None,
+            false,
+        ),
+    ]
+}
+
+fn main() {
+    let opts = Options::parse();
+    wrk::ensure_installed();
+    let server = procs::sibling("larder", opts.server_bin.as_ref());
+    let ceiling_bin = procs::sibling("larder-ceiling", opts.ceiling_bin.as_ref());
+    let dir = tempfile::tempdir().unwrap_or_else(|e| fail(&format!("temp dir: {e}")));
+    let scripts = dir.path().join("scripts");
+    std::fs::create_dir_all(&scripts).unwrap_or_else(|e| fail(&format!("{e}")));
+    let (c, d) = (opts.connections, opts.duration);
+
+    let ceiling = procs::start_ceiling(&ceiling_bin);
+    let larder = procs::start_larder(&server, &dir.path().join("data"), &[]);
+    let addr = larder.addr;
+    for (name, body) in [
+        ("hits", serde_json::json!({"name": "hits"})),
+        ("none", serde_json::json!({"name": "none"})),
+        (
+            "periodic",
+            serde_json::json!({"name": "periodic", "persistence": "periodic", "auto_save_ms": 1000}),
+        ),
+        (
+            "sync",
+            serde_json::json!({"name": "sync", "persistence": "sync"}),
+        ),
+        ("counters", serde_json::json!({"name": "counters"})),
+        (
+            "ordered",
+            serde_json::json!({"name": "ordered", "type": "ordered_set"}),
+        ),
+    ] {
+        create(addr, body);
+        if name != "counters" {
+            fill(addr, name, opts.keys);
+        }
+    }
+
+    // The generator check: wrk with a Lua script against wrk with a fixed
+    // request, both on the ceiling's GET path.
+    let get_hit = Workload::new("GET", "/v1/tables/hits/entries/%K", None, opts.keys)
+        .save(&scripts, "generator-check");
+    let fixed = wrk::run(
+        ceiling.addr,
+        None,
+        &format!("/v1/tables/hits/entries/{}", key(0)),
+        c,
+        d,
+    );
+    let scripted = wrk::run(ceiling.addr, Some(&get_hit), "/", c, d);
+    eprintln!(
+        "generator check on the ceiling: wrk with a fixed request {:.0} req/s, scripted {:.0} req/s ({:.2})",
+        fixed.rps,
+        scripted.rps,
+        scripted.rps / fixed.rps.max(1.0)
+    );
+
+    let mut rows = Vec::new();
+    for spec in specs(opts.keys) {
+        let script = spec.workload.save(&scripts, &slug(spec.name));
+        let mut row = Row::new(spec.name, spec.target);
+        let (mut writes, mut flushes) = (0.0, 0.0);
+        for round in 0..opts.rounds {
+            eprintln!("{} (round {}/{})…", spec.name, round + 1, opts.rounds);
+            row.ceiling
+                .push(wrk::run(ceiling.addr, Some(&script), "/", c, d));
+            let before = sync_counts(addr, spec.sync);
+            row.larder.push(wrk::run(addr, Some(&script), "/", c, d));
+            let after = sync_counts(addr, spec.sync);
+            writes += after.0 - before.0;
+            flushes += after.1 - before.1;
+        }
+        if spec.sync {
+            row.writes_per_fsync = Some(if flushes > 0.0 { writes / flushes } else { 0.0 });
+        }
+        row.finish();
+        rows.push(row);
+    }
+    drop(ceiling);
+
+    let peers = match procs::start_webdis(dir.path()) {
+        Some(webdis) => peer_rows(&opts, addr, &webdis.http, &scripts),
+        None => {
+            eprintln!("Webdis or Redis not installed: no peer rows");
+            Vec::new()
+        }
+    };
+    drop(larder);
+
+    let memory = if opts.skip_memory {
+        Vec::new()
+    } else {
+        memory_rows(&server, dir.path(), opts.memory_entries)
+    };
+
+    let report = Report::new(&opts, fixed, scripted, rows, peers, memory);
+    report.print();
+    let json = serde_json::to_vec_pretty(&report).unwrap_or_default();
+    if let Err(e) = std::fs::write(&opts.out, json) {
+        fail(&format!("cannot write {}: {e}", opts.out.display()));
+    }
+    eprintln!("results written to {}", opts.out.display());
+}
+
+fn slug(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect()
+}
+
+/// Sync writes made durable and write-back rounds so far (zeros if `sync`
+/// is false, to spare a scrape).
+fn sync_counts(addr: SocketAddr, sync: bool) -> (f64, f64) {
+    if !sync {
+        return (0.0, 0.0);
+    }
+    (
+        metric(addr, "larder_sync_writes_total"),
+        metric(addr, "larder_writeback_rounds_total"),
+    )
+}
+
+/// larder against Webdis on GET, SET and INCR, same keys and value size.
+fn peer_rows(opts: &Options, larder: SocketAddr, webdis: &Proc, scripts: &Path) -> Vec<PeerRow> {
+    let (c, d) = (opts.connections, opts.duration);
+    let v = value100();
+    // Webdis needs its keys too: SET each through it.
+    let fill_set =
+        Workload::new("PUT", "/SET/%K", Some(&v), opts.keys).save(scripts, "webdis-fill");
+    let _ = wrk::run(webdis.addr, Some(&fill_set), "/", c, Duration::from_secs(2));
+    let pairs = [
+        (
+            "GET",
+            "/v1/tables/hits/entries/%K",
+            None,
+            "/GET/%K",
+            None,
+            1.3,
+        ),
+        (
+            "PUT vs SET",
+            "/v1/tables/none/entries/%K",
+            Some(v.as_str()),
+            "/SET/%K",
+            Some(v.as_str()),
+            1.3,
+        ),
+        (
+            "counter vs INCR",
+            "/v1/tables/counters/entries/%C/counter",
+            Some("{\"default\":0}"),
+            "/INCR/%C",
+            None,
+            1.3,
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (name, lpath, lbody, wpath, wbody, target) in pairs {
+        let method = if lbody.is_some() && lpath.ends_with("counter") {
+            "POST"
+        } else if lbody.is_some() {
+            "PUT"
+        } else {
+            "GET"
+        };
+        let wmethod = if wbody.is_some() { "PUT" } else { "GET" };
+        let ls = Workload::new(method, lpath, lbody, opts.keys)
+            .save(scripts, &format!("peer-larder-{}", slug(name)));
+        let ws = Workload::new(wmethod, wpath, wbody, opts.keys)
+            .save(scripts, &format!("peer-webdis-{}", slug(name)));
+        let mut row = PeerRow::new(name, target);
+        for round in 0..opts.rounds {
+            eprintln!("peer {name} (round {}/{})…", round + 1, opts.rounds);
+            row.webdis.push(wrk::run(webdis.addr, Some(&ws), "/", c, d));
+            row.larder.push(wrk::run(larder, Some(&ls), "/", c, d));
+        }
+        row.finish();
+        rows.push(row);
+    }
+    rows
+}
+
+/// Resident memory of 1M entries (16-byte keys, 100-byte values) in each
+/// persistence mode, after the load and after a restart.
+fn memory_rows(server: &Path, dir: &Path, entries: usize) -> Vec<MemoryRow> {
+    let raw = (entries * (16 + 100)) as f64;
+    let mut rows = Vec::new();
+    for mode in ["none", "periodic", "sync"] {
+        eprintln!("memory: {entries} entries, {mode}…");
+        let data = dir.join(format!("memory-{mode}"));
+        let larder = procs::start_larder(server, &data, &[]);
+        let mut body = serde_json::json!({"name": "m", "persistence": mode});
+        if mode == "periodic" {
+            body["auto_save_ms"] = serde_json::json!(1000);
+        }
+        create(larder.addr, body);
+        let empty = larder.rss();
+        fill(larder.addr, "m", entries);
+        if mode != "none" {
+            let _ = http(larder.addr, "POST", "/v1/tables/m/sync", b"");
+        }
+        let loaded = larder.rss();
+        let mut row = MemoryRow {
+            mode,
+            entries,
+            raw_bytes: raw as u64,
+            after_load_ratio: (loaded.saturating_sub(empty)) as f64 / raw,
+            after_restart_ratio: None,
+            startup_ms: None,
+        };
+        if mode != "none" {
+            larder.terminate();
+            let started = Instant::now();
+            let again = procs::start_larder(server, &data, &[]);
+            row.startup_ms = Some(started.elapsed().as_millis() as u64);
+            let fresh = procs::start_larder(server, &dir.join(format!("memory-{mode}-empty")), &[]);
+            create(
+                fresh.addr,
+                serde_json::json!({"name": "m", "persistence": mode}),
+            );
+            let baseline = fresh.rss();
+            row.after_restart_ratio = Some(again.rss().saturating_sub(baseline) as f64 / raw);
+        }
+        rows.push(row);
+    }
+    rows
+}

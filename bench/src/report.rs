@@ -1,0 +1,260 @@
+//! Results: rows with their ratios and targets, printed as a markdown table
+//! and saved as JSON.
+
+use serde::Serialize;
+
+use crate::wrk::Run;
+use crate::Options;
+
+/// A row against the ceiling: every alternation of both servers.
+#[derive(Debug, Serialize)]
+pub struct Row {
+    pub name: String,
+    pub ceiling: Vec<Run>,
+    pub larder: Vec<Run>,
+    pub ceiling_rps: f64,
+    pub larder_rps: f64,
+    /// larder's throughput over the ceiling's, summed over the rounds.
+    pub ratio: f64,
+    pub target: f64,
+    pub met: bool,
+    /// Non-2xx answers and socket errors seen by wrk on larder.
+    pub errors: u64,
+    pub larder_p99_us: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub writes_per_fsync: Option<f64>,
+}
+
+fn mean_rps(runs: &[Run]) -> f64 {
+    runs.iter().map(|r| r.rps).sum::<f64>() / runs.len().max(1) as f64
+}
+
+impl Row {
+    pub fn new(name: &str, target: f64) -> Row {
+        Row {
+            name: name.to_owned(),
+            ceiling: Vec::new(),
+            larder: Vec::new(),
+            ceiling_rps: 0.0,
+            larder_rps: 0.0,
+            ratio: 0.0,
+            target,
+            met: false,
+            errors: 0,
+            larder_p99_us: 0.0,
+            writes_per_fsync: None,
+        }
+    }
+
+    /// Computes the summary fields from the runs.
+    pub fn finish(&mut self) {
+        self.ceiling_rps = mean_rps(&self.ceiling);
+        self.larder_rps = mean_rps(&self.larder);
+        self.ratio = self.larder_rps / self.ceiling_rps.max(1.0);
+        self.errors = self
+            .larder
+            .iter()
+            .map(|r| r.non_2xx + r.socket_errors)
+            .sum();
+        self.larder_p99_us = self.larder.iter().map(|r| r.p99_us).fold(0.0, f64::max);
+        let grouped = self.writes_per_fsync.is_none_or(|w| w >= 20.0);
+        self.met = self.ratio >= self.target && self.errors == 0 && grouped;
+    }
+}
+
+/// A row against Webdis.
+#[derive(Debug, Serialize)]
+pub struct PeerRow {
+    pub name: String,
+    pub webdis: Vec<Run>,
+    pub larder: Vec<Run>,
+    pub webdis_rps: f64,
+    pub larder_rps: f64,
+    pub ratio: f64,
+    pub target: f64,
+    pub met: bool,
+}
+
+impl PeerRow {
+    pub fn new(name: &str, target: f64) -> PeerRow {
+        PeerRow {
+            name: name.to_owned(),
+            webdis: Vec::new(),
+            larder: Vec::new(),
+            webdis_rps: 0.0,
+            larder_rps: 0.0,
+            ratio: 0.0,
+            target,
+            met: false,
+        }
+    }
+
+    pub fn finish(&mut self) {
+        self.webdis_rps = mean_rps(&self.webdis);
+        self.larder_rps = mean_rps(&self.larder);
+        self.ratio = self.larder_rps / self.webdis_rps.max(1.0);
+        self.met = self.ratio >= self.target;
+    }
+}
+
+/// Resident memory of loaded entries in one persistence mode.
+#[derive(Debug, Serialize)]
+pub struct MemoryRow {
+    pub mode: &'static str,
+    pub entries: usize,
+    pub raw_bytes: u64,
+    /// Growth of resident memory over the raw bytes, after the load.
+    pub after_load_ratio: f64,
+    /// The same for a restarted server that loaded the entries from disk.
+    pub after_restart_ratio: Option<f64>,
+    /// Time from start to ready with the entries on disk.
+    pub startup_ms: Option<u64>,
+}
+
+/// Everything a run measured.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub machine: String,
+    pub connections: usize,
+    pub duration_ms: u64,
+    pub rounds: usize,
+    pub generator_fixed_rps: f64,
+    pub generator_scripted_rps: f64,
+    pub generator_ok: bool,
+    pub rows: Vec<Row>,
+    pub peers: Vec<PeerRow>,
+    pub memory: Vec<MemoryRow>,
+}
+
+/// Memory a durable table may take, as a multiple of the raw bytes.
+const MEMORY_TARGET: f64 = 3.0;
+/// Longest start-up with the entries on disk, milliseconds.
+const STARTUP_TARGET_MS: u64 = 5_000;
+
+impl Report {
+    pub fn new(
+        opts: &Options,
+        fixed: Run,
+        scripted: Run,
+        rows: Vec<Row>,
+        peers: Vec<PeerRow>,
+        memory: Vec<MemoryRow>,
+    ) -> Report {
+        Report {
+            machine: machine(),
+            connections: opts.connections,
+            duration_ms: opts.duration.as_millis() as u64,
+            rounds: opts.rounds,
+            generator_fixed_rps: fixed.rps,
+            generator_scripted_rps: scripted.rps,
+            generator_ok: scripted.rps >= 0.9 * fixed.rps,
+            rows,
+            peers,
+            memory,
+        }
+    }
+
+    /// Prints the report as markdown tables.
+    pub fn print(&self) {
+        println!(
+            "machine: {}; server and load generator share it.",
+            self.machine
+        );
+        println!(
+            "wrk -t1 -c{} for {} ms per run, {} alternations (ceiling, larder) per row.",
+            self.connections, self.duration_ms, self.rounds
+        );
+        println!(
+            "generator check on the ceiling: wrk fixed request {:.0} req/s, wrk scripted {:.0} req/s ({:.2}, {})",
+            self.generator_fixed_rps,
+            self.generator_scripted_rps,
+            self.generator_scripted_rps / self.generator_fixed_rps.max(1.0),
+            if self.generator_ok { "ok: >= 0.90" } else { "BELOW 0.90" }
+        );
+        println!();
+        println!("| row | ceiling req/s | larder req/s | ratio | target | |");
+        println!("|---|---|---|---|---|---|");
+        for r in &self.rows {
+            let extra = r
+                .writes_per_fsync
+                .map(|w| format!(", {w:.1} writes/fsync (target >= 20)"))
+                .unwrap_or_default();
+            let errors = if r.errors > 0 {
+                format!(", {} errors", r.errors)
+            } else {
+                String::new()
+            };
+            println!(
+                "| {} | {:.0} | {:.0} | {:.2} | >= {:.2}{extra}{errors} | {} |",
+                r.name,
+                r.ceiling_rps,
+                r.larder_rps,
+                r.ratio,
+                r.target,
+                mark(r.met)
+            );
+        }
+        if !self.peers.is_empty() {
+            println!();
+            println!("| peer row | Webdis req/s | larder req/s | ratio | target | |");
+            println!("|---|---|---|---|---|---|");
+            for p in &self.peers {
+                println!(
+                    "| {} | {:.0} | {:.0} | {:.2} | >= {:.2} | {} |",
+                    p.name,
+                    p.webdis_rps,
+                    p.larder_rps,
+                    p.ratio,
+                    p.target,
+                    mark(p.met)
+                );
+            }
+        }
+        if !self.memory.is_empty() {
+            println!();
+            println!(
+                "| memory, {} entries | after load | after restart | start-up | |",
+                self.memory[0].entries
+            );
+            println!("|---|---|---|---|---|");
+            for m in &self.memory {
+                let durable = m.mode != "none";
+                let met = !durable
+                    || (m.after_load_ratio <= MEMORY_TARGET
+                        && m.after_restart_ratio.is_none_or(|r| r <= MEMORY_TARGET)
+                        && m.startup_ms.is_none_or(|t| t < STARTUP_TARGET_MS));
+                println!(
+                    "| {} | {:.2}x raw | {} | {} | {} |",
+                    m.mode,
+                    m.after_load_ratio,
+                    m.after_restart_ratio
+                        .map_or("-".to_owned(), |r| format!("{r:.2}x raw")),
+                    m.startup_ms.map_or("-".to_owned(), |t| format!("{t} ms")),
+                    if durable { mark(met) } else { "(no target)" }
+                );
+            }
+        }
+    }
+}
+
+fn mark(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} cores, {cpu}")
+}

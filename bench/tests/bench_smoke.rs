@@ -1,0 +1,79 @@
+//! The benchmark runs end to end, briefly: every row, the generator check
+//! and the memory rows, on small numbers. It asserts that the run completes
+//! and reports what it measured, never how fast anything was.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// A binary of the workspace, built (debug) if this test run has not.
+fn workspace_bin(name: &str) -> PathBuf {
+    let dir = std::env::current_exe()
+        .expect("test path")
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target profile directory")
+        .to_owned();
+    let path = dir.join(name);
+    if !path.exists() {
+        let built = Command::new(env!("CARGO"))
+            .args(["build", "--bin", name])
+            .status()
+            .expect("cargo runs");
+        assert!(built.success(), "building {name}");
+    }
+    path
+}
+
+#[test]
+fn the_benchmark_runs_end_to_end() {
+    let wrk = Command::new("wrk").arg("--version").output();
+    if !wrk.is_ok_and(|o| !o.stdout.is_empty() || !o.stderr.is_empty()) {
+        eprintln!("skipped: wrk is not installed (.ci/run installs it)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bench.json");
+    let run = Command::new(env!("CARGO_BIN_EXE_larder-bench"))
+        .env_clear()
+        .envs(std::env::vars().filter(|(k, _)| !k.starts_with("LARDER_")))
+        .args(["--duration", "1s", "--rounds", "1", "--connections", "8"])
+        .args(["--keys", "500", "--memory-entries", "2000"])
+        .arg("--server-bin")
+        .arg(workspace_bin("larder"))
+        .arg("--ceiling-bin")
+        .arg(workspace_bin("larder-ceiling"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("the benchmark runs");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        stdout.contains("server and load generator share"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("generator check"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 8);
+    assert_eq!(rows[0]["name"], "noop (middleware only)");
+    for row in rows {
+        assert!(row["larder"][0]["requests"].as_u64().unwrap() > 0, "{row}");
+        assert!(row["ceiling"][0]["requests"].as_u64().unwrap() > 0, "{row}");
+        assert_eq!(row["errors"], 0, "{row}");
+        assert!(row["ratio"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    assert!(rows
+        .iter()
+        .any(|r| r["writes_per_fsync"].as_f64().is_some()));
+    let memory = report["memory"].as_array().unwrap();
+    assert_eq!(memory.len(), 3);
+    for m in memory {
+        assert!(m["after_load_ratio"].as_f64().is_some(), "{m}");
+    }
+    assert!(memory[1]["startup_ms"].as_u64().is_some());
+}
