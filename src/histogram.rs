@@ -35,6 +35,15 @@ impl Histogram {
         self.sum_us.fetch_add(us, Relaxed);
     }
 
+    /// Adds `other`'s observations to this one.
+    pub fn add(&self, other: &Histogram) {
+        for (mine, theirs) in self.buckets.iter().zip(&other.buckets) {
+            mine.fetch_add(theirs.load(Relaxed), Relaxed);
+        }
+        self.count.fetch_add(other.count.load(Relaxed), Relaxed);
+        self.sum_us.fetch_add(other.sum_us.load(Relaxed), Relaxed);
+    }
+
     /// How many durations were recorded.
     pub fn count(&self) -> u64 {
         self.count.load(Relaxed)

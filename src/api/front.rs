@@ -102,7 +102,9 @@ where
     let route = req.extensions().get::<MatchedPath>().cloned();
     let method = req.method().clone();
     let log = access_log || tracing::enabled!(Level::DEBUG);
-    let mut principal: Option<Arc<str>> = None;
+    // The caller's name, for the span and the log line; left `None` (and not
+    // cloned) when neither will be written.
+    let mut principal: Option<Arc<str>> = log.then(|| Arc::from("-"));
 
     let mut resp = match admit(&state, &mut req, &mut principal) {
         Err(refused) => refused.into_response(),
@@ -164,7 +166,10 @@ fn admit<'s>(
         .authenticate(req.headers().get(header::AUTHORIZATION))
     {
         Ok(who) => {
-            *principal = Some(who.name.clone());
+            if let Some(name) = principal.as_mut() {
+                // Only kept when something will log it.
+                *name = who.name.clone();
+            }
             req.extensions_mut().insert(who);
         }
         Err(e) if needs_auth => return Err(e),

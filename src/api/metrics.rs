@@ -2,21 +2,24 @@
 //!
 //! Request counts and latency histograms are kept per route, method and
 //! status in [`Metrics`], one per app (never global, so several servers in
-//! one process keep apart). Recording a request hashes its labels and adds
-//! to three atomics; label text is formatted once per series, not per
+//! one process keep apart). Recording a request hashes its labels, finds
+//! its series in a thread-local cache and adds to three atomics of that
+//! thread's stripe; label text is formatted once per series, not per
 //! request. Table figures are read from the tables' own counters at scrape
 //! time, so a scrape shows a principal only the tables it may read.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use dashmap::DashMap;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -31,37 +34,70 @@ pub struct Metrics {
     inner: Arc<Registry>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Registry {
+    /// Tells this registry's series apart in the threads' caches (tests
+    /// run several servers in one process).
+    id: u64,
     /// One series per (route, method, status), keyed by a hash of the three.
-    requests: DashMap<u64, Series, BuildHasherDefault<Prehashed>>,
+    /// Locked only to add a series and to render.
+    requests: Mutex<HashMap<u64, Arc<Series>>>,
     /// Durations of write-back rounds.
     writeback: Arc<Histogram>,
 }
 
+impl Default for Registry {
+    fn default() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        Registry {
+            id: NEXT.fetch_add(1, Relaxed),
+            requests: Mutex::default(),
+            writeback: Arc::default(),
+        }
+    }
+}
+
+/// Stripes of a series' histogram. When several cores serve one route, one
+/// shared set of counters bounces between them on every request; each
+/// thread records into its own stripe instead, and a scrape adds them up.
+const STRIPES: usize = 8;
+
 /// A series of requests: its labels, formatted once, and its latencies
-/// (whose count is the request count).
+/// (whose count is the request count), striped by thread.
 #[derive(Debug)]
 struct Series {
     labels: String,
-    latency: Histogram,
+    stripes: [Stripe; STRIPES],
 }
 
-/// The map's keys are already hashes; hashing them again is wasted work.
+/// One stripe, alone on its cache lines.
 #[derive(Debug, Default)]
-struct Prehashed(u64);
+#[repr(align(128))]
+struct Stripe(Histogram);
 
-impl Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
+thread_local! {
+    /// This thread's stripe.
+    static STRIPE: usize = {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        NEXT.fetch_add(1, Relaxed) % STRIPES
+    };
+    /// Series this thread has recorded into, by (registry, series key), so
+    /// the request path takes no shared lock to find them.
+    static SEEN: RefCell<HashMap<(u64, u64), Arc<Series>>> = RefCell::default();
+}
+
+impl Series {
+    fn record(&self, took: Duration) {
+        let stripe = STRIPE.with(|s| *s);
+        self.stripes[stripe].0.record(took);
     }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+
+    fn merged(&self) -> Histogram {
+        let merged = Histogram::default();
+        for s in &self.stripes {
+            merged.add(&s.0);
         }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
+        merged
     }
 }
 
@@ -76,26 +112,32 @@ impl Metrics {
     pub fn record_request(&self, route: &str, method: &Method, status: u16, took: Duration) {
         let mut h = std::hash::DefaultHasher::new();
         (route, method.as_str(), status).hash(&mut h);
-        let key = h.finish();
-        if let Some(series) = self.inner.requests.get(&key) {
-            series.latency.record(took);
-            return;
-        }
-        self.inner
-            .requests
-            .entry(key)
-            .or_insert_with(|| Series {
-                // `:table` rather than `{table}`: some exposition-format
-                // parsers stumble on braces inside label values.
-                labels: format!(
-                    "route=\"{}\",method=\"{}\",status=\"{status}\"",
-                    route.replace('{', ":").replace('}', ""),
-                    method.as_str()
-                ),
-                latency: Histogram::default(),
-            })
-            .latency
-            .record(took);
+        let key = (self.inner.id, h.finish());
+        let cached = SEEN.with(|seen| seen.borrow().get(&key).cloned());
+        let series = cached.unwrap_or_else(|| {
+            let series = self
+                .inner
+                .requests
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(key.1)
+                .or_insert_with(|| {
+                    Arc::new(Series {
+                        // `:table` rather than `{table}`: some exposition-format
+                        // parsers stumble on braces inside label values.
+                        labels: format!(
+                            "route=\"{}\",method=\"{}\",status=\"{status}\"",
+                            route.replace('{', ":").replace('}', ""),
+                            method.as_str()
+                        ),
+                        stripes: Default::default(),
+                    })
+                })
+                .clone();
+            SEEN.with(|seen| seen.borrow_mut().insert(key, series.clone()));
+            series
+        });
+        series.record(took);
     }
 
     /// The histogram of write-back round durations.
@@ -105,22 +147,31 @@ impl Metrics {
 
     /// The request and write-back metrics in Prometheus text format.
     pub fn render(&self) -> String {
-        let mut series: Vec<_> = self.inner.requests.iter().collect();
-        series.sort_by(|a, b| a.labels.cmp(&b.labels));
+        let mut series: Vec<(String, Histogram)> = self
+            .inner
+            .requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(|s| (s.labels.clone(), s.merged()))
+            .collect();
+        series.sort_by(|a, b| a.0.cmp(&b.0));
         let mut out = String::new();
         out.push_str(
             "# HELP larder_http_requests_total Requests answered, by route, method and status.\n",
         );
         out.push_str("# TYPE larder_http_requests_total counter\n");
-        for s in &series {
-            let (labels, count) = (&s.labels, s.latency.count());
-            let _ = writeln!(out, "larder_http_requests_total{{{labels}}} {count}");
+        for (labels, latency) in &series {
+            let _ = writeln!(
+                out,
+                "larder_http_requests_total{{{labels}}} {}",
+                latency.count()
+            );
         }
         out.push_str("# HELP larder_http_request_duration_seconds Time to answer, by route, method and status.\n");
         out.push_str("# TYPE larder_http_request_duration_seconds histogram\n");
-        for s in &series {
-            s.latency
-                .render(&mut out, "larder_http_request_duration_seconds", &s.labels);
+        for (labels, latency) in &series {
+            latency.render(&mut out, "larder_http_request_duration_seconds", labels);
         }
         out.push_str(
             "# HELP larder_writeback_round_duration_seconds Duration of write-back rounds.\n",

@@ -26,6 +26,13 @@ const GATHER_STEP: Duration = Duration::from_micros(200);
 /// Group commit: never delay a commit by more than this.
 const GATHER_MAX: Duration = Duration::from_millis(2);
 
+/// Keys per write handed to the engine within a round. sled holds a big
+/// batch in memory several times over: saving 1M fresh keys of a periodic
+/// table in one batch took the server to 1,160 MB resident, in batches of
+/// 1024 to 980 MB per 200k keys' worth, in batches of 128 to 472 MB (32 gave
+/// no further gain).
+const WRITE_BATCH: usize = 128;
+
 /// Keys snapshotted from one table's dirty set, with their mark versions.
 type Snapshot = (Arc<Table>, Vec<(Key, u64)>);
 
@@ -110,16 +117,21 @@ impl Durability {
                 continue;
             }
             fail::fail_point!("writeback-after-snapshot");
-            let changes = snapshot
-                .iter()
-                .map(|(k, _)| {
-                    let record = table.live_slot(k).map(|slot| encode_slot(&slot));
-                    (k.as_bytes().to_vec(), record)
-                })
-                .collect();
-            if let Err(e) = inner.engine.write(table.name(), changes) {
-                self.round_failed(target, &written, Some((&table, dirty)), now);
-                return Err(e);
+            // In batches: keys are independent and the round's one flush
+            // covers them all, while sled's memory grows with the size of a
+            // batch (see WRITE_BATCH).
+            for chunk in snapshot.chunks(WRITE_BATCH) {
+                let changes = chunk
+                    .iter()
+                    .map(|(k, _)| {
+                        let record = table.live_slot(k).map(|slot| encode_slot(&slot));
+                        (k.as_bytes().to_vec(), record)
+                    })
+                    .collect();
+                if let Err(e) = inner.engine.write(table.name(), changes) {
+                    self.round_failed(target, &written, Some((&table, dirty)), now);
+                    return Err(e);
+                }
             }
             keys += snapshot.len();
             written.push((table, snapshot));
