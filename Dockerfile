@@ -14,6 +14,9 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY migrations ./migrations
+# A workspace member: cargo reads its manifest even when building the server
+# alone (nothing of it is compiled into the image).
+COPY bench ./bench
 RUN cargo build --release --locked --bin larder
 
 FROM debian:bookworm-slim

@@ -12,45 +12,10 @@ use std::sync::Arc;
 use common::spawn_with;
 use larder::clock::SystemClock;
 use larder::store::{Eviction, Precondition, Store, TableSpec, TableType, Value};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use rand_distr::{Distribution, Zipf};
 use serde_json::json;
-
-/// Deterministic xorshift, so the workload is the same every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-/// Zipf(s) over ranks 0..n by inverse CDF.
-struct Zipf(Vec<f64>);
-
-impl Zipf {
-    fn new(n: usize, s: f64) -> Self {
-        let mut acc = 0.0;
-        let mut cdf: Vec<f64> = (1..=n)
-            .map(|k| {
-                acc += 1.0 / (k as f64).powf(s);
-                acc
-            })
-            .collect();
-        for c in &mut cdf {
-            *c /= acc;
-        }
-        Zipf(cdf)
-    }
-    fn sample(&self, rng: &mut Rng) -> usize {
-        let u = rng.unit();
-        self.0.partition_point(|c| *c < u).min(self.0.len() - 1)
-    }
-}
 
 /// Exact LRU of `cap` keys: the model.
 struct ExactLru {
@@ -86,11 +51,12 @@ fn an_lru_table_keeps_the_hot_keys_of_a_zipf_workload() {
     const REQUESTS: usize = 200_000;
     let store = Store::new(Arc::new(SystemClock));
     let mut spec = TableSpec::new("cache", TableType::Set, "me");
-    spec.max_entries = Some(CAP);
-    spec.eviction = Eviction::Lru;
+    spec.settings.max_entries = Some(CAP);
+    spec.settings.eviction = Eviction::Lru;
     let table = store.create_table(spec).unwrap();
-    let zipf = Zipf::new(KEYS, 1.0);
-    let mut rng = Rng(0x5eed_1234_abcd_ef01);
+    // Seeded, so the workload is the same every run.
+    let zipf = Zipf::new(KEYS as f64, 1.0).expect("a valid Zipf distribution");
+    let mut rng = StdRng::seed_from_u64(0x5eed_1234_abcd_ef01);
     let mut exact = ExactLru {
         cap: CAP as usize,
         tick: 0,
@@ -99,7 +65,8 @@ fn an_lru_table_keeps_the_hot_keys_of_a_zipf_workload() {
     };
     let (mut hits, mut exact_hits) = (0usize, 0usize);
     for _ in 0..REQUESTS {
-        let rank = zipf.sample(&mut rng);
+        // Zipf samples ranks 1..=KEYS; rank 0 is the hottest key here.
+        let rank = zipf.sample(&mut rng) as usize - 1;
         let key = format!("key{rank}");
         // Cache-aside: read, and on a miss fill from "the origin".
         if table.lookup(&key).is_some() {

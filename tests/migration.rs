@@ -22,8 +22,8 @@ fn write_format_1(path: &std::path::Path) {
         .put_meta("format_version", &1u32.to_be_bytes())
         .unwrap();
     let mut spec = TableSpec::new("old", TableType::Bag, "anonymous");
-    spec.persistence = larder::store::Persistence::Periodic;
-    spec.auto_save_ms = Some(1000);
+    spec.settings.persistence = larder::store::Persistence::Periodic;
+    spec.settings.auto_save_ms = Some(1000);
     spec.created_at = 1_700_000_000_000;
     engine
         .put_table_def("old", &StoredTable::of(&spec).encode())
@@ -128,10 +128,8 @@ async fn a_corrupt_record_stops_start_up_with_a_clear_error() {
         engine
             .put_meta("format_version", &FORMAT_VERSION.to_be_bytes())
             .unwrap();
-        let spec = TableSpec {
-            persistence: larder::store::Persistence::Sync,
-            ..TableSpec::new("t", TableType::Set, "anonymous")
-        };
+        let mut spec = TableSpec::new("t", TableType::Set, "anonymous");
+        spec.settings.persistence = larder::store::Persistence::Sync;
         engine
             .put_table_def("t", &StoredTable::of(&spec).encode())
             .unwrap();

@@ -9,14 +9,14 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{authorize, Op, Principal};
-use super::extract::{JsonObject, TablePath};
+use super::extract::{from_object, JsonBody, JsonObject, TablePath};
 use super::respond;
 use super::AppState;
 use crate::clock::rfc3339_ms;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::store::{
-    check_auto_save_ms, check_max_entries, check_ttl_ms, Access, Eviction, Origin, Persistence,
-    Table, TableSpec, TableType,
+    check_auto_save_ms, check_max_entries, check_ttl_ms, Eviction, Persistence, Table,
+    TableSettings, TableSpec,
 };
 
 /// Routes for `/v1/tables…`.
@@ -37,38 +37,19 @@ pub struct GiveAway {
     pub to: String,
 }
 
-/// Body of `POST /v1/tables`; only `name` is required.
+// The handler reads `name`, refuses members that are not settings, and
+// reads the rest as `TableSettings` (serde cannot refuse unknown members
+// through a flattened field).
+/// Body of `POST /v1/tables`: a name and any of the table settings; only
+/// `name` is required, and unknown members are refused with 400.
 #[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 #[schema(example = json!({"name": "users", "type": "set", "access": "protected", "persistence": "none"}))]
 pub struct CreateTable {
     /// 1–64 characters of `A-Z a-z 0-9 _ - .`.
     pub name: String,
-    /// Table type; default `set`.
-    #[serde(rename = "type", default)]
-    pub kind: TableType,
-    /// Access level; default `protected`.
-    #[serde(default)]
-    pub access: Access,
-    /// Durability; default `none`.
-    #[serde(default)]
-    pub persistence: Persistence,
-    /// `periodic` only: longest time an acknowledged write may stay only in
-    /// memory, in milliseconds; default 1000.
-    #[serde(default)]
-    pub auto_save_ms: Option<u64>,
-    /// Entries expire this long after their last write, in milliseconds.
-    #[serde(default)]
-    pub default_ttl_ms: Option<u64>,
-    /// Most objects the table may hold.
-    #[serde(default)]
-    pub max_entries: Option<u64>,
-    /// At `max_entries`: `none` refuses with 507, `lru` evicts.
-    #[serde(default)]
-    pub eviction: Eviction,
-    /// Read-through source (admins only).
-    #[serde(default)]
-    pub origin: Option<Origin>,
+    /// The settings; each has a default.
+    #[serde(flatten)]
+    pub settings: TableSettings,
 }
 
 /// Body of `PATCH /v1/tables/{table}`: the settings to change; absent ones stay.
@@ -135,23 +116,9 @@ pub struct StatsInfo {
 pub struct TableInfo {
     /// Table name.
     pub name: String,
-    /// Table type.
-    #[serde(rename = "type")]
-    pub kind: TableType,
-    /// Access level.
-    pub access: Access,
-    /// Durability mode.
-    pub persistence: Persistence,
-    /// `periodic` only: write-back bound in milliseconds.
-    pub auto_save_ms: Option<u64>,
-    /// Default TTL in milliseconds.
-    pub default_ttl_ms: Option<u64>,
-    /// Object limit.
-    pub max_entries: Option<u64>,
-    /// Eviction policy.
-    pub eviction: Eviction,
-    /// Read-through origin.
-    pub origin: Option<Origin>,
+    /// Its settings, as they are now.
+    #[serde(flatten)]
+    pub settings: TableSettings,
     /// Objects stored.
     pub size: u64,
     /// Estimated bytes held by the table's objects.
@@ -191,14 +158,7 @@ pub fn table_info(table: &Table) -> TableInfo {
     let s = &table.stats;
     TableInfo {
         name: spec.name,
-        kind: spec.kind,
-        access: spec.access,
-        persistence: spec.persistence,
-        auto_save_ms: spec.auto_save_ms,
-        default_ttl_ms: spec.default_ttl_ms,
-        max_entries: spec.max_entries,
-        eviction: spec.eviction,
-        origin: spec.origin,
+        settings: spec.settings,
         size: table.size(),
         memory_bytes: table.memory_bytes(),
         owner: spec.owner,
@@ -258,11 +218,27 @@ fn info_response(status: StatusCode, table: &Table) -> Response {
 pub async fn create_table(
     State(state): State<AppState>,
     who: Principal,
-    JsonObject(body): JsonObject<CreateTable>,
+    JsonBody(mut body): JsonBody<serde_json::Map<String, serde_json::Value>>,
 ) -> ApiResult<Response> {
-    crate::store::validate_table_name(&body.name)
-        .map_err(|e| ApiError::InvalidName(e.to_string()))?;
-    if let Some(origin) = &body.origin {
+    let name = match body.remove("name") {
+        Some(serde_json::Value::String(name)) => name,
+        Some(_) => return Err(ApiError::InvalidArgument("name must be a string".into())),
+        None => return Err(ApiError::InvalidArgument("missing field `name`".into())),
+    };
+    crate::store::validate_table_name(&name).map_err(|e| ApiError::InvalidName(e.to_string()))?;
+    let known = TableSettings::member_names();
+    if let Some(unknown) = body.keys().find(|k| !known.contains(k)) {
+        return Err(ApiError::InvalidArgument(format!(
+            "unknown field `{unknown}`, expected `name` or one of {}",
+            known
+                .iter()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let settings: TableSettings = from_object(body)?;
+    if let Some(origin) = &settings.origin {
         if !who.admin {
             return Err(ApiError::Forbidden(
                 "only admins create tables with an origin".into(),
@@ -271,15 +247,8 @@ pub async fn create_table(
         state.origins.check(origin)?;
     }
     let spec = TableSpec {
-        name: body.name,
-        kind: body.kind,
-        access: body.access,
-        persistence: body.persistence,
-        auto_save_ms: body.auto_save_ms,
-        default_ttl_ms: body.default_ttl_ms,
-        max_entries: body.max_entries,
-        eviction: body.eviction,
-        origin: body.origin,
+        name,
+        settings,
         owner: who.name.to_string(),
         created_at: state.store.now_ms(),
     };

@@ -19,9 +19,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::PersistError;
-use crate::store::{
-    Access, Eviction, Object, Objects, Origin, Persistence, Slot, TableSpec, TableType, Value,
-};
+use crate::store::{Object, Objects, Slot, TableSettings, TableSpec, Value};
 
 /// The data directory format this build writes.
 pub const FORMAT_VERSION: u32 = 2;
@@ -122,30 +120,20 @@ fn json_value(bytes: &[u8]) -> Result<Value, PersistError> {
     Ok(Value::from_canonical(bytes.to_vec()))
 }
 
-/// A table definition as stored: the creation settings, versioned.
+/// A table definition as stored: its identity and settings, versioned.
+///
+/// The settings are [`TableSettings`] itself, flattened, so every setting is
+/// stored without this type naming it; the JSON layout is the same as when
+/// the fields were listed one by one (format 1).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StoredTable {
     /// Definition format; 1 so far.
     pub v: u32,
     /// Table name.
     pub name: String,
-    /// Table type.
-    #[serde(rename = "type")]
-    pub kind: TableType,
-    /// Access level.
-    pub access: Access,
-    /// Durability mode.
-    pub persistence: Persistence,
-    /// Write-back bound for periodic tables.
-    pub auto_save_ms: Option<u64>,
-    /// Default TTL.
-    pub default_ttl_ms: Option<u64>,
-    /// Object limit.
-    pub max_entries: Option<u64>,
-    /// Eviction policy.
-    pub eviction: Eviction,
-    /// Read-through origin.
-    pub origin: Option<Origin>,
+    /// Every setting.
+    #[serde(flatten)]
+    pub settings: TableSettings,
     /// Owning principal.
     pub owner: String,
     /// Creation time, Unix ms.
@@ -158,14 +146,7 @@ impl StoredTable {
         StoredTable {
             v: 1,
             name: spec.name.clone(),
-            kind: spec.kind,
-            access: spec.access,
-            persistence: spec.persistence,
-            auto_save_ms: spec.auto_save_ms,
-            default_ttl_ms: spec.default_ttl_ms,
-            max_entries: spec.max_entries,
-            eviction: spec.eviction,
-            origin: spec.origin.clone(),
+            settings: spec.settings.clone(),
             owner: spec.owner.clone(),
             created_at: spec.created_at,
         }
@@ -175,14 +156,7 @@ impl StoredTable {
     pub fn into_spec(self) -> TableSpec {
         TableSpec {
             name: self.name,
-            kind: self.kind,
-            access: self.access,
-            persistence: self.persistence,
-            auto_save_ms: self.auto_save_ms,
-            default_ttl_ms: self.default_ttl_ms,
-            max_entries: self.max_entries,
-            eviction: self.eviction,
-            origin: self.origin,
+            settings: self.settings,
             owner: self.owner,
             created_at: self.created_at,
         }
@@ -213,6 +187,7 @@ impl StoredTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{Access, Eviction, Origin, Persistence, TableType};
 
     fn v(s: &str) -> Value {
         Value::parse(s.as_bytes()).unwrap()
@@ -251,6 +226,50 @@ mod tests {
         let mut old = Vec::new();
         encode_body(&one, &mut old);
         assert_eq!(decode_slot(&old).unwrap().objects, one.objects);
+    }
+
+    #[test]
+    fn a_definition_keeps_every_setting() {
+        let spec = TableSpec {
+            name: "t".into(),
+            settings: TableSettings {
+                kind: TableType::DuplicateBag,
+                access: Access::Private,
+                persistence: Persistence::Periodic,
+                auto_save_ms: Some(1234),
+                default_ttl_ms: Some(5678),
+                max_entries: Some(9),
+                eviction: Eviction::Lru,
+                origin: Some(Origin {
+                    url: "http://127.0.0.1:1/{key}".into(),
+                    ttl_ms: 1,
+                    negative_ttl_ms: 2,
+                    timeout_ms: 3,
+                }),
+            },
+            owner: "alice".into(),
+            created_at: 1_700_000_000_000,
+        };
+        let back = StoredTable::decode(&StoredTable::of(&spec).encode())
+            .unwrap()
+            .into_spec();
+        assert_eq!(back, spec);
+        // Every member the settings serialize to is in the stored record.
+        let record: serde_json::Value =
+            serde_json::from_slice(&StoredTable::of(&spec).encode()).unwrap();
+        let settings = serde_json::to_value(&spec.settings).unwrap();
+        for (name, value) in settings.as_object().unwrap() {
+            assert_eq!(&record[name], value, "{name} is not stored");
+        }
+    }
+
+    #[test]
+    fn a_format_1_definition_written_field_by_field_is_still_read() {
+        let old = br#"{"v":1,"name":"old","type":"bag","access":"protected","persistence":"periodic","auto_save_ms":1000,"default_ttl_ms":null,"max_entries":null,"eviction":"none","origin":null,"owner":"anonymous","created_at":1700000000000}"#;
+        let spec = StoredTable::decode(old).unwrap().into_spec();
+        assert_eq!(spec.settings.kind, TableType::Bag);
+        assert_eq!(spec.settings.auto_save_ms, Some(1000));
+        assert_eq!(spec.owner, "anonymous");
     }
 
     #[test]

@@ -46,48 +46,48 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// A value from the metadata space.
     ///
     /// # Errors
-    /// [`PersistError::Io`].
+    /// [`PersistError::Engine`].
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, PersistError>;
     /// Sets a value in the metadata space (durable after [`Engine::flush`]).
     ///
     /// # Errors
-    /// [`PersistError::Io`].
+    /// [`PersistError::Engine`].
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), PersistError>;
     /// Every stored table definition as `(name, bytes)`.
     ///
     /// # Errors
-    /// [`PersistError::Io`].
+    /// [`PersistError::Engine`].
     fn table_defs(&self) -> Result<Vec<(String, Vec<u8>)>, PersistError>;
     /// Stores a table definition.
     ///
     /// # Errors
-    /// [`PersistError::Io`].
+    /// [`PersistError::Engine`].
     fn put_table_def(&self, name: &str, def: &[u8]) -> Result<(), PersistError>;
     /// Removes a table's definition, then its data.
     ///
     /// # Errors
-    /// [`PersistError::Io`].
+    /// [`PersistError::Engine`].
     fn remove_table(&self, name: &str) -> Result<(), PersistError>;
     /// Names of tables that have a data space, with or without a definition.
     ///
     /// # Errors
-    /// [`PersistError::Io`].
+    /// [`PersistError::Engine`].
     fn data_spaces(&self) -> Result<Vec<String>, PersistError>;
     /// Applies changes to a table's data atomically.
     ///
     /// # Errors
-    /// [`PersistError::Io`].
+    /// [`PersistError::Engine`].
     fn write(&self, table: &str, changes: Vec<Change>) -> Result<(), PersistError>;
     /// Calls `f` with every `(key, record)` of a table.
     ///
     /// # Errors
-    /// [`PersistError::Io`], or what `f` returns.
+    /// [`PersistError::Engine`], or what `f` returns.
     fn for_each(&self, table: &str, f: &mut Visitor<'_>) -> Result<(), PersistError>;
     /// Makes everything written so far durable: when it returns, the data
     /// has been through `fdatasync`/`fsync`, not only handed to the OS.
     ///
     /// # Errors
-    /// [`PersistError::Io`].
+    /// [`PersistError::Engine`].
     fn flush(&self) -> Result<(), PersistError>;
 }
 
@@ -114,11 +114,15 @@ pub const DEFAULT_SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 pub const LOCK_FILE: &str = "larder.lock";
 
 fn io(e: sled::Error) -> PersistError {
-    PersistError::Io(e.to_string())
+    PersistError::Engine(e)
 }
 
-fn os(what: &str, path: &Path, e: std::io::Error) -> PersistError {
-    PersistError::Io(format!("{what} {}: {e}", path.display()))
+fn os(what: &'static str, path: &Path, source: std::io::Error) -> PersistError {
+    PersistError::File {
+        what,
+        path: path.to_owned(),
+        source,
+    }
 }
 
 impl SledEngine {

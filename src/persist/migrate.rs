@@ -41,7 +41,7 @@ fn read_version(engine: &dyn Engine) -> Result<Option<u32>, PersistError> {
 /// Records `version` as the directory's format.
 ///
 /// # Errors
-/// [`PersistError::Io`].
+/// [`PersistError::Engine`].
 pub fn write_version(engine: &dyn Engine, version: u32) -> Result<(), PersistError> {
     engine.put_meta(VERSION_KEY, &version.to_be_bytes())?;
     engine.flush()

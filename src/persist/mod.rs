@@ -42,15 +42,29 @@ pub use writeback::{FlushOutcome, FlushStats};
 
 use crate::store::{Store, Table};
 
-/// Why the durable tier failed.
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
+/// Why the durable tier failed. Causes are kept as sources, so a log line
+/// shows the whole chain.
+#[derive(Debug, Error)]
 pub enum PersistError {
     /// The data directory could not be opened.
     #[error("{0}")]
     Open(String),
-    /// Reading or writing failed.
-    #[error("storage I/O failed: {0}")]
-    Io(String),
+    /// The storage engine (sled) failed.
+    #[error("storage engine failed: {0}")]
+    Engine(#[from] sled::Error),
+    /// A file or directory operation failed.
+    #[error("{what} {}: {source}", path.display())]
+    File {
+        /// What was being done.
+        what: &'static str,
+        /// To which file or directory.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A write-back round failed; its cause is logged where it happened.
+    #[error("{0}")]
+    Round(String),
     /// Stored bytes are not what we wrote.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
@@ -181,7 +195,7 @@ impl Durability {
     /// catalog, before the table is visible.
     ///
     /// # Errors
-    /// [`PersistError::Io`].
+    /// [`PersistError::Engine`].
     pub fn create_table(&self, table: &Table) -> Result<(), PersistError> {
         let _round = self.round_guard();
         // A data space left by a drop that crashed half-way must not leak
@@ -193,7 +207,7 @@ impl Durability {
     /// Rewrites a persistent table's definition (after PATCH or give-away).
     ///
     /// # Errors
-    /// [`PersistError::Io`].
+    /// [`PersistError::Engine`].
     pub fn save_definition(&self, table: &Table) -> Result<(), PersistError> {
         let _round = self.round_guard();
         self.write_definition(table)
@@ -224,7 +238,7 @@ impl Durability {
     /// round can see it.
     ///
     /// # Errors
-    /// [`PersistError::Io`].
+    /// [`PersistError::Engine`].
     pub fn drop_table(&self, name: &str) -> Result<(), PersistError> {
         let _round = self.round_guard();
         self.inner.engine.remove_table(name)?;
@@ -244,7 +258,7 @@ impl Durability {
     /// disk. Used by `sync` writes and `POST …/sync`.
     ///
     /// # Errors
-    /// [`PersistError::Io`] when the round failed (the change stays in memory
+    /// [`PersistError::Engine`] when the round failed (the change stays in memory
     /// and is retried), [`PersistError::Stopped`].
     pub async fn wait_durable(&self, force: bool) -> Result<(), PersistError> {
         // The change is already in memory and marked dirty; a round that
@@ -259,7 +273,7 @@ impl Durability {
         if seen.durable >= ticket {
             Ok(())
         } else {
-            Err(PersistError::Io(
+            Err(PersistError::Round(
                 "the write-back round failed; the change is kept in memory and retried".into(),
             ))
         }

@@ -25,7 +25,7 @@ impl Durability {
     /// Loads every stored table into the store. Run once, before serving.
     ///
     /// # Errors
-    /// [`PersistError::Io`], or [`PersistError::Corrupt`] naming the table.
+    /// [`PersistError::Engine`], or [`PersistError::Corrupt`] naming the table.
     pub fn recover(&self) -> Result<RecoveryReport, PersistError> {
         let inner = &self.inner;
         let started = Instant::now();

@@ -73,7 +73,7 @@ fn due(table: &Table, dirty: &Dirty, now: u64) -> bool {
     match table.persistence() {
         Persistence::Sync => true,
         Persistence::Periodic => {
-            let interval = table.spec().auto_save_ms.unwrap_or(1000);
+            let interval = table.auto_save_ms().unwrap_or(1000);
             now >= since.saturating_add(interval / 2)
         }
         Persistence::None => false,
@@ -85,7 +85,7 @@ impl Durability {
     /// not. The persister calls this in a loop; tests may call it directly.
     ///
     /// # Errors
-    /// [`PersistError::Io`]; the keys stay dirty and the waiting tickets are
+    /// [`PersistError::Engine`]; the keys stay dirty and the waiting tickets are
     /// told the round failed.
     pub fn flush_round(&self, force: bool) -> Result<FlushOutcome, PersistError> {
         let inner = &self.inner;
@@ -191,7 +191,7 @@ impl Durability {
         }
         for (table, _) in &written {
             if table.persistence() == Persistence::Periodic {
-                let bound = table.spec().auto_save_ms.unwrap_or(1000);
+                let bound = table.auto_save_ms().unwrap_or(1000);
                 if elapsed / 1000 > bound / 2 {
                     tracing::warn!(table = table.name(), elapsed_ms = elapsed / 1000, auto_save_ms = bound,
                         "a save took more than half of auto_save_ms; the loss bound may be exceeded");
@@ -246,7 +246,7 @@ impl Durability {
                 continue;
             };
             let since = dirty.since_ms.load(Ordering::Acquire);
-            let interval = table.spec().auto_save_ms.unwrap_or(1000);
+            let interval = table.auto_save_ms().unwrap_or(1000);
             let until = match (table.persistence(), since) {
                 (Persistence::Sync, 0) => continue,
                 (Persistence::Sync, _) => 0,
@@ -365,7 +365,7 @@ impl Durability {
                 return Ok(());
             }
         }
-        Err(PersistError::Io(format!(
+        Err(PersistError::Round(format!(
             "tables kept changing through {DRAIN_ROUNDS} final rounds"
         )))
     }

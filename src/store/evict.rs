@@ -170,8 +170,8 @@ mod tests {
     fn lru_table(max: u64) -> Arc<crate::store::Table> {
         let store = Store::new(Arc::new(SystemClock));
         let mut spec = TableSpec::new("t", TableType::Set, "me");
-        spec.max_entries = Some(max);
-        spec.eviction = Eviction::Lru;
+        spec.settings.max_entries = Some(max);
+        spec.settings.eviction = Eviction::Lru;
         store.create_table(spec).unwrap()
     }
 

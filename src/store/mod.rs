@@ -39,7 +39,7 @@ pub use expiry::{ExpiryWake, IDLE_SWEEP, SWEEP_BUDGET};
 pub use scan::{Cursor, ScanPage, ScanRequest, DEFAULT_SCAN_LIMIT, MAX_SCAN_LIMIT};
 pub use slot::{Entry, Object, Objects, Slot};
 pub use table::{Dirty, Precondition, Stats, Table, TableSpec, Written, SHARDS};
-pub use types::{Access, Eviction, Origin, Persistence, TableType};
+pub use types::{Access, Eviction, Origin, Persistence, TableSettings, TableType};
 pub use value::{validate_key, validate_table_name, Key, Value, MAX_KEY_BYTES, MAX_NAME_CHARS};
 
 use crate::clock::Clock;
@@ -272,14 +272,10 @@ impl TableSpec {
     pub fn new(name: impl Into<String>, kind: TableType, owner: impl Into<String>) -> Self {
         TableSpec {
             name: name.into(),
-            kind,
-            access: Access::default(),
-            persistence: Persistence::default(),
-            auto_save_ms: None,
-            default_ttl_ms: None,
-            max_entries: None,
-            eviction: Eviction::default(),
-            origin: None,
+            settings: TableSettings {
+                kind,
+                ..TableSettings::default()
+            },
             owner: owner.into(),
             created_at: 0,
         }
@@ -291,8 +287,10 @@ impl TableSpec {
     /// [`StoreError::InvalidArgument`] naming the first bad setting.
     pub fn validated(mut self) -> StoreResult<Self> {
         validate_table_name(&self.name)?;
-        match (self.persistence, self.auto_save_ms) {
-            (Persistence::Periodic, None) => self.auto_save_ms = Some(DEFAULT_AUTO_SAVE_MS),
+        match (self.settings.persistence, self.settings.auto_save_ms) {
+            (Persistence::Periodic, None) => {
+                self.settings.auto_save_ms = Some(DEFAULT_AUTO_SAVE_MS)
+            }
             (Persistence::Periodic, Some(ms)) => check_auto_save_ms(ms)?,
             (_, Some(_)) => {
                 return Err(StoreError::InvalidArgument(
@@ -301,13 +299,13 @@ impl TableSpec {
             }
             (_, None) => {}
         }
-        if let Some(ttl) = self.default_ttl_ms {
+        if let Some(ttl) = self.settings.default_ttl_ms {
             check_ttl_ms(ttl)?;
         }
-        if let Some(max) = self.max_entries {
+        if let Some(max) = self.settings.max_entries {
             check_max_entries(max)?;
         }
-        if let Some(origin) = &self.origin {
+        if let Some(origin) = &self.settings.origin {
             for (what, ms) in [
                 ("origin.ttl_ms", origin.ttl_ms),
                 ("origin.negative_ttl_ms", origin.negative_ttl_ms),
@@ -319,7 +317,7 @@ impl TableSpec {
                     )));
                 }
             }
-            if !self.kind.is_single() {
+            if !self.settings.kind.is_single() {
                 return Err(StoreError::InvalidArgument(
                     "an origin needs a set or ordered_set table".into(),
                 ));

@@ -1,6 +1,9 @@
 //! The table settings clients choose at creation: type, access, persistence,
 //! eviction and the read-through origin. These are plain data with serde and
 //! OpenAPI derives, shared by the store, the API and the durable tier.
+//!
+//! [`TableSettings`] is the one declaration of a table setting: the create
+//! body, table info and the stored definition all embed it.
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -91,5 +94,53 @@ impl Origin {
     }
     fn default_timeout_ms() -> u64 {
         2_000
+    }
+}
+
+// The one declaration of a table setting: the create body, table info and
+// the stored definition embed this struct, so a new setting is declared
+// here once (plus its check in `TableSpec::validated`, and its live copy in
+// `Table` if `PATCH` may change it) and reaches the API, the OpenAPI
+// document and the disk by itself. No `deny_unknown_fields`: the struct is
+// flattened into others, where serde cannot refuse members and the schema's
+// `additionalProperties: false` would forbid the outer struct's own members;
+// the create handler refuses unknown members with `member_names`.
+/// A table's settings. Every one has a default.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+pub struct TableSettings {
+    /// Table type; default `set`.
+    #[serde(rename = "type", default)]
+    pub kind: TableType,
+    /// Access level; default `protected`.
+    #[serde(default)]
+    pub access: Access,
+    /// Durability; default `none`.
+    #[serde(default)]
+    pub persistence: Persistence,
+    /// `periodic` only: longest time an acknowledged write may stay only in
+    /// memory, in milliseconds; default 1000.
+    #[serde(default)]
+    pub auto_save_ms: Option<u64>,
+    /// Entries expire this long after their last write, in milliseconds.
+    #[serde(default)]
+    pub default_ttl_ms: Option<u64>,
+    /// Most objects the table may hold.
+    #[serde(default)]
+    pub max_entries: Option<u64>,
+    /// At `max_entries`: `none` refuses with 507, `lru` evicts.
+    #[serde(default)]
+    pub eviction: Eviction,
+    /// Read-through source (admins only).
+    #[serde(default)]
+    pub origin: Option<Origin>,
+}
+
+impl TableSettings {
+    /// The names of the settings, as they appear in JSON.
+    pub fn member_names() -> Vec<String> {
+        match serde_json::to_value(TableSettings::default()) {
+            Ok(serde_json::Value::Object(members)) => members.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
     }
 }

@@ -1,0 +1,111 @@
+//! Read-modify-write of one key: `update_counter` and merge patch.
+
+use super::*;
+
+impl Table {
+    /// `update_counter/4`: atomically adds to an integer value (or member).
+    ///
+    /// # Errors
+    /// [`StoreError::WrongTableType`] on bag types, [`StoreError::KeyNotFound`]
+    /// without a default, [`StoreError::NotACounter`], [`StoreError::Overflow`],
+    /// [`StoreError::TableFull`] when a default would add a key to a full table.
+    pub fn update_counter(&self, key: &str, op: &CounterOp) -> StoreResult<i64> {
+        let (n, created) = self.update_counter_locked(key, op)?;
+        if created {
+            self.evict_if_needed();
+        }
+        Ok(n)
+    }
+
+    pub(super) fn update_counter_locked(
+        &self,
+        key: &str,
+        op: &CounterOp,
+    ) -> StoreResult<(i64, bool)> {
+        if !self.fixed.kind.is_single() {
+            return Err(StoreError::WrongTableType(
+                "counters need a set or ordered_set table",
+            ));
+        }
+        op.validate()?;
+        let now = self.now();
+        match self.live_entry(key, now) {
+            MapEntry::Vacant(v) => {
+                let start = op.default_value().ok_or(StoreError::KeyNotFound)?;
+                let (value, n) = op.apply(&start)?;
+                self.admit((KEY_OVERHEAD + OBJECT_OVERHEAD + v.key().len() + value.len()) as i64)?;
+                self.grow(1)?;
+                let version = self.next_version();
+                let slot = Slot::new(
+                    Objects::One(value),
+                    version,
+                    self.deadline(now, None),
+                    self.tick(),
+                );
+                self.insert_vacant(v, slot);
+                Ok((n, true))
+            }
+            MapEntry::Occupied(mut o) => {
+                let Objects::One(current) = &o.get().objects else {
+                    return Err(StoreError::WrongTableType("counters need a set table"));
+                };
+                let (value, n) = op.apply(current)?;
+                self.replace_single(&mut o, value, now)?;
+                Ok((n, false))
+            }
+        }
+    }
+
+    /// `update_element` as a JSON Merge Patch on an object value.
+    ///
+    /// # Errors
+    /// [`StoreError::WrongTableType`] on bag types, [`StoreError::KeyNotFound`],
+    /// [`StoreError::NotAnObject`], [`StoreError::PreconditionFailed`].
+    pub fn merge(
+        &self,
+        key: &str,
+        patch: &serde_json::Value,
+        pre: &Precondition,
+    ) -> StoreResult<Entry> {
+        if !self.fixed.kind.is_single() {
+            return Err(StoreError::WrongTableType(
+                "merge patch needs a set or ordered_set table",
+            ));
+        }
+        let now = self.now();
+        let MapEntry::Occupied(mut o) = self.live_entry(key, now) else {
+            pre.check(None)?;
+            return Err(StoreError::KeyNotFound);
+        };
+        pre.check(Some(o.get()))?;
+        let Objects::One(current) = &o.get().objects else {
+            return Err(StoreError::WrongTableType("merge patch needs a set table"));
+        };
+        let value = merge_patch(current, patch)?;
+        self.replace_single(&mut o, value, now)?;
+        Ok(Entry::of(o.get(), now))
+    }
+
+    /// Replaces a set key's value after a read-modify-write, with a fresh
+    /// version; the table's default TTL, if any, restarts the key's expiry.
+    ///
+    /// # Errors
+    /// [`StoreError::MemoryLimit`].
+    fn replace_single(
+        &self,
+        o: &mut OccupiedEntry<'_, Key, Slot>,
+        value: Value,
+        now: u64,
+    ) -> StoreResult<()> {
+        let old = o.get().objects.values().next().map_or(0, Value::len);
+        self.admit(value.len() as i64 - old as i64)?;
+        let version = self.next_version();
+        let expires_at = self.refreshed_deadline(now, o.get().expires_at);
+        self.modify_occupied(o, |slot| {
+            slot.objects = Objects::One(value);
+            slot.version = version;
+            slot.expires_at = expires_at;
+        });
+        Ok(())
+    }
+}

@@ -1,0 +1,447 @@
+//! One table: its settings, its objects, and the ETS operations on them.
+//!
+//! # Layout
+//! Objects live in a [`DashMap`] keyed by the key text, sharded 64 ways.
+//! `ordered_set` tables also keep a lock-free skip list of their keys
+//! ([`SkipSet`]) for range scans. Point operations, counters included, go
+//! through the map only and are atomic under the key's shard lock; scans walk
+//! the skip list and look each key up, so they never block writers.
+//!
+//! # Invariants
+//! - A key is in the skip list exactly when it is in the map. Both change only
+//!   while the key's shard write lock is held, so they cannot disagree.
+//! - `size` is the number of stored objects and `memory` the estimated bytes;
+//!   both are adjusted under the same lock as the change they describe.
+//! - Expired slots may sit in the map until something removes them, but no
+//!   operation ever treats one as present.
+//!
+//! # Locking
+//! Never hold a map guard across `.await` or while touching the same map; the
+//! helpers below take and release shard locks within one call.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use crossbeam_skiplist::SkipSet;
+use dashmap::mapref::entry::{Entry as MapEntry, OccupiedEntry, VacantEntry};
+use dashmap::DashMap;
+
+use super::counter::{merge_patch, CounterOp};
+use super::error::{StoreError, StoreResult};
+use super::slot::{
+    Entry, Object, Objects, Slot, BUCKET_BYTES, BUCKET_ESTIMATE, KEY_OVERHEAD, OBJECT_OVERHEAD,
+    ORDERED_INDEX_OVERHEAD,
+};
+use super::types::{Access, Eviction, Origin, Persistence, TableSettings, TableType};
+use super::value::{Key, Value};
+use super::Shared;
+
+mod account;
+mod bulk;
+mod counters;
+mod read;
+mod upkeep;
+mod write;
+
+/// Shards per table map. A cursor scan over a hashed table reads one shard per
+/// page, so more shards keep pages cheap on big tables; 64 keeps an empty
+/// table near 8 KiB.
+pub const SHARDS: usize = 64;
+
+/// A table's identity and settings: what it was created with (settings
+/// that `PATCH` changed included), stored durably for persistent tables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSpec {
+    /// Table name, already validated.
+    pub name: String,
+    /// What the creator chose.
+    pub settings: TableSettings,
+    /// Principal that owns the table.
+    pub owner: String,
+    /// Creation time, Unix milliseconds.
+    pub created_at: u64,
+}
+
+/// Per-table counters, reported in table info.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Reads that found a live entry.
+    pub hits: AtomicU64,
+    /// Reads that found nothing.
+    pub misses: AtomicU64,
+    /// Objects inserted.
+    pub inserts: AtomicU64,
+    /// Objects removed by delete, delete_object, take or clear.
+    pub deletes: AtomicU64,
+    /// Keys removed because their deadline passed.
+    pub expired: AtomicU64,
+    /// Keys removed to make room under `max_entries`.
+    pub evicted: AtomicU64,
+    /// Requests made to the table's origin.
+    pub origin_fetches: AtomicU64,
+    /// Origin requests that failed or timed out.
+    pub origin_errors: AtomicU64,
+}
+
+/// A condition a write must meet, from `If-Match` / `If-None-Match`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Precondition {
+    /// Unconditional.
+    #[default]
+    None,
+    /// The key must be absent (`If-None-Match: *`, ETS `insert_new`).
+    Absent,
+    /// The key must exist (`If-Match: *`).
+    Exists,
+    /// The key must exist at one of these versions (`If-Match: "v"`).
+    Version(Vec<u64>),
+}
+
+impl Precondition {
+    fn check(&self, live: Option<&Slot>) -> StoreResult<()> {
+        let ok = match (self, live) {
+            (Precondition::None, _) => true,
+            (Precondition::Absent, found) => found.is_none(),
+            (Precondition::Exists, found) => found.is_some(),
+            (Precondition::Version(vs), Some(slot)) => vs.contains(&slot.version),
+            (Precondition::Version(_), None) => false,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(StoreError::PreconditionFailed(match self {
+                Precondition::Absent => "the key already exists",
+                Precondition::Exists => "the key does not exist",
+                _ => "the entry changed or is absent",
+            }))
+        }
+    }
+}
+
+/// What a successful write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    /// Whether the key was absent before.
+    pub created: bool,
+    /// The key's version after the write (its new ETag).
+    pub version: u64,
+    /// Objects this write counted in `stats.inserts` (0 for a no-op).
+    pub inserted: u64,
+}
+
+/// Why a key left the map; decides which statistic counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Removal {
+    Deleted,
+    Expired,
+    Evicted,
+    /// Undoing part of a failed bulk insert; counts nowhere.
+    Undo,
+}
+
+/// Keys changed in memory but not yet written to the durable tier, kept by
+/// persistent tables only.
+///
+/// # Locking
+/// A mark is set while the key's shard lock in the table map is held, so it
+/// is ordered with the change it describes. The write-back worker never holds
+/// a guard of this map while reading the table map, so the two lock orders
+/// cannot deadlock.
+#[derive(Debug, Default)]
+pub struct Dirty {
+    /// Key → version of its latest change (a fresh version for removals).
+    pub keys: DashMap<Key, u64>,
+    /// Unix ms at which the set last went from clean to dirty; 0 when clean.
+    /// Periodic write-back is due `auto_save_ms / 2` after this.
+    pub since_ms: AtomicU64,
+    /// Unix ms of the last completed write-back; 0 before the first.
+    pub last_saved_at: AtomicU64,
+}
+
+impl Dirty {
+    fn mark(&self, key: &str, version: u64, now: u64) {
+        self.keys.insert(Key::from(key), version);
+        let _ = self
+            .since_ms
+            .compare_exchange(0, now.max(1), Ordering::AcqRel, Ordering::Relaxed);
+    }
+}
+
+/// Settings that `PATCH` may change, kept in atomics because hot paths read them.
+#[derive(Debug)]
+struct LiveSettings {
+    /// 0 when not periodic.
+    auto_save_ms: AtomicU64,
+    /// 0 for no default TTL.
+    default_ttl_ms: AtomicU64,
+    /// 0 for no limit.
+    max_entries: AtomicU64,
+    /// 0 = none, 1 = lru.
+    eviction: AtomicU8,
+}
+
+/// One table. Shared as `Arc<Table>`; every method takes `&self`.
+pub struct Table {
+    name: Arc<str>,
+    /// The settings the table was created with; those in `settings` below
+    /// are kept current there instead.
+    fixed: TableSettings,
+    created_at: u64,
+    /// Owner principal; changes only by give-away, so reads vastly dominate.
+    owner: RwLock<Arc<str>>,
+    settings: LiveSettings,
+    /// Key -> objects. See the module docs for the locking rules.
+    map: DashMap<Key, Slot>,
+    /// Sorted keys, for `ordered_set` only.
+    index: Option<SkipSet<Box<[u8]>>>,
+    /// Stored objects.
+    size: AtomicI64,
+    /// Estimated bytes held by the table's objects.
+    memory: AtomicI64,
+    /// Counters shown in table info.
+    pub stats: Stats,
+    /// Ticks once per key use in `lru` tables; orders `Slot::last_access`.
+    access_clock: AtomicU64,
+    /// Write-back bookkeeping; `None` for memory-only tables.
+    dirty: Option<Dirty>,
+    /// `(deadline, key)` of every key with a TTL, soonest first, for the
+    /// sweeper. Changed only under the key's shard lock, like `index`.
+    deadlines: SkipSet<(u64, Key)>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Table")
+            .field("name", &self.name)
+            .field("kind", &self.fixed.kind)
+            .field("size", &self.size())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Table {
+    pub(crate) fn new(spec: TableSpec, shared: Arc<Shared>) -> Self {
+        let map = DashMap::with_hasher_and_shard_amount(Default::default(), SHARDS);
+        let live = &spec.settings;
+        Table {
+            name: spec.name.into(),
+            created_at: spec.created_at,
+            owner: RwLock::new(spec.owner.into()),
+            settings: LiveSettings {
+                auto_save_ms: AtomicU64::new(live.auto_save_ms.unwrap_or(0)),
+                default_ttl_ms: AtomicU64::new(live.default_ttl_ms.unwrap_or(0)),
+                max_entries: AtomicU64::new(live.max_entries.unwrap_or(0)),
+                eviction: AtomicU8::new(matches!(live.eviction, Eviction::Lru) as u8),
+            },
+            map,
+            index: (live.kind == TableType::OrderedSet).then(SkipSet::new),
+            size: AtomicI64::new(0),
+            memory: AtomicI64::new(0),
+            stats: Stats::default(),
+            access_clock: AtomicU64::new(0),
+            dirty: (spec.settings.persistence != Persistence::None).then(Dirty::default),
+            deadlines: SkipSet::new(),
+            fixed: spec.settings,
+            shared,
+        }
+    }
+
+    // ----- settings -------------------------------------------------------
+
+    /// The table's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The ETS table type.
+    pub fn kind(&self) -> TableType {
+        self.fixed.kind
+    }
+
+    /// Who may read and write.
+    pub fn access(&self) -> Access {
+        self.fixed.access
+    }
+
+    /// The durability mode.
+    pub fn persistence(&self) -> Persistence {
+        self.fixed.persistence
+    }
+
+    /// The read-through origin, if any.
+    pub fn origin(&self) -> Option<&Origin> {
+        self.fixed.origin.as_ref()
+    }
+
+    /// The owning principal.
+    pub fn owner(&self) -> Arc<str> {
+        self.owner
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Hands the table to another principal (`ets:give_away`).
+    pub fn set_owner(&self, owner: &str) {
+        *self.owner.write().unwrap_or_else(PoisonError::into_inner) = owner.into();
+    }
+
+    /// The settings as they are now, in creation form.
+    pub fn spec(&self) -> TableSpec {
+        let opt = |v: u64| (v != 0).then_some(v);
+        TableSpec {
+            name: self.name.to_string(),
+            settings: TableSettings {
+                auto_save_ms: opt(self.settings.auto_save_ms.load(Ordering::Relaxed)),
+                default_ttl_ms: opt(self.settings.default_ttl_ms.load(Ordering::Relaxed)),
+                max_entries: opt(self.settings.max_entries.load(Ordering::Relaxed)),
+                eviction: self.eviction(),
+                ..self.fixed.clone()
+            },
+            owner: self.owner().to_string(),
+            created_at: self.created_at,
+        }
+    }
+
+    /// `periodic` tables: the longest an acknowledged write may stay only in
+    /// memory, in milliseconds.
+    pub fn auto_save_ms(&self) -> Option<u64> {
+        match self.settings.auto_save_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(ms),
+        }
+    }
+
+    /// What happens at `max_entries`.
+    pub fn eviction(&self) -> Eviction {
+        if self.settings.eviction.load(Ordering::Relaxed) == 1 {
+            Eviction::Lru
+        } else {
+            Eviction::None
+        }
+    }
+
+    /// Applies changed settings; the caller has validated them.
+    pub fn set_auto_save_ms(&self, ms: u64) {
+        self.settings.auto_save_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Sets or clears (`None`) the default TTL for later writes.
+    pub fn set_default_ttl_ms(&self, ms: Option<u64>) {
+        self.settings
+            .default_ttl_ms
+            .store(ms.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Sets or clears (`None`) the object limit. Lowering it below the current
+    /// size refuses growth (or evicts, for `lru`) from the next write on.
+    pub fn set_max_entries(&self, max: Option<u64>) {
+        self.settings
+            .max_entries
+            .store(max.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Changes the eviction policy.
+    pub fn set_eviction(&self, eviction: Eviction) {
+        self.settings
+            .eviction
+            .store(matches!(eviction, Eviction::Lru) as u8, Ordering::Relaxed);
+    }
+
+    /// The object limit, if any.
+    pub(crate) fn spec_max_entries(&self) -> Option<u64> {
+        match self.settings.max_entries.load(Ordering::Relaxed) {
+            0 => None,
+            max => Some(max),
+        }
+    }
+
+    /// A fresh access stamp, for `lru` tables; 0 otherwise (nothing reads it).
+    fn tick(&self) -> u64 {
+        if self.eviction() == Eviction::Lru {
+            self.access_clock.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            0
+        }
+    }
+
+    /// Stored objects (ETS `info(size)`).
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    /// Estimated bytes the table holds: keys, objects and indexes as
+    /// tracked on every change, with the map's bucket arrays counted as
+    /// they really are (hash tables grow in doublings, so a per-key average
+    /// would be off by up to a third).
+    pub fn memory_bytes(&self) -> u64 {
+        let keys = self.map.len() as i64;
+        let tracked = self.memory.load(Ordering::Relaxed) - keys * BUCKET_ESTIMATE as i64;
+        let buckets: usize = self
+            .map
+            .shards()
+            .iter()
+            .map(|shard| {
+                let guard = shard.read();
+                if guard.capacity() == 0 {
+                    0
+                } else {
+                    guard.buckets()
+                }
+            })
+            .sum();
+        (tracked + (buckets * BUCKET_BYTES) as i64).max(0) as u64
+    }
+
+    /// The running estimate behind the server-wide memory limit: what
+    /// [`Table::memory_bytes`] reports, but with an average bucket share per
+    /// key. Zero exactly when the table is empty.
+    pub fn tracked_bytes(&self) -> i64 {
+        self.memory.load(Ordering::Relaxed)
+    }
+
+    /// Creation time, Unix milliseconds.
+    pub fn created_at(&self) -> u64 {
+        self.created_at
+    }
+
+    pub(crate) fn now(&self) -> u64 {
+        self.shared.clock.now_ms()
+    }
+
+    fn next_version(&self) -> u64 {
+        self.shared.revision.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// The deadline for a write that names `ttl_ms` (or none) at `now`.
+    fn deadline(&self, now: u64, ttl_ms: Option<u64>) -> u64 {
+        match ttl_ms.or_else(|| {
+            let d = self.settings.default_ttl_ms.load(Ordering::Relaxed);
+            (d != 0).then_some(d)
+        }) {
+            Some(ms) => now.saturating_add(ms),
+            None => 0,
+        }
+    }
+
+    /// The deadline after a write that names no TTL and keeps the key
+    /// (counter, merge patch): the table default restarts it, else it stays.
+    fn refreshed_deadline(&self, now: u64, current: u64) -> u64 {
+        match self.settings.default_ttl_ms.load(Ordering::Relaxed) {
+            0 => current,
+            d => now.saturating_add(d),
+        }
+    }
+
+    fn fresh_objects(&self, value: Value, version: u64) -> Objects {
+        if self.fixed.kind.is_single() {
+            Objects::One(value)
+        } else {
+            Objects::Many(Box::new(vec![Object {
+                seq: version,
+                value,
+            }]))
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Writes of one key: `insert`, `delete`, `delete_object`, `take`, and
+//! `delete_all_objects`.
+
+use super::*;
+
+impl Table {
+    /// `insert` of one object: replaces in set types, adds in bag types
+    /// (unless identical, for `bag`). `ttl_ms` overrides the table default.
+    ///
+    /// # Errors
+    /// [`StoreError::PreconditionFailed`], [`StoreError::TableFull`].
+    pub fn insert(
+        &self,
+        key: &str,
+        value: Value,
+        ttl_ms: Option<u64>,
+        pre: &Precondition,
+    ) -> StoreResult<Written> {
+        let written = self.insert_locked(key, value, ttl_ms, pre)?;
+        if written.inserted > 0 {
+            self.evict_if_needed();
+        }
+        Ok(written)
+    }
+
+    pub(super) fn insert_locked(
+        &self,
+        key: &str,
+        value: Value,
+        ttl_ms: Option<u64>,
+        pre: &Precondition,
+    ) -> StoreResult<Written> {
+        let now = self.now();
+        let expires_at = self.deadline(now, ttl_ms);
+        match self.live_entry(key, now) {
+            MapEntry::Vacant(v) => {
+                pre.check(None)?;
+                self.admit(
+                    (KEY_OVERHEAD
+                        + OBJECT_OVERHEAD
+                        + std::mem::size_of::<Object>()
+                        + v.key().len()
+                        + value.len()) as i64,
+                )?;
+                self.grow(1)?;
+                let version = self.next_version();
+                let slot = Slot::new(
+                    self.fresh_objects(value, version),
+                    version,
+                    expires_at,
+                    self.tick(),
+                );
+                self.insert_vacant(v, slot);
+                Ok(Written {
+                    created: true,
+                    version,
+                    inserted: 1,
+                })
+            }
+            MapEntry::Occupied(mut o) => {
+                pre.check(Some(o.get()))?;
+                let adds = match (&o.get().objects, self.fixed.kind) {
+                    (Objects::One(_), _) => false,
+                    (Objects::Many(objs), TableType::Bag) => !objs.iter().any(|x| x.value == value),
+                    (Objects::Many(_), _) => true,
+                };
+                if !adds && !self.fixed.kind.is_single() && o.get().expires_at == expires_at {
+                    return Ok(Written {
+                        created: false,
+                        version: o.get().version,
+                        inserted: 0,
+                    });
+                }
+                let growth = match &o.get().objects {
+                    Objects::One(old) => value.len() as i64 - old.len() as i64,
+                    Objects::Many(_) if adds => {
+                        (value.len() + OBJECT_OVERHEAD + std::mem::size_of::<Object>()) as i64
+                    }
+                    Objects::Many(_) => 0,
+                };
+                self.admit(growth)?;
+                if adds {
+                    self.grow(1)?;
+                }
+                let version = self.next_version();
+                self.modify_occupied(&mut o, |slot| {
+                    match &mut slot.objects {
+                        Objects::One(v) => *v = value,
+                        Objects::Many(objs) if adds => objs.push(Object {
+                            seq: version,
+                            value,
+                        }),
+                        Objects::Many(_) => {}
+                    }
+                    slot.version = version;
+                    slot.expires_at = expires_at;
+                });
+                let inserted = u64::from(adds || self.fixed.kind.is_single());
+                self.stats.inserts.fetch_add(inserted, Ordering::Relaxed);
+                Ok(Written {
+                    created: false,
+                    version,
+                    inserted,
+                })
+            }
+        }
+    }
+
+    /// `delete/2`: removes the key. Returns whether it was present.
+    ///
+    /// # Errors
+    /// [`StoreError::PreconditionFailed`].
+    pub fn delete(&self, key: &str, pre: &Precondition) -> StoreResult<bool> {
+        let now = self.now();
+        match self.live_entry(key, now) {
+            MapEntry::Vacant(_) => pre.check(None).map(|_| false),
+            MapEntry::Occupied(o) => {
+                pre.check(Some(o.get()))?;
+                self.remove_occupied(o, Removal::Deleted);
+                Ok(true)
+            }
+        }
+    }
+
+    /// `delete_object`: removes every object under `key` identical to `value`.
+    /// Returns how many were removed.
+    pub fn delete_object(&self, key: &str, value: &Value) -> usize {
+        let now = self.now();
+        let MapEntry::Occupied(mut o) = self.live_entry(key, now) else {
+            return 0;
+        };
+        let (removed, left) = match &o.get().objects {
+            Objects::One(v) => (usize::from(v == value), 0),
+            Objects::Many(objs) => {
+                let hits = objs.iter().filter(|x| &x.value == value).count();
+                (hits, objs.len() - hits)
+            }
+        };
+        if removed == 0 {
+            return 0;
+        }
+        if left == 0 {
+            self.remove_occupied(o, Removal::Deleted);
+            return removed;
+        }
+        let version = self.next_version();
+        self.modify_occupied(&mut o, |slot| {
+            if let Objects::Many(objs) = &mut slot.objects {
+                objs.retain(|x| &x.value != value);
+            }
+            slot.version = version;
+        });
+        self.shrink(removed);
+        self.stats
+            .deletes
+            .fetch_add(removed as u64, Ordering::Relaxed);
+        removed
+    }
+
+    /// `take`: removes the key and returns what it held.
+    pub fn take(&self, key: &str) -> Option<Entry> {
+        let now = self.now();
+        match self.live_entry(key, now) {
+            MapEntry::Vacant(_) => None,
+            MapEntry::Occupied(o) => {
+                let (_, slot) = self.remove_occupied(o, Removal::Deleted);
+                Some(Entry::of(&slot, now))
+            }
+        }
+    }
+
+    /// `delete_all_objects`: empties the table shard by shard.
+    pub fn clear(&self) {
+        let now = self.now();
+        self.map.retain(|key, slot| {
+            if let Some(index) = &self.index {
+                index.remove(key.as_bytes());
+            }
+            self.mark_removed(key);
+            self.track_deadline(key, slot.expires_at, 0);
+            let why = if slot.is_expired(now) {
+                Removal::Expired
+            } else {
+                Removal::Deleted
+            };
+            self.account_removed(key, slot, why);
+            false
+        });
+        // Give the emptied bucket arrays back, as ETS frees a cleared table.
+        self.map.shrink_to_fit();
+    }
+}
