@@ -37,6 +37,18 @@
 
 #![warn(missing_docs)]
 
+/// A named point where a test can pause or fail this code (tikv's `fail`
+/// crate). Compiled to nothing unless the `failpoints` feature is on, which
+/// only the tests turn on.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! failpoint {
+    ($name:literal) => {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!($name);
+    };
+}
+
 pub mod api;
 pub mod app;
 pub mod clock;

@@ -116,7 +116,7 @@ impl Durability {
             if snapshot.is_empty() {
                 continue;
             }
-            fail::fail_point!("writeback-after-snapshot");
+            crate::failpoint!("writeback-after-snapshot");
             // In batches: keys are independent and the round's one flush
             // covers them all, while sled's memory grows with the size of a
             // batch (see WRITE_BATCH).
@@ -154,7 +154,7 @@ impl Durability {
             self.round_failed(target, &written, None, now);
             return Err(e);
         }
-        fail::fail_point!("writeback-before-clear");
+        crate::failpoint!("writeback-before-clear");
         let saved_at = inner.store.now_ms();
         for (table, snapshot) in &written {
             if let Some(dirty) = table.dirty() {

@@ -136,9 +136,9 @@ impl Store {
         if self.tables.len() >= limit {
             return Err(StoreError::TableLimit(limit).into());
         }
-        fail::fail_point!("create-after-limit-check");
+        crate::failpoint!("create-after-limit-check");
         let table = Arc::new(Table::new(spec, self.shared.clone()));
-        fail::fail_point!("create-before-durable");
+        crate::failpoint!("create-before-durable");
         make_durable(&table)?;
         self.tables.insert(table.name().into(), table.clone());
         Ok(table)
@@ -169,7 +169,7 @@ impl Store {
         self.shared
             .memory
             .fetch_sub(table.tracked_bytes(), Ordering::Relaxed);
-        fail::fail_point!("drop-before-disk");
+        crate::failpoint!("drop-before-disk");
         if let Err(e) = remove_durably(table) {
             self.shared
                 .memory
@@ -205,7 +205,7 @@ impl Store {
     }
 
     fn catalog(&self) -> MutexGuard<'_, ()> {
-        fail::fail_point!("catalog-wait");
+        crate::failpoint!("catalog-wait");
         self.catalog.lock().unwrap_or_else(PoisonError::into_inner)
     }
 

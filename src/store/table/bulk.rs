@@ -18,7 +18,7 @@ impl Table {
                 Ok(w) if before.as_ref().map(|b| b.version) == Some(w.version) => {}
                 Ok(w) => undo.push((key, before, w)),
                 Err(e) => {
-                    fail::fail_point!("bulk-before-undo");
+                    crate::failpoint!("bulk-before-undo");
                     for (key, before, written) in undo.into_iter().rev() {
                         self.restore(&key, before, written);
                     }
