@@ -225,7 +225,7 @@ fn check(kind: TableType, ops: &[Op]) -> Result<(), TestCaseError> {
     let mut scanned: Vec<(String, serde_json::Value)> = page
         .items
         .iter()
-        .map(|(k, v)| (k.clone(), v.to_json()))
+        .map(|(k, v)| (k.to_string(), v.to_json()))
         .collect();
     let mut expected: Vec<(String, serde_json::Value)> = model
         .map

@@ -248,7 +248,7 @@ fn write_tables(out: &mut String, tables: &[Arc<Table>]) {
         "Estimated bytes held.",
         &rows(&|t| t.memory_bytes()),
     );
-    let stat = |f: fn(&crate::store::Stats) -> &std::sync::atomic::AtomicU64| {
+    let stat = |f: fn(&crate::store::Stats) -> &crate::store::Counter| {
         move |t: &Table| f(&t.stats).load(Relaxed)
     };
     family(

@@ -78,7 +78,10 @@ pub fn entry_body(key: &str, entry: &Entry) -> Vec<u8> {
 
 /// `{"entries":[{"key":k,"value":v}…],"next_cursor":c}`.
 pub fn scan_body(page: &ScanPage) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(64 + page.items.len() * 64);
+    // Sized for the whole page up front: keys, values and the punctuation
+    // around each item (keys that need escaping may still grow it).
+    let size: usize = page.items.iter().map(|(k, v)| k.len() + v.len() + 24).sum();
+    let mut buf = Vec::with_capacity(64 + size);
     buf.extend_from_slice(b"{\"entries\":[");
     for (i, (key, value)) in page.items.iter().enumerate() {
         if i > 0 {

@@ -96,7 +96,7 @@ pub struct ScanRequest {
 #[derive(Debug, Clone, Default)]
 pub struct ScanPage {
     /// `(key, object)` pairs; bag keys appear once per object.
-    pub items: Vec<(String, Value)>,
+    pub items: Vec<(Key, Value)>,
     /// Where to resume, or `None` when the scan is complete.
     pub next_cursor: Option<Cursor>,
 }
@@ -195,11 +195,11 @@ impl Table {
                 page.next_cursor = page.items.last().map(|(k, _)| Cursor {
                     hash: 0,
                     seq: 0,
-                    key: k.clone(),
+                    key: k.to_string(),
                 });
                 break;
             }
-            page.items.push((key.to_owned(), value));
+            page.items.push((Key::from(key), value));
         }
         page
     }
@@ -274,7 +274,7 @@ impl Table {
                         // next_cursor already names the last object returned.
                         return page;
                     }
-                    page.items.push((key.to_string(), value.clone()));
+                    page.items.push(((*key).clone(), value.clone()));
                     page.next_cursor = Some(Cursor {
                         hash: *hash,
                         seq,
