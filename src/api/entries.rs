@@ -2,7 +2,7 @@
 //! and clear.
 
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -11,11 +11,9 @@ use utoipa_axum::routes;
 
 use super::auth::{Op, Principal};
 use super::extract::{
-    checked_key, from_object, EntryPath, JsonBody, QueryParams, RawBody, TablePath,
+    checked_key, from_object, Conditions, EntryPath, JsonBody, QueryParams, RawBody, TablePath,
 };
-use super::respond::{
-    self, entry_body, scan_body, with_cache, with_etag, write_precondition, HIT, MISS,
-};
+use super::respond::{self, entry_body, scan_body, with_cache, with_etag, HIT, MISS};
 use super::AppState;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::store::{check_ttl_ms, Cursor, ScanRequest, Value, DEFAULT_SCAN_LIMIT, MAX_KEY_BYTES};
@@ -171,10 +169,10 @@ pub async fn get_entry(
     State(state): State<AppState>,
     who: Principal,
     EntryPath(table, key): EntryPath,
-    headers: HeaderMap,
+    conditions: Conditions,
 ) -> ApiResult<Response> {
     let table = state.table_for(&table, &who, Op::Read)?;
-    let if_none = respond::tag_list(&headers, header::IF_NONE_MATCH)?;
+    let if_none = conditions.if_none_match?;
     let Some(entry) = table.lookup(&key) else {
         let Some(origin) = table.origin() else {
             return Ok(with_cache(ApiError::KeyNotFound.into_response(), MISS));
@@ -259,14 +257,14 @@ pub async fn put_entry(
     who: Principal,
     EntryPath(table, key): EntryPath,
     QueryParams(params): QueryParams<PutParams>,
-    headers: HeaderMap,
+    conditions: Conditions,
     RawBody(body): RawBody,
 ) -> ApiResult<Response> {
     let table = state.table_for(&table, &who, Op::Write)?;
     if let Some(ttl) = params.ttl_ms {
         check_ttl_ms(ttl)?;
     }
-    let pre = write_precondition(&headers)?;
+    let pre = conditions.for_write()?;
     let value = parse_value(&body)?;
     let written = table.insert(&key, value, params.ttl_ms, &pre)?;
     state.durable(&table).await?;
@@ -308,10 +306,10 @@ pub async fn delete_entry(
     State(state): State<AppState>,
     who: Principal,
     EntryPath(table, key): EntryPath,
-    headers: HeaderMap,
+    conditions: Conditions,
 ) -> ApiResult<Response> {
     let table = state.table_for(&table, &who, Op::Write)?;
-    let pre = write_precondition(&headers)?;
+    let pre = conditions.for_write()?;
     if table.delete(&key, &pre)? {
         state.durable(&table).await?;
     }
@@ -345,11 +343,11 @@ pub async fn patch_entry(
     State(state): State<AppState>,
     who: Principal,
     EntryPath(table, key): EntryPath,
-    headers: HeaderMap,
+    conditions: Conditions,
     JsonBody(patch): JsonBody<serde_json::Value>,
 ) -> ApiResult<Response> {
     let table = state.table_for(&table, &who, Op::Write)?;
-    let pre = write_precondition(&headers)?;
+    let pre = conditions.for_write()?;
     if !patch.is_object() {
         return Err(ApiError::InvalidArgument(
             "a merge patch must be a JSON object".into(),

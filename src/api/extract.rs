@@ -7,13 +7,15 @@
 
 use axum::extract::rejection::{QueryRejection, RawPathParamsRejection};
 use axum::extract::{FromRequest, FromRequestParts, Query, RawPathParams, Request};
+use axum::http::header;
 use axum::http::request::Parts;
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
+use super::respond::{tag_list, write_precondition, TagList};
 use super::AppState;
 use crate::error::ApiError;
-use crate::store::{validate_key, validate_table_name};
+use crate::store::{validate_key, validate_table_name, Precondition};
 
 /// A JSON body of type `T`, parsed whatever the Content-Type says.
 #[derive(Debug)]
@@ -234,5 +236,40 @@ impl<S: Send + Sync> FromRequestParts<S> for EntryPath {
         let table = checked_table(param(&params, "table")?)?;
         let key = checked_key(param(&params, "key")?)?;
         Ok(EntryPath(table, key))
+    }
+}
+
+/// The conditional-request headers of an entry request, read from the
+/// request itself rather than from a copy of its header map (taking
+/// `HeaderMap` as an extractor clones every header, on every request).
+/// Each parse result is kept, so a malformed header is reported by the
+/// handler where it looks, after the table is found.
+#[derive(Debug)]
+pub struct Conditions {
+    /// `If-Match`, if sent.
+    pub if_match: Result<Option<TagList>, ApiError>,
+    /// `If-None-Match`, if sent.
+    pub if_none_match: Result<Option<TagList>, ApiError>,
+}
+
+impl Conditions {
+    /// The precondition of a write.
+    ///
+    /// # Errors
+    /// [`ApiError::InvalidArgument`] for a malformed header or a
+    /// combination writes do not support.
+    pub fn for_write(self) -> Result<Precondition, ApiError> {
+        write_precondition(self.if_match?, self.if_none_match?)
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Conditions {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(Conditions {
+            if_match: tag_list(&parts.headers, header::IF_MATCH),
+            if_none_match: tag_list(&parts.headers, header::IF_NONE_MATCH),
+        })
     }
 }
