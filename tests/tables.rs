@@ -303,3 +303,16 @@ async fn memory_accounting_grows_and_shrinks() {
         "clear frees everything"
     );
 }
+
+#[tokio::test]
+async fn a_typo_in_a_create_body_is_named_and_the_settings_are_listed() {
+    let app = spawn_app().await;
+    let r = app
+        .create_table(json!({"name": "t", "persistance": "sync"}))
+        .await;
+    r.assert_error(400, "invalid_argument");
+    let msg = r.body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("`persistance`"), "{msg}");
+    assert!(msg.contains("`persistence`"), "{msg}");
+    assert_eq!(app.get_table("t").await.status, 404, "nothing was created");
+}

@@ -22,7 +22,11 @@ Values are stored as canonical JSON: object members sorted by name, no insignifi
 Two values are identical (for `bag` and `delete_object`) when their canonical texts are equal. \
 Numbers outside the 64-bit integer range are kept as IEEE doubles, as JavaScript would.\n\n\
 ETags are entry versions, unique across the server; `If-Match` and `If-None-Match` make writes \
-conditional. Versions increase with every write of any key.",
+conditional. Versions increase with every write of any key, a rolled-back bulk insert included.\n\n\
+Connections stay usable after an early answer: a request refused before its body was read \
+(401, 403, 404, 405, 413, 503) has the rest of its body read and discarded, up to the body limit; \
+past that, or for a body that arrives too slowly, the answer carries `Connection: close`. Every \
+answer carries `x-request-id`: the client's own, when it sent one.",
         license(name = "Apache-2.0"),
     ),
     tags(
