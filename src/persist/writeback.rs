@@ -33,6 +33,10 @@ const GATHER_MAX: Duration = Duration::from_millis(2);
 /// no further gain).
 const WRITE_BATCH: usize = 128;
 
+/// A table's dirty set is shrunk when a round that wrote at least this
+/// many keys leaves it empty; smaller sets are left to be reused.
+const SHRINK_AFTER: usize = 4096;
+
 /// Keys snapshotted from one table's dirty set, with their mark versions.
 type Snapshot = (Arc<Table>, Vec<(Key, u64)>);
 
@@ -169,6 +173,10 @@ impl Durability {
                         Ordering::AcqRel,
                         Ordering::Relaxed,
                     );
+                } else if snapshot.len() >= SHRINK_AFTER {
+                    // A bulk load left a big, now empty, set behind: give
+                    // its buckets back rather than keep them for good.
+                    dirty.keys.shrink_to_fit();
                 }
             }
         }
