@@ -52,6 +52,10 @@ struct Options {
     /// Skip the memory and start-up rows.
     #[arg(long)]
     skip_memory: bool,
+    /// Run only the rows whose name contains this text (and no peer or
+    /// memory rows): for measuring one change quickly.
+    #[arg(long)]
+    only: Option<String>,
     /// The `larder` binary; default: next to this one.
     #[arg(long)]
     server_bin: Option<PathBuf>,
@@ -242,7 +246,8 @@ fn main() {
     );
 
     let mut rows = Vec::new();
-    for spec in specs(opts.keys) {
+    let chosen = |name: &str| opts.only.as_deref().is_none_or(|o| name.contains(o));
+    for spec in specs(opts.keys).into_iter().filter(|s| chosen(s.name)) {
         let script = spec.workload.save(&scripts, &slug(spec.name));
         let mut row = Row::new(spec.name, spec.target);
         let (mut writes, mut flushes) = (0.0, 0.0);
@@ -264,7 +269,7 @@ fn main() {
     }
     drop(ceiling);
 
-    let peers = match procs::start_webdis(dir.path()) {
+    let peers = match procs::start_webdis(dir.path()).filter(|_| opts.only.is_none()) {
         Some(webdis) => peer_rows(&opts, addr, &webdis.http, &scripts),
         None => {
             eprintln!("Webdis or Redis not installed: no peer rows");
@@ -273,7 +278,7 @@ fn main() {
     };
     drop(larder);
 
-    let memory = if opts.skip_memory {
+    let memory = if opts.skip_memory || opts.only.is_some() {
         Vec::new()
     } else {
         memory_rows(&server, dir.path(), opts.memory_entries)
