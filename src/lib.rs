@@ -34,6 +34,7 @@
 //!   write-back and group commit, recovery, and the versioned on-disk format.
 //! - [`clock`]: time behind a trait so expiry is testable without sleeping.
 //! - [`histogram`]: fixed-bucket latency histograms for the metrics.
+//! - [`stripe`]: per-thread copies of values every request updates.
 
 #![warn(missing_docs)]
 
@@ -57,3 +58,4 @@ pub mod error;
 pub mod histogram;
 pub mod persist;
 pub mod store;
+pub mod stripe;

@@ -100,33 +100,32 @@ where
         None => HeaderValue::from(state.request_ids.fetch_add(1, Ordering::Relaxed) + 1),
     };
     let route = req.extensions().get::<MatchedPath>().cloned();
+    let route_str = route.as_ref().map_or("unmatched", |r| r.as_str());
     let method = req.method().clone();
-    let log = access_log || tracing::enabled!(Level::DEBUG);
-    // The caller's name, for the span and the log line; left `None` (and not
-    // cloned) when neither will be written.
-    let mut principal: Option<Arc<str>> = log.then(|| Arc::from("-"));
+    let debug = tracing::enabled!(Level::DEBUG);
+    let log = access_log || debug;
 
-    let mut resp = match admit(&state, &mut req, &mut principal) {
-        Err(refused) => refused.into_response(),
-        Ok(_permit) => {
-            let span = if tracing::enabled!(Level::DEBUG) {
+    let (mut resp, principal) = match admit(&state, &mut req, log) {
+        Err(refused) => (refused.into_response(), None),
+        Ok((_permit, principal)) => {
+            let span = if debug {
                 tracing::debug_span!(
                     "request",
                     method = %method,
-                    route = route.as_ref().map_or("unmatched", |r| r.as_str()),
+                    route = route_str,
                     id = id.to_str().unwrap_or("-"),
                     principal = principal.as_deref().unwrap_or("-"),
                 )
             } else {
                 tracing::Span::none()
             };
-            run_with_deadline(&mut inner, req, state.limits.timeout, &span).await
+            let resp = run_with_deadline(&mut inner, req, state.limits.timeout, &span).await;
+            (resp, principal)
         }
     };
 
     let took = started.elapsed();
     let status = resp.status().as_u16();
-    let route_str = route.as_ref().map_or("unmatched", |r| r.as_str());
     state
         .metrics
         .record_request(route_str, &method, status, took);
@@ -138,13 +137,14 @@ where
 }
 
 /// The readiness gate, the in-flight limit and authentication. On success
-/// returns the in-flight permit (if the route counts) and leaves the
-/// caller's principal in the request.
+/// returns the in-flight permit (if the route counts) and, when `keep_name`
+/// (something will log it), the caller's name; the principal itself is left
+/// in the request for the handler.
 fn admit<'s>(
     state: &'s AppState,
     req: &mut Request,
-    principal: &mut Option<Arc<str>>,
-) -> Result<Option<super::InflightPermit<'s>>, ApiError> {
+    keep_name: bool,
+) -> Result<(Option<super::InflightPermit<'s>>, Option<Arc<str>>), ApiError> {
     let path = req.uri().path();
     let api = path.starts_with("/v1/");
     if api && !state.ready.load(Ordering::Acquire) {
@@ -161,21 +161,21 @@ fn admit<'s>(
             ApiError::Unavailable("too many requests in flight; retry shortly".into())
         })?)
     };
+    let mut name = None;
     match state
         .tokens
         .authenticate(req.headers().get(header::AUTHORIZATION))
     {
         Ok(who) => {
-            if let Some(name) = principal.as_mut() {
-                // Only kept when something will log it.
-                *name = who.name.clone();
+            if keep_name {
+                name = Some(who.name.clone());
             }
             req.extensions_mut().insert(who);
         }
         Err(e) if needs_auth => return Err(e),
         Err(_) => {}
     }
-    Ok(permit)
+    Ok((permit, name))
 }
 
 /// Runs the handler; after `timeout` it is dropped and answered 503. The

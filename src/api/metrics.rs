@@ -12,8 +12,8 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -27,6 +27,7 @@ use super::auth::{authorize, Op, Principal};
 use super::AppState;
 use crate::histogram::Histogram;
 use crate::store::Table;
+use crate::stripe::Striped;
 
 /// Request metrics and the write-back round histogram. Cloning is shallow.
 #[derive(Debug, Clone, Default)]
@@ -57,30 +58,16 @@ impl Default for Registry {
     }
 }
 
-/// Stripes of a series' histogram. When several cores serve one route, one
-/// shared set of counters bounces between them on every request; each
-/// thread records into its own stripe instead, and a scrape adds them up.
-const STRIPES: usize = 8;
-
 /// A series of requests: its labels, formatted once, and its latencies
-/// (whose count is the request count), striped by thread.
+/// (whose count is the request count), striped by thread (see
+/// [`crate::stripe`]) since every request of a route records into it.
 #[derive(Debug)]
 struct Series {
     labels: String,
-    stripes: [Stripe; STRIPES],
+    latency: Striped<Histogram>,
 }
 
-/// One stripe, alone on its cache lines.
-#[derive(Debug, Default)]
-#[repr(align(128))]
-struct Stripe(Histogram);
-
 thread_local! {
-    /// This thread's stripe.
-    static STRIPE: usize = {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        NEXT.fetch_add(1, Relaxed) % STRIPES
-    };
     /// Series this thread has recorded into, by (registry, series key), so
     /// the request path takes no shared lock to find them.
     static SEEN: RefCell<HashMap<(u64, u64), Arc<Series>>> = RefCell::default();
@@ -88,14 +75,13 @@ thread_local! {
 
 impl Series {
     fn record(&self, took: Duration) {
-        let stripe = STRIPE.with(|s| *s);
-        self.stripes[stripe].0.record(took);
+        self.latency.mine().record(took);
     }
 
     fn merged(&self) -> Histogram {
         let merged = Histogram::default();
-        for s in &self.stripes {
-            merged.add(&s.0);
+        for h in self.latency.all() {
+            merged.add(h);
         }
         merged
     }
@@ -130,7 +116,7 @@ impl Metrics {
                             route.replace('{', ":").replace('}', ""),
                             method.as_str()
                         ),
-                        stripes: Default::default(),
+                        latency: Striped::default(),
                     })
                 })
                 .clone();

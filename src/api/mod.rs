@@ -165,21 +165,17 @@ impl Services {
     /// [`ApiError::InvalidArgument`], or [`ApiError::Internal`] when the
     /// definition cannot be stored (nothing is created then).
     pub async fn create_table(&self, spec: TableSpec) -> Result<Arc<Table>, ApiError> {
-        let store = self.store.clone();
-        let durability = self.durability.clone();
+        let (store, durability) = (self.store.clone(), self.durability.clone());
         let limit = self.limits.max_tables;
         let table = run_blocking(move || {
             store.create_table_with(spec, limit, |t| {
-                if t.persistence() == Persistence::None {
-                    return Ok(());
-                }
                 durability.create_table(t).map_err(storage_failed)
             })
         })
         .await?;
-        if table.persistence() != Persistence::None {
-            self.durability.table_added();
-        }
+        // The persister plans its sleep from the tables it sees; this one is
+        // visible only now.
+        self.durability.table_added();
         Ok(table)
     }
 
@@ -190,15 +186,9 @@ impl Services {
     /// [`ApiError::TableNotFound`], or [`ApiError::Internal`] when the disk
     /// data cannot be removed (the table then stays).
     pub async fn drop_table(&self, table: Arc<Table>) -> Result<(), ApiError> {
-        let store = self.store.clone();
-        let durability = self.durability.clone();
+        let (store, durability) = (self.store.clone(), self.durability.clone());
         run_blocking(move || {
-            store.drop_table_with(&table, |t| {
-                if t.persistence() == Persistence::None {
-                    return Ok(());
-                }
-                durability.drop_table(t.name()).map_err(storage_failed)
-            })
+            store.drop_table_with(&table, |t| durability.drop_table(t).map_err(storage_failed))
         })
         .await
     }
@@ -215,14 +205,10 @@ impl Services {
         table: &Arc<Table>,
         apply: impl FnOnce(&Table) + Send + 'static,
     ) -> Result<(), ApiError> {
-        let store = self.store.clone();
-        let durability = self.durability.clone();
+        let (store, durability) = (self.store.clone(), self.durability.clone());
         let table = table.clone();
         run_blocking(move || {
             store.redefine_table(&table, apply, |t| {
-                if t.persistence() == Persistence::None {
-                    return Ok(());
-                }
                 durability.save_definition(t).map_err(storage_failed)
             })
         })

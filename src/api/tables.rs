@@ -364,8 +364,6 @@ pub async fn patch_table(
             }
         })
         .await?;
-    // A shorter auto_save_ms must not wait out the persister's current sleep.
-    state.durability.table_added();
     Ok(info_response(StatusCode::OK, &table))
 }
 

@@ -147,7 +147,9 @@ impl SledEngine {
         let lock = hold_lock(dir)?;
         // Our lock is held, so no other larder uses the directory; sled's
         // own lock can still be held for a moment by the worker threads of
-        // a database this process just dropped.
+        // a database this process just dropped. sled reports that only as
+        // text (ErrorKind::Other), hence the match on it for this retry;
+        // what a user sees about another process comes from our lock file.
         let deadline = std::time::Instant::now() + LOCK_WAIT;
         let db = loop {
             // No background flusher: every write-back round, definition

@@ -40,7 +40,7 @@ pub use migrate::{migrate, Migration, MIGRATIONS};
 pub use recovery::RecoveryReport;
 pub use writeback::{FlushOutcome, FlushStats};
 
-use crate::store::{Store, Table};
+use crate::store::{Persistence, Store, Table};
 
 /// Why the durable tier failed. Causes are kept as sources, so a log line
 /// shows the whole chain.
@@ -191,12 +191,15 @@ impl Durability {
     }
 
     /// Stores a new persistent table's definition durably, after removing
-    /// any data a crashed drop left under its name. Call under the store's
-    /// catalog, before the table is visible.
+    /// any data a crashed drop left under its name; nothing for a memory-only
+    /// table. Call under the store's catalog, before the table is visible.
     ///
     /// # Errors
     /// [`PersistError::Engine`].
     pub fn create_table(&self, table: &Table) -> Result<(), PersistError> {
+        if table.persistence() == Persistence::None {
+            return Ok(());
+        }
         let _round = self.round_guard();
         // A data space left by a drop that crashed half-way must not leak
         // into the new table.
@@ -204,13 +207,23 @@ impl Durability {
         self.write_definition(table)
     }
 
-    /// Rewrites a persistent table's definition (after PATCH or give-away).
+    /// Rewrites a persistent table's definition (after PATCH or give-away)
+    /// and lets the persister replan its sleep; nothing for a memory-only
+    /// table.
     ///
     /// # Errors
     /// [`PersistError::Engine`].
     pub fn save_definition(&self, table: &Table) -> Result<(), PersistError> {
-        let _round = self.round_guard();
-        self.write_definition(table)
+        if table.persistence() == Persistence::None {
+            return Ok(());
+        }
+        {
+            let _round = self.round_guard();
+            self.write_definition(table)?;
+        }
+        // A shorter auto_save_ms must not wait out the persister's sleep.
+        self.table_added();
+        Ok(())
     }
 
     fn write_definition(&self, table: &Table) -> Result<(), PersistError> {
@@ -232,16 +245,19 @@ impl Durability {
         self.inner.wake_cv.notify_one();
     }
 
-    /// Removes a table's definition and data from disk. Call under the
-    /// store's catalog, once the table has left the store: a round that
+    /// Removes a persistent table's definition and data from disk (nothing
+    /// for a memory-only table). Call under the store's catalog, once the table has left the store: a round that
     /// still holds the table finishes first (the round lock), and no later
     /// round can see it.
     ///
     /// # Errors
     /// [`PersistError::Engine`].
-    pub fn drop_table(&self, name: &str) -> Result<(), PersistError> {
+    pub fn drop_table(&self, table: &Table) -> Result<(), PersistError> {
+        if table.persistence() == Persistence::None {
+            return Ok(());
+        }
         let _round = self.round_guard();
-        self.inner.engine.remove_table(name)?;
+        self.inner.engine.remove_table(table.name())?;
         self.inner.engine.flush()
     }
 

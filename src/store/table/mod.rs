@@ -35,6 +35,7 @@ use super::slot::{
 use super::types::{Access, Eviction, Origin, Persistence, TableSettings, TableType};
 use super::value::{Key, Value};
 use super::Shared;
+use crate::stripe::Striped;
 
 mod account;
 mod bulk;
@@ -83,50 +84,29 @@ pub struct Stats {
     pub origin_errors: Counter,
 }
 
-/// Stripes of a [`Counter`]: enough that the cores of a small machine each
-/// add to their own.
-const COUNTER_STRIPES: usize = 4;
-
-/// A counter that every request of a table may add to. One shared atomic
-/// would bounce its cache line between cores on every request; each thread
-/// adds to its own stripe instead, and a read sums them. Same method names
-/// as `AtomicU64`, so call sites read as before.
+/// A counter that every request of a table may add to, striped (see
+/// [`crate::stripe`]) so that cores adding at once do not contend for one
+/// cache line; a read sums the stripes. Same method names as `AtomicU64`, so
+/// call sites read as before.
 #[derive(Debug, Default)]
-pub struct Counter([Stripe; COUNTER_STRIPES]);
-
-/// One stripe, alone on its cache line.
-#[derive(Debug, Default)]
-#[repr(align(64))]
-struct Stripe(AtomicU64);
-
-thread_local! {
-    /// The stripe this thread adds to.
-    static COUNTER_STRIPE: usize = {
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        NEXT.fetch_add(1, Ordering::Relaxed) % COUNTER_STRIPES
-    };
-}
+pub struct Counter(Striped<AtomicU64>);
 
 impl Counter {
-    fn mine(&self) -> &AtomicU64 {
-        &self.0[COUNTER_STRIPE.with(|s| *s)].0
-    }
-
     /// Adds `n`.
     pub fn fetch_add(&self, n: u64, order: Ordering) {
-        self.mine().fetch_add(n, order);
+        self.0.mine().fetch_add(n, order);
     }
 
     /// Subtracts `n` (a stripe may wrap; the sum does not).
     pub fn fetch_sub(&self, n: u64, order: Ordering) {
-        self.mine().fetch_sub(n, order);
+        self.0.mine().fetch_sub(n, order);
     }
 
     /// The total.
     pub fn load(&self, order: Ordering) -> u64 {
         self.0
-            .iter()
-            .fold(0u64, |sum, s| sum.wrapping_add(s.0.load(order)))
+            .all()
+            .fold(0u64, |sum, s| sum.wrapping_add(s.load(order)))
     }
 }
 
