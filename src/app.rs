@@ -50,6 +50,9 @@ pub enum AppError {
     /// The configuration is unusable.
     #[error("{0}")]
     Config(String),
+    /// The cluster database cannot be used.
+    #[error("cluster: {0}")]
+    Cluster(String),
     /// Writing dirty data at shutdown failed.
     #[error("could not write all data at shutdown: {0}")]
     Shutdown(String),
@@ -113,6 +116,12 @@ impl App {
                 config.listen
             )));
         }
+        if config.cluster_url.is_some() && config.cluster_staleness_ms <= config.cluster_poll_ms {
+            return Err(AppError::Config(format!(
+                "--cluster-staleness-ms ({}) must exceed --cluster-poll-ms ({})",
+                config.cluster_staleness_ms, config.cluster_poll_ms
+            )));
+        }
         let store = Store::new(clock);
         store.set_memory_limit(config.max_memory_bytes);
         let dir = config.data_dir.clone();
@@ -137,6 +146,26 @@ impl App {
                     cause: e.to_string(),
                 })
             }
+        };
+        let cluster = match &config.cluster_url {
+            Some(url) => Some(
+                crate::cluster::Cluster::connect(
+                    crate::cluster::ClusterConfig {
+                        url: url.clone(),
+                        cache_bytes: config.cluster_cache_bytes,
+                        poll: Duration::from_millis(config.cluster_poll_ms.max(1)),
+                        staleness: Duration::from_millis(config.cluster_staleness_ms),
+                        pool_size: config.cluster_pool_size,
+                        connect_timeout: Duration::from_millis(
+                            config.request_timeout_ms.clamp(100, 5000),
+                        ),
+                    },
+                    store.clone(),
+                )
+                .await
+                .map_err(|e| AppError::Cluster(e.to_string()))?,
+            ),
+            None => None,
         };
         let listener = TcpListener::bind(config.listen)
             .await
@@ -163,6 +192,7 @@ impl App {
                 config.max_body_bytes,
             ),
             request_ids: std::sync::atomic::AtomicU64::new(0),
+            cluster,
         });
         let router = api::build(
             state.clone(),

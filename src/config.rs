@@ -40,6 +40,34 @@ pub struct Config {
     #[arg(long, env = "LARDER_SLED_CACHE_BYTES", default_value_t = crate::persist::DEFAULT_SLED_CACHE_BYTES)]
     pub sled_cache_bytes: u64,
 
+    /// PostgreSQL URL (`postgres://user:pass@host:port/db`) of the cluster
+    /// this node joins. With it, tables with `"persistence": "cluster"` live
+    /// in that database and are shared by every node given the same URL;
+    /// without it, such tables are refused.
+    #[arg(long, env = "LARDER_CLUSTER_URL", hide_env_values = true)]
+    pub cluster_url: Option<String>,
+
+    /// Bytes of cluster-table entries this node keeps as its hot copy
+    /// (least recently used go first). PostgreSQL holds everything; a read
+    /// that misses the hot copy asks it.
+    #[arg(long, env = "LARDER_CLUSTER_CACHE_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub cluster_cache_bytes: u64,
+
+    /// How often this node reads the cluster's change log, in milliseconds.
+    /// The staleness bound below must be larger.
+    #[arg(long, env = "LARDER_CLUSTER_POLL_MS", default_value_t = 5)]
+    pub cluster_poll_ms: u64,
+
+    /// Longest a cluster-table read may lag a write acknowledged by another
+    /// node, in milliseconds. When this node has not caught up with the
+    /// change log within it, reads go to PostgreSQL instead of the hot copy.
+    #[arg(long, env = "LARDER_CLUSTER_STALENESS_MS", default_value_t = 250)]
+    pub cluster_staleness_ms: u64,
+
+    /// Connections this node opens to PostgreSQL at most.
+    #[arg(long, env = "LARDER_CLUSTER_POOL_SIZE", default_value_t = 32)]
+    pub cluster_pool_size: usize,
+
     /// Largest request body accepted, in bytes; larger ones get 413.
     #[arg(long, env = "LARDER_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -147,6 +175,14 @@ impl std::fmt::Debug for Config {
             .field("listen", &self.listen)
             .field("data_dir", &self.data_dir)
             .field("sled_cache_bytes", &self.sled_cache_bytes)
+            .field(
+                "cluster_url",
+                &self.cluster_url.as_ref().map(|_| "<redacted>"),
+            )
+            .field("cluster_cache_bytes", &self.cluster_cache_bytes)
+            .field("cluster_poll_ms", &self.cluster_poll_ms)
+            .field("cluster_staleness_ms", &self.cluster_staleness_ms)
+            .field("cluster_pool_size", &self.cluster_pool_size)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("log_format", &self.log_format)
             .field("log", &self.log)

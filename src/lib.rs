@@ -53,9 +53,11 @@ macro_rules! failpoint {
 pub mod api;
 pub mod app;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod histogram;
+pub mod ops;
 pub mod persist;
 pub mod store;
 pub mod stripe;

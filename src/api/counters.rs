@@ -13,6 +13,7 @@ use super::extract::{EntryPath, OptionalJsonBody};
 use super::respond;
 use super::AppState;
 use crate::error::{ApiResult, ErrorBody};
+use crate::ops::TableOps;
 use crate::store::CounterOp;
 
 /// Routes for `/v1/tables/{table}/entries/{key}/counter`.
@@ -63,9 +64,8 @@ pub async fn update_counter(
     EntryPath(table, key): EntryPath,
     OptionalJsonBody(op): OptionalJsonBody<CounterOp>,
 ) -> ApiResult<Response> {
-    let table = state.table_for(&table, &who, Op::Write)?;
-    let value = table.update_counter(&key, &op)?;
-    state.durable(&table).await?;
+    let table = state.table_for(&table, &who, Op::Write).await?;
+    let value = table.update_counter(&key, &op).await?;
     let mut buf = Vec::with_capacity(key.len() + 40);
     buf.extend_from_slice(b"{\"key\":");
     respond::push_str(&mut buf, &key);

@@ -16,6 +16,7 @@ use super::extract::{
 use super::respond::{self, entry_body, scan_body, with_cache, with_etag, HIT, MISS};
 use super::AppState;
 use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::ops::{ReadFrom, TableOps};
 use crate::store::{check_ttl_ms, Cursor, ScanRequest, Value, DEFAULT_SCAN_LIMIT, MAX_KEY_BYTES};
 
 /// Routes for `/v1/tables/{table}/entries…`.
@@ -109,6 +110,29 @@ pub struct ScanParams {
     pub reverse: Option<bool>,
     /// `next_cursor` of the previous page; send the same filters with it.
     pub cursor: Option<String>,
+    /// Cluster tables: read from PostgreSQL rather than this node's copy.
+    /// Scans of cluster tables always do; accepted on every table.
+    pub consistent: Option<bool>,
+}
+
+/// Query of an entry `GET`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ReadParams {
+    /// Cluster tables: read from PostgreSQL, never from this node's hot
+    /// copy, so the answer reflects every write acknowledged before it
+    /// (etcd's linearizable read). Local tables are always read that way.
+    pub consistent: Option<bool>,
+}
+
+impl ReadParams {
+    fn read_from(&self) -> ReadFrom {
+        if self.consistent == Some(true) {
+            ReadFrom::Primary
+        } else {
+            ReadFrom::Nearest
+        }
+    }
 }
 
 /// One page of a scan.
@@ -153,7 +177,7 @@ fn parse_value(bytes: &[u8]) -> ApiResult<Value> {
     get,
     path = "/v1/tables/{table}/entries/{key}",
     tag = "entries",
-    params(("table" = String, Path, description = "Table name"), ("key" = String, Path, description = "Key, percent-encoded"),
+    params(("table" = String, Path, description = "Table name"), ("key" = String, Path, description = "Key, percent-encoded"), ReadParams,
            ("If-None-Match" = Option<String>, Header, description = "Answer 304 if the entry still has this ETag")),
     responses(
         (status = 200, description = "The entry", body = EntryDoc, headers(("ETag" = String), ("X-Cache" = String))),
@@ -169,15 +193,19 @@ pub async fn get_entry(
     State(state): State<AppState>,
     who: Principal,
     EntryPath(table, key): EntryPath,
+    QueryParams(params): QueryParams<ReadParams>,
     conditions: Conditions,
 ) -> ApiResult<Response> {
-    let table = state.table_for(&table, &who, Op::Read)?;
+    let table = state.table_for(&table, &who, Op::Read).await?;
     let if_none = conditions.if_none_match?;
-    let Some(entry) = table.lookup(&key) else {
-        let Some(origin) = table.origin() else {
+    let Some(entry) = table.lookup(&key, params.read_from()).await? else {
+        let Some(origin) = table.meta().origin() else {
             return Ok(with_cache(ApiError::KeyNotFound.into_response(), MISS));
         };
-        if state.origins.remembered_missing(&table, &key, table.now()) {
+        if state
+            .origins
+            .remembered_missing(table.meta(), &key, table.meta().now())
+        {
             return Ok(with_cache(ApiError::KeyNotFound.into_response(), HIT));
         }
         let resp = match state.origins.read_through(&table, &key, origin).await {
@@ -216,8 +244,8 @@ pub async fn head_entry(
     who: Principal,
     EntryPath(table, key): EntryPath,
 ) -> ApiResult<Response> {
-    let table = state.table_for(&table, &who, Op::Read)?;
-    match table.peek(&key) {
+    let table = state.table_for(&table, &who, Op::Read).await?;
+    match table.peek(&key).await? {
         Some(entry) => Ok(with_etag(respond::empty(StatusCode::OK), entry.version)),
         None => Ok(respond::empty(StatusCode::NOT_FOUND)),
     }
@@ -260,14 +288,13 @@ pub async fn put_entry(
     conditions: Conditions,
     RawBody(body): RawBody,
 ) -> ApiResult<Response> {
-    let table = state.table_for(&table, &who, Op::Write)?;
+    let table = state.table_for(&table, &who, Op::Write).await?;
     if let Some(ttl) = params.ttl_ms {
         check_ttl_ms(ttl)?;
     }
     let pre = conditions.for_write()?;
     let value = parse_value(&body)?;
-    let written = table.insert(&key, value, params.ttl_ms, &pre)?;
-    state.durable(&table).await?;
+    let written = table.insert(&key, value, params.ttl_ms, &pre).await?;
     let status = if written.created {
         StatusCode::CREATED
     } else {
@@ -308,11 +335,9 @@ pub async fn delete_entry(
     EntryPath(table, key): EntryPath,
     conditions: Conditions,
 ) -> ApiResult<Response> {
-    let table = state.table_for(&table, &who, Op::Write)?;
+    let table = state.table_for(&table, &who, Op::Write).await?;
     let pre = conditions.for_write()?;
-    if table.delete(&key, &pre)? {
-        state.durable(&table).await?;
-    }
+    table.delete(&key, &pre).await?;
     Ok(respond::empty(StatusCode::NO_CONTENT))
 }
 
@@ -346,15 +371,14 @@ pub async fn patch_entry(
     conditions: Conditions,
     JsonBody(patch): JsonBody<serde_json::Value>,
 ) -> ApiResult<Response> {
-    let table = state.table_for(&table, &who, Op::Write)?;
+    let table = state.table_for(&table, &who, Op::Write).await?;
     let pre = conditions.for_write()?;
     if !patch.is_object() {
         return Err(ApiError::InvalidArgument(
             "a merge patch must be a JSON object".into(),
         ));
     }
-    let entry = table.merge(&key, &patch, &pre)?;
-    state.durable(&table).await?;
+    let entry = table.merge(&key, &patch, &pre).await?;
     Ok(with_etag(
         respond::json(StatusCode::OK, entry_body(&key, &entry)),
         entry.version,
@@ -385,11 +409,9 @@ pub async fn delete_object(
     EntryPath(table, key): EntryPath,
     RawBody(body): RawBody,
 ) -> ApiResult<Response> {
-    let table = state.table_for(&table, &who, Op::Write)?;
+    let table = state.table_for(&table, &who, Op::Write).await?;
     let value = parse_value(&body)?;
-    if table.delete_object(&key, &value) > 0 {
-        state.durable(&table).await?;
-    }
+    table.delete_object(&key, &value).await?;
     Ok(respond::empty(StatusCode::NO_CONTENT))
 }
 
@@ -414,9 +436,8 @@ pub async fn take_entry(
     who: Principal,
     EntryPath(table, key): EntryPath,
 ) -> ApiResult<Response> {
-    let table = state.table_for(&table, &who, Op::Write)?;
-    let entry = table.take(&key).ok_or(ApiError::KeyNotFound)?;
-    state.durable(&table).await?;
+    let table = state.table_for(&table, &who, Op::Write).await?;
+    let entry = table.take(&key).await?.ok_or(ApiError::KeyNotFound)?;
     Ok(respond::json(StatusCode::OK, entry_body(&key, &entry)))
 }
 
@@ -446,7 +467,7 @@ pub async fn insert_entries(
     TablePath(table): TablePath,
     JsonBody(items): JsonBody<Vec<serde_json::Map<String, serde_json::Value>>>,
 ) -> ApiResult<Response> {
-    let table = state.table_for(&table, &who, Op::Write)?;
+    let table = state.table_for(&table, &who, Op::Write).await?;
     let mut batch = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
         let item: BulkItem = from_object(item).map_err(|e| match e {
@@ -462,8 +483,7 @@ pub async fn insert_entries(
         }
         batch.push((key, Value::from_json(&item.value), item.ttl_ms));
     }
-    let inserted = table.insert_many(batch)?;
-    state.durable(&table).await?;
+    let inserted = table.insert_many(batch).await?;
     let body = serde_json::to_vec(&Inserted { inserted }).unwrap_or_default();
     Ok(respond::json(StatusCode::OK, body))
 }
@@ -496,7 +516,7 @@ pub async fn scan_entries(
     TablePath(table): TablePath,
     QueryParams(params): QueryParams<ScanParams>,
 ) -> ApiResult<Response> {
-    let table = state.table_for(&table, &who, Op::Read)?;
+    let table = state.table_for(&table, &who, Op::Read).await?;
     for (name, v) in [
         ("prefix", &params.prefix),
         ("start", &params.start),
@@ -520,7 +540,11 @@ pub async fn scan_entries(
         reverse: params.reverse.unwrap_or(false),
         cursor: params.cursor.as_deref().map(Cursor::decode).transpose()?,
     };
-    let page = table.scan(&req)?;
+    let from = ReadParams {
+        consistent: params.consistent,
+    }
+    .read_from();
+    let page = table.scan(&req, from).await?;
     Ok(respond::json(StatusCode::OK, scan_body(&page)))
 }
 
@@ -543,8 +567,7 @@ pub async fn clear_entries(
     who: Principal,
     TablePath(table): TablePath,
 ) -> ApiResult<Response> {
-    let table = state.table_for(&table, &who, Op::Write)?;
-    table.clear();
-    state.durable(&table).await?;
+    let table = state.table_for(&table, &who, Op::Write).await?;
+    table.clear().await?;
     Ok(respond::empty(StatusCode::NO_CONTENT))
 }

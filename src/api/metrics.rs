@@ -199,6 +199,9 @@ pub async fn get_metrics(State(state): State<AppState>, who: Principal) -> Respo
         .collect();
     write_tables(&mut out, &tables);
     write_server(&mut out, &state);
+    if let Some(cluster) = &state.cluster {
+        cluster.render_metrics(&mut out);
+    }
     let mut resp = (StatusCode::OK, out).into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

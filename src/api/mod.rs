@@ -27,7 +27,9 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
 
+use crate::cluster::Cluster;
 use crate::error::ApiError;
+use crate::ops::{LocalTable, TableHandle, TableOps};
 use crate::persist::Durability;
 use crate::store::{Persistence, Store, Table, TableSpec};
 
@@ -69,6 +71,8 @@ pub struct Services {
     pub tokens: Arc<auth::Tokens>,
     /// Request limits.
     pub limits: Limits,
+    /// The cluster tier, when the server runs with `--cluster-url`.
+    pub cluster: Option<Cluster>,
     /// Last request id handed out (ids count up from 1 per process).
     pub request_ids: AtomicU64,
 }
@@ -129,31 +133,42 @@ impl Services {
     ///
     /// # Errors
     /// [`ApiError::TableNotFound`], [`ApiError::Forbidden`].
-    pub fn table_for(
+    pub async fn table_for(
         &self,
         name: &str,
         who: &auth::Principal,
         op: auth::Op,
-    ) -> Result<Arc<Table>, ApiError> {
-        let table = self.store.table(name)?;
-        auth::authorize(&table, who, op)?;
-        Ok(table)
+    ) -> Result<TableHandle<'_>, ApiError> {
+        let handle = match self.store.table(name) {
+            Ok(table) => TableHandle::Local(LocalTable::new(table, &self.durability)),
+            Err(missing) => match &self.cluster {
+                Some(cluster) => TableHandle::Cluster(cluster.table(name).await?),
+                None => return Err(missing.into()),
+            },
+        };
+        auth::authorize(handle.meta(), who, op)?;
+        Ok(handle)
     }
 
-    /// Returns once a change just applied to `table` is as durable as the
-    /// table promises: at once for `none` and `periodic`, after an fsync for
-    /// `sync` (shared with concurrent writers).
-    ///
-    /// # Errors
-    /// [`ApiError::Unavailable`] when the write-back round failed.
-    pub async fn durable(&self, table: &Table) -> Result<(), ApiError> {
-        if table.persistence() != Persistence::Sync {
-            return Ok(());
+    /// Every table, local and cluster, by name.
+    pub fn all_tables(&self) -> Vec<TableHandle<'_>> {
+        let mut all: Vec<TableHandle<'_>> = self
+            .store
+            .tables()
+            .into_iter()
+            .map(|t| TableHandle::Local(LocalTable::new(t, &self.durability)))
+            .collect();
+        if let Some(cluster) = &self.cluster {
+            all.extend(
+                cluster
+                    .tables()
+                    .into_iter()
+                    .filter(|t| self.store.table(t.name()).is_err())
+                    .map(TableHandle::Cluster),
+            );
         }
-        self.durability
-            .wait_durable(false)
-            .await
-            .map_err(|e| ApiError::Unavailable(format!("could not make the write durable: {e}")))
+        all.sort_by(|a, b| a.meta().name().cmp(b.meta().name()));
+        all
     }
 
     /// Creates a table. A persistent table becomes visible only once its
@@ -164,7 +179,23 @@ impl Services {
     /// [`ApiError::TableExists`], [`ApiError::TableLimit`],
     /// [`ApiError::InvalidArgument`], or [`ApiError::Internal`] when the
     /// definition cannot be stored (nothing is created then).
-    pub async fn create_table(&self, spec: TableSpec) -> Result<Arc<Table>, ApiError> {
+    pub async fn create_table(&self, spec: TableSpec) -> Result<TableHandle<'_>, ApiError> {
+        if spec.settings.persistence == Persistence::Cluster {
+            let Some(cluster) = &self.cluster else {
+                return Err(ApiError::InvalidArgument(
+                    "persistence \"cluster\" needs the server to run with --cluster-url (env LARDER_CLUSTER_URL)".into(),
+                ));
+            };
+            if self.store.table(&spec.name).is_ok() {
+                return Err(ApiError::TableExists(spec.name));
+            }
+            return Ok(TableHandle::Cluster(cluster.create_table(spec).await?));
+        }
+        if let Some(cluster) = &self.cluster {
+            if cluster.has_table(&spec.name).await? {
+                return Err(ApiError::TableExists(spec.name));
+            }
+        }
         let (store, durability) = (self.store.clone(), self.durability.clone());
         let limit = self.limits.max_tables;
         let table = run_blocking(move || {
@@ -176,7 +207,7 @@ impl Services {
         // The persister plans its sleep from the tables it sees; this one is
         // visible only now.
         self.durability.table_added();
-        Ok(table)
+        Ok(TableHandle::Local(LocalTable::new(table, &self.durability)))
     }
 
     /// Drops `table`, and its data on disk, unless it was dropped meanwhile.
@@ -185,7 +216,11 @@ impl Services {
     /// # Errors
     /// [`ApiError::TableNotFound`], or [`ApiError::Internal`] when the disk
     /// data cannot be removed (the table then stays).
-    pub async fn drop_table(&self, table: Arc<Table>) -> Result<(), ApiError> {
+    pub async fn drop_table(&self, table: &TableHandle<'_>) -> Result<(), ApiError> {
+        let table = match (table, &self.cluster) {
+            (TableHandle::Cluster(t), Some(cluster)) => return cluster.drop_table(t).await,
+            (t, _) => t.meta().clone(),
+        };
         let (store, durability) = (self.store.clone(), self.durability.clone());
         run_blocking(move || {
             store.drop_table_with(&table, |t| durability.drop_table(t).map_err(storage_failed))
@@ -202,11 +237,15 @@ impl Services {
     /// [`ApiError::Internal`] when the write fails.
     pub async fn redefine_table(
         &self,
-        table: &Arc<Table>,
+        table: &TableHandle<'_>,
         apply: impl FnOnce(&Table) + Send + 'static,
     ) -> Result<(), ApiError> {
+        if let (TableHandle::Cluster(t), Some(cluster)) = (table, &self.cluster) {
+            apply(t.meta());
+            return cluster.save_definition(t).await;
+        }
         let (store, durability) = (self.store.clone(), self.durability.clone());
-        let table = table.clone();
+        let table = table.meta().clone();
         run_blocking(move || {
             store.redefine_table(&table, apply, |t| {
                 durability.save_definition(t).map_err(storage_failed)

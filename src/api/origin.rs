@@ -22,6 +22,7 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tokio::sync::OnceCell;
 
 use crate::error::ApiError;
+use crate::ops::TableOps;
 use crate::store::{Entry, Origin, Precondition, Table, Value};
 
 /// Characters percent-encoded when a key fills `{key}`: all but unreserved.
@@ -125,11 +126,11 @@ impl Origins {
     /// [`ApiError::OriginTimeout`].
     pub async fn read_through(
         &self,
-        table: &Arc<Table>,
+        table: &impl TableOps,
         key: &str,
         origin: &Origin,
     ) -> Result<Entry, ApiError> {
-        let flight: FlightKey = (table.name().into(), key.into());
+        let flight: FlightKey = (table.meta().name().into(), key.into());
         let cell = self
             .inflight
             .entry(flight.clone())
@@ -149,31 +150,40 @@ impl Origins {
         }
     }
 
-    async fn fetch_and_store(&self, table: &Arc<Table>, key: &str, origin: &Origin) -> Fetched {
-        table.stats.origin_fetches.fetch_add(1, Relaxed);
+    async fn fetch_and_store(&self, table: &impl TableOps, key: &str, origin: &Origin) -> Fetched {
+        let meta = table.meta();
+        meta.stats.origin_fetches.fetch_add(1, Relaxed);
         let fetched = self.fetch(key, origin).await;
         match &fetched {
             Ok(Some(value)) => {
-                let written =
-                    table.insert(key, value.clone(), Some(origin.ttl_ms), &Precondition::None);
+                let written = table
+                    .insert(key, value.clone(), Some(origin.ttl_ms), &Precondition::None)
+                    .await;
                 if let Err(e) = &written {
-                    tracing::debug!(table = table.name(), error = %e, "origin value served but not cached");
+                    tracing::debug!(table = meta.name(), error = %e, "origin value served but not cached");
                 }
-                let entry = table.peek(key).unwrap_or(Entry {
-                    objects: crate::store::Objects::One(value.clone()),
-                    version: written.map(|w| w.version).unwrap_or(0),
-                    ttl_ms: None,
-                });
+                let entry = match written {
+                    Ok(w) => Entry {
+                        objects: crate::store::Objects::One(value.clone()),
+                        version: w.version,
+                        ttl_ms: Some(origin.ttl_ms),
+                    },
+                    Err(_) => Entry {
+                        objects: crate::store::Objects::One(value.clone()),
+                        version: 0,
+                        ttl_ms: None,
+                    },
+                };
                 Fetched::Found(entry)
             }
             Ok(None) => {
-                let until = table.now().saturating_add(origin.negative_ttl_ms);
+                let until = meta.now().saturating_add(origin.negative_ttl_ms);
                 self.negative
-                    .insert((table.name().into(), key.into()), until);
+                    .insert((meta.name().into(), key.into()), until);
                 Fetched::Missing
             }
             Err(failed) => {
-                table.stats.origin_errors.fetch_add(1, Relaxed);
+                meta.stats.origin_errors.fetch_add(1, Relaxed);
                 failed.clone()
             }
         }

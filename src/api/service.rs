@@ -43,6 +43,9 @@ pub async fn noop() -> Response {
 pub struct Status {
     /// `ok` or `ready`.
     pub status: &'static str,
+    /// Nodes of a cluster: `ok` or `unavailable` (PostgreSQL unreachable).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<&'static str>,
 }
 
 /// Liveness.
@@ -61,7 +64,10 @@ pub async fn healthz() -> Response {
 /// Readiness.
 ///
 /// 200 once every persistent table is loaded and requests are served; 503
-/// `unavailable` while starting or stopping.
+/// `unavailable` while starting or stopping. A node of a cluster also
+/// says whether it reaches PostgreSQL: `{"status":"ready","cluster":"ok"}`,
+/// or `"cluster":"unavailable"` while cluster tables answer 503 (local
+/// tables keep working, so the node stays ready).
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -72,12 +78,13 @@ pub async fn healthz() -> Response {
     )
 )]
 pub async fn readyz(State(state): State<AppState>) -> ApiResult<Response> {
-    if state.ready.load(Ordering::Acquire) {
-        Ok(respond::json(
-            StatusCode::OK,
-            br#"{"status":"ready"}"#.to_vec(),
-        ))
-    } else {
-        Err(ApiError::Unavailable("starting or stopping".into()))
+    if !state.ready.load(Ordering::Acquire) {
+        return Err(ApiError::Unavailable("starting or stopping".into()));
     }
+    let body: &[u8] = match &state.cluster {
+        None => br#"{"status":"ready"}"#,
+        Some(c) if c.reachable() => br#"{"status":"ready","cluster":"ok"}"#,
+        Some(_) => br#"{"status":"ready","cluster":"unavailable"}"#,
+    };
+    Ok(respond::json(StatusCode::OK, body.to_vec()))
 }

@@ -14,9 +14,10 @@ use super::respond;
 use super::AppState;
 use crate::clock::rfc3339_ms;
 use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::ops::TableOps;
 use crate::store::{
-    check_auto_save_ms, check_max_entries, check_ttl_ms, Eviction, Persistence, Table,
-    TableSettings, TableSpec,
+    check_auto_save_ms, check_max_entries, check_ttl_ms, Eviction, Persistence, TableSettings,
+    TableSpec,
 };
 
 /// Routes for `/v1/tables…`.
@@ -151,41 +152,50 @@ pub struct TableList {
     pub tables: Vec<TableInfo>,
 }
 
-/// Builds a table's info.
-pub fn table_info(table: &Table) -> TableInfo {
+/// Builds a table's info: settings and node-local counters from the
+/// table itself, size and the other statistics from its tier (table-wide
+/// for cluster tables).
+///
+/// # Errors
+/// [`ApiError::Unavailable`] when a cluster table's statistics cannot be
+/// read.
+pub async fn table_info(table: &impl TableOps) -> Result<TableInfo, ApiError> {
     use std::sync::atomic::Ordering::Relaxed;
-    let spec = table.spec();
-    let s = &table.stats;
-    TableInfo {
+    let counts = table.counts().await?;
+    let meta = table.meta();
+    let spec = meta.spec();
+    let s = &meta.stats;
+    Ok(TableInfo {
         name: spec.name,
         settings: spec.settings,
-        size: table.size(),
+        size: counts.size,
         memory_bytes: table.memory_bytes(),
         owner: spec.owner,
         created_at: rfc3339_ms(spec.created_at),
         stats: StatsInfo {
             hits: s.hits.load(Relaxed),
             misses: s.misses.load(Relaxed),
-            inserts: s.inserts.load(Relaxed),
-            deletes: s.deletes.load(Relaxed),
-            expired: s.expired.load(Relaxed),
-            evicted: s.evicted.load(Relaxed),
+            inserts: counts.inserts,
+            deletes: counts.deletes,
+            expired: counts.expired,
+            evicted: counts.evicted,
             origin_fetches: s.origin_fetches.load(Relaxed),
             origin_errors: s.origin_errors.load(Relaxed),
         },
-        dirty: table.dirty().map(|_| table.dirty_count()),
-        last_saved_at: table.dirty().map(|d| match d.last_saved_at.load(Relaxed) {
+        dirty: meta.dirty().map(|_| meta.dirty_count()),
+        last_saved_at: meta.dirty().map(|d| match d.last_saved_at.load(Relaxed) {
             0 => None,
             ms => Some(rfc3339_ms(ms)),
         }),
-    }
+    })
 }
 
-fn info_response(status: StatusCode, table: &Table) -> Response {
-    respond::json(
+async fn info_response(status: StatusCode, table: &impl TableOps) -> ApiResult<Response> {
+    let info = table_info(table).await?;
+    Ok(respond::json(
         status,
-        serde_json::to_vec(&table_info(table)).unwrap_or_default(),
-    )
+        serde_json::to_vec(&info).unwrap_or_default(),
+    ))
 }
 
 /// Create a table.
@@ -253,7 +263,7 @@ pub async fn create_table(
         created_at: state.store.now_ms(),
     };
     let table = state.create_table(spec).await?;
-    Ok(info_response(StatusCode::CREATED, &table))
+    info_response(StatusCode::CREATED, &table).await
 }
 
 /// List tables.
@@ -266,13 +276,12 @@ pub async fn create_table(
     responses((status = 200, description = "Tables", body = TableList))
 )]
 pub async fn list_tables(State(state): State<AppState>, who: Principal) -> ApiResult<Response> {
-    let tables = state
-        .store
-        .tables()
-        .iter()
-        .filter(|t| authorize(t, &who, Op::Read).is_ok())
-        .map(|t| table_info(t))
-        .collect();
+    let mut tables = Vec::new();
+    for t in state.all_tables() {
+        if authorize(t.meta(), &who, Op::Read).is_ok() {
+            tables.push(table_info(&t).await?);
+        }
+    }
     let body = serde_json::to_vec(&TableList { tables }).unwrap_or_default();
     Ok(respond::json(StatusCode::OK, body))
 }
@@ -297,8 +306,8 @@ pub async fn get_table(
     who: Principal,
     TablePath(name): TablePath,
 ) -> ApiResult<Response> {
-    let table = state.table_for(&name, &who, Op::Read)?;
-    Ok(info_response(StatusCode::OK, &table))
+    let table = state.table_for(&name, &who, Op::Read).await?;
+    info_response(StatusCode::OK, &table).await
 }
 
 /// Change table settings.
@@ -327,9 +336,9 @@ pub async fn patch_table(
     TablePath(name): TablePath,
     JsonObject(patch): JsonObject<PatchTable>,
 ) -> ApiResult<Response> {
-    let table = state.table_for(&name, &who, Op::Manage)?;
+    let table = state.table_for(&name, &who, Op::Manage).await?;
     match patch.auto_save_ms {
-        Some(_) if table.persistence() != Persistence::Periodic => {
+        Some(_) if table.meta().persistence() != Persistence::Periodic => {
             return Err(ApiError::InvalidArgument(
                 "auto_save_ms applies to persistence \"periodic\" only".into(),
             ))
@@ -364,7 +373,7 @@ pub async fn patch_table(
             }
         })
         .await?;
-    Ok(info_response(StatusCode::OK, &table))
+    info_response(StatusCode::OK, &table).await
 }
 
 /// Drop a table.
@@ -390,8 +399,8 @@ pub async fn delete_table(
     who: Principal,
     TablePath(name): TablePath,
 ) -> ApiResult<Response> {
-    let table = state.table_for(&name, &who, Op::Manage)?;
-    state.drop_table(table).await?;
+    let table = state.table_for(&name, &who, Op::Manage).await?;
+    state.drop_table(&table).await?;
     state.origins.forget_table(&name);
     Ok(respond::empty(StatusCode::NO_CONTENT))
 }
@@ -418,15 +427,9 @@ pub async fn sync_table(
     who: Principal,
     TablePath(name): TablePath,
 ) -> ApiResult<Response> {
-    let table = state.table_for(&name, &who, Op::Write)?;
-    if table.persistence() != Persistence::None {
-        state
-            .durability
-            .wait_durable(true)
-            .await
-            .map_err(|e| ApiError::Unavailable(format!("could not sync: {e}")))?;
-    }
-    Ok(info_response(StatusCode::OK, &table))
+    let table = state.table_for(&name, &who, Op::Write).await?;
+    table.sync().await?;
+    info_response(StatusCode::OK, &table).await
 }
 
 /// Hand a table to another principal.
@@ -453,7 +456,7 @@ pub async fn give_away(
     TablePath(name): TablePath,
     JsonObject(body): JsonObject<GiveAway>,
 ) -> ApiResult<Response> {
-    let table = state.table_for(&name, &who, Op::Manage)?;
+    let table = state.table_for(&name, &who, Op::Manage).await?;
     let known = if state.tokens.enabled() {
         state.tokens.knows(&body.to)
     } else {
@@ -468,5 +471,5 @@ pub async fn give_away(
     state
         .redefine_table(&table, move |t| t.set_owner(&body.to))
         .await?;
-    Ok(info_response(StatusCode::OK, &table))
+    info_response(StatusCode::OK, &table).await
 }

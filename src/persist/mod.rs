@@ -40,7 +40,7 @@ pub use migrate::{migrate, Migration, MIGRATIONS};
 pub use recovery::RecoveryReport;
 pub use writeback::{FlushOutcome, FlushStats};
 
-use crate::store::{Persistence, Store, Table};
+use crate::store::{Store, Table};
 
 /// Why the durable tier failed. Causes are kept as sources, so a log line
 /// shows the whole chain.
@@ -197,7 +197,7 @@ impl Durability {
     /// # Errors
     /// [`PersistError::Engine`].
     pub fn create_table(&self, table: &Table) -> Result<(), PersistError> {
-        if table.persistence() == Persistence::None {
+        if !table.persistence().is_local_durable() {
             return Ok(());
         }
         let _round = self.round_guard();
@@ -214,7 +214,7 @@ impl Durability {
     /// # Errors
     /// [`PersistError::Engine`].
     pub fn save_definition(&self, table: &Table) -> Result<(), PersistError> {
-        if table.persistence() == Persistence::None {
+        if !table.persistence().is_local_durable() {
             return Ok(());
         }
         {
@@ -253,7 +253,7 @@ impl Durability {
     /// # Errors
     /// [`PersistError::Engine`].
     pub fn drop_table(&self, table: &Table) -> Result<(), PersistError> {
-        if table.persistence() == Persistence::None {
+        if !table.persistence().is_local_durable() {
             return Ok(());
         }
         let _round = self.round_guard();

@@ -80,7 +80,7 @@ fn due(table: &Table, dirty: &Dirty, now: u64) -> bool {
             let interval = table.auto_save_ms().unwrap_or(1000);
             now >= since.saturating_add(interval / 2)
         }
-        Persistence::None => false,
+        Persistence::None | Persistence::Cluster => false,
     }
 }
 

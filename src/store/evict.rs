@@ -14,6 +14,7 @@ use std::cell::Cell;
 use std::hash::{BuildHasher, Hasher};
 
 use dashmap::mapref::entry::Entry as MapEntry;
+use dashmap::DashMap;
 
 use super::table::{Removal, Table};
 use super::value::Key;
@@ -130,34 +131,41 @@ impl Table {
         }
         let mut best: Option<Candidate> = None;
         for _ in 0..EVICTION_SAMPLES {
-            // From a random shard, the first that holds anything, so sparse
-            // tables are sampled as surely as dense ones.
-            let first = random() as usize;
-            let found = (0..shards.len()).find_map(|i| {
-                let guard = shards[first.wrapping_add(i) % shards.len()].read();
-                if guard.is_empty() {
-                    return None;
-                }
-                let buckets = guard.buckets();
-                let start = random() as usize;
-                (0..buckets).find_map(|j| {
-                    // Bucket counts are powers of two.
-                    let index = start.wrapping_add(j) & (buckets - 1);
-                    // SAFETY: `index < buckets()`, and the read guard keeps
-                    // the shard from changing while we look; the key is
-                    // cloned out before the guard is released.
-                    unsafe {
-                        guard.is_bucket_full(index).then(|| {
-                            let (key, shared) = guard.bucket(index).as_ref();
-                            Candidate::of(key, shared.get(), now)
-                        })
-                    }
-                })
-            });
-            found?.keep_older(&mut best);
+            sample_one(self.map(), |key, shared| Candidate::of(key, shared, now))?
+                .keep_older(&mut best);
         }
         best
     }
+}
+
+/// `pick` applied to one key of `map` chosen at random: from a random
+/// shard, the first that holds anything (so sparse maps are sampled as
+/// surely as dense ones), a random occupied bucket. `None` only when the
+/// map is empty.
+pub(crate) fn sample_one<V, T>(map: &DashMap<Key, V>, pick: impl Fn(&Key, &V) -> T) -> Option<T> {
+    let shards = map.shards();
+    let first = random() as usize;
+    (0..shards.len()).find_map(|i| {
+        let guard = shards[first.wrapping_add(i) % shards.len()].read();
+        if guard.is_empty() {
+            return None;
+        }
+        let buckets = guard.buckets();
+        let start = random() as usize;
+        (0..buckets).find_map(|j| {
+            // Bucket counts are powers of two.
+            let index = start.wrapping_add(j) & (buckets - 1);
+            // SAFETY: `index < buckets()`, and the read guard keeps the
+            // shard from changing while we look; `pick` copies what it
+            // needs out before the guard is released.
+            unsafe {
+                guard.is_bucket_full(index).then(|| {
+                    let (key, shared) = guard.bucket(index).as_ref();
+                    pick(key, shared.get())
+                })
+            }
+        })
+    })
 }
 
 #[cfg(test)]

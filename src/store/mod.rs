@@ -34,6 +34,7 @@ use dashmap::DashMap;
 
 pub use counter::{merge_patch, CounterOp};
 pub use error::{StoreError, StoreResult};
+pub(crate) use evict::sample_one;
 pub use evict::EVICTION_SAMPLES;
 pub use expiry::{ExpiryWake, IDLE_SWEEP, SWEEP_BUDGET};
 pub use scan::{Cursor, ScanPage, ScanRequest, DEFAULT_SCAN_LIMIT, MAX_SCAN_LIMIT};
@@ -209,6 +210,16 @@ impl Store {
         self.catalog.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// A table that shares this store's clock but is not one of its
+    /// tables: no lookup finds it and no tier persists it. Cluster tables
+    /// keep their settings in one.
+    ///
+    /// # Errors
+    /// [`StoreError::InvalidArgument`] for bad settings.
+    pub fn detached_table(&self, spec: TableSpec) -> StoreResult<Arc<Table>> {
+        Ok(Arc::new(Table::new(spec.validated()?, self.shared.clone())))
+    }
+
     /// The table named `name`.
     ///
     /// # Errors
@@ -256,7 +267,7 @@ impl Store {
     pub fn persistent_tables(&self) -> Vec<Arc<Table>> {
         self.tables
             .iter()
-            .filter(|t| t.persistence() != Persistence::None)
+            .filter(|t| t.persistence().is_local_durable())
             .map(|t| t.clone())
             .collect()
     }

@@ -92,6 +92,35 @@ pub struct ScanRequest {
     pub cursor: Option<Cursor>,
 }
 
+impl ScanRequest {
+    /// Checks the request for a table that is (`ordered`) or is not an
+    /// `ordered_set`.
+    ///
+    /// # Errors
+    /// [`StoreError::InvalidArgument`] for range options on a hashed table,
+    /// conflicting bounds, or a limit out of range.
+    pub fn check(&self, ordered: bool) -> StoreResult<()> {
+        if self.limit == 0 || self.limit > MAX_SCAN_LIMIT {
+            return Err(StoreError::InvalidArgument(format!(
+                "limit must be between 1 and {MAX_SCAN_LIMIT}"
+            )));
+        }
+        if self.start.is_some() && self.after.is_some() {
+            return Err(StoreError::InvalidArgument(
+                "give at most one of start and after".into(),
+            ));
+        }
+        if !ordered
+            && (self.start.is_some() || self.after.is_some() || self.end.is_some() || self.reverse)
+        {
+            return Err(StoreError::InvalidArgument(
+                "start, after, end and reverse need an ordered_set table; other types support prefix and cursor".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// One page of a scan.
 #[derive(Debug, Clone, Default)]
 pub struct ScanPage {
@@ -108,26 +137,11 @@ impl Table {
     /// [`StoreError::InvalidArgument`] for range options on a hashed table,
     /// conflicting bounds, or a limit out of range.
     pub fn scan(&self, req: &ScanRequest) -> StoreResult<ScanPage> {
-        if req.limit == 0 || req.limit > MAX_SCAN_LIMIT {
-            return Err(StoreError::InvalidArgument(format!(
-                "limit must be between 1 and {MAX_SCAN_LIMIT}"
-            )));
-        }
-        if req.start.is_some() && req.after.is_some() {
-            return Err(StoreError::InvalidArgument(
-                "give at most one of start and after".into(),
-            ));
-        }
-        match self.index() {
-            Some(_) => Ok(self.scan_ordered(req)),
-            None => {
-                if req.start.is_some() || req.after.is_some() || req.end.is_some() || req.reverse {
-                    return Err(StoreError::InvalidArgument(
-                        "start, after, end and reverse need an ordered_set table; other types support prefix and cursor".into(),
-                    ));
-                }
-                Ok(self.scan_hashed(req))
-            }
+        req.check(self.index().is_some())?;
+        if self.index().is_some() {
+            Ok(self.scan_ordered(req))
+        } else {
+            Ok(self.scan_hashed(req))
         }
     }
 

@@ -54,6 +54,16 @@ pub enum Persistence {
     Periodic,
     /// Acknowledged only once durable on disk.
     Sync,
+    /// Lives in PostgreSQL, shared by every node started with the same
+    /// `--cluster-url`; acknowledged once committed there.
+    Cluster,
+}
+
+impl Persistence {
+    /// Whether this node's durable tier (sled) keeps the table.
+    pub fn is_local_durable(self) -> bool {
+        matches!(self, Persistence::Periodic | Persistence::Sync)
+    }
 }
 
 /// What a table does when a write would pass `max_entries`.

@@ -5,6 +5,7 @@
 
 pub mod child;
 pub mod gate;
+pub mod pg;
 pub mod recording;
 
 use std::net::SocketAddr;

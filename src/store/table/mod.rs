@@ -126,11 +126,20 @@ pub enum Precondition {
 
 impl Precondition {
     fn check(&self, live: Option<&Slot>) -> StoreResult<()> {
+        self.check_version(live.map(|s| s.version))
+    }
+
+    /// Checks the condition against the version of the key's live entry,
+    /// `None` when the key is absent or expired.
+    ///
+    /// # Errors
+    /// [`StoreError::PreconditionFailed`].
+    pub fn check_version(&self, live: Option<u64>) -> StoreResult<()> {
         let ok = match (self, live) {
             (Precondition::None, _) => true,
             (Precondition::Absent, found) => found.is_none(),
             (Precondition::Exists, found) => found.is_some(),
-            (Precondition::Version(vs), Some(slot)) => vs.contains(&slot.version),
+            (Precondition::Version(vs), Some(version)) => vs.contains(&version),
             (Precondition::Version(_), None) => false,
         };
         if ok {
@@ -267,7 +276,11 @@ impl Table {
             memory: AtomicI64::new(0),
             stats: Stats::default(),
             access_clock: AtomicU64::new(0),
-            dirty: (spec.settings.persistence != Persistence::None).then(Dirty::default),
+            dirty: spec
+                .settings
+                .persistence
+                .is_local_durable()
+                .then(Dirty::default),
             deadlines: SkipSet::new(),
             fixed: spec.settings,
             shared,
@@ -376,8 +389,16 @@ impl Table {
             .store(matches!(eviction, Eviction::Lru) as u8, Ordering::Relaxed);
     }
 
+    /// The default TTL of writes that name none, if any.
+    pub fn default_ttl_ms(&self) -> Option<u64> {
+        match self.settings.default_ttl_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(ms),
+        }
+    }
+
     /// The object limit, if any.
-    pub(crate) fn spec_max_entries(&self) -> Option<u64> {
+    pub fn spec_max_entries(&self) -> Option<u64> {
         match self.settings.max_entries.load(Ordering::Relaxed) {
             0 => None,
             max => Some(max),

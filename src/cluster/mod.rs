@@ -1,0 +1,579 @@
+//! Cluster tables: tables kept in PostgreSQL and shared by every larder node
+//! started with the same `--cluster-url`.
+//!
+//! This is the only module that knows about PostgreSQL. The rest of the
+//! server sees a [`ClusterTable`] through [`TableOps`](crate::ops::TableOps),
+//! like any local table.
+//!
+//! # What lives where
+//! - PostgreSQL holds everything: definitions, rows, table-wide statistics
+//!   and a change log (see `migrations/cluster/`). Every write is one
+//!   transaction there, acknowledged after commit.
+//! - Each node holds a bounded hot copy of recently used rows per table
+//!   ([`hot`]), kept coherent by following the change log ([`follow`]).
+//!   A read is served from it while the node has caught up with the log
+//!   within the staleness bound; otherwise, and for `?consistent=true`,
+//!   from PostgreSQL.
+//! - One node at a time (the holder of an advisory lock) sweeps expired
+//!   rows and prunes the log.
+
+mod follow;
+mod hot;
+pub mod rows;
+mod schema;
+mod table;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use thiserror::Error;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::NoTls;
+
+pub use table::ClusterTable;
+
+use crate::clock::Clock;
+use crate::error::ApiError;
+use crate::histogram::Histogram;
+use crate::store::{Store, StoreError, TableSettings, TableSpec};
+use crate::stripe::Striped;
+use hot::Budget;
+
+/// Settings of the cluster tier, from the configuration.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// `postgres://…` URL.
+    pub url: String,
+    /// Byte budget of the hot copies.
+    pub cache_bytes: u64,
+    /// How often to read the change log.
+    pub poll: Duration,
+    /// Longest a hot-copy read may lag another node's acknowledged write.
+    pub staleness: Duration,
+    /// Most connections to open.
+    pub pool_size: usize,
+    /// Longest to wait for a connection before answering 503.
+    pub connect_timeout: Duration,
+}
+
+/// Why the cluster tier could not start.
+#[derive(Debug, Error)]
+pub enum ClusterError {
+    /// The URL is not a PostgreSQL connection string.
+    #[error("--cluster-url is not a valid PostgreSQL URL: {0}")]
+    Url(String),
+    /// PostgreSQL refused or failed.
+    #[error("PostgreSQL: {0}")]
+    Postgres(String),
+    /// The database holds a schema newer than this build understands.
+    #[error(
+        "the cluster schema is version {found}, newer than this build's {known}; upgrade larder"
+    )]
+    TooNew {
+        /// Version in the database.
+        found: i64,
+        /// Newest version this build knows.
+        known: i64,
+    },
+}
+
+/// A counter many tasks add to (see [`crate::stripe`]).
+#[derive(Debug, Default)]
+pub struct Tally(Striped<AtomicU64>);
+
+impl Tally {
+    fn add(&self, n: u64) {
+        self.0.mine().fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The total.
+    pub fn get(&self) -> u64 {
+        self.0
+            .all()
+            .fold(0, |sum, s| sum.wrapping_add(s.load(Ordering::Relaxed)))
+    }
+}
+
+/// What every cluster table of a node shares.
+#[derive(Debug)]
+pub(crate) struct Core {
+    pool: Pool,
+    clock: Arc<dyn Clock>,
+    budget: Budget,
+    staleness_ms: u64,
+    /// Local Unix ms at which the last complete read of the change log
+    /// started: the hot copies reflect every commit before it.
+    synced_at: AtomicU64,
+    /// Whether the last attempt to reach PostgreSQL succeeded.
+    reachable: AtomicBool,
+    /// Reads answered from a hot copy.
+    hot_hits: Tally,
+    /// Reads that had to ask PostgreSQL.
+    hot_misses: Tally,
+    /// Round trips to PostgreSQL (whole transactions for writes).
+    rtt: Histogram,
+}
+
+impl Core {
+    fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    /// Whether the hot copies may answer reads now.
+    fn fresh(&self) -> bool {
+        let synced = self.synced_at.load(Ordering::Acquire);
+        synced != 0 && self.now_ms().saturating_sub(synced) <= self.staleness_ms
+    }
+
+    /// A pooled connection, or 503 when PostgreSQL cannot be reached.
+    async fn client(&self) -> Result<deadpool_postgres::Object, ApiError> {
+        match self.pool.get().await {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                self.reachable.store(false, Ordering::Release);
+                Err(ApiError::Unavailable(format!(
+                    "the cluster database cannot be reached: {e}"
+                )))
+            }
+        }
+    }
+
+    /// Records one round trip's duration.
+    fn timed(&self, since: Instant) {
+        self.rtt.record(since.elapsed());
+    }
+}
+
+/// Maps a PostgreSQL error to the API's error.
+pub(crate) fn db_error(e: &tokio_postgres::Error) -> ApiError {
+    match e.code() {
+        Some(code) if *code == SqlState::FOREIGN_KEY_VIOLATION => {
+            ApiError::TableNotFound(String::new())
+        }
+        Some(code) if *code == SqlState::QUERY_CANCELED => {
+            ApiError::Unavailable("the cluster database did not answer in time".into())
+        }
+        Some(code) if code.code().starts_with("08") || code.code().starts_with("57") => {
+            ApiError::Unavailable(format!("the cluster database is unavailable: {e}"))
+        }
+        Some(_) => ApiError::Internal(format!("cluster database: {e}")),
+        None => ApiError::Unavailable(format!("the cluster database is unavailable: {e}")),
+    }
+}
+
+/// Whether a transaction failed only because a concurrent one won a race
+/// (a duplicate insert, a serialization failure or a deadlock), so running
+/// it again will see the winner's result.
+pub(crate) fn retryable(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| {
+        *c == SqlState::UNIQUE_VIOLATION
+            || *c == SqlState::T_R_SERIALIZATION_FAILURE
+            || *c == SqlState::T_R_DEADLOCK_DETECTED
+    })
+}
+
+/// The cluster tier of a node: its connection pool, its cluster tables,
+/// and the tasks that follow the change log and sweep. Cloning is shallow.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    core: Arc<Core>,
+    /// Cluster tables by name.
+    tables: Arc<DashMap<Box<str>, Arc<ClusterTable>>>,
+    /// The same tables by id, for the change log.
+    by_id: Arc<DashMap<i64, Arc<ClusterTable>>>,
+    store: Store,
+    config: Arc<ClusterConfig>,
+    pg_config: Arc<tokio_postgres::Config>,
+}
+
+/// Table definition as `larder_tables` keeps it.
+#[derive(Debug, Clone)]
+struct Definition {
+    id: i64,
+    spec: TableSpec,
+}
+
+impl Cluster {
+    /// Connects, applies the schema migrations, loads the cluster's tables
+    /// and starts following the change log.
+    ///
+    /// # Errors
+    /// [`ClusterError`] when PostgreSQL cannot be reached or refuses the
+    /// schema.
+    pub async fn connect(config: ClusterConfig, store: Store) -> Result<Self, ClusterError> {
+        let pg_config: tokio_postgres::Config = config
+            .url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| ClusterError::Url(e.to_string()))?;
+        let mut pg = pg_config.clone();
+        pg.connect_timeout(config.connect_timeout);
+        pg.application_name("larder");
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size.max(2))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(config.connect_timeout))
+            .create_timeout(Some(config.connect_timeout))
+            .recycle_timeout(Some(config.connect_timeout))
+            .build()
+            .map_err(|e| ClusterError::Postgres(e.to_string()))?;
+        {
+            let mut client = pool
+                .get()
+                .await
+                .map_err(|e| ClusterError::Postgres(e.to_string()))?;
+            schema::migrate(&mut client).await?;
+        }
+        let core = Arc::new(Core {
+            pool,
+            clock: store.clock().clone(),
+            budget: Budget::new(config.cache_bytes),
+            staleness_ms: config.staleness.as_millis() as u64,
+            synced_at: AtomicU64::new(0),
+            reachable: AtomicBool::new(true),
+            hot_hits: Tally::default(),
+            hot_misses: Tally::default(),
+            rtt: Histogram::default(),
+        });
+        let cluster = Cluster {
+            core,
+            tables: Arc::new(DashMap::new()),
+            by_id: Arc::new(DashMap::new()),
+            store,
+            config: Arc::new(config),
+            pg_config: Arc::new(pg_config),
+        };
+        let position = cluster
+            .start_position()
+            .await
+            .map_err(|e| ClusterError::Postgres(e.to_string()))?;
+        cluster
+            .reload_catalog()
+            .await
+            .map_err(|e| ClusterError::Postgres(e.to_string()))?;
+        tokio::spawn(follow::follow(cluster.clone(), position));
+        tokio::spawn(follow::sweep(cluster.clone()));
+        Ok(cluster)
+    }
+
+    /// The cluster table named `name`, asking PostgreSQL when this node
+    /// does not know it yet (it may have been created on another node a
+    /// moment ago).
+    ///
+    /// # Errors
+    /// [`ApiError::TableNotFound`], or [`ApiError::Unavailable`].
+    pub async fn table(&self, name: &str) -> Result<Arc<ClusterTable>, ApiError> {
+        if let Some(t) = self.tables.get(name) {
+            return Ok(t.clone());
+        }
+        match self.load_definition_by_name(name).await? {
+            Some(def) => self.register(def),
+            None => Err(ApiError::TableNotFound(name.to_owned())),
+        }
+    }
+
+    /// Whether a cluster table of this name exists (for the one namespace
+    /// of table names).
+    ///
+    /// # Errors
+    /// [`ApiError::Unavailable`] when PostgreSQL cannot say.
+    pub async fn has_table(&self, name: &str) -> Result<bool, ApiError> {
+        Ok(self.tables.contains_key(name) || self.load_definition_by_name(name).await?.is_some())
+    }
+
+    /// Every cluster table this node knows, by name.
+    pub fn tables(&self) -> Vec<Arc<ClusterTable>> {
+        let mut all: Vec<_> = self.tables.iter().map(|t| t.clone()).collect();
+        all.sort_by(|a, b| a.name().cmp(b.name()));
+        all
+    }
+
+    /// Whether the last attempt to reach PostgreSQL succeeded.
+    pub fn reachable(&self) -> bool {
+        self.core.reachable.load(Ordering::Acquire)
+    }
+
+    /// Creates a cluster table.
+    ///
+    /// # Errors
+    /// [`ApiError::TableExists`], [`ApiError::InvalidArgument`],
+    /// [`ApiError::Unavailable`].
+    pub async fn create_table(&self, spec: TableSpec) -> Result<Arc<ClusterTable>, ApiError> {
+        let spec = spec.validated()?;
+        let settings = settings_json(&spec.settings)?;
+        let now = self.core.now_ms();
+        let mut client = self.core.client().await?;
+        let started = Instant::now();
+        let tx = client.transaction().await.map_err(|e| db_error(&e))?;
+        let row = tx
+            .query_one(
+                "INSERT INTO larder_tables (name, settings, owner, created_at, revision) \
+                 VALUES ($1, $2, $3, $4, nextval('larder_versions')) RETURNING id, revision",
+                &[
+                    &spec.name,
+                    &settings,
+                    &spec.owner,
+                    &(spec.created_at as i64),
+                ],
+            )
+            .await
+            .map_err(|e| match e.code() {
+                Some(c) if *c == SqlState::UNIQUE_VIOLATION => {
+                    ApiError::TableExists(spec.name.clone())
+                }
+                _ => db_error(&e),
+            })?;
+        let (id, revision): (i64, i64) = (row.get(0), row.get(1));
+        tx.execute(
+            "INSERT INTO larder_counts (table_id, shard) SELECT $1, g FROM generate_series(0, 63) g",
+            &[&id],
+        )
+        .await
+        .map_err(|e| db_error(&e))?;
+        log_table_change(&tx, id, revision, follow::KIND_DEFINE, now).await?;
+        tx.commit().await.map_err(|e| db_error(&e))?;
+        self.core.timed(started);
+        self.register(Definition { id, spec })
+    }
+
+    /// Drops a cluster table on every node.
+    ///
+    /// # Errors
+    /// [`ApiError::TableNotFound`] when it was dropped meanwhile,
+    /// [`ApiError::Unavailable`].
+    pub async fn drop_table(&self, table: &ClusterTable) -> Result<(), ApiError> {
+        let now = self.core.now_ms();
+        let mut client = self.core.client().await?;
+        let tx = client.transaction().await.map_err(|e| db_error(&e))?;
+        let gone = tx
+            .execute("DELETE FROM larder_tables WHERE id = $1", &[&table.id()])
+            .await
+            .map_err(|e| db_error(&e))?;
+        if gone == 0 {
+            self.forget(table.id());
+            return Err(ApiError::TableNotFound(table.name().to_owned()));
+        }
+        let version: i64 = tx
+            .query_one("SELECT nextval('larder_versions')", &[])
+            .await
+            .map_err(|e| db_error(&e))?
+            .get(0);
+        log_table_change(&tx, table.id(), version, follow::KIND_DROP, now).await?;
+        tx.commit().await.map_err(|e| db_error(&e))?;
+        self.forget(table.id());
+        Ok(())
+    }
+
+    /// Stores `table`'s settings and owner as they are now on this node
+    /// (the caller changed them), for every node.
+    ///
+    /// # Errors
+    /// [`ApiError::TableNotFound`] when it was dropped meanwhile,
+    /// [`ApiError::Unavailable`].
+    pub async fn save_definition(&self, table: &ClusterTable) -> Result<(), ApiError> {
+        let spec = table.meta_spec();
+        let settings = settings_json(&spec.settings)?;
+        let now = self.core.now_ms();
+        let mut client = self.core.client().await?;
+        let tx = client.transaction().await.map_err(|e| db_error(&e))?;
+        let row = tx
+            .query_opt(
+                "UPDATE larder_tables SET settings = $2, owner = $3, \
+                 revision = nextval('larder_versions') WHERE id = $1 RETURNING revision",
+                &[&table.id(), &settings, &spec.owner],
+            )
+            .await
+            .map_err(|e| db_error(&e))?;
+        let Some(row) = row else {
+            self.forget(table.id());
+            return Err(ApiError::TableNotFound(table.name().to_owned()));
+        };
+        log_table_change(&tx, table.id(), row.get(0), follow::KIND_DEFINE, now).await?;
+        tx.commit().await.map_err(|e| db_error(&e))?;
+        Ok(())
+    }
+
+    /// Makes `def` known to this node, updating a table of the same id in
+    /// place (so requests holding it see the new settings).
+    fn register(&self, def: Definition) -> Result<Arc<ClusterTable>, ApiError> {
+        let name: Box<str> = def.spec.name.as_str().into();
+        if let Some(existing) = self.tables.get(&name) {
+            if existing.id() == def.id {
+                existing.apply_definition(&def.spec);
+                return Ok(existing.clone());
+            }
+        }
+        let meta = self.store.detached_table(def.spec).map_err(|e| {
+            ApiError::Internal(format!("the cluster holds settings this node refuses: {e}"))
+        })?;
+        let table = Arc::new(ClusterTable::new(def.id, meta, self.core.clone()));
+        self.by_id.insert(def.id, table.clone());
+        if let Some(old) = self.tables.insert(name, table.clone()) {
+            self.by_id.remove(&old.id());
+            old.forget_rows(&self.core.budget);
+        }
+        Ok(table)
+    }
+
+    /// Forgets the table of id `id` (dropped).
+    fn forget(&self, id: i64) {
+        self.by_id.remove(&id);
+        let mut gone = Vec::new();
+        self.tables.retain(|_, t| {
+            if t.id() == id {
+                gone.push(t.clone());
+                false
+            } else {
+                true
+            }
+        });
+        for t in gone {
+            t.forget_rows(&self.core.budget);
+        }
+    }
+
+    /// Reads every definition and makes this node's registry match.
+    async fn reload_catalog(&self) -> Result<(), ApiError> {
+        let client = self.core.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, name, settings, owner, created_at FROM larder_tables",
+                &[],
+            )
+            .await
+            .map_err(|e| db_error(&e))?;
+        let defs: Vec<Definition> = rows.iter().filter_map(definition).collect();
+        let ids: std::collections::HashSet<i64> = defs.iter().map(|d| d.id).collect();
+        let stale: Vec<i64> = self
+            .tables
+            .iter()
+            .filter(|t| !ids.contains(&t.id()))
+            .map(|t| t.id())
+            .collect();
+        for id in stale {
+            self.forget(id);
+        }
+        for def in defs {
+            if let Err(e) = self.register(def) {
+                tracing::warn!(error = %e, "cluster table skipped");
+            }
+        }
+        Ok(())
+    }
+
+    async fn load_definition_by_name(&self, name: &str) -> Result<Option<Definition>, ApiError> {
+        let client = self.core.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT id, name, settings, owner, created_at FROM larder_tables WHERE name = $1",
+                &[&name],
+            )
+            .await
+            .map_err(|e| db_error(&e))?;
+        Ok(row.as_ref().and_then(definition))
+    }
+
+    async fn load_definition_by_id(&self, id: i64) -> Result<Option<Definition>, ApiError> {
+        let client = self.core.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT id, name, settings, owner, created_at FROM larder_tables WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(|e| db_error(&e))?;
+        Ok(row.as_ref().and_then(definition))
+    }
+
+    /// Prometheus lines of the cluster tier.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let lag = match self.core.synced_at.load(Ordering::Acquire) {
+            0 => f64::NAN,
+            at => self.core.now_ms().saturating_sub(at) as f64 / 1000.0,
+        };
+        let _ = write!(
+            out,
+            "# HELP larder_cluster_log_lag_seconds How far this node's view of the cluster change log is behind now.\n\
+             # TYPE larder_cluster_log_lag_seconds gauge\n\
+             larder_cluster_log_lag_seconds {lag}\n\
+             # HELP larder_cluster_hot_reads_total Cluster-table reads by where they were answered.\n\
+             # TYPE larder_cluster_hot_reads_total counter\n\
+             larder_cluster_hot_reads_total{{result=\"hit\"}} {}\n\
+             larder_cluster_hot_reads_total{{result=\"miss\"}} {}\n\
+             # HELP larder_cluster_hot_bytes Bytes held by this node's hot copies of cluster tables.\n\
+             # TYPE larder_cluster_hot_bytes gauge\n\
+             larder_cluster_hot_bytes {}\n\
+             # HELP larder_cluster_reachable Whether PostgreSQL answered the last attempt (1) or not (0).\n\
+             # TYPE larder_cluster_reachable gauge\n\
+             larder_cluster_reachable {}\n\
+             # HELP larder_cluster_db_roundtrip_seconds Time of one request's work in PostgreSQL (a statement, or a write's whole transaction).\n\
+             # TYPE larder_cluster_db_roundtrip_seconds histogram\n",
+            self.core.hot_hits.get(),
+            self.core.hot_misses.get(),
+            self.core.budget.used.load(Ordering::Relaxed).max(0),
+            u8::from(self.reachable()),
+        );
+        self.core
+            .rtt
+            .render(out, "larder_cluster_db_roundtrip_seconds", "");
+    }
+}
+
+fn settings_json(settings: &TableSettings) -> Result<String, ApiError> {
+    serde_json::to_string(settings)
+        .map_err(|e| ApiError::Internal(format!("cannot encode table settings: {e}")))
+}
+
+fn definition(row: &tokio_postgres::Row) -> Option<Definition> {
+    let id: i64 = row.get(0);
+    let name: String = row.get(1);
+    let settings: String = row.get(2);
+    let settings: TableSettings = match serde_json::from_str(&settings) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(table = %name, error = %e, "unreadable cluster table definition skipped");
+            return None;
+        }
+    };
+    Some(Definition {
+        id,
+        spec: TableSpec {
+            name,
+            settings,
+            owner: row.get(3),
+            created_at: row.get::<_, i64>(4).max(0) as u64,
+        },
+    })
+}
+
+async fn log_table_change(
+    tx: &deadpool_postgres::Transaction<'_>,
+    id: i64,
+    version: i64,
+    kind: i16,
+    now: u64,
+) -> Result<(), ApiError> {
+    tx.execute(
+        "INSERT INTO larder_changes (table_id, key, version, kind, at) VALUES ($1, NULL, $2, $3, $4)",
+        &[&id, &version, &kind, &(now as i64)],
+    )
+    .await
+    .map_err(|e| db_error(&e))?;
+    Ok(())
+}
+
+impl From<StoreError> for ClusterError {
+    fn from(e: StoreError) -> Self {
+        ClusterError::Postgres(e.to_string())
+    }
+}

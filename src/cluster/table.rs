@@ -1,0 +1,821 @@
+//! A cluster table's operations: reads from the hot copy or PostgreSQL,
+//! writes as one PostgreSQL transaction each.
+//!
+//! # A write
+//! 1. `SELECT … FOR UPDATE` the key's row: concurrent writers of the key,
+//!    on any node, now wait for this transaction.
+//! 2. Compute the operation's outcome with [`rows`](super::rows).
+//! 3. Write the row, append to the change log, and add to the table's
+//!    statistics in one statement; the new version is taken from the
+//!    sequence there, after the row lock, so a key's versions grow in
+//!    commit order.
+//! 4. Commit, then tell this node's hot copy (so the node reads its own
+//!    writes at once).
+//!
+//! A key that does not exist yet has no row to lock: two transactions may
+//! both see it absent, and the second to insert fails on the primary key.
+//! Such races (and serialization failures and deadlocks) are retried from
+//! step 1, where the loser now sees the winner's row; that is what makes
+//! `insert_new` have exactly one winner across nodes.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use deadpool_postgres::Transaction;
+
+use super::hot::HotCopy;
+use super::rows::{self, Change, Clock, Row, Step};
+use super::{db_error, retryable, Core};
+use crate::error::{ApiError, ApiResult};
+use crate::ops::{Counts, ReadFrom, TableOps};
+use crate::store::{
+    CounterOp, Cursor, Entry, Eviction, Key, Objects, Precondition, ScanPage, ScanRequest,
+    StoreError, Table, TableSpec, TableType, Value, Written,
+};
+
+/// Statistics rows per table; a key's changes are counted in one of them.
+const COUNT_SHARDS: u32 = 64;
+
+/// Most attempts of a write that keeps losing races.
+const MAX_ATTEMPTS: usize = 32;
+
+const SELECT_ROW: &str = "SELECT objects, version, expires_at, count FROM larder_entries \
+                          WHERE table_id = $1 AND key = $2";
+
+const LOCK_ROW: &str = "SELECT objects, version, expires_at, count FROM larder_entries \
+                        WHERE table_id = $1 AND key = $2 FOR UPDATE";
+
+const INSERT_ROW: &str = "WITH v AS (SELECT nextval('larder_versions') AS version), \
+    w AS (INSERT INTO larder_entries (table_id, key, objects, count, version, expires_at, touched_at) \
+          SELECT $1, $2, $3, $4, version, $5, $6 FROM v RETURNING version), \
+    c AS (INSERT INTO larder_changes (table_id, key, version, kind, at) \
+          SELECT $1, $2, version, 0, $6 FROM w), \
+    s AS (UPDATE larder_counts SET size = size + $8, inserts = inserts + $9, \
+          deletes = deletes + $10, expired = expired + $11 WHERE table_id = $1 AND shard = $7) \
+    SELECT version FROM w";
+
+const UPDATE_ROW: &str = "WITH v AS (SELECT nextval('larder_versions') AS version), \
+    w AS (UPDATE larder_entries SET objects = $3, count = $4, version = (SELECT version FROM v), \
+          expires_at = $5, touched_at = $6 WHERE table_id = $1 AND key = $2 RETURNING version), \
+    c AS (INSERT INTO larder_changes (table_id, key, version, kind, at) \
+          SELECT $1, $2, version, 0, $6 FROM w), \
+    s AS (UPDATE larder_counts SET size = size + $8, inserts = inserts + $9, \
+          deletes = deletes + $10, expired = expired + $11 WHERE table_id = $1 AND shard = $7) \
+    SELECT version FROM w";
+
+const DELETE_ROW: &str = "WITH v AS (SELECT nextval('larder_versions') AS version), \
+    w AS (DELETE FROM larder_entries WHERE table_id = $1 AND key = $2 \
+          RETURNING (SELECT version FROM v) AS version), \
+    c AS (INSERT INTO larder_changes (table_id, key, version, kind, at) \
+          SELECT $1, $2, version, 0, $3 FROM w), \
+    s AS (UPDATE larder_counts SET size = size + $5, deletes = deletes + $6, \
+          expired = expired + $7, evicted = evicted + $8 WHERE table_id = $1 AND shard = $4) \
+    SELECT version FROM w";
+
+/// Why a transaction attempt ended without a result.
+enum Fail {
+    /// It lost a race; run it again.
+    Retry,
+    /// It failed for good.
+    Api(ApiError),
+}
+
+impl From<ApiError> for Fail {
+    fn from(e: ApiError) -> Self {
+        Fail::Api(e)
+    }
+}
+
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Self {
+        Fail::Api(e.into())
+    }
+}
+
+impl From<tokio_postgres::Error> for Fail {
+    fn from(e: tokio_postgres::Error) -> Self {
+        if retryable(&e) {
+            Fail::Retry
+        } else {
+            Fail::Api(db_error(&e))
+        }
+    }
+}
+
+/// A key's row after a committed write: what the hot copy learns.
+struct Wrote {
+    key: String,
+    version: u64,
+    row: Option<Row>,
+}
+
+/// The statistics one write moves.
+#[derive(Default)]
+struct Delta {
+    size: i64,
+    inserts: i64,
+    deletes: i64,
+    expired: i64,
+    evicted: i64,
+}
+
+/// The statistics row a key's changes are counted in.
+pub(super) fn shard_of(key: &str) -> i32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in key.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    (h % COUNT_SHARDS) as i32
+}
+
+/// A table kept in PostgreSQL, shared by every node of the cluster.
+#[derive(Debug)]
+pub struct ClusterTable {
+    id: i64,
+    meta: Arc<Table>,
+    hot: HotCopy,
+    core: Arc<Core>,
+}
+
+impl ClusterTable {
+    pub(super) fn new(id: i64, meta: Arc<Table>, core: Arc<Core>) -> Self {
+        ClusterTable {
+            id,
+            meta,
+            hot: HotCopy::default(),
+            core,
+        }
+    }
+
+    /// The table's id in PostgreSQL; a re-created table gets a new one.
+    pub fn id(&self) -> i64 {
+        self.id
+    }
+
+    /// The table's name.
+    pub fn name(&self) -> &str {
+        self.meta.name()
+    }
+
+    /// Bytes of this table's rows held in this node's hot copy.
+    pub fn hot_bytes(&self) -> u64 {
+        self.hot.bytes()
+    }
+
+    pub(super) fn meta_spec(&self) -> TableSpec {
+        self.meta.spec()
+    }
+
+    /// Takes on settings and owner another node stored.
+    pub(super) fn apply_definition(&self, spec: &TableSpec) {
+        let s = &spec.settings;
+        self.meta.set_default_ttl_ms(s.default_ttl_ms);
+        self.meta.set_max_entries(s.max_entries);
+        self.meta.set_eviction(s.eviction);
+        self.meta.set_owner(&spec.owner);
+    }
+
+    /// Drops the hot copy.
+    pub(super) fn forget_rows(&self, budget: &super::Budget) {
+        self.hot.clear(budget);
+    }
+
+    /// Applies a key change read from the log.
+    pub(super) fn key_changed(&self, key: &str, version: u64) {
+        self.hot.changed(key, version, &self.core.budget);
+    }
+
+    /// Names this table in a "table not found" from PostgreSQL (a write
+    /// to a table another node dropped).
+    fn named(&self, e: ApiError) -> ApiError {
+        match e {
+            ApiError::TableNotFound(_) => ApiError::TableNotFound(self.name().to_owned()),
+            other => other,
+        }
+    }
+
+    fn kind(&self) -> TableType {
+        self.meta.kind()
+    }
+
+    fn clock(&self) -> Clock {
+        Clock {
+            now: self.core.now_ms(),
+            default_ttl_ms: self.meta.default_ttl_ms(),
+        }
+    }
+
+    fn row(&self, r: &tokio_postgres::Row) -> Result<Row, ApiError> {
+        let objects: String = r.get(0);
+        let objects = rows::decode(self.kind(), &objects).map_err(|e| {
+            ApiError::Internal(format!("unreadable row in table '{}': {e}", self.name()))
+        })?;
+        Ok(Row {
+            objects,
+            version: r.get::<_, i64>(1).max(0) as u64,
+            expires_at: r.get::<_, i64>(2).max(0) as u64,
+        })
+    }
+
+    /// Reads the key's row from PostgreSQL (expired or not) and tells the
+    /// hot copy; returns the live entry.
+    async fn read_primary(&self, key: &str, now: u64) -> ApiResult<Option<Entry>> {
+        let ticket = self.hot.ticket(key);
+        let client = self.core.client().await?;
+        let started = Instant::now();
+        let found = client
+            .query_opt(SELECT_ROW, &[&self.id, &key])
+            .await
+            .map_err(|e| db_error(&e))?;
+        self.core.timed(started);
+        let Some(found) = found else {
+            return Ok(None);
+        };
+        let row = self.row(&found)?;
+        if row.is_expired(now) {
+            self.hot
+                .learn(key, row.version, None, ticket, &self.core.budget);
+            return Ok(None);
+        }
+        let entry = row.entry(now);
+        self.hot
+            .learn(key, row.version, Some(row), ticket, &self.core.budget);
+        Ok(Some(entry))
+    }
+
+    /// The key's live entry: from the hot copy when it may answer, else
+    /// from PostgreSQL.
+    async fn read(&self, key: &str, from: ReadFrom) -> ApiResult<Option<Entry>> {
+        let now = self.core.now_ms();
+        if from == ReadFrom::Nearest && self.core.fresh() {
+            if let Some(entry) = self.hot.get(key, now, &self.core.budget) {
+                self.core.hot_hits.add(1);
+                return Ok(Some(entry));
+            }
+        }
+        self.core.hot_misses.add(1);
+        self.read_primary(key, now).await
+    }
+
+    /// Runs `op` on the key's row in a transaction, retrying lost races,
+    /// and returns its result with the key's version after the write.
+    async fn write<T>(
+        &self,
+        key: &str,
+        mut op: impl FnMut(Option<&Row>, Clock) -> Result<(Step, T), StoreError> + Send,
+    ) -> ApiResult<(T, Option<u64>, Option<Row>)>
+    where
+        T: Send,
+    {
+        let mut client = self.core.client().await?;
+        for _ in 0..MAX_ATTEMPTS {
+            let ticket = self.hot.ticket(key);
+            let started = Instant::now();
+            let tx = client.transaction().await.map_err(|e| db_error(&e))?;
+            let attempt = self.write_key(&tx, key, &mut op).await;
+            let (result, wrote) = match attempt {
+                Ok(done) => done,
+                Err(Fail::Retry) => continue,
+                Err(Fail::Api(e)) => return Err(self.named(e)),
+            };
+            match tx.commit().await {
+                Ok(()) => {}
+                Err(e) if retryable(&e) => continue,
+                Err(e) => return Err(db_error(&e)),
+            }
+            self.core.timed(started);
+            let Some(wrote) = wrote else {
+                return Ok((result, None, None));
+            };
+            let row = wrote.row.clone();
+            self.hot
+                .learn(key, wrote.version, wrote.row, ticket, &self.core.budget);
+            return Ok((result, Some(wrote.version), row));
+        }
+        Err(ApiError::Unavailable(
+            "the write kept conflicting with concurrent writes; retry".into(),
+        ))
+    }
+
+    /// One key's read-modify-write inside `tx`.
+    async fn write_key<T>(
+        &self,
+        tx: &Transaction<'_>,
+        key: &str,
+        op: &mut (impl FnMut(Option<&Row>, Clock) -> Result<(Step, T), StoreError> + Send),
+    ) -> Result<(T, Option<Wrote>), Fail> {
+        let locked = tx.query_opt(LOCK_ROW, &[&self.id, &key]).await?;
+        let stored = locked.as_ref().map(|r| self.row(r)).transpose()?;
+        let clock = self.clock();
+        let live = stored.as_ref().filter(|r| !r.is_expired(clock.now));
+        let (step, result) = op(live, clock)?;
+        let before = stored.as_ref().map_or(0, Row::count) as i64;
+        let after = step.count_after(stored.as_ref()) as i64;
+        let Step {
+            change,
+            inserted,
+            deleted,
+        } = step;
+        if change == Change::Keep {
+            return Ok((result, None));
+        }
+        if after > before {
+            self.make_room(tx, after - before, key, clock.now).await?;
+        }
+        let delta = Delta {
+            size: after - before,
+            inserts: inserted as i64,
+            deletes: deleted as i64,
+            expired: i64::from(stored.is_some() && live.is_none()),
+            evicted: 0,
+        };
+        let now = clock.now as i64;
+        let shard = shard_of(key);
+        let wrote = match change {
+            Change::Keep => return Ok((result, None)),
+            Change::Put {
+                objects,
+                expires_at,
+            } => {
+                let text = rows::encode(&objects);
+                let count = objects.count() as i32;
+                let statement = if stored.is_some() {
+                    UPDATE_ROW
+                } else {
+                    INSERT_ROW
+                };
+                let version: i64 = tx
+                    .query_one(
+                        statement,
+                        &[
+                            &self.id,
+                            &key,
+                            &text,
+                            &count,
+                            &(expires_at as i64),
+                            &now,
+                            &shard,
+                            &delta.size,
+                            &delta.inserts,
+                            &delta.deletes,
+                            &delta.expired,
+                        ],
+                    )
+                    .await?
+                    .get(0);
+                let version = version as u64;
+                Wrote {
+                    key: key.to_owned(),
+                    version,
+                    row: Some(Row {
+                        objects,
+                        version,
+                        expires_at,
+                    }),
+                }
+            }
+            Change::Remove => {
+                let version = self.delete_row(tx, key, now, &delta).await?;
+                Wrote {
+                    key: key.to_owned(),
+                    version,
+                    row: None,
+                }
+            }
+        };
+        Ok((result, Some(wrote)))
+    }
+
+    async fn delete_row(
+        &self,
+        tx: &Transaction<'_>,
+        key: &str,
+        now: i64,
+        delta: &Delta,
+    ) -> Result<u64, Fail> {
+        let row = tx
+            .query_one(
+                DELETE_ROW,
+                &[
+                    &self.id,
+                    &key,
+                    &now,
+                    &shard_of(key),
+                    &delta.size,
+                    &delta.deletes,
+                    &delta.expired,
+                    &delta.evicted,
+                ],
+            )
+            .await?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    /// Before a write that adds `growth` objects: enforces `max_entries`
+    /// for the whole table, evicting least recently written keys of an
+    /// `lru` table. Growth of one table is serialized by an advisory lock
+    /// so that concurrent writers on different nodes cannot both take the
+    /// last place.
+    async fn make_room(
+        &self,
+        tx: &Transaction<'_>,
+        growth: i64,
+        key: &str,
+        now: u64,
+    ) -> Result<(), Fail> {
+        let Some(max) = self.meta.spec_max_entries() else {
+            return Ok(());
+        };
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&self.id])
+            .await?;
+        let size: i64 = tx
+            .query_one(
+                "SELECT COALESCE(sum(size), 0)::bigint FROM larder_counts WHERE table_id = $1",
+                &[&self.id],
+            )
+            .await?
+            .get(0);
+        let over = size + growth - max as i64;
+        if over <= 0 {
+            return Ok(());
+        }
+        if self.meta.eviction() != Eviction::Lru {
+            return Err(Fail::Api(ApiError::TableFull(max)));
+        }
+        let victims = tx
+            .query(
+                "SELECT key, count, expires_at FROM larder_entries \
+                 WHERE table_id = $1 AND key <> $2 ORDER BY touched_at LIMIT $3 \
+                 FOR UPDATE SKIP LOCKED",
+                &[&self.id, &key, &over],
+            )
+            .await?;
+        let mut freed = 0i64;
+        for v in victims {
+            if freed >= over {
+                break;
+            }
+            let victim: String = v.get(0);
+            let count = i64::from(v.get::<_, i32>(1));
+            let expires_at: i64 = v.get(2);
+            let expired = expires_at > 0 && expires_at <= now as i64;
+            let delta = Delta {
+                size: -count,
+                expired: i64::from(expired),
+                evicted: i64::from(!expired),
+                ..Delta::default()
+            };
+            self.delete_row(tx, &victim, now as i64, &delta).await?;
+            self.hot.changed(&victim, u64::MAX, &self.core.budget);
+            freed += count;
+        }
+        Ok(())
+    }
+
+    /// One page of a scan, read from PostgreSQL in key order.
+    async fn scan_primary(&self, req: &ScanRequest) -> ApiResult<ScanPage> {
+        req.check(self.kind() == TableType::OrderedSet)?;
+        let single = self.kind().is_single();
+        let now = self.core.now_ms();
+        let client = self.core.client().await?;
+        let mut page = ScanPage::default();
+        // Where the next query resumes: (key, last seq returned of it).
+        let mut resume: Option<(String, u64)> = req.cursor.as_ref().map(|c| (c.key.clone(), c.seq));
+        loop {
+            let mut sql = String::from(
+                "SELECT key, objects, version, expires_at FROM larder_entries \
+                 WHERE table_id = $1 AND (expires_at = 0 OR expires_at > $2)",
+            );
+            let mut params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> =
+                vec![Box::new(self.id), Box::new(now as i64)];
+            let mut bound = |sql: &mut String, op: &str, v: String| {
+                params.push(Box::new(v));
+                let n = params.len();
+                sql.push_str(&format!(" AND key {op} ${n}"));
+                n
+            };
+            if let Some(s) = &req.start {
+                bound(&mut sql, ">=", s.clone());
+            }
+            if let Some(a) = &req.after {
+                bound(&mut sql, ">", a.clone());
+            }
+            if let Some(e) = &req.end {
+                bound(&mut sql, "<", e.clone());
+            }
+            if let Some(p) = &req.prefix {
+                let n = bound(&mut sql, ">=", p.clone());
+                sql.push_str(&format!(" AND starts_with(key, ${n})"));
+            }
+            if let Some((key, _)) = &resume {
+                let op = match (req.reverse, single) {
+                    (true, _) => "<",
+                    (false, true) => ">",
+                    (false, false) => ">=",
+                };
+                bound(&mut sql, op, key.clone());
+            }
+            // One row more than objects still wanted tells whether the scan
+            // is complete, and one more again covers the resume key itself,
+            // which bag scans read back (`>=`) and may find used up.
+            let fetch = (req.limit - page.items.len() + 2) as i64;
+            params.push(Box::new(fetch));
+            sql.push_str(&format!(
+                " ORDER BY key {} LIMIT ${}",
+                if req.reverse { "DESC" } else { "ASC" },
+                params.len()
+            ));
+            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+                .iter()
+                .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+                .collect();
+            let started = Instant::now();
+            let found = client.query(&sql, &refs).await.map_err(|e| db_error(&e))?;
+            self.core.timed(started);
+            let complete = (found.len() as i64) < fetch;
+            for r in &found {
+                let key: String = r.get(0);
+                let text: String = r.get(1);
+                let objects = rows::decode(self.kind(), &text).map_err(|e| {
+                    ApiError::Internal(format!("unreadable row in table '{}': {e}", self.name()))
+                })?;
+                let after_seq = match &resume {
+                    Some((k, seq)) if *k == key => *seq,
+                    _ => 0,
+                };
+                let items: Vec<(u64, Value)> = match objects {
+                    Objects::One(v) => vec![(0, v)],
+                    Objects::Many(objs) => objs
+                        .into_iter()
+                        .filter(|o| o.seq > after_seq)
+                        .map(|o| (o.seq, o.value))
+                        .collect(),
+                };
+                for (seq, value) in items {
+                    if page.items.len() == req.limit {
+                        let (k, s) = resume.unwrap_or_default();
+                        page.next_cursor = Some(Cursor {
+                            hash: 0,
+                            seq: s,
+                            key: k,
+                        });
+                        return Ok(page);
+                    }
+                    page.items.push((Key::from(key.as_str()), value));
+                    resume = Some((key.clone(), seq));
+                }
+            }
+            if complete {
+                return Ok(page);
+            }
+        }
+    }
+
+    /// Runs a bulk insert as one transaction.
+    async fn insert_all(&self, items: &[(String, Value, Option<u64>)]) -> ApiResult<usize> {
+        let mut client = self.core.client().await?;
+        'attempt: for _ in 0..MAX_ATTEMPTS {
+            let tickets: Vec<_> = items.iter().map(|(k, _, _)| self.hot.ticket(k)).collect();
+            let started = Instant::now();
+            let tx = client.transaction().await.map_err(|e| db_error(&e))?;
+            let mut inserted = 0usize;
+            let mut wrote = Vec::new();
+            for (key, value, ttl_ms) in items {
+                let kind = self.kind();
+                let attempt = self
+                    .write_key(&tx, key, &mut |live: Option<&Row>, clock: Clock| {
+                        let step = rows::insert(
+                            kind,
+                            live,
+                            value.clone(),
+                            clock.deadline(*ttl_ms),
+                            &Precondition::None,
+                        )?;
+                        let n = step.inserted as usize;
+                        Ok((step, n))
+                    })
+                    .await;
+                match attempt {
+                    Ok((n, w)) => {
+                        inserted += n;
+                        wrote.extend(w);
+                    }
+                    Err(Fail::Retry) => continue 'attempt,
+                    Err(Fail::Api(e)) => return Err(self.named(e)),
+                }
+            }
+            match tx.commit().await {
+                Ok(()) => {}
+                Err(e) if retryable(&e) => continue,
+                Err(e) => return Err(db_error(&e)),
+            }
+            self.core.timed(started);
+            for w in wrote {
+                let ticket = items
+                    .iter()
+                    .position(|(k, _, _)| *k == w.key)
+                    .map_or_else(|| self.hot.ticket(&w.key), |i| tickets[i]);
+                self.hot
+                    .learn(&w.key, w.version, w.row, ticket, &self.core.budget);
+            }
+            // Like `insert/2` with a list, every item counts as applied,
+            // whether or not a bag already held it.
+            let _ = inserted;
+            return Ok(items.len());
+        }
+        Err(ApiError::Unavailable(
+            "the write kept conflicting with concurrent writes; retry".into(),
+        ))
+    }
+}
+
+fn entry_of(row: &Row, now: u64) -> Entry {
+    row.entry(now)
+}
+
+impl TableOps for ClusterTable {
+    fn meta(&self) -> &Arc<Table> {
+        &self.meta
+    }
+
+    async fn lookup(&self, key: &str, from: ReadFrom) -> ApiResult<Option<Entry>> {
+        let found = self.read(key, from).await?;
+        let stat = if found.is_some() {
+            &self.meta.stats.hits
+        } else {
+            &self.meta.stats.misses
+        };
+        stat.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(found)
+    }
+
+    async fn peek(&self, key: &str) -> ApiResult<Option<Entry>> {
+        self.read(key, ReadFrom::Nearest).await
+    }
+
+    async fn insert(
+        &self,
+        key: &str,
+        value: Value,
+        ttl_ms: Option<u64>,
+        pre: &Precondition,
+    ) -> ApiResult<Written> {
+        let kind = self.kind();
+        let (written, version, _) = self
+            .write(key, |live, clock| {
+                let step = rows::insert(kind, live, value.clone(), clock.deadline(ttl_ms), pre)?;
+                let written = Written {
+                    created: live.is_none(),
+                    version: live.map_or(0, |r| r.version),
+                    inserted: step.inserted,
+                };
+                Ok((step, written))
+            })
+            .await?;
+        Ok(Written {
+            version: version.unwrap_or(written.version),
+            ..written
+        })
+    }
+
+    async fn insert_many(&self, items: Vec<(String, Value, Option<u64>)>) -> ApiResult<usize> {
+        if items.is_empty() {
+            return Ok(0);
+        }
+        self.insert_all(&items).await
+    }
+
+    async fn delete(&self, key: &str, pre: &Precondition) -> ApiResult<()> {
+        self.write(key, |live, _| Ok((rows::delete(live, pre)?, ())))
+            .await
+            .map(|_| ())
+    }
+
+    async fn delete_object(&self, key: &str, value: &Value) -> ApiResult<()> {
+        self.write(key, |live, _| Ok((rows::delete_object(live, value), ())))
+            .await
+            .map(|_| ())
+    }
+
+    async fn take(&self, key: &str) -> ApiResult<Option<Entry>> {
+        let (taken, _, _) = self
+            .write(key, |live, clock| {
+                let step = rows::delete(live, &Precondition::None)?;
+                Ok((step, live.map(|r| entry_of(r, clock.now))))
+            })
+            .await?;
+        Ok(taken)
+    }
+
+    async fn merge(
+        &self,
+        key: &str,
+        patch: &serde_json::Value,
+        pre: &Precondition,
+    ) -> ApiResult<Entry> {
+        let kind = self.kind();
+        let (now, _, row) = self
+            .write(key, |live, clock| {
+                Ok((rows::merge(kind, live, patch, pre, clock)?, clock.now))
+            })
+            .await?;
+        row.map(|r| entry_of(&r, now))
+            .ok_or_else(|| ApiError::Internal("a merge patch wrote no row".into()))
+    }
+
+    async fn update_counter(&self, key: &str, op: &CounterOp) -> ApiResult<i64> {
+        let kind = self.kind();
+        let (n, _, _) = self
+            .write(key, |live, clock| rows::counter(kind, live, op, clock))
+            .await?;
+        Ok(n)
+    }
+
+    async fn scan(&self, req: &ScanRequest, _from: ReadFrom) -> ApiResult<ScanPage> {
+        self.scan_primary(req).await
+    }
+
+    async fn clear(&self) -> ApiResult<()> {
+        let now = self.core.now_ms();
+        let mut client = self.core.client().await?;
+        let started = Instant::now();
+        let tx = client.transaction().await.map_err(|e| db_error(&e))?;
+        let removed = tx
+            .query(
+                "DELETE FROM larder_entries WHERE table_id = $1 RETURNING key, count, expires_at",
+                &[&self.id],
+            )
+            .await
+            .map_err(|e| db_error(&e))?;
+        let mut per_shard = vec![(0i64, 0i64, 0i64); COUNT_SHARDS as usize];
+        for r in &removed {
+            let key: &str = r.get(0);
+            let count = i64::from(r.get::<_, i32>(1));
+            let expires_at: i64 = r.get(2);
+            let s = &mut per_shard[shard_of(key) as usize];
+            s.0 += count;
+            if expires_at > 0 && expires_at <= now as i64 {
+                s.2 += 1;
+            } else {
+                s.1 += count;
+            }
+        }
+        let shards: Vec<i32> = (0..COUNT_SHARDS as i32).collect();
+        let sizes: Vec<i64> = per_shard.iter().map(|s| s.0).collect();
+        let deletes: Vec<i64> = per_shard.iter().map(|s| s.1).collect();
+        let expired: Vec<i64> = per_shard.iter().map(|s| s.2).collect();
+        tx.execute(
+            "UPDATE larder_counts c SET size = c.size - u.size, deletes = c.deletes + u.deletes, \
+             expired = c.expired + u.expired \
+             FROM unnest($2::int[], $3::bigint[], $4::bigint[], $5::bigint[]) AS u(shard, size, deletes, expired) \
+             WHERE c.table_id = $1 AND c.shard = u.shard",
+            &[&self.id, &shards, &sizes, &deletes, &expired],
+        )
+        .await
+        .map_err(|e| db_error(&e))?;
+        tx.execute(
+            "INSERT INTO larder_changes (table_id, key, version, kind, at) \
+             VALUES ($1, NULL, nextval('larder_versions'), $2, $3)",
+            &[&self.id, &super::follow::KIND_CLEAR, &(now as i64)],
+        )
+        .await
+        .map_err(|e| db_error(&e))?;
+        tx.commit().await.map_err(|e| db_error(&e))?;
+        self.core.timed(started);
+        self.hot.clear(&self.core.budget);
+        Ok(())
+    }
+
+    async fn sync(&self) -> ApiResult<()> {
+        // Every acknowledged write is already committed.
+        Ok(())
+    }
+
+    async fn counts(&self) -> ApiResult<Counts> {
+        let client = self.core.client().await?;
+        let started = Instant::now();
+        let r = client
+            .query_one(
+                "SELECT COALESCE(sum(size), 0)::bigint, COALESCE(sum(inserts), 0)::bigint, \
+                 COALESCE(sum(deletes), 0)::bigint, COALESCE(sum(expired), 0)::bigint, \
+                 COALESCE(sum(evicted), 0)::bigint FROM larder_counts WHERE table_id = $1",
+                &[&self.id],
+            )
+            .await
+            .map_err(|e| db_error(&e))?;
+        self.core.timed(started);
+        let get = |i: usize| r.get::<_, i64>(i).max(0) as u64;
+        Ok(Counts {
+            size: get(0),
+            inserts: get(1),
+            deletes: get(2),
+            expired: get(3),
+            evicted: get(4),
+        })
+    }
+
+    fn memory_bytes(&self) -> u64 {
+        self.hot.bytes()
+    }
+}

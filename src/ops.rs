@@ -1,0 +1,352 @@
+//! One interface to a table's operations, whichever tier keeps the table.
+//!
+//! [`TableOps`] is what the HTTP handlers call. It has two implementations:
+//! [`LocalTable`], a table of this node's in-memory store (with sled
+//! write-back for `periodic` and `sync` tables), and
+//! [`ClusterTable`](crate::cluster::ClusterTable), a table kept in
+//! PostgreSQL and shared by every node. [`TableHandle`] is either, chosen
+//! once when the request looks the table up, so handlers never ask where a
+//! table lives. Every write returns once it is as durable as the table
+//! promises: in memory (`none`, `periodic`), fsynced (`sync`), or committed
+//! (`cluster`).
+
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::cluster::ClusterTable;
+use crate::error::{ApiError, ApiResult};
+use crate::persist::Durability;
+use crate::store::{
+    CounterOp, Entry, Persistence, Precondition, ScanPage, ScanRequest, Table, Value, Written,
+};
+
+/// Table-wide figures of table info that only the table's tier can give.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Objects stored.
+    pub size: u64,
+    /// Objects inserted.
+    pub inserts: u64,
+    /// Objects removed by delete, delete_object, take or clear.
+    pub deletes: u64,
+    /// Keys removed because their deadline passed.
+    pub expired: u64,
+    /// Keys removed to make room under `max_entries`.
+    pub evicted: u64,
+}
+
+/// Whether a read may be served from this node's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadFrom {
+    /// This node's copy; for cluster tables it may lag other nodes' writes
+    /// by the staleness bound, never this node's own.
+    #[default]
+    Nearest,
+    /// The table's source of truth (PostgreSQL for cluster tables), like
+    /// etcd's linearizable read. The same as `Nearest` for local tables.
+    Primary,
+}
+
+/// The ETS operations on one table. Every method validates before it
+/// changes anything, so an error means nothing changed.
+pub trait TableOps {
+    /// The table's name, settings, owner and node-local counters.
+    fn meta(&self) -> &Arc<Table>;
+
+    /// `lookup/2`, counted as a hit or a miss.
+    fn lookup(
+        &self,
+        key: &str,
+        from: ReadFrom,
+    ) -> impl Future<Output = ApiResult<Option<Entry>>> + Send;
+
+    /// `member/2`: the live entry without counting it.
+    fn peek(&self, key: &str) -> impl Future<Output = ApiResult<Option<Entry>>> + Send;
+
+    /// `insert/2` of one object (`insert_new` and compare-and-swap through
+    /// `pre`).
+    fn insert(
+        &self,
+        key: &str,
+        value: Value,
+        ttl_ms: Option<u64>,
+        pre: &Precondition,
+    ) -> impl Future<Output = ApiResult<Written>> + Send;
+
+    /// `insert/2` with a list, all or nothing. Returns how many objects
+    /// were inserted.
+    fn insert_many(
+        &self,
+        items: Vec<(String, Value, Option<u64>)>,
+    ) -> impl Future<Output = ApiResult<usize>> + Send;
+
+    /// `delete/2`.
+    fn delete(&self, key: &str, pre: &Precondition) -> impl Future<Output = ApiResult<()>> + Send;
+
+    /// `delete_object/2`.
+    fn delete_object(&self, key: &str, value: &Value)
+        -> impl Future<Output = ApiResult<()>> + Send;
+
+    /// `take/2`: removes the key and returns what it held.
+    fn take(&self, key: &str) -> impl Future<Output = ApiResult<Option<Entry>>> + Send;
+
+    /// `update_element/3` as a JSON Merge Patch.
+    fn merge(
+        &self,
+        key: &str,
+        patch: &serde_json::Value,
+        pre: &Precondition,
+    ) -> impl Future<Output = ApiResult<Entry>> + Send;
+
+    /// `update_counter/4`; returns the new value.
+    fn update_counter(
+        &self,
+        key: &str,
+        op: &CounterOp,
+    ) -> impl Future<Output = ApiResult<i64>> + Send;
+
+    /// One page of a scan.
+    fn scan(
+        &self,
+        req: &ScanRequest,
+        from: ReadFrom,
+    ) -> impl Future<Output = ApiResult<ScanPage>> + Send;
+
+    /// `delete_all_objects/1`.
+    fn clear(&self) -> impl Future<Output = ApiResult<()>> + Send;
+
+    /// `dets:sync/1`: returns once everything acknowledged so far is as
+    /// durable as the table can make it.
+    fn sync(&self) -> impl Future<Output = ApiResult<()>> + Send;
+
+    /// Size and statistics of the whole table.
+    fn counts(&self) -> impl Future<Output = ApiResult<Counts>> + Send;
+
+    /// Estimated bytes this node holds for the table.
+    fn memory_bytes(&self) -> u64;
+}
+
+/// A table of this node's store.
+#[derive(Debug, Clone)]
+pub struct LocalTable<'a> {
+    table: Arc<Table>,
+    durability: &'a Durability,
+}
+
+impl<'a> LocalTable<'a> {
+    /// `table`, made durable through `durability`.
+    pub fn new(table: Arc<Table>, durability: &'a Durability) -> Self {
+        LocalTable { table, durability }
+    }
+
+    /// Returns once a change just applied is as durable as the table
+    /// promises: at once for `none` and `periodic`, after an fsync shared
+    /// with concurrent writers for `sync`.
+    async fn durable(&self) -> ApiResult<()> {
+        if self.table.persistence() != Persistence::Sync {
+            return Ok(());
+        }
+        self.durability
+            .wait_durable(false)
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("could not make the write durable: {e}")))
+    }
+}
+
+impl TableOps for LocalTable<'_> {
+    fn meta(&self) -> &Arc<Table> {
+        &self.table
+    }
+
+    async fn lookup(&self, key: &str, _from: ReadFrom) -> ApiResult<Option<Entry>> {
+        Ok(self.table.lookup(key))
+    }
+
+    async fn peek(&self, key: &str) -> ApiResult<Option<Entry>> {
+        Ok(self.table.peek(key))
+    }
+
+    async fn insert(
+        &self,
+        key: &str,
+        value: Value,
+        ttl_ms: Option<u64>,
+        pre: &Precondition,
+    ) -> ApiResult<Written> {
+        let written = self.table.insert(key, value, ttl_ms, pre)?;
+        self.durable().await?;
+        Ok(written)
+    }
+
+    async fn insert_many(&self, items: Vec<(String, Value, Option<u64>)>) -> ApiResult<usize> {
+        let inserted = self.table.insert_many(items)?;
+        self.durable().await?;
+        Ok(inserted)
+    }
+
+    async fn delete(&self, key: &str, pre: &Precondition) -> ApiResult<()> {
+        if self.table.delete(key, pre)? {
+            self.durable().await?;
+        }
+        Ok(())
+    }
+
+    async fn delete_object(&self, key: &str, value: &Value) -> ApiResult<()> {
+        if self.table.delete_object(key, value) > 0 {
+            self.durable().await?;
+        }
+        Ok(())
+    }
+
+    async fn take(&self, key: &str) -> ApiResult<Option<Entry>> {
+        let taken = self.table.take(key);
+        if taken.is_some() {
+            self.durable().await?;
+        }
+        Ok(taken)
+    }
+
+    async fn merge(
+        &self,
+        key: &str,
+        patch: &serde_json::Value,
+        pre: &Precondition,
+    ) -> ApiResult<Entry> {
+        let entry = self.table.merge(key, patch, pre)?;
+        self.durable().await?;
+        Ok(entry)
+    }
+
+    async fn update_counter(&self, key: &str, op: &CounterOp) -> ApiResult<i64> {
+        let value = self.table.update_counter(key, op)?;
+        self.durable().await?;
+        Ok(value)
+    }
+
+    async fn scan(&self, req: &ScanRequest, _from: ReadFrom) -> ApiResult<ScanPage> {
+        Ok(self.table.scan(req)?)
+    }
+
+    async fn clear(&self) -> ApiResult<()> {
+        self.table.clear();
+        self.durable().await
+    }
+
+    async fn sync(&self) -> ApiResult<()> {
+        if !self.table.persistence().is_local_durable() {
+            return Ok(());
+        }
+        self.durability
+            .wait_durable(true)
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("could not sync: {e}")))
+    }
+
+    async fn counts(&self) -> ApiResult<Counts> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.table.stats;
+        Ok(Counts {
+            size: self.table.size(),
+            inserts: s.inserts.load(Relaxed),
+            deletes: s.deletes.load(Relaxed),
+            expired: s.expired.load(Relaxed),
+            evicted: s.evicted.load(Relaxed),
+        })
+    }
+
+    fn memory_bytes(&self) -> u64 {
+        self.table.memory_bytes()
+    }
+}
+
+/// A table as a request found it: on this node, or in the cluster.
+#[derive(Debug, Clone)]
+pub enum TableHandle<'a> {
+    /// A table of this node's store.
+    Local(LocalTable<'a>),
+    /// A cluster table.
+    Cluster(Arc<ClusterTable>),
+}
+
+/// Forwards a call to whichever implementation the handle holds.
+macro_rules! forward {
+    ($self:ident, $t:ident => $call:expr) => {
+        match $self {
+            TableHandle::Local($t) => $call,
+            TableHandle::Cluster($t) => $call,
+        }
+    };
+}
+
+impl TableOps for TableHandle<'_> {
+    fn meta(&self) -> &Arc<Table> {
+        forward!(self, t => t.meta())
+    }
+
+    async fn lookup(&self, key: &str, from: ReadFrom) -> ApiResult<Option<Entry>> {
+        forward!(self, t => t.lookup(key, from).await)
+    }
+
+    async fn peek(&self, key: &str) -> ApiResult<Option<Entry>> {
+        forward!(self, t => t.peek(key).await)
+    }
+
+    async fn insert(
+        &self,
+        key: &str,
+        value: Value,
+        ttl_ms: Option<u64>,
+        pre: &Precondition,
+    ) -> ApiResult<Written> {
+        forward!(self, t => t.insert(key, value, ttl_ms, pre).await)
+    }
+
+    async fn insert_many(&self, items: Vec<(String, Value, Option<u64>)>) -> ApiResult<usize> {
+        forward!(self, t => t.insert_many(items).await)
+    }
+
+    async fn delete(&self, key: &str, pre: &Precondition) -> ApiResult<()> {
+        forward!(self, t => t.delete(key, pre).await)
+    }
+
+    async fn delete_object(&self, key: &str, value: &Value) -> ApiResult<()> {
+        forward!(self, t => t.delete_object(key, value).await)
+    }
+
+    async fn take(&self, key: &str) -> ApiResult<Option<Entry>> {
+        forward!(self, t => t.take(key).await)
+    }
+
+    async fn merge(
+        &self,
+        key: &str,
+        patch: &serde_json::Value,
+        pre: &Precondition,
+    ) -> ApiResult<Entry> {
+        forward!(self, t => t.merge(key, patch, pre).await)
+    }
+
+    async fn update_counter(&self, key: &str, op: &CounterOp) -> ApiResult<i64> {
+        forward!(self, t => t.update_counter(key, op).await)
+    }
+
+    async fn scan(&self, req: &ScanRequest, from: ReadFrom) -> ApiResult<ScanPage> {
+        forward!(self, t => t.scan(req, from).await)
+    }
+
+    async fn clear(&self) -> ApiResult<()> {
+        forward!(self, t => t.clear().await)
+    }
+
+    async fn sync(&self) -> ApiResult<()> {
+        forward!(self, t => t.sync().await)
+    }
+
+    async fn counts(&self) -> ApiResult<Counts> {
+        forward!(self, t => t.counts().await)
+    }
+
+    fn memory_bytes(&self) -> u64 {
+        forward!(self, t => t.memory_bytes())
+    }
+}

@@ -1,0 +1,481 @@
+//! Cluster tables: three larder nodes against one real PostgreSQL.
+//!
+//! Every test starts its own PostgreSQL (see `common::pg`) and skips, with
+//! a printed reason, only when no PostgreSQL binaries are installed.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::pg::PgServer;
+use common::{spawn_with, Reply, TestApp};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+/// Starts PostgreSQL and `n` nodes pointed at a fresh database.
+async fn cluster(n: usize) -> Option<(PgServer, Vec<TestApp>)> {
+    let pg = PgServer::start()?;
+    let url = pg.create_db("larder").await;
+    let mut nodes = Vec::new();
+    for _ in 0..n {
+        let url = url.clone();
+        nodes.push(
+            spawn_with(move |c| {
+                c.cluster_url = Some(url);
+                c.cluster_poll_ms = 2;
+            })
+            .await,
+        );
+    }
+    Some((pg, nodes))
+}
+
+async fn create(node: &TestApp, name: &str, kind: &str) {
+    let r = node
+        .create_table(
+            json!({"name": name, "type": kind, "persistence": "cluster", "access": "public"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+}
+
+/// `GET` of an entry read from PostgreSQL.
+async fn get_consistent(node: &TestApp, table: &str, key: &str) -> Reply {
+    node.send(
+        Method::GET,
+        &format!(
+            "/v1/tables/{}/entries/{}?consistent=true",
+            common::enc(table),
+            common::enc(key)
+        ),
+        None,
+        &[],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn cluster_tables_need_the_flag() {
+    let node = common::spawn_app().await;
+    let r = node
+        .create_table(json!({"name": "c", "persistence": "cluster"}))
+        .await;
+    r.assert_error(400, "invalid_argument");
+    assert!(r.text.contains("--cluster-url"), "{}", r.text);
+}
+
+#[tokio::test]
+async fn a_table_created_on_one_node_is_used_on_all() {
+    let Some((_pg, nodes)) = cluster(3).await else {
+        return;
+    };
+    create(&nodes[0], "shared", "set").await;
+    let r = nodes[1].put("shared", "k", json!({"v": 1})).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let etag = r.header("etag").expect("etag").to_owned();
+    for node in &nodes {
+        let r = get_consistent(node, "shared", "k").await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(r.body["value"], json!({"v": 1}));
+        assert_eq!(r.header("etag"), Some(etag.as_str()), "ETags agree");
+    }
+    // The writer reads its own write from its hot copy at once.
+    let r = nodes[1].get("shared", "k").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-cache"), Some("HIT"));
+    // Names are one namespace.
+    let r = nodes[2].create_table(json!({"name": "shared"})).await;
+    r.assert_error(409, "table_exists");
+    let r = nodes[2]
+        .create_table(json!({"name": "shared", "persistence": "cluster"}))
+        .await;
+    r.assert_error(409, "table_exists");
+    // Table info is table-wide.
+    let info = nodes[2].get_table("shared").await;
+    assert_eq!(info.status, 200, "{}", info.text);
+    assert_eq!(info.body["persistence"], "cluster");
+    assert_eq!(info.body["size"], 1);
+    assert_eq!(info.body["stats"]["inserts"], 1);
+    // A drop reaches every node.
+    let r = nodes[0]
+        .send(Method::DELETE, "/v1/tables/shared", None, &[])
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = nodes[2].get("shared", "k").await;
+        if r.status == 404 && r.code() == "table_not_found" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "drop not seen: {}", r.text);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn counters_from_every_node_are_exact() {
+    let Some((_pg, nodes)) = cluster(3).await else {
+        return;
+    };
+    create(&nodes[0], "hits", "set").await;
+    let per_client = 50;
+    let clients_per_node = 8;
+    let mut tasks = Vec::new();
+    for node in &nodes {
+        for c in 0..clients_per_node {
+            let client = node.client.clone();
+            let url = format!("{}/counter", node.entry_url("hits", "n"));
+            let other = format!("{}/counter", node.entry_url("hits", &format!("k{c}")));
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..per_client {
+                    for u in [&url, &other] {
+                        let r = client
+                            .post(u)
+                            .body(r#"{"incr":1,"default":0}"#)
+                            .send()
+                            .await
+                            .expect("counter");
+                        assert_eq!(r.status(), 200);
+                    }
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    let total = (nodes.len() * clients_per_node * per_client) as i64;
+    for node in &nodes {
+        let r = get_consistent(node, "hits", "n").await;
+        assert_eq!(r.body["value"], json!(total), "{}", r.text);
+    }
+    for c in 0..clients_per_node {
+        let r = get_consistent(&nodes[0], "hits", &format!("k{c}")).await;
+        assert_eq!(r.body["value"], json!(nodes.len() * per_client));
+    }
+    // Within the staleness bound every node's plain read agrees too.
+    for node in &nodes {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let r = node.get("hits", "n").await;
+            if r.body["value"] == json!(total) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "stale: {}", r.text);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let info = nodes[1].get_table("hits").await;
+    assert_eq!(info.body["size"], json!(1 + clients_per_node));
+}
+
+#[tokio::test]
+async fn insert_new_and_compare_and_swap_have_one_winner_across_nodes() {
+    let Some((_pg, nodes)) = cluster(3).await else {
+        return;
+    };
+    create(&nodes[0], "race", "set").await;
+    for round in 0..10 {
+        let key = format!("k{round}");
+        let mut tasks = Vec::new();
+        for i in 0..24 {
+            let node = &nodes[i % nodes.len()];
+            let client = node.client.clone();
+            let url = node.entry_url("race", &key);
+            tasks.push(tokio::spawn(async move {
+                client
+                    .put(url)
+                    .header("if-none-match", "*")
+                    .body(format!("{i}"))
+                    .send()
+                    .await
+                    .expect("put")
+                    .status()
+                    .as_u16()
+            }));
+        }
+        let mut statuses = Vec::new();
+        for t in tasks {
+            statuses.push(t.await.expect("task"));
+        }
+        assert_eq!(
+            statuses.iter().filter(|s| **s == 201).count(),
+            1,
+            "{statuses:?}"
+        );
+        assert_eq!(
+            statuses.iter().filter(|s| **s == 412).count(),
+            23,
+            "{statuses:?}"
+        );
+
+        let etag = get_consistent(&nodes[0], "race", &key)
+            .await
+            .header("etag")
+            .expect("etag")
+            .to_owned();
+        let mut tasks = Vec::new();
+        for i in 0..24 {
+            let node = &nodes[i % nodes.len()];
+            let client = node.client.clone();
+            let url = node.entry_url("race", &key);
+            let etag = etag.clone();
+            tasks.push(tokio::spawn(async move {
+                client
+                    .put(url)
+                    .header("if-match", etag)
+                    .body(format!("{}", 100 + i))
+                    .send()
+                    .await
+                    .expect("put")
+                    .status()
+                    .as_u16()
+            }));
+        }
+        let mut statuses = Vec::new();
+        for t in tasks {
+            statuses.push(t.await.expect("task"));
+        }
+        assert_eq!(
+            statuses.iter().filter(|s| **s == 200).count(),
+            1,
+            "{statuses:?}"
+        );
+        assert_eq!(
+            statuses.iter().filter(|s| **s == 412).count(),
+            23,
+            "{statuses:?}"
+        );
+    }
+}
+
+/// One random operation, as a request.
+fn random_op(
+    rng: &mut u64,
+    kind: &str,
+) -> (Method, String, Option<String>, Vec<(&'static str, String)>) {
+    let mut next = |n: u64| {
+        *rng ^= *rng << 13;
+        *rng ^= *rng >> 7;
+        *rng ^= *rng << 17;
+        *rng % n
+    };
+    let key = format!("k{}", next(6));
+    let value = json!({"n": next(3)}).to_string();
+    let e = format!("/entries/{key}");
+    match next(10) {
+        0..=3 => (Method::PUT, e, Some(value), vec![]),
+        4 => (
+            Method::PUT,
+            e,
+            Some(value),
+            vec![("if-none-match", "*".to_owned())],
+        ),
+        5 => (Method::DELETE, e, None, vec![]),
+        6 => (
+            Method::POST,
+            format!("{e}/delete_object"),
+            Some(value),
+            vec![],
+        ),
+        7 => (Method::POST, format!("{e}/take"), None, vec![]),
+        8 if kind == "set" || kind == "ordered_set" => (
+            Method::POST,
+            format!("{e}/counter"),
+            Some(r#"{"incr":2,"default":1,"field":"n"}"#.into()),
+            vec![],
+        ),
+        8 => (
+            Method::POST,
+            "/entries".into(),
+            Some(format!(
+                r#"[{{"key":"{key}","value":{value}}},{{"key":"b","value":1}}]"#
+            )),
+            vec![],
+        ),
+        _ => (Method::PATCH, e, Some(r#"{"m":true}"#.into()), vec![]),
+    }
+}
+
+/// The parts of a reply both tables must agree on: status, error code and
+/// body without ETags and versions.
+fn comparable(r: &Reply) -> (u16, Value) {
+    (r.status.as_u16(), r.body.clone())
+}
+
+#[tokio::test]
+async fn random_operations_through_random_nodes_match_a_local_table() {
+    let Some((_pg, nodes)) = cluster(3).await else {
+        return;
+    };
+    for kind in ["set", "ordered_set", "bag", "duplicate_bag"] {
+        let cluster_table = format!("c_{kind}");
+        let local_table = format!("l_{kind}");
+        create(&nodes[0], &cluster_table, kind).await;
+        let r = nodes[0]
+            .create_table(json!({"name": local_table, "type": kind}))
+            .await;
+        assert_eq!(r.status, 201, "{}", r.text);
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ kind.len() as u64;
+        for step in 0..300 {
+            let (method, path, body, headers) = random_op(&mut rng, kind);
+            let node = &nodes[(rng % 3) as usize];
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let on_cluster = node
+                .send(
+                    method.clone(),
+                    &format!("/v1/tables/{cluster_table}{path}"),
+                    body.clone().map(String::into_bytes),
+                    &headers,
+                )
+                .await;
+            let on_local = nodes[0]
+                .send(
+                    method.clone(),
+                    &format!("/v1/tables/{local_table}{path}"),
+                    body.clone().map(String::into_bytes),
+                    &headers,
+                )
+                .await;
+            assert_eq!(
+                comparable(&on_cluster),
+                comparable(&on_local),
+                "{kind} step {step}: {method} {path} {body:?}"
+            );
+            // Every few steps, a full comparison through another node.
+            if step % 25 == 0 {
+                let reader = &nodes[((rng >> 3) % 3) as usize];
+                let c = reader
+                    .scan_all(&cluster_table, "?consistent=true&limit=2")
+                    .await;
+                let l = nodes[0].scan_all(&local_table, "?limit=2").await;
+                let sorted = |mut v: Vec<(String, Value)>| {
+                    v.sort_by(|a, b| (&a.0, a.1.to_string()).cmp(&(&b.0, b.1.to_string())));
+                    v
+                };
+                if kind == "ordered_set" {
+                    assert_eq!(c, l, "{kind} step {step}: scans differ");
+                } else {
+                    assert_eq!(sorted(c), sorted(l), "{kind} step {step}: scans differ");
+                }
+                for k in 0..6 {
+                    let key = format!("k{k}");
+                    let c = get_consistent(reader, &cluster_table, &key).await;
+                    let l = nodes[0].get(&local_table, &key).await;
+                    assert_eq!(c.status, l.status, "{kind} {key}");
+                    assert_eq!(c.body["value"], l.body["value"], "{kind} {key}");
+                    assert_eq!(c.body["values"], l.body["values"], "{kind} {key}");
+                }
+                let ci = reader.get_table(&cluster_table).await.body;
+                let li = nodes[0].get_table(&local_table).await.body;
+                assert_eq!(ci["size"], li["size"], "{kind} step {step}: size");
+                assert_eq!(
+                    ci["stats"]["inserts"], li["stats"]["inserts"],
+                    "{kind} inserts"
+                );
+                assert_eq!(
+                    ci["stats"]["deletes"], li["stats"]["deletes"],
+                    "{kind} deletes"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_503_for_cluster_tables_only_and_recovers() {
+    let Some((pg, nodes)) = cluster(2).await else {
+        return;
+    };
+    create(&nodes[0], "c", "set").await;
+    nodes[0].table("local", "set").await;
+    let r = nodes[0].put("c", "k", json!(1)).await;
+    assert_eq!(r.status, 201);
+    pg.stop();
+    let r = nodes[1].put("c", "k", json!(2)).await;
+    r.assert_error(503, "unavailable");
+    assert!(r.header("retry-after").is_some());
+    // Local tables are unaffected.
+    let r = nodes[0].put("local", "k", json!(1)).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    // Past the staleness bound no hot copy is served.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = nodes[0].get("c", "k").await;
+        if r.status == 503 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "hot copy served too long: {}",
+            r.text
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let ready = nodes[0].send(Method::GET, "/readyz", None, &[]).await;
+    assert_eq!(ready.body["cluster"], "unavailable", "{}", ready.text);
+    pg.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = nodes[1].put("c", "k", json!(3)).await;
+        if r.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no recovery: {}", r.text);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let acked = Instant::now();
+    // Node 0 held 1 in its hot copy. It may answer 1 only to a read that
+    // began within the staleness bound of the acknowledgement of 3.
+    let bound = Duration::from_millis(larder::config::Config::defaults().cluster_staleness_ms);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let sent = Instant::now();
+        let r = nodes[0].get("c", "k").await;
+        if r.status == 200 && r.body["value"] == json!(3) {
+            break;
+        }
+        if r.status == 200 {
+            assert!(
+                sent < acked + bound,
+                "stale read {}ms after the write was acknowledged",
+                (sent - acked).as_millis()
+            );
+        }
+        assert!(Instant::now() < deadline, "no recovery: {}", r.text);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn expiry_is_counted_once_across_nodes() {
+    let Some((_pg, nodes)) = cluster(3).await else {
+        return;
+    };
+    create(&nodes[0], "ttl", "set").await;
+    for i in 0..30 {
+        let node = &nodes[i % 3];
+        let r = node
+            .put_with("ttl", &format!("k{i}"), json!(i), "?ttl_ms=300", &[])
+            .await;
+        assert_eq!(r.status, 201);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let info = nodes[2].get_table("ttl").await.body;
+        if info["stats"]["expired"] == json!(30) {
+            assert_eq!(info["size"], json!(0));
+            break;
+        }
+        assert!(Instant::now() < deadline, "not swept: {info}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for node in &nodes {
+        assert_eq!(node.get("ttl", "k1").await.status, 404);
+    }
+    // Nothing is counted twice however long the sweepers keep running.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let info = nodes[0].get_table("ttl").await.body;
+    assert_eq!(info["stats"]["expired"], json!(30));
+}
