@@ -479,3 +479,117 @@ async fn expiry_is_counted_once_across_nodes() {
     let info = nodes[0].get_table("ttl").await.body;
     assert_eq!(info["stats"]["expired"], json!(30));
 }
+
+#[tokio::test]
+async fn a_node_killed_under_write_load_loses_no_acknowledged_write() {
+    let Some((_pg, nodes)) = cluster(1).await else {
+        return;
+    };
+    create(&nodes[0], "acks", "set").await;
+    let url = _pg.url("larder");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut victim = common::child::ChildServer::start_with(
+        dir.path(),
+        &[
+            ("LARDER_CLUSTER_URL", url.as_str()),
+            ("LARDER_CLUSTER_POLL_MS", "2"),
+        ],
+    )
+    .await;
+    // Writers on the child record what it acknowledged, until it dies.
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let client = reqwest::Client::new();
+        let base = victim.entry_url("acks", "");
+        let acked = acked.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0.. {
+                let key = format!("w{w}-{i}");
+                let sent = client
+                    .put(format!("{base}{key}"))
+                    .body(format!("{i}"))
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) if r.status() == 201 => acked.lock().unwrap().push((key, i)),
+                    _ => return,
+                }
+            }
+        }));
+    }
+    // Kill once a few hundred writes were acknowledged.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked.lock().unwrap().len() < 300 {
+        assert!(Instant::now() < deadline, "writes too slow");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    victim.kill9();
+    for w in writers {
+        w.await.expect("writer");
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 300);
+    // Every acknowledged write reads back through the surviving node.
+    let all = nodes[0].scan_all("acks", "?limit=1000").await;
+    let stored: std::collections::HashMap<String, Value> = all.into_iter().collect();
+    for (key, i) in &acked {
+        assert_eq!(
+            stored.get(key),
+            Some(&json!(i)),
+            "lost acknowledged write {key}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_node_cut_off_from_the_database_converges_when_it_is_back() {
+    let Some((pg, nodes)) = cluster(2).await else {
+        return;
+    };
+    create(&nodes[0], "conv", "set").await;
+    for i in 0..20 {
+        let r = nodes[1].put("conv", &format!("k{i}"), json!(i)).await;
+        assert_eq!(r.status, 201);
+        // Node 1 caches its own writes; node 0 reads them into its copy.
+        assert_eq!(nodes[0].get("conv", &format!("k{i}")).await.status, 200);
+    }
+    // Cut every connection of every node (what a network blip or a
+    // database failover does); notifications would be lost here.
+    let admin = pg.client("postgres").await;
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = 'larder' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("terminate");
+    // Writes resume through node 1 (its pool reconnects).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for i in 0..20 {
+        loop {
+            let r = nodes[1].put("conv", &format!("k{i}"), json!(i + 100)).await;
+            if r.status == 200 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no reconnect: {}", r.text);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Node 0's plain reads converge on every new value.
+    for i in 0..20 {
+        loop {
+            let r = nodes[0].get("conv", &format!("k{i}")).await;
+            if r.status == 200 && r.body["value"] == json!(i + 100) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "k{i} never converged: {}",
+                r.text
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}

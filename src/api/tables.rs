@@ -207,8 +207,13 @@ async fn info_response(status: StatusCode, table: &impl TableOps) -> ApiResult<R
 /// `periodic` writes changes to disk at most `auto_save_ms` after they are
 /// acknowledged, so a crash loses at most that much (like DETS `auto_save`,
 /// but the bound holds under constant load); `sync` acknowledges a write only
-/// once it is on disk, sharing each fsync among concurrent writers. A graceful
-/// stop writes everything. A persistent table becomes visible to every
+/// once it is on disk, sharing each fsync among concurrent writers;
+/// `cluster` (only when the server runs with `--cluster-url`, else 400)
+/// keeps the table in PostgreSQL, the same table on every node started with
+/// that URL: a write is acknowledged once committed there, a plain read may
+/// lag another node's write by the staleness bound (`?consistent=true`
+/// reads PostgreSQL), and names are one namespace with local tables (409
+/// either way). A graceful stop writes everything. A persistent table becomes visible to every
 /// request only once its definition is on disk, and the 201 follows; creates
 /// and drops of one name take effect one at a time, in the order they
 /// happen. `--max-tables` is exact under concurrent creates.
