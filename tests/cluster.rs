@@ -177,27 +177,7 @@ async fn insert_new_and_compare_and_swap_have_one_winner_across_nodes() {
     create(&nodes[0], "race", "set").await;
     for round in 0..10 {
         let key = format!("k{round}");
-        let mut tasks = Vec::new();
-        for i in 0..24 {
-            let node = &nodes[i % nodes.len()];
-            let client = node.client.clone();
-            let url = node.entry_url("race", &key);
-            tasks.push(tokio::spawn(async move {
-                client
-                    .put(url)
-                    .header("if-none-match", "*")
-                    .body(format!("{i}"))
-                    .send()
-                    .await
-                    .expect("put")
-                    .status()
-                    .as_u16()
-            }));
-        }
-        let mut statuses = Vec::new();
-        for t in tasks {
-            statuses.push(t.await.expect("task"));
-        }
+        let statuses = race(&nodes, &key, "if-none-match", "*").await;
         assert_eq!(
             statuses.iter().filter(|s| **s == 201).count(),
             1,
@@ -214,28 +194,7 @@ async fn insert_new_and_compare_and_swap_have_one_winner_across_nodes() {
             .header("etag")
             .expect("etag")
             .to_owned();
-        let mut tasks = Vec::new();
-        for i in 0..24 {
-            let node = &nodes[i % nodes.len()];
-            let client = node.client.clone();
-            let url = node.entry_url("race", &key);
-            let etag = etag.clone();
-            tasks.push(tokio::spawn(async move {
-                client
-                    .put(url)
-                    .header("if-match", etag)
-                    .body(format!("{}", 100 + i))
-                    .send()
-                    .await
-                    .expect("put")
-                    .status()
-                    .as_u16()
-            }));
-        }
-        let mut statuses = Vec::new();
-        for t in tasks {
-            statuses.push(t.await.expect("task"));
-        }
+        let statuses = race(&nodes, &key, "if-match", &etag).await;
         assert_eq!(
             statuses.iter().filter(|s| **s == 200).count(),
             1,
@@ -247,6 +206,28 @@ async fn insert_new_and_compare_and_swap_have_one_winner_across_nodes() {
             "{statuses:?}"
         );
     }
+}
+
+/// 24 concurrent conditional PUTs of `key` in table `race`, spread over
+/// the nodes; their statuses.
+async fn race(nodes: &[TestApp], key: &str, header: &'static str, value: &str) -> Vec<u16> {
+    let mut tasks = Vec::new();
+    for i in 0..24 {
+        let node = &nodes[i % nodes.len()];
+        let request = node
+            .client
+            .put(node.entry_url("race", key))
+            .header(header, value)
+            .body(format!("{i}"));
+        tasks.push(tokio::spawn(async move {
+            request.send().await.expect("put").status().as_u16()
+        }));
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.expect("task"));
+    }
+    statuses
 }
 
 /// One random operation, as a request.

@@ -471,23 +471,26 @@ impl Cluster {
     }
 
     async fn load_definition_by_name(&self, name: &str) -> Result<Option<Definition>, ApiError> {
-        let client = self.core.client().await?;
-        let row = client
-            .query_opt(
-                "SELECT id, name, settings, owner, created_at FROM larder_tables WHERE name = $1",
-                &[&name],
-            )
-            .await
-            .map_err(|e| db_error(&e))?;
-        Ok(row.as_ref().and_then(definition))
+        self.load_definition("name", &name).await
     }
 
     async fn load_definition_by_id(&self, id: i64) -> Result<Option<Definition>, ApiError> {
+        self.load_definition("id", &id).await
+    }
+
+    /// The definition whose `column` (`id` or `name`) is `value`.
+    async fn load_definition(
+        &self,
+        column: &str,
+        value: &(dyn tokio_postgres::types::ToSql + Sync),
+    ) -> Result<Option<Definition>, ApiError> {
         let client = self.core.client().await?;
         let row = client
             .query_opt(
-                "SELECT id, name, settings, owner, created_at FROM larder_tables WHERE id = $1",
-                &[&id],
+                &format!(
+                    "SELECT id, name, settings, owner, created_at FROM larder_tables WHERE {column} = $1"
+                ),
+                &[value],
             )
             .await
             .map_err(|e| db_error(&e))?;
