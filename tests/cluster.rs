@@ -574,3 +574,44 @@ async fn a_node_cut_off_from_the_database_converges_when_it_is_back() {
         }
     }
 }
+
+#[tokio::test]
+async fn max_entries_holds_for_the_whole_table_and_metrics_show_the_tier() {
+    let Some((_pg, nodes)) = cluster(2).await else {
+        return;
+    };
+    for (name, eviction) in [("full", "none"), ("lru", "lru")] {
+        let r = nodes[0]
+            .create_table(
+                json!({"name": name, "persistence": "cluster", "access": "public",
+                                 "max_entries": 5, "eviction": eviction}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.text);
+    }
+    for i in 0..5 {
+        let r = nodes[i % 2].put("full", &format!("k{i}"), json!(i)).await;
+        assert_eq!(r.status, 201, "{}", r.text);
+    }
+    nodes[1]
+        .put("full", "k5", json!(5))
+        .await
+        .assert_error(507, "table_full");
+    // Replacing an existing key does not grow the table.
+    assert_eq!(nodes[1].put("full", "k0", json!(9)).await.status, 200);
+    for i in 0..8 {
+        let r = nodes[i % 2].put("lru", &format!("k{i}"), json!(i)).await;
+        assert_eq!(r.status, 201, "{}", r.text);
+    }
+    let info = nodes[1].get_table("lru").await.body;
+    assert_eq!(info["size"], json!(5), "{info}");
+    assert_eq!(info["stats"]["evicted"], json!(3), "{info}");
+    for i in 0..3 {
+        let r = get_consistent(&nodes[0], "lru", &format!("k{i}")).await;
+        assert_eq!(r.status, 404, "k{i} should have been evicted first");
+    }
+    assert!(nodes[0].metric("larder_cluster_reachable").await == 1.0);
+    assert!(nodes[0].metric("larder_cluster_hot_bytes").await > 0.0);
+    let lag = nodes[0].metric("larder_cluster_log_lag_seconds").await;
+    assert!(lag.is_finite() && lag >= 0.0, "lag {lag}");
+}

@@ -446,7 +446,7 @@ impl ClusterTable {
         let victims = tx
             .query(
                 "SELECT key, count, expires_at FROM larder_entries \
-                 WHERE table_id = $1 AND key <> $2 ORDER BY touched_at LIMIT $3 \
+                 WHERE table_id = $1 AND key <> $2 ORDER BY touched_at, version LIMIT $3 \
                  FOR UPDATE SKIP LOCKED",
                 &[&self.id, &key, &over],
             )
