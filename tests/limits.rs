@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::routing::get;
@@ -11,18 +13,24 @@ use common::spawn_with;
 use reqwest::Method;
 use serde_json::json;
 
-/// An origin whose every request hangs, to hold requests in flight.
-async fn hanging_origin() -> String {
+/// An origin whose every request hangs, to hold requests in flight, and
+/// the count of requests it has received.
+async fn hanging_origin() -> (String, Arc<AtomicUsize>) {
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let seen = arrived.clone();
     let app = axum::Router::new().route(
         "/{key}",
-        get(|| async {
-            std::future::pending::<()>().await;
+        get(move || {
+            seen.fetch_add(1, Ordering::SeqCst);
+            async {
+                std::future::pending::<()>().await;
+            }
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}/{{key}}")
+    (format!("http://{addr}/{{key}}"), arrived)
 }
 
 #[tokio::test]
@@ -39,7 +47,7 @@ async fn the_table_count_is_limited() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn excess_load_is_shed_with_503_and_retry_after() {
-    let origin = hanging_origin().await;
+    let (origin, arrived) = hanging_origin().await;
     let app = spawn_with(|c| {
         c.max_concurrent_requests = 2;
         c.origin_allow = vec!["127.0.0.1:*".into()];
@@ -47,12 +55,24 @@ async fn excess_load_is_shed_with_503_and_retry_after() {
     .await;
     app.create_table(json!({"name": "o", "origin": {"url": origin, "timeout_ms": 60000}}))
         .await;
-    // Two requests wait on the origin and hold both permits.
-    let mut held = Vec::new();
-    for k in ["a", "b"] {
+    // Two requests wait on the origin and hold both permits. One that was
+    // shed before it got there (the other held one permit, a request of
+    // ours the second) is sent again.
+    let hold = |k: &str| {
         let client = app.client.clone();
         let url = app.entry_url("o", k);
-        held.push(tokio::spawn(async move { client.get(url).send().await }));
+        tokio::spawn(async move { client.get(url).send().await })
+    };
+    let mut held = vec![hold("a"), hold("b")];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while arrived.load(Ordering::SeqCst) < 2 {
+        for (h, k) in held.iter_mut().zip(["a", "b"]) {
+            if h.is_finished() {
+                *h = hold(k);
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "requests not held");
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let shed = loop {
@@ -77,7 +97,7 @@ async fn excess_load_is_shed_with_503_and_retry_after() {
 
 #[tokio::test]
 async fn requests_past_the_timeout_get_503() {
-    let origin = hanging_origin().await;
+    let (origin, _) = hanging_origin().await;
     let app = spawn_with(|c| {
         c.request_timeout_ms = 200;
         c.origin_allow = vec!["127.0.0.1:*".into()];
