@@ -194,18 +194,16 @@ impl HotCopy {
 
     /// Applies a change from the log: `key` changed at `version`.
     pub fn changed(&self, key: &str, version: u64, budget: &Budget) {
-        let slot = self.slot(key);
-        let mut freed = 0i64;
-        if let MapEntry::Occupied(o) = self.map.entry(Key::from(key)) {
-            self.gens[slot].fetch_add(1, Ordering::AcqRel);
+        // The entry holds the key's map lock, present or not, so the bump
+        // is ordered with any install of the key (see `learn`).
+        let entry = self.map.entry(Key::from(key));
+        self.gens[self.slot(key)].fetch_add(1, Ordering::AcqRel);
+        if let MapEntry::Occupied(o) = entry {
             if o.get().row.version < version {
                 let (_, old) = o.remove_entry();
-                freed = old.bytes as i64;
+                self.account(-(old.bytes as i64), budget);
             }
-        } else {
-            self.gens[slot].fetch_add(1, Ordering::AcqRel);
         }
-        self.account(-freed, budget);
     }
 
     /// Drops every row (the table was emptied or dropped, or this node lost

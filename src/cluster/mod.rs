@@ -38,8 +38,7 @@ pub use table::ClusterTable;
 use crate::clock::Clock;
 use crate::error::ApiError;
 use crate::histogram::Histogram;
-use crate::store::{Store, StoreError, TableSettings, TableSpec};
-use crate::stripe::Striped;
+use crate::store::{Counter, Store, TableSettings, TableSpec};
 use hot::Budget;
 
 /// Settings of the cluster tier, from the configuration.
@@ -80,23 +79,6 @@ pub enum ClusterError {
     },
 }
 
-/// A counter many tasks add to (see [`crate::stripe`]).
-#[derive(Debug, Default)]
-pub struct Tally(Striped<AtomicU64>);
-
-impl Tally {
-    fn add(&self, n: u64) {
-        self.0.mine().fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// The total.
-    pub fn get(&self) -> u64 {
-        self.0
-            .all()
-            .fold(0, |sum, s| sum.wrapping_add(s.load(Ordering::Relaxed)))
-    }
-}
-
 /// What every cluster table of a node shares.
 #[derive(Debug)]
 pub(crate) struct Core {
@@ -110,9 +92,9 @@ pub(crate) struct Core {
     /// Whether the last attempt to reach PostgreSQL succeeded.
     reachable: AtomicBool,
     /// Reads answered from a hot copy.
-    hot_hits: Tally,
+    hot_hits: Counter,
     /// Reads that had to ask PostgreSQL.
-    hot_misses: Tally,
+    hot_misses: Counter,
     /// Round trips to PostgreSQL (whole transactions for writes).
     rtt: Histogram,
 }
@@ -122,10 +104,10 @@ impl Core {
         self.clock.now_ms()
     }
 
-    /// Whether the hot copies may answer reads now.
-    fn fresh(&self) -> bool {
+    /// Whether the hot copies may answer reads at `now` (Unix ms).
+    fn fresh(&self, now: u64) -> bool {
         let synced = self.synced_at.load(Ordering::Acquire);
-        synced != 0 && self.now_ms().saturating_sub(synced) <= self.staleness_ms
+        synced != 0 && now.saturating_sub(synced) <= self.staleness_ms
     }
 
     /// A pooled connection, or 503 when PostgreSQL cannot be reached.
@@ -240,8 +222,8 @@ impl Cluster {
             staleness_ms: config.staleness.as_millis() as u64,
             synced_at: AtomicU64::new(0),
             reachable: AtomicBool::new(true),
-            hot_hits: Tally::default(),
-            hot_misses: Tally::default(),
+            hot_hits: Counter::default(),
+            hot_misses: Counter::default(),
             rtt: Histogram::default(),
         });
         let cluster = Cluster {
@@ -521,8 +503,8 @@ impl Cluster {
              larder_cluster_reachable {}\n\
              # HELP larder_cluster_db_roundtrip_seconds Time of one request's work in PostgreSQL (a statement, or a write's whole transaction).\n\
              # TYPE larder_cluster_db_roundtrip_seconds histogram\n",
-            self.core.hot_hits.get(),
-            self.core.hot_misses.get(),
+            self.core.hot_hits.load(Ordering::Relaxed),
+            self.core.hot_misses.load(Ordering::Relaxed),
             self.core.budget.used.load(Ordering::Relaxed).max(0),
             u8::from(self.reachable()),
         );
@@ -573,10 +555,4 @@ async fn log_table_change(
     .await
     .map_err(|e| db_error(&e))?;
     Ok(())
-}
-
-impl From<StoreError> for ClusterError {
-    fn from(e: StoreError) -> Self {
-        ClusterError::Postgres(e.to_string())
-    }
 }

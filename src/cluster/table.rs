@@ -18,6 +18,7 @@
 //! step 1, where the loser now sees the winner's row; that is what makes
 //! `insert_new` have exactly one winner across nodes.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -104,7 +105,6 @@ impl From<tokio_postgres::Error> for Fail {
 
 /// A key's row after a committed write: what the hot copy learns.
 struct Wrote {
-    key: String,
     version: u64,
     row: Option<Row>,
 }
@@ -248,50 +248,75 @@ impl ClusterTable {
     /// from PostgreSQL.
     async fn read(&self, key: &str, from: ReadFrom) -> ApiResult<Option<Entry>> {
         let now = self.core.now_ms();
-        if from == ReadFrom::Nearest && self.core.fresh() {
+        if from == ReadFrom::Nearest && self.core.fresh(now) {
             if let Some(entry) = self.hot.get(key, now, &self.core.budget) {
-                self.core.hot_hits.add(1);
+                self.core.hot_hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(Some(entry));
             }
         }
-        self.core.hot_misses.add(1);
+        self.core.hot_misses.fetch_add(1, Ordering::Relaxed);
         self.read_primary(key, now).await
     }
 
     /// Runs `op` on the key's row in a transaction, retrying lost races,
-    /// and returns its result with the key's version after the write.
-    async fn write<T>(
+    /// and returns its result with the key's version and row after the
+    /// write (`None` when it changed nothing).
+    async fn write<T: Send>(
         &self,
         key: &str,
         mut op: impl FnMut(Option<&Row>, Clock) -> Result<(Step, T), StoreError> + Send,
-    ) -> ApiResult<(T, Option<u64>, Option<Row>)>
-    where
-        T: Send,
-    {
+    ) -> ApiResult<(T, Option<u64>, Option<Row>)> {
+        let mut done = self
+            .write_keys(&[key], |_, live, clock| op(live, clock))
+            .await?;
+        let (result, wrote) = done
+            .pop()
+            .ok_or_else(|| ApiError::Internal("a one-key write returned no result".into()))?;
+        Ok(match wrote {
+            Some(w) => (result, Some(w.version), w.row),
+            None => (result, None, None),
+        })
+    }
+
+    /// Runs `op(i, row, clock)` on the row of each `keys[i]`, in order, in
+    /// one transaction (all or nothing), retrying lost races; after commit
+    /// tells the hot copy what was written.
+    async fn write_keys<T: Send>(
+        &self,
+        keys: &[&str],
+        mut op: impl FnMut(usize, Option<&Row>, Clock) -> Result<(Step, T), StoreError> + Send,
+    ) -> ApiResult<Vec<(T, Option<Wrote>)>> {
         let mut client = self.core.client().await?;
-        for _ in 0..MAX_ATTEMPTS {
-            let ticket = self.hot.ticket(key);
+        'attempt: for _ in 0..MAX_ATTEMPTS {
+            let tickets: Vec<_> = keys.iter().map(|k| self.hot.ticket(k)).collect();
             let started = Instant::now();
             let tx = client.transaction().await.map_err(|e| db_error(&e))?;
-            let attempt = self.write_key(&tx, key, &mut op).await;
-            let (result, wrote) = match attempt {
-                Ok(done) => done,
-                Err(Fail::Retry) => continue,
-                Err(Fail::Api(e)) => return Err(self.named(e)),
-            };
+            let mut done = Vec::with_capacity(keys.len());
+            for (i, key) in keys.iter().enumerate() {
+                match self
+                    .write_key(&tx, key, &mut |live: Option<&Row>, clock: Clock| {
+                        op(i, live, clock)
+                    })
+                    .await
+                {
+                    Ok(one) => done.push(one),
+                    Err(Fail::Retry) => continue 'attempt,
+                    Err(Fail::Api(e)) => return Err(self.named(e)),
+                }
+            }
             match tx.commit().await {
                 Ok(()) => {}
                 Err(e) if retryable(&e) => continue,
                 Err(e) => return Err(db_error(&e)),
             }
             self.core.timed(started);
-            let Some(wrote) = wrote else {
-                return Ok((result, None, None));
-            };
-            let row = wrote.row.clone();
-            self.hot
-                .learn(key, wrote.version, wrote.row, ticket, &self.core.budget);
-            return Ok((result, Some(wrote.version), row));
+            for ((_, wrote), (key, ticket)) in done.iter().zip(keys.iter().zip(tickets)) {
+                if let Some(w) = wrote {
+                    self.hot
+                        .learn(key, w.version, w.row.clone(), ticket, &self.core.budget);
+                }
+            }
+            return Ok(done);
         }
         Err(ApiError::Unavailable(
             "the write kept conflicting with concurrent writes; retry".into(),
@@ -317,9 +342,6 @@ impl ClusterTable {
             inserted,
             deleted,
         } = step;
-        if change == Change::Keep {
-            return Ok((result, None));
-        }
         if after > before {
             self.make_room(tx, after - before, key, clock.now).await?;
         }
@@ -366,7 +388,6 @@ impl ClusterTable {
                     .get(0);
                 let version = version as u64;
                 Wrote {
-                    key: key.to_owned(),
                     version,
                     row: Some(Row {
                         objects,
@@ -377,11 +398,7 @@ impl ClusterTable {
             }
             Change::Remove => {
                 let version = self.delete_row(tx, key, now, &delta).await?;
-                Wrote {
-                    key: key.to_owned(),
-                    version,
-                    row: None,
-                }
+                Wrote { version, row: None }
             }
         };
         Ok((result, Some(wrote)))
@@ -466,8 +483,8 @@ impl ClusterTable {
                 evicted: i64::from(!expired),
                 ..Delta::default()
             };
-            self.delete_row(tx, &victim, now as i64, &delta).await?;
-            self.hot.changed(&victim, u64::MAX, &self.core.budget);
+            let version = self.delete_row(tx, &victim, now as i64, &delta).await?;
+            self.hot.changed(&victim, version, &self.core.budget);
             freed += count;
         }
         Ok(())
@@ -571,67 +588,6 @@ impl ClusterTable {
             }
         }
     }
-
-    /// Runs a bulk insert as one transaction.
-    async fn insert_all(&self, items: &[(String, Value, Option<u64>)]) -> ApiResult<usize> {
-        let mut client = self.core.client().await?;
-        'attempt: for _ in 0..MAX_ATTEMPTS {
-            let tickets: Vec<_> = items.iter().map(|(k, _, _)| self.hot.ticket(k)).collect();
-            let started = Instant::now();
-            let tx = client.transaction().await.map_err(|e| db_error(&e))?;
-            let mut inserted = 0usize;
-            let mut wrote = Vec::new();
-            for (key, value, ttl_ms) in items {
-                let kind = self.kind();
-                let attempt = self
-                    .write_key(&tx, key, &mut |live: Option<&Row>, clock: Clock| {
-                        let step = rows::insert(
-                            kind,
-                            live,
-                            value.clone(),
-                            clock.deadline(*ttl_ms),
-                            &Precondition::None,
-                        )?;
-                        let n = step.inserted as usize;
-                        Ok((step, n))
-                    })
-                    .await;
-                match attempt {
-                    Ok((n, w)) => {
-                        inserted += n;
-                        wrote.extend(w);
-                    }
-                    Err(Fail::Retry) => continue 'attempt,
-                    Err(Fail::Api(e)) => return Err(self.named(e)),
-                }
-            }
-            match tx.commit().await {
-                Ok(()) => {}
-                Err(e) if retryable(&e) => continue,
-                Err(e) => return Err(db_error(&e)),
-            }
-            self.core.timed(started);
-            for w in wrote {
-                let ticket = items
-                    .iter()
-                    .position(|(k, _, _)| *k == w.key)
-                    .map_or_else(|| self.hot.ticket(&w.key), |i| tickets[i]);
-                self.hot
-                    .learn(&w.key, w.version, w.row, ticket, &self.core.budget);
-            }
-            // Like `insert/2` with a list, every item counts as applied,
-            // whether or not a bag already held it.
-            let _ = inserted;
-            return Ok(items.len());
-        }
-        Err(ApiError::Unavailable(
-            "the write kept conflicting with concurrent writes; retry".into(),
-        ))
-    }
-}
-
-fn entry_of(row: &Row, now: u64) -> Entry {
-    row.entry(now)
 }
 
 impl TableOps for ClusterTable {
@@ -646,7 +602,7 @@ impl TableOps for ClusterTable {
         } else {
             &self.meta.stats.misses
         };
-        stat.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        stat.fetch_add(1, Ordering::Relaxed);
         Ok(found)
     }
 
@@ -683,7 +639,23 @@ impl TableOps for ClusterTable {
         if items.is_empty() {
             return Ok(0);
         }
-        self.insert_all(&items).await
+        let kind = self.kind();
+        let keys: Vec<&str> = items.iter().map(|(k, _, _)| k.as_str()).collect();
+        self.write_keys(&keys, |i, live, clock| {
+            let (_, value, ttl_ms) = &items[i];
+            let step = rows::insert(
+                kind,
+                live,
+                value.clone(),
+                clock.deadline(*ttl_ms),
+                &Precondition::None,
+            )?;
+            Ok((step, ()))
+        })
+        .await?;
+        // Like `insert/2` with a list, every item counts as applied, whether
+        // or not a bag already held it.
+        Ok(items.len())
     }
 
     async fn delete(&self, key: &str, pre: &Precondition) -> ApiResult<()> {
@@ -702,7 +674,7 @@ impl TableOps for ClusterTable {
         let (taken, _, _) = self
             .write(key, |live, clock| {
                 let step = rows::delete(live, &Precondition::None)?;
-                Ok((step, live.map(|r| entry_of(r, clock.now))))
+                Ok((step, live.map(|r| r.entry(clock.now))))
             })
             .await?;
         Ok(taken)
@@ -720,7 +692,7 @@ impl TableOps for ClusterTable {
                 Ok((rows::merge(kind, live, patch, pre, clock)?, clock.now))
             })
             .await?;
-        row.map(|r| entry_of(&r, now))
+        row.map(|r| r.entry(now))
             .ok_or_else(|| ApiError::Internal("a merge patch wrote no row".into()))
     }
 
