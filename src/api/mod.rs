@@ -241,8 +241,7 @@ impl Services {
         apply: impl FnOnce(&Table) + Send + 'static,
     ) -> Result<(), ApiError> {
         if let (TableHandle::Cluster(t), Some(cluster)) = (table, &self.cluster) {
-            apply(t.meta());
-            return cluster.save_definition(t).await;
+            return cluster.redefine_table(t, apply).await;
         }
         let (store, durability) = (self.store.clone(), self.durability.clone());
         let table = table.meta().clone();

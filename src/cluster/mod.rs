@@ -355,13 +355,28 @@ impl Cluster {
         Ok(())
     }
 
-    /// Stores `table`'s settings and owner as they are now on this node
-    /// (the caller changed them), for every node.
+    /// Changes `table`'s settings or owner with `apply` and stores them
+    /// for every node; if they cannot be stored, this node's copy is put
+    /// back as it was, so a failed request changes nothing.
     ///
     /// # Errors
     /// [`ApiError::TableNotFound`] when it was dropped meanwhile,
     /// [`ApiError::Unavailable`].
-    pub async fn save_definition(&self, table: &ClusterTable) -> Result<(), ApiError> {
+    pub async fn redefine_table(
+        &self,
+        table: &ClusterTable,
+        apply: impl FnOnce(&crate::store::Table),
+    ) -> Result<(), ApiError> {
+        let before = table.meta_spec();
+        apply(table.meta_table());
+        let saved = self.save_definition(table).await;
+        if saved.is_err() {
+            table.apply_definition(&before);
+        }
+        saved
+    }
+
+    async fn save_definition(&self, table: &ClusterTable) -> Result<(), ApiError> {
         let spec = table.meta_spec();
         let settings = settings_json(&spec.settings)?;
         let now = self.core.now_ms();

@@ -163,6 +163,10 @@ impl ClusterTable {
         self.hot.bytes()
     }
 
+    pub(super) fn meta_table(&self) -> &Table {
+        &self.meta
+    }
+
     pub(super) fn meta_spec(&self) -> TableSpec {
         self.meta.spec()
     }
