@@ -61,7 +61,11 @@ pub trait TableOps {
     ) -> impl Future<Output = ApiResult<Option<Entry>>> + Send;
 
     /// `member/2`: the live entry without counting it.
-    fn peek(&self, key: &str) -> impl Future<Output = ApiResult<Option<Entry>>> + Send;
+    fn peek(
+        &self,
+        key: &str,
+        from: ReadFrom,
+    ) -> impl Future<Output = ApiResult<Option<Entry>>> + Send;
 
     /// `insert/2` of one object (`insert_new` and compare-and-swap through
     /// `pre`).
@@ -162,7 +166,7 @@ impl TableOps for LocalTable<'_> {
         Ok(self.table.lookup(key))
     }
 
-    async fn peek(&self, key: &str) -> ApiResult<Option<Entry>> {
+    async fn peek(&self, key: &str, _from: ReadFrom) -> ApiResult<Option<Entry>> {
         Ok(self.table.peek(key))
     }
 
@@ -287,8 +291,8 @@ impl TableOps for TableHandle<'_> {
         forward!(self, t => t.lookup(key, from).await)
     }
 
-    async fn peek(&self, key: &str) -> ApiResult<Option<Entry>> {
-        forward!(self, t => t.peek(key).await)
+    async fn peek(&self, key: &str, from: ReadFrom) -> ApiResult<Option<Entry>> {
+        forward!(self, t => t.peek(key, from).await)
     }
 
     async fn insert(

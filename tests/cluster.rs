@@ -7,22 +7,33 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::model::{key, op, value, Model, Op, Outcome};
 use common::pg::PgServer;
 use common::{spawn_with, Reply, TestApp};
+use larder::config::Config;
+use larder::store::TableType;
+use proptest::prelude::*;
+use proptest::test_runner::{Config as ProptestConfig, TestRunner};
 use reqwest::Method;
 use serde_json::{json, Value};
 
 /// Starts PostgreSQL and `n` nodes pointed at a fresh database.
 async fn cluster(n: usize) -> Option<(PgServer, Vec<TestApp>)> {
+    cluster_with(n, |_| {}).await
+}
+
+/// Like `cluster`, with `tweak` applied to every node's configuration.
+async fn cluster_with(n: usize, tweak: impl Fn(&mut Config)) -> Option<(PgServer, Vec<TestApp>)> {
     let pg = PgServer::start()?;
     let url = pg.create_db("larder").await;
     let mut nodes = Vec::new();
     for _ in 0..n {
         let url = url.clone();
         nodes.push(
-            spawn_with(move |c| {
+            spawn_with(|c| {
                 c.cluster_url = Some(url);
                 c.cluster_poll_ms = 2;
+                tweak(c);
             })
             .await,
         );
@@ -614,4 +625,298 @@ async fn max_entries_holds_for_the_whole_table_and_metrics_show_the_tier() {
     assert!(nodes[0].metric("larder_cluster_hot_bytes").await > 0.0);
     let lag = nodes[0].metric("larder_cluster_log_lag_seconds").await;
     assert!(lag.is_finite() && lag >= 0.0, "lag {lag}");
+}
+
+/// The error codes the reference model names, as the model spells them.
+fn model_code(r: &Reply) -> &'static str {
+    match r.code() {
+        "key_not_found" => "key_not_found",
+        "precondition_failed" => "precondition_failed",
+        "not_a_counter" => "not_a_counter",
+        "wrong_table_type" => "wrong_table_type",
+        "overflow" => "overflow",
+        _ => "other",
+    }
+}
+
+/// The objects of a lookup or take reply: `value` on sets, `values` on bags.
+fn objects_of(r: &Reply) -> Vec<Value> {
+    match r.body["values"].as_array() {
+        Some(values) => values.clone(),
+        None => vec![r.body["value"].clone()],
+    }
+}
+
+/// Runs one model operation on a cluster table through `node` over HTTP,
+/// reading from PostgreSQL, and says what happened in the model's terms.
+async fn run_model_op(node: &TestApp, table: &str, op: &Op) -> Outcome {
+    let entry = |k: u8| format!("/v1/tables/{table}/entries/{}", key(k));
+    let body = |v: u8| Some(value(v).to_string().into_bytes());
+    let (r, ok) = match op {
+        Op::Insert(k, v) => {
+            let r = node.send(Method::PUT, &entry(*k), body(*v), &[]).await;
+            let created = r.status == 201;
+            (r, Outcome::Created(created))
+        }
+        Op::InsertNew(k, v) => {
+            let headers = [("if-none-match", "*")];
+            let r = node.send(Method::PUT, &entry(*k), body(*v), &headers).await;
+            (r, Outcome::Created(true))
+        }
+        Op::Delete(k) => (
+            node.send(Method::DELETE, &entry(*k), None, &[]).await,
+            Outcome::Ok,
+        ),
+        Op::DeleteObject(k, v) => {
+            let path = format!("{}/delete_object", entry(*k));
+            (
+                node.send(Method::POST, &path, body(*v), &[]).await,
+                Outcome::Ok,
+            )
+        }
+        Op::Take(k) => {
+            let path = format!("{}/take", entry(*k));
+            let r = node.send(Method::POST, &path, None, &[]).await;
+            if r.status == 404 && r.code() == "key_not_found" {
+                return Outcome::Found(None);
+            }
+            let found = Outcome::Found(Some(objects_of(&r)));
+            (r, found)
+        }
+        Op::Lookup(k) => {
+            let path = format!("{}?consistent=true", entry(*k));
+            let r = node.send(Method::GET, &path, None, &[]).await;
+            if r.status == 404 && r.code() == "key_not_found" {
+                return Outcome::Found(None);
+            }
+            let found = Outcome::Found(Some(objects_of(&r)));
+            (r, found)
+        }
+        Op::Member(k) => {
+            let path = format!("{}?consistent=true", entry(*k));
+            let r = node.send(Method::HEAD, &path, None, &[]).await;
+            assert!(r.status == 200 || r.status == 404, "HEAD: {}", r.status);
+            return Outcome::Member(r.status == 200);
+        }
+        Op::Counter(k, incr, default) => {
+            let path = format!("{}/counter", entry(*k));
+            let op = match default {
+                Some(d) => json!({"incr": incr, "default": d}),
+                None => json!({"incr": incr}),
+            };
+            let r = node
+                .send(Method::POST, &path, Some(op.to_string().into_bytes()), &[])
+                .await;
+            let n = r.body["value"].as_i64().unwrap_or(i64::MIN);
+            (r, Outcome::Counter(n))
+        }
+    };
+    if r.status.is_success() {
+        ok
+    } else {
+        Outcome::Err(model_code(&r))
+    }
+}
+
+/// The property suite of `tests/model.rs`, pointed at cluster tables: each
+/// operation of a random sequence goes to a randomly chosen node, and every
+/// answer, the final scan and the size must be what the reference model
+/// says.
+#[test]
+fn cluster_tables_through_random_nodes_match_the_model() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let Some((_pg, nodes)) = rt.block_on(cluster(3)) else {
+        return;
+    };
+    let tables = std::sync::atomic::AtomicUsize::new(0);
+    for kind in [
+        TableType::Set,
+        TableType::OrderedSet,
+        TableType::Bag,
+        TableType::DuplicateBag,
+    ] {
+        let mut runner = TestRunner::new(ProptestConfig {
+            cases: 24,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        });
+        let ops = prop::collection::vec((op(), 0usize..3), 1..40);
+        let result = runner.run(&ops, |ops| {
+            let n = tables.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let table = format!("m{n}");
+            rt.block_on(check_cluster_case(&nodes, &table, kind, &ops))
+        });
+        if let Err(e) = result {
+            panic!("{kind:?}: {e}");
+        }
+    }
+}
+
+async fn check_cluster_case(
+    nodes: &[TestApp],
+    table: &str,
+    kind: TableType,
+    ops: &[(Op, usize)],
+) -> Result<(), TestCaseError> {
+    let type_name = serde_json::to_value(kind).expect("type name");
+    create(&nodes[0], table, type_name.as_str().expect("type name")).await;
+    let mut model = Model::new(kind);
+    for (step, (op, node)) in ops.iter().enumerate() {
+        let want = model.apply(op);
+        let got = run_model_op(&nodes[*node], table, op).await;
+        prop_assert_eq!(got, want, "step {} {:?} on node {}", step, op, node);
+    }
+    let reader = &nodes[ops.len() % nodes.len()];
+    let mut scanned = reader.scan_all(table, "?consistent=true&limit=3").await;
+    let mut expected: Vec<(String, Value)> = model
+        .map
+        .iter()
+        .flat_map(|(k, vs)| vs.iter().map(move |v| (k.clone(), v.clone())))
+        .collect();
+    if kind != TableType::OrderedSet {
+        scanned.sort_by(|a, b| a.0.cmp(&b.0));
+        expected.sort_by(|a, b| a.0.cmp(&b.0));
+    }
+    prop_assert_eq!(scanned, expected);
+    let objects: usize = model.map.values().map(Vec::len).sum();
+    let info = reader.get_table(table).await;
+    prop_assert_eq!(info.body["size"].as_u64(), Some(objects as u64));
+    Ok(())
+}
+
+/// An origin that answers every key after 200 ms and counts its requests.
+async fn slow_origin() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let asked = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = asked.clone();
+    let app = axum::Router::new().route(
+        "/{key}",
+        axum::routing::get(
+            move |axum::extract::Path(key): axum::extract::Path<String>| {
+                let counter = counter.clone();
+                async move {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    axum::Json(json!({"id": key}))
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("origin") });
+    (format!("http://{addr}/{{key}}"), asked)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn origins_on_a_cluster_table_fetch_once_per_node_and_agree() {
+    let Some((_pg, nodes)) = cluster_with(3, |c| c.origin_allow = vec!["127.0.0.1:*".into()]).await
+    else {
+        return;
+    };
+    let (origin, asked) = slow_origin().await;
+    let r = nodes[0]
+        .create_table(
+            json!({"name": "users", "persistence": "cluster", "access": "public",
+            "origin": {"url": origin, "ttl_ms": 60000, "timeout_ms": 5000}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let mut misses = Vec::new();
+    for node in &nodes {
+        for _ in 0..20 {
+            let client = node.client.clone();
+            let url = node.entry_url("users", "alice");
+            misses.push(tokio::spawn(async move {
+                let r = client.get(url).send().await.expect("get");
+                assert_eq!(r.status(), 200);
+                let etag = r.headers()["etag"].to_str().expect("etag").to_owned();
+                let body: Value = r.json().await.expect("json");
+                (etag, body["value"].clone())
+            }));
+        }
+    }
+    let mut answers = Vec::new();
+    for m in misses {
+        answers.push(m.await.expect("task"));
+    }
+    let fetches = asked.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (1..=3).contains(&fetches),
+        "at most one origin request per node: {fetches}"
+    );
+    for (etag, value) in &answers {
+        assert_eq!(value, &json!({"id": "alice"}));
+        assert_eq!(
+            etag, &answers[0].0,
+            "every node answers the one stored version"
+        );
+    }
+    for node in &nodes {
+        let r = get_consistent(node, "users", "alice").await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(r.header("etag"), Some(answers[0].0.as_str()));
+        let ttl = r.body["ttl_ms"]
+            .as_u64()
+            .expect("stored with the origin's ttl");
+        assert!(ttl > 50_000 && ttl <= 60_000, "{ttl}");
+    }
+    let info = nodes[1].get_table("users").await.body;
+    assert_eq!(info["size"], 1);
+    assert_eq!(info["stats"]["inserts"], 1, "one stored value: {info}");
+}
+
+#[tokio::test]
+async fn the_hot_copy_stays_within_its_byte_budget() {
+    let budget = 64 * 1024;
+    let Some((_pg, nodes)) = cluster_with(1, |c| c.cluster_cache_bytes = budget).await else {
+        return;
+    };
+    let node = &nodes[0];
+    create(node, "big", "set").await;
+    let filler = "x".repeat(200);
+    let keys = 1_000;
+    for i in 0..keys {
+        let r = node
+            .put("big", &format!("k{i}"), json!({"i": i, "pad": filler}))
+            .await;
+        assert_eq!(r.status, 201, "{}", r.text);
+    }
+    // Plain reads of everything, twice: every answer is right whether it
+    // came from the hot copy or from PostgreSQL.
+    const MISSES: &str = "larder_cluster_hot_reads_total{result=\"miss\"}";
+    const HITS: &str = "larder_cluster_hot_reads_total{result=\"hit\"}";
+    let misses_before = node.metric(MISSES).await;
+    for _ in 0..2 {
+        for i in 0..keys {
+            let r = node.get("big", &format!("k{i}")).await;
+            assert_eq!(r.status, 200, "{}", r.text);
+            assert_eq!(r.body["value"]["i"], i);
+            let held = node.metric("larder_cluster_hot_bytes").await;
+            assert!(held <= budget as f64, "hot copy holds {held} of {budget}");
+        }
+    }
+    let misses = node.metric(MISSES).await - misses_before;
+    assert!(
+        misses > keys as f64,
+        "250 KB of rows cannot all stay in 64 KiB: {misses} misses"
+    );
+    // A key read again and again stays hot while the rest stream past.
+    node.get("big", "k999").await;
+    for i in 0..100 {
+        node.get("big", &format!("k{i}")).await;
+        let hits = node.metric(HITS).await;
+        node.get("big", "k999").await;
+        assert_eq!(
+            node.metric(HITS).await,
+            hits + 1.0,
+            "k999 stayed hot, round {i}"
+        );
+    }
 }

@@ -2,7 +2,9 @@
 //! trivially correct model (a BTreeMap of Vecs) give identical results, for
 //! each table type.
 
-use std::collections::BTreeMap;
+#[path = "common/model.rs"]
+mod reference;
+
 use std::sync::Arc;
 
 use larder::clock::SystemClock;
@@ -10,63 +12,7 @@ use larder::store::{
     CounterOp, Objects, Precondition, ScanRequest, Store, StoreError, TableSpec, TableType, Value,
 };
 use proptest::prelude::*;
-use serde_json::json;
-
-#[derive(Debug, Clone)]
-enum Op {
-    Insert(u8, u8),
-    InsertNew(u8, u8),
-    Delete(u8),
-    DeleteObject(u8, u8),
-    Take(u8),
-    Counter(u8, i64, Option<i64>),
-    Lookup(u8),
-    Member(u8),
-}
-
-fn key(k: u8) -> String {
-    format!("k{k}")
-}
-
-/// Few values, some integers (counters) and some not, so that operations
-/// collide often.
-fn value(v: u8) -> serde_json::Value {
-    match v % 6 {
-        0 => json!(0),
-        1 => json!(7),
-        2 => json!(i64::MAX - 1),
-        3 => json!("s"),
-        4 => json!({"a": [1, 2]}),
-        _ => json!(-3),
-    }
-}
-
-fn op() -> impl Strategy<Value = Op> {
-    let k = 0u8..5;
-    let v = 0u8..6;
-    prop_oneof![
-        (k.clone(), v.clone()).prop_map(|(k, v)| Op::Insert(k, v)),
-        (k.clone(), v.clone()).prop_map(|(k, v)| Op::InsertNew(k, v)),
-        k.clone().prop_map(Op::Delete),
-        (k.clone(), v).prop_map(|(k, v)| Op::DeleteObject(k, v)),
-        k.clone().prop_map(Op::Take),
-        (k.clone(), -3i64..4, prop::option::of(-2i64..3))
-            .prop_map(|(k, i, d)| Op::Counter(k, i, d)),
-        k.clone().prop_map(Op::Lookup),
-        k.prop_map(Op::Member),
-    ]
-}
-
-/// What an operation observably did, in a form both sides can produce.
-#[derive(Debug, PartialEq, Eq)]
-enum Outcome {
-    Ok,
-    Created(bool),
-    Found(Option<Vec<serde_json::Value>>),
-    Member(bool),
-    Counter(i64),
-    Err(&'static str),
-}
+use reference::{key, op, value, Model, Op, Outcome};
 
 fn err_code(e: &StoreError) -> &'static str {
     match e {
@@ -76,77 +22,6 @@ fn err_code(e: &StoreError) -> &'static str {
         StoreError::WrongTableType(_) => "wrong_table_type",
         StoreError::Overflow => "overflow",
         _ => "other",
-    }
-}
-
-struct Model {
-    kind: TableType,
-    map: BTreeMap<String, Vec<serde_json::Value>>,
-}
-
-impl Model {
-    fn apply(&mut self, op: &Op) -> Outcome {
-        match op {
-            Op::Insert(k, v) => self.insert(key(*k), value(*v), false),
-            Op::InsertNew(k, v) => self.insert(key(*k), value(*v), true),
-            Op::Delete(k) => {
-                self.map.remove(&key(*k));
-                Outcome::Ok
-            }
-            Op::DeleteObject(k, v) => {
-                let k = key(*k);
-                if let Some(vals) = self.map.get_mut(&k) {
-                    vals.retain(|x| *x != value(*v));
-                    if vals.is_empty() {
-                        self.map.remove(&k);
-                    }
-                }
-                Outcome::Ok
-            }
-            Op::Take(k) => Outcome::Found(self.map.remove(&key(*k))),
-            Op::Lookup(k) => Outcome::Found(self.map.get(&key(*k)).cloned()),
-            Op::Member(k) => Outcome::Member(self.map.contains_key(&key(*k))),
-            Op::Counter(k, incr, default) => {
-                if !matches!(self.kind, TableType::Set | TableType::OrderedSet) {
-                    return Outcome::Err("wrong_table_type");
-                }
-                let current = match self.map.get(&key(*k)) {
-                    Some(v) => v[0].clone(),
-                    None => match default {
-                        Some(d) => json!(d),
-                        None => return Outcome::Err("key_not_found"),
-                    },
-                };
-                let Some(n) = current.as_i64() else {
-                    return Outcome::Err("not_a_counter");
-                };
-                match n.checked_add(*incr) {
-                    Some(next) => {
-                        self.map.insert(key(*k), vec![json!(next)]);
-                        Outcome::Counter(next)
-                    }
-                    None => Outcome::Err("overflow"),
-                }
-            }
-        }
-    }
-
-    fn insert(&mut self, k: String, v: serde_json::Value, only_new: bool) -> Outcome {
-        let exists = self.map.contains_key(&k);
-        if only_new && exists {
-            return Outcome::Err("precondition_failed");
-        }
-        let vals = self.map.entry(k).or_default();
-        match self.kind {
-            TableType::Set | TableType::OrderedSet => *vals = vec![v],
-            TableType::Bag => {
-                if !vals.contains(&v) {
-                    vals.push(v)
-                }
-            }
-            TableType::DuplicateBag => vals.push(v),
-        }
-        Outcome::Created(!exists)
     }
 }
 
@@ -204,10 +79,7 @@ fn check(kind: TableType, ops: &[Op]) -> Result<(), TestCaseError> {
     let table = store
         .create_table(TableSpec::new("t", kind, "tester"))
         .expect("create");
-    let mut model = Model {
-        kind,
-        map: BTreeMap::new(),
-    };
+    let mut model = Model::new(kind);
     for (i, op) in ops.iter().enumerate() {
         let want = model.apply(op);
         let got = run(&table, op);

@@ -196,3 +196,27 @@ async fn origins_must_be_allowed_http_urls_with_a_key_slot() {
         .await
         .assert_error(400, "invalid_argument");
 }
+
+#[tokio::test]
+async fn a_write_made_while_the_origin_is_asked_is_not_overwritten() {
+    let (app, seen) = setup(5000).await;
+    let url = app.entry_url("users", "slow-bob");
+    let client = app.client.clone();
+    let miss = tokio::spawn(async move { client.get(url).send().await.unwrap() });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while count(&seen, "slow-bob") == 0 {
+        assert!(std::time::Instant::now() < deadline, "origin never asked");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let r = app.put("users", "slow-bob", json!({"id": "written"})).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let answered: serde_json::Value = miss.await.unwrap().json().await.unwrap();
+    assert_eq!(
+        answered["value"],
+        json!({"id": "written"}),
+        "the miss answers with what is stored"
+    );
+    let r = app.get("users", "slow-bob").await;
+    assert_eq!(r.body["value"], json!({"id": "written"}));
+    assert_eq!(r.header("x-cache"), Some("HIT"));
+}

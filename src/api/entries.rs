@@ -233,7 +233,7 @@ pub async fn get_entry(
     head,
     path = "/v1/tables/{table}/entries/{key}",
     tag = "entries",
-    params(("table" = String, Path, description = "Table name"), ("key" = String, Path, description = "Key, percent-encoded")),
+    params(("table" = String, Path, description = "Table name"), ("key" = String, Path, description = "Key, percent-encoded"), ReadParams),
     responses(
         (status = 200, description = "The key exists", headers(("ETag" = String))),
         (status = 404, description = "The key or table does not exist"),
@@ -243,9 +243,10 @@ pub async fn head_entry(
     State(state): State<AppState>,
     who: Principal,
     EntryPath(table, key): EntryPath,
+    QueryParams(params): QueryParams<ReadParams>,
 ) -> ApiResult<Response> {
     let table = state.table_for(&table, &who, Op::Read).await?;
-    match table.peek(&key).await? {
+    match table.peek(&key, params.read_from()).await? {
         Some(entry) => Ok(with_etag(respond::empty(StatusCode::OK), entry.version)),
         None => Ok(respond::empty(StatusCode::NOT_FOUND)),
     }

@@ -155,27 +155,7 @@ impl Origins {
         meta.stats.origin_fetches.fetch_add(1, Relaxed);
         let fetched = self.fetch(key, origin).await;
         match &fetched {
-            Ok(Some(value)) => {
-                let written = table
-                    .insert(key, value.clone(), Some(origin.ttl_ms), &Precondition::None)
-                    .await;
-                if let Err(e) = &written {
-                    tracing::debug!(table = meta.name(), error = %e, "origin value served but not cached");
-                }
-                let entry = match written {
-                    Ok(w) => Entry {
-                        objects: crate::store::Objects::One(value.clone()),
-                        version: w.version,
-                        ttl_ms: Some(origin.ttl_ms),
-                    },
-                    Err(_) => Entry {
-                        objects: crate::store::Objects::One(value.clone()),
-                        version: 0,
-                        ttl_ms: None,
-                    },
-                };
-                Fetched::Found(entry)
-            }
+            Ok(Some(value)) => Fetched::Found(self.store_fetched(table, key, value, origin).await),
             Ok(None) => {
                 let until = meta.now().saturating_add(origin.negative_ttl_ms);
                 self.negative
@@ -185,6 +165,50 @@ impl Origins {
             Err(failed) => {
                 meta.stats.origin_errors.fetch_add(1, Relaxed);
                 failed.clone()
+            }
+        }
+    }
+
+    /// Stores a fetched value unless the key was written while the origin
+    /// was asked (`insert_new`): a client's write is never overwritten by
+    /// older origin data, and on a cluster table the nodes that fetched the
+    /// same key at once all answer with the one value that was stored.
+    async fn store_fetched(
+        &self,
+        table: &impl TableOps,
+        key: &str,
+        value: &Value,
+        origin: &Origin,
+    ) -> Entry {
+        let uncached = || Entry {
+            objects: crate::store::Objects::One(value.clone()),
+            version: 0,
+            ttl_ms: None,
+        };
+        let written = table
+            .insert(
+                key,
+                value.clone(),
+                Some(origin.ttl_ms),
+                &Precondition::Absent,
+            )
+            .await;
+        match written {
+            Ok(w) => Entry {
+                objects: crate::store::Objects::One(value.clone()),
+                version: w.version,
+                ttl_ms: Some(origin.ttl_ms),
+            },
+            Err(ApiError::PreconditionFailed(_)) => {
+                match table.peek(key, crate::ops::ReadFrom::Primary).await {
+                    Ok(Some(stored)) => stored,
+                    _ => uncached(),
+                }
+            }
+            Err(e) => {
+                let name = table.meta().name();
+                tracing::debug!(table = name, error = %e, "origin value served but not cached");
+                uncached()
             }
         }
     }

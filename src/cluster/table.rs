@@ -610,8 +610,8 @@ impl TableOps for ClusterTable {
         Ok(found)
     }
 
-    async fn peek(&self, key: &str) -> ApiResult<Option<Entry>> {
-        self.read(key, ReadFrom::Nearest).await
+    async fn peek(&self, key: &str, from: ReadFrom) -> ApiResult<Option<Entry>> {
+        self.read(key, from).await
     }
 
     async fn insert(

@@ -5,6 +5,7 @@
 
 pub mod child;
 pub mod gate;
+pub mod model;
 pub mod pg;
 pub mod recording;
 
