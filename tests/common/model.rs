@@ -83,6 +83,31 @@ impl Model {
         }
     }
 
+    /// How many objects the table holds.
+    pub fn size(&self) -> usize {
+        self.map.values().map(Vec::len).sum()
+    }
+
+    /// Checks that `scanned`, a full scan of the table under test, holds
+    /// the model's objects: in key order for ordered_set; for hashed tables
+    /// in any key order, with each key's objects in theirs.
+    pub fn check_scan(
+        &self,
+        mut scanned: Vec<(String, serde_json::Value)>,
+    ) -> Result<(), TestCaseError> {
+        let mut expected: Vec<(String, serde_json::Value)> = self
+            .map
+            .iter()
+            .flat_map(|(k, vs)| vs.iter().map(move |v| (k.clone(), v.clone())))
+            .collect();
+        if self.kind != TableType::OrderedSet {
+            scanned.sort_by(|a, b| a.0.cmp(&b.0));
+            expected.sort_by(|a, b| a.0.cmp(&b.0));
+        }
+        prop_assert_eq!(scanned, expected);
+        Ok(())
+    }
+
     /// Applies `op` and says what a correct table answers.
     pub fn apply(&mut self, op: &Op) -> Outcome {
         match op {
