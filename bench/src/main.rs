@@ -14,6 +14,7 @@
 //! Absolute numbers on a shared two-core machine are noise; ratios are the
 //! signal.
 
+mod cluster;
 mod procs;
 mod report;
 mod wrk;
@@ -52,6 +53,9 @@ struct Options {
     /// Skip the memory and start-up rows.
     #[arg(long)]
     skip_memory: bool,
+    /// Skip the cluster rows (which start a PostgreSQL of their own).
+    #[arg(long)]
+    skip_cluster: bool,
     /// Run only the rows whose name contains this text (and no peer or
     /// memory rows): for measuring one change quickly.
     #[arg(long)]
@@ -278,13 +282,19 @@ fn main() {
     };
     drop(larder);
 
+    let cluster = if opts.skip_cluster {
+        None
+    } else {
+        cluster::run(&opts, &server, dir.path(), &scripts)
+    };
+
     let memory = if opts.skip_memory || opts.only.is_some() {
         Vec::new()
     } else {
         memory_rows(&server, dir.path(), opts.memory_entries)
     };
 
-    let report = Report::new(&opts, fixed, scripted, rows, peers, memory);
+    let report = Report::new(&opts, fixed, scripted, rows, peers, cluster, memory);
     report.print();
     let json = serde_json::to_vec_pretty(&report).unwrap_or_default();
     if let Err(e) = std::fs::write(&opts.out, json) {

@@ -3,6 +3,7 @@
 
 use serde::Serialize;
 
+use crate::cluster::{ClusterReport, STALENESS_TARGET_MS};
 use crate::wrk::Run;
 use crate::Options;
 
@@ -123,6 +124,7 @@ pub struct Report {
     pub generator_ok: bool,
     pub rows: Vec<Row>,
     pub peers: Vec<PeerRow>,
+    pub cluster: Option<ClusterReport>,
     pub memory: Vec<MemoryRow>,
 }
 
@@ -138,6 +140,7 @@ impl Report {
         scripted: Run,
         rows: Vec<Row>,
         peers: Vec<PeerRow>,
+        cluster: Option<ClusterReport>,
         memory: Vec<MemoryRow>,
     ) -> Report {
         Report {
@@ -150,6 +153,7 @@ impl Report {
             generator_ok: scripted.rps >= 0.9 * fixed.rps,
             rows,
             peers,
+            cluster,
             memory,
         }
     }
@@ -210,6 +214,9 @@ impl Report {
                 );
             }
         }
+        if let Some(cluster) = &self.cluster {
+            print_cluster(cluster);
+        }
         if !self.memory.is_empty() {
             println!();
             println!(
@@ -233,6 +240,46 @@ impl Report {
                     if durable { mark(met) } else { "(no target)" }
                 );
             }
+        }
+    }
+}
+
+fn print_cluster(cluster: &ClusterReport) {
+    println!();
+    println!("| cluster row | baseline | baseline req/s | larder req/s | ratio | target | |");
+    println!("|---|---|---|---|---|---|---|");
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    for r in &cluster.rows {
+        let errors = if r.errors > 0 {
+            format!(", {} errors", r.errors)
+        } else {
+            String::new()
+        };
+        println!(
+            "| {} | {} | {:.0} | {:.0} | {:.2} | >= {:.2}{errors} | {} |",
+            r.name,
+            r.baseline,
+            mean(&r.baseline_rps),
+            mean(&r.larder_rps),
+            r.ratio,
+            r.target,
+            mark(r.met)
+        );
+    }
+    if !cluster.staleness.is_empty() {
+        println!();
+        println!("| staleness, write on node A until a GET on node B sees it | samples | p50 | p99 | max | |");
+        println!("|---|---|---|---|---|---|");
+        for s in &cluster.staleness {
+            println!(
+                "| {} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {} |",
+                s.condition,
+                s.samples,
+                s.p50_ms,
+                s.p99_ms,
+                s.max_ms,
+                mark(s.p99_ms < STALENESS_TARGET_MS)
+            );
         }
     }
 }

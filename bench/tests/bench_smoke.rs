@@ -70,6 +70,27 @@ fn the_benchmark_runs_end_to_end() {
     assert!(rows
         .iter()
         .any(|r| r["writes_per_fsync"].as_f64().is_some()));
+    // The cluster rows run wherever PostgreSQL is installed, and CI
+    // installs it.
+    let postgres = std::fs::read_dir("/usr/lib/postgresql").is_ok_and(|mut d| d.next().is_some());
+    if postgres || std::env::var_os("LARDER_TEST_REQUIRE_POSTGRES").is_some() {
+        let cluster = &report["cluster"];
+        let rows = cluster["rows"].as_array().expect("cluster rows");
+        assert_eq!(rows.len(), 3, "{cluster}");
+        for row in rows {
+            assert!(row["larder_rps"][0].as_f64().unwrap() > 0.0, "{row}");
+            assert!(row["baseline_rps"][0].as_f64().unwrap() > 0.0, "{row}");
+            assert_eq!(row["errors"], 0, "{row}");
+        }
+        let staleness = cluster["staleness"].as_array().expect("staleness");
+        assert_eq!(staleness.len(), 2, "{cluster}");
+        for s in staleness {
+            assert!(s["samples"].as_u64().unwrap() > 0, "{s}");
+            assert!(s["p99_ms"].as_f64().unwrap() >= s["p50_ms"].as_f64().unwrap());
+        }
+    } else {
+        eprintln!("no PostgreSQL installed: the cluster rows were skipped");
+    }
     let memory = report["memory"].as_array().unwrap();
     assert_eq!(memory.len(), 3);
     for m in memory {

@@ -261,7 +261,7 @@ async fn sweep_once(
     let tables: Vec<i64> = gone.iter().map(|r| r.get(0)).collect();
     let keys: Vec<String> = gone.iter().map(|r| r.get(1)).collect();
     let counts: Vec<i64> = gone.iter().map(|r| i64::from(r.get::<_, i32>(2))).collect();
-    let shards: Vec<i32> = keys.iter().map(|k| super::table::shard_of(k)).collect();
+    let shards: Vec<i32> = keys.iter().map(|k| super::sql::shard_of(k)).collect();
     tx.execute(
         "INSERT INTO larder_changes (table_id, key, version, kind, at) \
          SELECT t, k, nextval('larder_versions'), 0, $3 FROM unnest($1::bigint[], $2::text[]) AS u(t, k)",

@@ -21,6 +21,7 @@ mod follow;
 mod hot;
 pub mod rows;
 mod schema;
+pub mod sql;
 mod table;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -26,6 +26,9 @@ use deadpool_postgres::Transaction;
 
 use super::hot::HotCopy;
 use super::rows::{self, Change, Clock, Row, Step};
+use super::sql::{
+    shard_of, COUNT_SHARDS, DELETE_ROW, INSERT_ROW, LOCK_ROW, SELECT_ROW, UPDATE_ROW,
+};
 use super::{db_error, retryable, Core};
 use crate::error::{ApiError, ApiResult};
 use crate::ops::{Counts, ReadFrom, TableOps};
@@ -34,44 +37,8 @@ use crate::store::{
     StoreError, Table, TableSpec, TableType, Value, Written,
 };
 
-/// Statistics rows per table; a key's changes are counted in one of them.
-const COUNT_SHARDS: u32 = 64;
-
 /// Most attempts of a write that keeps losing races.
 const MAX_ATTEMPTS: usize = 32;
-
-const SELECT_ROW: &str = "SELECT objects, version, expires_at, count FROM larder_entries \
-                          WHERE table_id = $1 AND key = $2";
-
-const LOCK_ROW: &str = "SELECT objects, version, expires_at, count FROM larder_entries \
-                        WHERE table_id = $1 AND key = $2 FOR UPDATE";
-
-const INSERT_ROW: &str = "WITH v AS (SELECT nextval('larder_versions') AS version), \
-    w AS (INSERT INTO larder_entries (table_id, key, objects, count, version, expires_at, touched_at) \
-          SELECT $1, $2, $3, $4, version, $5, $6 FROM v RETURNING version), \
-    c AS (INSERT INTO larder_changes (table_id, key, version, kind, at) \
-          SELECT $1, $2, version, 0, $6 FROM w), \
-    s AS (UPDATE larder_counts SET size = size + $8, inserts = inserts + $9, \
-          deletes = deletes + $10, expired = expired + $11 WHERE table_id = $1 AND shard = $7) \
-    SELECT version FROM w";
-
-const UPDATE_ROW: &str = "WITH v AS (SELECT nextval('larder_versions') AS version), \
-    w AS (UPDATE larder_entries SET objects = $3, count = $4, version = (SELECT version FROM v), \
-          expires_at = $5, touched_at = $6 WHERE table_id = $1 AND key = $2 RETURNING version), \
-    c AS (INSERT INTO larder_changes (table_id, key, version, kind, at) \
-          SELECT $1, $2, version, 0, $6 FROM w), \
-    s AS (UPDATE larder_counts SET size = size + $8, inserts = inserts + $9, \
-          deletes = deletes + $10, expired = expired + $11 WHERE table_id = $1 AND shard = $7) \
-    SELECT version FROM w";
-
-const DELETE_ROW: &str = "WITH v AS (SELECT nextval('larder_versions') AS version), \
-    w AS (DELETE FROM larder_entries WHERE table_id = $1 AND key = $2 \
-          RETURNING (SELECT version FROM v) AS version), \
-    c AS (INSERT INTO larder_changes (table_id, key, version, kind, at) \
-          SELECT $1, $2, version, 0, $3 FROM w), \
-    s AS (UPDATE larder_counts SET size = size + $5, deletes = deletes + $6, \
-          expired = expired + $7, evicted = evicted + $8 WHERE table_id = $1 AND shard = $4) \
-    SELECT version FROM w";
 
 /// Why a transaction attempt ended without a result.
 enum Fail {
@@ -117,16 +84,6 @@ struct Delta {
     deletes: i64,
     expired: i64,
     evicted: i64,
-}
-
-/// The statistics row a key's changes are counted in.
-pub(super) fn shard_of(key: &str) -> i32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in key.bytes() {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    (h % COUNT_SHARDS) as i32
 }
 
 /// A table kept in PostgreSQL, shared by every node of the cluster.
@@ -228,8 +185,12 @@ impl ClusterTable {
         let ticket = self.hot.ticket(key);
         let client = self.core.client().await?;
         let started = Instant::now();
+        let select = client
+            .prepare_cached(SELECT_ROW)
+            .await
+            .map_err(|e| db_error(&e))?;
         let found = client
-            .query_opt(SELECT_ROW, &[&self.id, &key])
+            .query_opt(&select, &[&self.id, &key])
             .await
             .map_err(|e| db_error(&e))?;
         self.core.timed(started);
@@ -334,7 +295,8 @@ impl ClusterTable {
         key: &str,
         op: &mut (impl FnMut(Option<&Row>, Clock) -> Result<(Step, T), StoreError> + Send),
     ) -> Result<(T, Option<Wrote>), Fail> {
-        let locked = tx.query_opt(LOCK_ROW, &[&self.id, &key]).await?;
+        let lock = tx.prepare_cached(LOCK_ROW).await?;
+        let locked = tx.query_opt(&lock, &[&self.id, &key]).await?;
         let stored = locked.as_ref().map(|r| self.row(r)).transpose()?;
         let clock = self.clock();
         let live = stored.as_ref().filter(|r| !r.is_expired(clock.now));
@@ -366,14 +328,16 @@ impl ClusterTable {
             } => {
                 let text = rows::encode(&objects);
                 let count = objects.count() as i32;
-                let statement = if stored.is_some() {
-                    UPDATE_ROW
-                } else {
-                    INSERT_ROW
-                };
+                let statement = tx
+                    .prepare_cached(if stored.is_some() {
+                        UPDATE_ROW
+                    } else {
+                        INSERT_ROW
+                    })
+                    .await?;
                 let version: i64 = tx
                     .query_one(
-                        statement,
+                        &statement,
                         &[
                             &self.id,
                             &key,
@@ -415,9 +379,10 @@ impl ClusterTable {
         now: i64,
         delta: &Delta,
     ) -> Result<u64, Fail> {
+        let statement = tx.prepare_cached(DELETE_ROW).await?;
         let row = tx
             .query_one(
-                DELETE_ROW,
+                &statement,
                 &[
                     &self.id,
                     &key,
