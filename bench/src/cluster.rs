@@ -30,7 +30,7 @@ use tokio_postgres::NoTls;
 
 use crate::procs::{self, fail, http};
 use crate::wrk::{self, Workload};
-use crate::{create, fill, key, slug, value100, Options};
+use crate::{create, fill, fill_with, key, slug, value100, Options};
 
 /// The pool size larder uses by default (`--cluster-pool-size`), given to
 /// the direct baseline too.
@@ -217,7 +217,10 @@ pub fn run(opts: &Options, server: &Path, dir: &Path, scripts: &Path) -> Option<
     fill(a.addr, "local", opts.keys);
     fill(a.addr, "cget", opts.keys);
     fill(a.addr, "cput", opts.keys);
-    fill_counters(a.addr, "ccount", opts.keys);
+    // Counters `c0..cN` at 0, so that every counter's row exists.
+    fill_with(a.addr, "ccount", opts.keys, |i| {
+        format!("{{\"key\":\"c{i}\",\"value\":0}}")
+    });
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -307,24 +310,6 @@ pub fn run(opts: &Options, server: &Path, dir: &Path, scripts: &Path) -> Option<
     drop((a, b));
     drop(pg);
     Some(ClusterReport { rows, staleness })
-}
-
-/// Sets counters `c0..cN` to 0, so that every counter row exists.
-fn fill_counters(addr: SocketAddr, table: &str, n: usize) {
-    for start in (0..n).step_by(4000) {
-        let items: Vec<serde_json::Value> = (start..(start + 4000).min(n))
-            .map(|i| serde_json::json!({"key": format!("c{i}"), "value": 0}))
-            .collect();
-        let body = serde_json::Value::Array(items).to_string();
-        let path = format!("/v1/tables/{table}/entries");
-        let (status, text) = http(addr, "POST", &path, body.as_bytes());
-        if status != 200 {
-            fail(&format!(
-                "filling {table}: {status} {}",
-                String::from_utf8_lossy(&text)
-            ));
-        }
-    }
 }
 
 async fn pool(url: &str) -> Pool {

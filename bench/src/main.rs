@@ -95,6 +95,14 @@ fn create(addr: SocketAddr, body: serde_json::Value) {
 /// default body limit.
 fn fill(addr: SocketAddr, table: &str, n: usize) {
     let value = value100();
+    fill_with(addr, table, n, |i| {
+        format!("{{\"key\":\"{}\",\"value\":{value}}}", key(i))
+    });
+}
+
+/// Bulk-inserts the objects `object(0..n)` (JSON text), in batches under
+/// the default body limit.
+fn fill_with(addr: SocketAddr, table: &str, n: usize, object: impl Fn(usize) -> String) {
     for start in (0..n).step_by(4000) {
         let end = (start + 4000).min(n);
         let mut body = String::with_capacity((end - start) * 140 + 2);
@@ -103,7 +111,7 @@ fn fill(addr: SocketAddr, table: &str, n: usize) {
             if i > start {
                 body.push(',');
             }
-            body.push_str(&format!("{{\"key\":\"{}\",\"value\":{value}}}", key(i)));
+            body.push_str(&object(i));
         }
         body.push(']');
         let path = format!("/v1/tables/{table}/entries");
