@@ -29,6 +29,51 @@ pub struct TestApp {
     pub dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<()>>,
+    /// Set by `spawn_cluster_app`: the other nodes and their database.
+    cluster: Option<ClusterNodes>,
+}
+
+/// What a cluster-mode `TestApp` spreads its requests over.
+struct ClusterNodes {
+    /// Every node's base URL, this one's first.
+    bases: Vec<String>,
+    /// The next node to send to, round robin.
+    next: std::sync::atomic::AtomicUsize,
+    others: Vec<TestApp>,
+    _pg: pg::PgServer,
+}
+
+/// Three nodes on one fresh PostgreSQL, seen as one `TestApp` that sends
+/// each request to the next node in turn, creates tables with
+/// `"persistence": "cluster"` unless told otherwise, and reads entries and
+/// scans with `?consistent=true` (a plain read may lag another node's
+/// write by the staleness bound). Requests made through `client` with
+/// `url`/`entry_url` go to the first node only. `None` when no PostgreSQL
+/// is installed (see `pg::PgServer::start`).
+pub async fn spawn_cluster_app() -> Option<TestApp> {
+    let pg = pg::PgServer::start()?;
+    let url = pg.create_db("larder").await;
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        let url = url.clone();
+        nodes.push(
+            spawn_with(|c| {
+                c.cluster_url = Some(url);
+                c.cluster_poll_ms = 2;
+            })
+            .await,
+        );
+    }
+    let mut app = nodes.remove(0);
+    let mut bases = vec![app.base.clone()];
+    bases.extend(nodes.iter().map(|n| n.base.clone()));
+    app.cluster = Some(ClusterNodes {
+        bases,
+        next: std::sync::atomic::AtomicUsize::new(0),
+        others: nodes,
+        _pg: pg,
+    });
+    Some(app)
 }
 
 /// Starts a server with default settings.
@@ -110,6 +155,7 @@ async fn spawn_in(
         dir,
         stop: Some(tx),
         handle: Some(handle),
+        cluster: None,
     };
     app.wait_ready().await;
     app
@@ -252,6 +298,32 @@ impl TestApp {
         self.url(&format!("/v1/tables/{}/entries/{}", enc(table), enc(key)))
     }
 
+    /// A request of `method` to `path` (with its query): on a cluster-mode
+    /// app, to the next node, with `consistent=true` added to reads of
+    /// tables.
+    pub fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let url = match &self.cluster {
+            None => self.url(path),
+            Some(c) => {
+                let n = c.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let base = &c.bases[n % c.bases.len()];
+                let read = method == Method::GET || method == Method::HEAD;
+                if read && path.starts_with("/v1/tables/") && !path.contains("consistent=") {
+                    let sep = if path.contains('?') { '&' } else { '?' };
+                    format!("{base}{path}{sep}consistent=true")
+                } else {
+                    format!("{base}{path}")
+                }
+            }
+        };
+        self.client.request(method, url)
+    }
+
+    /// The path of an entry, percent-encoded.
+    pub fn entry_path(&self, table: &str, key: &str) -> String {
+        format!("/v1/tables/{}/entries/{}", enc(table), enc(key))
+    }
+
     /// Sends any request with an optional raw body and headers.
     pub async fn send(
         &self,
@@ -260,7 +332,7 @@ impl TestApp {
         body: Option<Vec<u8>>,
         headers: &[(&str, &str)],
     ) -> Reply {
-        let mut req = self.client.request(method, self.url(path));
+        let mut req = self.request(method, path);
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
@@ -270,17 +342,25 @@ impl TestApp {
         Reply::from(req.send().await.expect("request sent")).await
     }
 
-    pub async fn create_table(&self, body: Value) -> Reply {
-        Reply::from(
-            self.client
-                .post(self.url("/v1/tables"))
+    pub async fn create_table(&self, mut body: Value) -> Reply {
+        let injected = self.cluster.is_some() && body.get("persistence").is_none();
+        if injected {
+            body["persistence"] = json!("cluster");
+        }
+        let reply = Reply::from(
+            self.request(Method::POST, "/v1/tables")
                 .json(&body)
                 .send()
                 .await
                 .expect("create"),
         )
-        .await
+        .await;
+        if injected && reply.status == 201 {
+            assert_eq!(reply.body["persistence"], "cluster", "{}", reply.text);
+        }
+        reply
     }
+
 
     /// Creates a table of `kind` and asserts success.
     pub async fn table(&self, name: &str, kind: &str) {
@@ -306,8 +386,10 @@ impl TestApp {
         headers: &[(&str, &str)],
     ) -> Reply {
         let mut req = self
-            .client
-            .put(format!("{}{}", self.entry_url(table, key), query))
+            .request(
+                Method::PUT,
+                &format!("{}{}", self.entry_path(table, key), query),
+            )
             .body(value.to_string());
         for (k, v) in headers {
             req = req.header(*k, *v);
@@ -317,8 +399,7 @@ impl TestApp {
 
     pub async fn get(&self, table: &str, key: &str) -> Reply {
         Reply::from(
-            self.client
-                .get(self.entry_url(table, key))
+            self.request(Method::GET, &self.entry_path(table, key))
                 .send()
                 .await
                 .expect("get"),
@@ -328,8 +409,7 @@ impl TestApp {
 
     pub async fn delete(&self, table: &str, key: &str) -> Reply {
         Reply::from(
-            self.client
-                .delete(self.entry_url(table, key))
+            self.request(Method::DELETE, &self.entry_path(table, key))
                 .send()
                 .await
                 .expect("delete"),
@@ -339,12 +419,14 @@ impl TestApp {
 
     pub async fn counter(&self, table: &str, key: &str, body: Value) -> Reply {
         Reply::from(
-            self.client
-                .post(format!("{}/counter", self.entry_url(table, key)))
-                .body(body.to_string())
-                .send()
-                .await
-                .expect("counter"),
+            self.request(
+                Method::POST,
+                &format!("{}/counter", self.entry_path(table, key)),
+            )
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("counter"),
         )
         .await
     }
@@ -383,4 +465,39 @@ impl TestApp {
             }
         }
     }
+}
+
+/// Declares conformance tests, each twice: on tables of one node
+/// (`local::NAME`) and on cluster tables through three nodes in turn
+/// (`cluster::NAME`, see `spawn_cluster_app`), with the given name bound
+/// to the `TestApp`. The cluster half skips, saying why, only when no
+/// PostgreSQL is installed.
+#[macro_export]
+macro_rules! conformance {
+    ($($(#[doc = $doc:literal])* async fn $name:ident($app:ident) $body:block)*) => {
+        mod local {
+            use super::*;
+            $(
+                $(#[doc = $doc])*
+                #[tokio::test]
+                async fn $name() {
+                    let $app = $crate::common::spawn_app().await;
+                    $body
+                }
+            )*
+        }
+        mod cluster {
+            use super::*;
+            $(
+                $(#[doc = $doc])*
+                #[tokio::test]
+                async fn $name() {
+                    let Some($app) = $crate::common::spawn_cluster_app().await else {
+                        return;
+                    };
+                    $body
+                }
+            )*
+        }
+    };
 }
