@@ -909,3 +909,62 @@ async fn the_hot_copy_stays_within_its_byte_budget() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_node_started_while_the_database_is_down_serves_local_tables_then_cluster_ones() {
+    let Some(pg) = PgServer::start() else {
+        return;
+    };
+    let url = pg.create_db("larder").await;
+    // A node with a durable local table, stopped.
+    let first = spawn_with(|c| c.cluster_url = Some(url.clone())).await;
+    let r = first
+        .create_table(json!({"name": "local", "persistence": "sync"}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(first.put("local", "k", json!(1)).await.status, 201);
+    let dir = first.stop().await;
+    // It restarts while PostgreSQL is down: local tables are served.
+    pg.stop();
+    let node = common::spawn_on_with(dir, |c| {
+        c.cluster_url = Some(url);
+        c.cluster_poll_ms = 2;
+    })
+    .await;
+    let ready = node.send(Method::GET, "/readyz", None, &[]).await;
+    assert_eq!(ready.status, 200);
+    assert_eq!(ready.body["cluster"], "unavailable", "{}", ready.text);
+    assert_eq!(node.get("local", "k").await.body["value"], 1);
+    assert_eq!(node.put("local", "k", json!(2)).await.status, 200);
+    // Cluster tables answer 503, and so does creating any table: names are
+    // one namespace, and only PostgreSQL knows the cluster's.
+    node.create_table(json!({"name": "other"}))
+        .await
+        .assert_error(503, "unavailable");
+    let r = node
+        .create_table(json!({"name": "c", "persistence": "cluster"}))
+        .await;
+    r.assert_error(503, "unavailable");
+    assert!(r.header("retry-after").is_some());
+    let r = node.get("c", "k").await;
+    r.assert_error(503, "unavailable");
+
+    pg.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = node
+            .create_table(json!({"name": "c", "persistence": "cluster", "access": "public"}))
+            .await;
+        if r.status == 201 {
+            break;
+        }
+        r.assert_error(503, "unavailable");
+        assert!(Instant::now() < deadline, "never reached the database");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(node.put("c", "k", json!(2)).await.status, 201);
+    let r = get_consistent(&node, "c", "k").await;
+    assert_eq!(r.body["value"], 2, "{}", r.text);
+    let ready = node.send(Method::GET, "/readyz", None, &[]).await;
+    assert_eq!(ready.body["cluster"], "ok", "{}", ready.text);
+}

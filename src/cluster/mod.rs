@@ -68,6 +68,9 @@ pub enum ClusterError {
     /// PostgreSQL refused or failed.
     #[error("PostgreSQL: {0}")]
     Postgres(String),
+    /// No connection could be made (refused, timed out): worth retrying.
+    #[error("PostgreSQL cannot be reached: {0}")]
+    Unreachable(String),
     /// The database holds a schema newer than this build understands.
     #[error(
         "the cluster schema is version {found}, newer than this build's {known}; upgrade larder"
@@ -92,6 +95,9 @@ pub(crate) struct Core {
     synced_at: AtomicU64,
     /// Whether the last attempt to reach PostgreSQL succeeded.
     reachable: AtomicBool,
+    /// Whether the schema has been checked and applied since this node
+    /// started; until then no request touches the database.
+    schema_ready: AtomicBool,
     /// Reads answered from a hot copy.
     hot_hits: Counter,
     /// Reads that had to ask PostgreSQL.
@@ -111,8 +117,14 @@ impl Core {
         synced != 0 && now.saturating_sub(synced) <= self.staleness_ms
     }
 
-    /// A pooled connection, or 503 when PostgreSQL cannot be reached.
+    /// A pooled connection, or 503 when PostgreSQL cannot be reached or
+    /// has not been reached since start.
     async fn client(&self) -> Result<deadpool_postgres::Object, ApiError> {
+        if !self.schema_ready.load(Ordering::Acquire) {
+            return Err(ApiError::Unavailable(
+                "the cluster database has not been reached since this node started".into(),
+            ));
+        }
         match self.pool.get().await {
             Ok(c) => Ok(c),
             Err(e) => {
@@ -209,20 +221,14 @@ impl Cluster {
             .recycle_timeout(Some(config.connect_timeout))
             .build()
             .map_err(|e| ClusterError::Postgres(e.to_string()))?;
-        {
-            let mut client = pool
-                .get()
-                .await
-                .map_err(|e| ClusterError::Postgres(e.to_string()))?;
-            schema::migrate(&mut client).await?;
-        }
         let core = Arc::new(Core {
             pool,
             clock: store.clock().clone(),
             budget: Budget::new(config.cache_bytes),
             staleness_ms: config.staleness.as_millis() as u64,
             synced_at: AtomicU64::new(0),
-            reachable: AtomicBool::new(true),
+            reachable: AtomicBool::new(false),
+            schema_ready: AtomicBool::new(false),
             hot_hits: Counter::default(),
             hot_misses: Counter::default(),
             rtt: Histogram::default(),
@@ -235,17 +241,75 @@ impl Cluster {
             config: Arc::new(config),
             pg_config: Arc::new(pg_config),
         };
-        let position = cluster
+        match cluster.start().await {
+            Ok(()) => {}
+            Err(ClusterError::Unreachable(why)) => {
+                tracing::warn!(
+                    error = %why,
+                    "the cluster database cannot be reached; local tables are served, \
+                     cluster tables answer 503 until it can"
+                );
+                tokio::spawn(cluster.clone().start_later());
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(cluster)
+    }
+
+    /// Applies the schema, loads the tables and starts following the
+    /// change log and sweeping.
+    async fn start(&self) -> Result<(), ClusterError> {
+        let mut client = self.core.pool.get().await.map_err(|e| match &e {
+            deadpool_postgres::PoolError::Backend(pg) if pg.code().is_some() => {
+                ClusterError::Postgres(e.to_string())
+            }
+            _ => ClusterError::Unreachable(e.to_string()),
+        })?;
+        schema::migrate(&mut client).await?;
+        drop(client);
+        self.core.schema_ready.store(true, Ordering::Release);
+        self.core.reachable.store(true, Ordering::Release);
+        let position = self
             .start_position()
             .await
             .map_err(|e| ClusterError::Postgres(e.to_string()))?;
-        cluster
-            .reload_catalog()
+        self.reload_catalog()
             .await
             .map_err(|e| ClusterError::Postgres(e.to_string()))?;
-        tokio::spawn(follow::follow(cluster.clone(), position));
-        tokio::spawn(follow::sweep(cluster.clone()));
-        Ok(cluster)
+        tokio::spawn(follow::follow(self.clone(), position));
+        tokio::spawn(follow::sweep(self.clone()));
+        Ok(())
+    }
+
+    /// Retries `start` until it succeeds (or finds a reason never to).
+    async fn start_later(self) {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            tokio::time::sleep(wait).await;
+            match self.start().await {
+                Ok(()) => {
+                    tracing::info!("cluster database reached; cluster tables are served");
+                    return;
+                }
+                Err(ClusterError::Unreachable(_)) => {}
+                Err(ClusterError::TooNew { found, known }) => {
+                    tracing::error!(
+                        found,
+                        known,
+                        "the cluster schema is newer than this build; cluster tables stay unavailable"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    // Reached but failed part way: the schema may be in
+                    // place, so requests may use the database; keep trying
+                    // to load the tables.
+                    tracing::warn!(error = %e, "starting the cluster tier failed; retrying");
+                    self.core.schema_ready.store(false, Ordering::Release);
+                }
+            }
+            wait = (wait * 2).min(Duration::from_secs(2));
+        }
     }
 
     /// The cluster table named `name`, asking PostgreSQL when this node

@@ -103,6 +103,12 @@ pub async fn spawn_on(dir: tempfile::TempDir) -> TestApp {
     spawn_in(dir, |_| {}, None, None).await
 }
 
+/// Starts a server on an existing data directory after `tweak` adjusts its
+/// configuration.
+pub async fn spawn_on_with(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Config)) -> TestApp {
+    spawn_in(dir, tweak, None, None).await
+}
+
 async fn spawn_inner(tweak: impl FnOnce(&mut Config), clock: Option<ManualClock>) -> TestApp {
     spawn_in(tempfile::tempdir().expect("temp dir"), tweak, clock, None).await
 }
@@ -360,7 +366,6 @@ impl TestApp {
         }
         reply
     }
-
 
     /// Creates a table of `kind` and asserts success.
     pub async fn table(&self, name: &str, kind: &str) {
