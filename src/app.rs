@@ -190,7 +190,8 @@ impl App {
                 Duration::from_millis(config.request_timeout_ms),
                 config.max_tables,
                 config.max_body_bytes,
-            ),
+            )
+            .with_max_select_scan(usize::try_from(config.max_select_scan).unwrap_or(usize::MAX)),
             request_ids: std::sync::atomic::AtomicU64::new(0),
             cluster,
         });

@@ -114,6 +114,12 @@ pub struct Config {
     #[arg(long, env = "LARDER_MAX_TABLES", default_value_t = 1000)]
     pub max_tables: usize,
 
+    /// Objects one select, select_count or select_delete request examines
+    /// at most; past it the answer carries what was found and a cursor.
+    #[arg(long, env = "LARDER_MAX_SELECT_SCAN", default_value_t = 1_000_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_select_scan: u64,
+
     /// Longest a request may take, in milliseconds, before it is answered
     /// 503 `unavailable`.
     #[arg(long, env = "LARDER_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
@@ -193,6 +199,7 @@ impl std::fmt::Debug for Config {
             .field("admin_principal", &self.admin_principal)
             .field("allow_insecure_public", &self.allow_insecure_public)
             .field("max_tables", &self.max_tables)
+            .field("max_select_scan", &self.max_select_scan)
             .field("request_timeout_ms", &self.request_timeout_ms)
             .field("max_concurrent_requests", &self.max_concurrent_requests)
             .field("access_log", &self.access_log)

@@ -23,6 +23,9 @@ pub enum ApiError {
     InvalidKey(String),
     /// 400 `invalid_argument`: a parameter or body field is wrong.
     InvalidArgument(String),
+    /// 400 `invalid_match_spec`: a select's specification is malformed; the
+    /// message names the offending part.
+    InvalidMatchSpec(String),
     /// 401 `unauthorized`: no token, or one we do not know.
     Unauthorized,
     /// 403 `forbidden`: the principal may not do this to this table.
@@ -88,9 +91,8 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         use ApiError::*;
         match self {
-            InvalidJson(_) | InvalidName(_) | InvalidKey(_) | InvalidArgument(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            InvalidJson(_) | InvalidName(_) | InvalidKey(_) | InvalidArgument(_)
+            | InvalidMatchSpec(_) => StatusCode::BAD_REQUEST,
             Unauthorized => StatusCode::UNAUTHORIZED,
             Forbidden(_) => StatusCode::FORBIDDEN,
             TableNotFound(_) | KeyNotFound | RouteNotFound => StatusCode::NOT_FOUND,
@@ -116,6 +118,7 @@ impl ApiError {
             InvalidName(_) => "invalid_name",
             InvalidKey(_) => "invalid_key",
             InvalidArgument(_) => "invalid_argument",
+            InvalidMatchSpec(_) => "invalid_match_spec",
             Unauthorized => "unauthorized",
             Forbidden(_) => "forbidden",
             TableNotFound(_) => "table_not_found",
@@ -143,7 +146,8 @@ impl ApiError {
     pub fn message(&self) -> String {
         use ApiError::*;
         match self {
-            InvalidJson(m) | InvalidName(m) | InvalidKey(m) | InvalidArgument(m) => m.clone(),
+            InvalidJson(m) | InvalidName(m) | InvalidKey(m) | InvalidArgument(m)
+            | InvalidMatchSpec(m) => m.clone(),
             Unauthorized => "a valid bearer token is required".into(),
             Forbidden(m) => m.clone(),
             TableNotFound(t) => format!("table '{t}' does not exist"),

@@ -59,5 +59,6 @@ pub mod error;
 pub mod histogram;
 pub mod ops;
 pub mod persist;
+pub mod select;
 pub mod store;
 pub mod stripe;

@@ -87,9 +87,12 @@ pub trait TableOps {
     /// `delete/2`.
     fn delete(&self, key: &str, pre: &Precondition) -> impl Future<Output = ApiResult<()>> + Send;
 
-    /// `delete_object/2`.
-    fn delete_object(&self, key: &str, value: &Value)
-        -> impl Future<Output = ApiResult<()>> + Send;
+    /// `delete_object/2`; returns how many objects it removed.
+    fn delete_object(
+        &self,
+        key: &str,
+        value: &Value,
+    ) -> impl Future<Output = ApiResult<u64>> + Send;
 
     /// `take/2`: removes the key and returns what it held.
     fn take(&self, key: &str) -> impl Future<Output = ApiResult<Option<Entry>>> + Send;
@@ -195,11 +198,12 @@ impl TableOps for LocalTable<'_> {
         Ok(())
     }
 
-    async fn delete_object(&self, key: &str, value: &Value) -> ApiResult<()> {
-        if self.table.delete_object(key, value) > 0 {
+    async fn delete_object(&self, key: &str, value: &Value) -> ApiResult<u64> {
+        let removed = self.table.delete_object(key, value);
+        if removed > 0 {
             self.durable().await?;
         }
-        Ok(())
+        Ok(removed as u64)
     }
 
     async fn take(&self, key: &str) -> ApiResult<Option<Entry>> {
@@ -313,7 +317,7 @@ impl TableOps for TableHandle<'_> {
         forward!(self, t => t.delete(key, pre).await)
     }
 
-    async fn delete_object(&self, key: &str, value: &Value) -> ApiResult<()> {
+    async fn delete_object(&self, key: &str, value: &Value) -> ApiResult<u64> {
         forward!(self, t => t.delete_object(key, value).await)
     }
 

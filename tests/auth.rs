@@ -140,6 +140,34 @@ async fn the_authorization_matrix_holds_for_every_endpoint() {
         ),
         (Method::POST, "/v1/tables/t/sync", None, Needs::Write, 200),
         (
+            Method::POST,
+            "/v1/tables/t/select",
+            Some("{}"),
+            Needs::Read,
+            200,
+        ),
+        (
+            Method::POST,
+            "/v1/tables/t/select_count",
+            Some("{}"),
+            Needs::Read,
+            200,
+        ),
+        (
+            Method::POST,
+            "/v1/tables/t/lookup",
+            Some(r#"{"keys":["k"]}"#),
+            Needs::Read,
+            200,
+        ),
+        (
+            Method::POST,
+            "/v1/tables/t/select_delete",
+            Some(r#"{"match":{"key":"k"}}"#),
+            Needs::Write,
+            200,
+        ),
+        (
             Method::PATCH,
             "/v1/tables/t",
             Some(r#"{"default_ttl_ms":1000}"#),
@@ -184,7 +212,7 @@ async fn the_authorization_matrix_holds_for_every_endpoint() {
             }
         }
     }
-    assert_eq!(checked, 3 * 16 * 5);
+    assert_eq!(checked, 3 * 20 * 5);
 }
 
 #[tokio::test]

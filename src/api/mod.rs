@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod origin;
 pub mod respond;
+pub mod select;
 pub mod service;
 pub mod tables;
 
@@ -90,6 +91,8 @@ pub struct Limits {
     pub max_tables: usize,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// Most objects one select request examines.
+    pub max_select_scan: usize,
 }
 
 impl Limits {
@@ -107,6 +110,15 @@ impl Limits {
             timeout,
             max_tables,
             max_body_bytes,
+            max_select_scan: 1_000_000,
+        }
+    }
+
+    /// The same limits with selects examining at most `n` objects each.
+    pub fn with_max_select_scan(self, n: usize) -> Self {
+        Limits {
+            max_select_scan: n.max(1),
+            ..self
         }
     }
 
@@ -287,6 +299,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .merge(tables::router())
         .merge(entries::router())
         .merge(counters::router())
+        .merge(select::router())
         .merge(service::router())
         .merge(metrics::router())
 }

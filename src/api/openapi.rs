@@ -32,6 +32,7 @@ answer carries `x-request-id`: the client's own, when it sent one.",
     tags(
         (name = "tables", description = "Create, inspect, change and drop tables (ets:new, ets:info, ets:delete/1)"),
         (name = "entries", description = "Objects under keys: insert, lookup, delete, take, counters, merge patch, scans"),
+        (name = "select", description = "ETS select, select_count and select_delete with JSON match specifications, and multi-get"),
         (name = "service", description = "Health and readiness"),
     ),
     components(schemas(ErrorBody))

@@ -549,6 +549,7 @@ impl ClusterTable {
                         return Ok(page);
                     }
                     page.items.push((Key::from(key.as_str()), value));
+                    page.positions.push((0, seq));
                     resume = Some((key.clone(), seq));
                 }
             }
@@ -633,10 +634,14 @@ impl TableOps for ClusterTable {
             .map(|_| ())
     }
 
-    async fn delete_object(&self, key: &str, value: &Value) -> ApiResult<()> {
-        self.write(key, |live, _| Ok((rows::delete_object(live, value), ())))
-            .await
-            .map(|_| ())
+    async fn delete_object(&self, key: &str, value: &Value) -> ApiResult<u64> {
+        self.write(key, |live, _| {
+            let step = rows::delete_object(live, value);
+            let removed = step.deleted;
+            Ok((step, removed))
+        })
+        .await
+        .map(|(removed, _, _)| removed)
     }
 
     async fn take(&self, key: &str) -> ApiResult<Option<Entry>> {

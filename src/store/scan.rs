@@ -126,8 +126,24 @@ impl ScanRequest {
 pub struct ScanPage {
     /// `(key, object)` pairs; bag keys appear once per object.
     pub items: Vec<(Key, Value)>,
+    /// Each item's place in the walk, `(hash, seq)` as a [`Cursor`] holds
+    /// them, so that a reader can resume right after any item.
+    pub positions: Vec<(u64, u64)>,
     /// Where to resume, or `None` when the scan is complete.
     pub next_cursor: Option<Cursor>,
+}
+
+impl ScanPage {
+    /// The cursor that resumes right after item `i`.
+    pub fn cursor_after(&self, i: usize) -> Option<Cursor> {
+        let (key, _) = self.items.get(i)?;
+        let (hash, seq) = self.positions.get(i).copied()?;
+        Some(Cursor {
+            hash,
+            seq,
+            key: key.to_string(),
+        })
+    }
 }
 
 impl Table {
@@ -214,6 +230,7 @@ impl Table {
                 break;
             }
             page.items.push((Key::from(key), value));
+            page.positions.push((0, 0));
         }
         page
     }
@@ -289,6 +306,7 @@ impl Table {
                         return page;
                     }
                     page.items.push(((*key).clone(), value.clone()));
+                    page.positions.push((*hash, seq));
                     page.next_cursor = Some(Cursor {
                         hash: *hash,
                         seq,

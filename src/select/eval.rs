@@ -1,0 +1,467 @@
+//! Running a match specification against one object: the pattern binds
+//! variables, the guard decides, the template builds the result. A guard
+//! that cannot be evaluated (a type error, a missing member, an overflow)
+//! makes the object not match, as in ETS.
+
+use std::borrow::Cow;
+use std::cmp::Ordering;
+
+use serde_json::{Map, Number, Value as Json};
+
+use super::spec::{Guard, MatchSpec, Op, Pattern, Template};
+
+/// One object, `{"key": k, "value": v}`, as the specification sees it.
+pub struct Object<'a> {
+    key: Json,
+    value: &'a Json,
+    /// The whole object, built only when a pattern or template asks for it.
+    whole: Option<Json>,
+}
+
+impl<'a> Object<'a> {
+    /// The object with `key` and `value`.
+    pub fn new(key: &str, value: &'a Json) -> Self {
+        Object {
+            key: Json::String(key.to_owned()),
+            value,
+            whole: None,
+        }
+    }
+
+    fn whole(&self) -> Json {
+        let mut m = Map::new();
+        m.insert("key".into(), self.key.clone());
+        m.insert("value".into(), self.value.clone());
+        Json::Object(m)
+    }
+}
+
+impl MatchSpec {
+    /// What `object` yields: `None` when it does not match.
+    pub fn run(&self, object: &mut Object<'_>) -> Option<Json> {
+        self.prepare(object);
+        let binds = self.accept(object)?;
+        Some(self.render(&self.ret, &binds, object))
+    }
+
+    /// Whether `object` matches (for counting and deleting).
+    pub fn matches(&self, object: &mut Object<'_>) -> bool {
+        self.prepare(object);
+        self.accept(object).is_some()
+    }
+
+    /// Builds the whole object when the pattern needs it as one value.
+    fn prepare(&self, object: &mut Object<'_>) {
+        if matches!(self.pattern, Pattern::Var(_) | Pattern::Literal(_)) && object.whole.is_none() {
+            object.whole = Some(object.whole());
+        }
+    }
+
+    /// The bindings when the pattern matches and the guard is true.
+    fn accept<'o>(&self, object: &'o Object<'_>) -> Option<Vec<Option<&'o Json>>> {
+        let mut binds: Vec<Option<&'o Json>> = vec![None; self.names.len()];
+        let matched = match (&self.pattern, &object.whole) {
+            (Pattern::Object(members), _) => members.iter().all(|(name, p)| {
+                let part: &'o Json = match name.as_str() {
+                    "key" => &object.key,
+                    "value" => object.value,
+                    _ => return false,
+                };
+                bind(p, part, &mut binds)
+            }),
+            (p, Some(whole)) => bind(p, whole, &mut binds),
+            (Pattern::Any, None) => true,
+            (_, None) => false,
+        };
+        if !matched {
+            return None;
+        }
+        let guard_holds = self
+            .guard
+            .as_ref()
+            .is_none_or(|g| matches!(eval(g, &binds), Ok(v) if *v == Json::Bool(true)));
+        guard_holds.then_some(binds)
+    }
+
+    fn render(&self, t: &Template, binds: &[Option<&Json>], object: &Object<'_>) -> Json {
+        match t {
+            Template::Object => object.whole.clone().unwrap_or_else(|| object.whole()),
+            Template::Bindings => {
+                let mut m = Map::new();
+                for (name, v) in self.names.iter().zip(binds) {
+                    m.insert(name.clone(), v.cloned().unwrap_or(Json::Null));
+                }
+                Json::Object(m)
+            }
+            Template::Var(n) => binds[*n].cloned().unwrap_or(Json::Null),
+            Template::Const(c) => c.clone(),
+            Template::Array(items) => Json::Array(
+                items
+                    .iter()
+                    .map(|i| self.render(i, binds, object))
+                    .collect(),
+            ),
+            Template::Map(members) => Json::Object(
+                members
+                    .iter()
+                    .map(|(k, v)| (k.clone(), self.render(v, binds, object)))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// Matches `p` against `v`, binding variables; exact (`=:=`) equality.
+fn bind<'a>(p: &Pattern, v: &'a Json, binds: &mut [Option<&'a Json>]) -> bool {
+    match p {
+        Pattern::Any => true,
+        Pattern::Var(n) => match binds[*n] {
+            Some(bound) => bound == v,
+            None => {
+                binds[*n] = Some(v);
+                true
+            }
+        },
+        Pattern::Literal(l) => l == v,
+        Pattern::Object(members) => {
+            let Json::Object(m) = v else {
+                return false;
+            };
+            members
+                .iter()
+                .all(|(name, sub)| m.get(name).is_some_and(|inner| bind(sub, inner, binds)))
+        }
+        Pattern::Array(items) => {
+            let Json::Array(a) = v else {
+                return false;
+            };
+            a.len() == items.len()
+                && items
+                    .iter()
+                    .zip(a)
+                    .all(|(sub, inner)| bind(sub, inner, binds))
+        }
+    }
+}
+
+/// Why a guard could not be evaluated; the object then does not match.
+#[derive(Debug)]
+struct Fails;
+
+type Eval<'a> = Result<Cow<'a, Json>, Fails>;
+
+fn eval<'a>(g: &'a Guard, binds: &[Option<&'a Json>]) -> Eval<'a> {
+    match g {
+        Guard::Var(n) => binds[*n].map(Cow::Borrowed).ok_or(Fails),
+        Guard::Const(c) => Ok(Cow::Borrowed(c)),
+        Guard::Op(op, args) => apply(*op, args, binds),
+    }
+}
+
+fn boolean(v: &Json) -> Result<bool, Fails> {
+    v.as_bool().ok_or(Fails)
+}
+
+fn yes(b: bool) -> Eval<'static> {
+    Ok(Cow::Owned(Json::Bool(b)))
+}
+
+fn apply<'a>(op: Op, args: &'a [Guard], binds: &[Option<&'a Json>]) -> Eval<'a> {
+    use Op::*;
+    let arg = |i: usize| eval(&args[i], binds);
+    match op {
+        And | Or => {
+            let mut all = true;
+            let mut any = false;
+            for a in args {
+                let b = boolean(&*eval(a, binds)?)?;
+                all &= b;
+                any |= b;
+            }
+            yes(if op == And { all } else { any })
+        }
+        AndAlso | OrElse => {
+            let stop_at = op == OrElse;
+            for a in args {
+                if boolean(&*eval(a, binds)?)? == stop_at {
+                    return yes(stop_at);
+                }
+            }
+            yes(!stop_at)
+        }
+        Not => yes(!boolean(&*arg(0)?)?),
+        Eq => yes(compare(&*arg(0)?, &*arg(1)?) == Ordering::Equal),
+        Ne => yes(compare(&*arg(0)?, &*arg(1)?) != Ordering::Equal),
+        Lt => yes(compare(&*arg(0)?, &*arg(1)?) == Ordering::Less),
+        Le => yes(compare(&*arg(0)?, &*arg(1)?) != Ordering::Greater),
+        Gt => yes(compare(&*arg(0)?, &*arg(1)?) == Ordering::Greater),
+        Ge => yes(compare(&*arg(0)?, &*arg(1)?) != Ordering::Less),
+        Add | Sub | Mul | Div | Rem => arith(op, &*arg(0)?, &*arg(1)?).map(Cow::Owned),
+        Size => {
+            let n = match &*arg(0)? {
+                Json::String(s) => s.len(),
+                Json::Array(a) => a.len(),
+                Json::Object(m) => m.len(),
+                _ => return Err(Fails),
+            };
+            Ok(Cow::Owned(Json::from(n as u64)))
+        }
+        Get => {
+            let container = arg(0)?;
+            let at = arg(1)?;
+            let found = match (&*container, &*at) {
+                (Json::Object(m), Json::String(name)) => m.get(name),
+                (Json::Array(a), Json::Number(i)) => i
+                    .as_u64()
+                    .and_then(|i| usize::try_from(i).ok())
+                    .and_then(|i| a.get(i)),
+                _ => None,
+            };
+            let found = found.ok_or(Fails)?.clone();
+            Ok(Cow::Owned(found))
+        }
+        IsNull => yes(arg(0)?.is_null()),
+        IsBoolean => yes(arg(0)?.is_boolean()),
+        IsNumber => yes(arg(0)?.is_number()),
+        IsInteger => yes(matches!(&*arg(0)?, Json::Number(n) if !n.is_f64())),
+        IsString => yes(arg(0)?.is_string()),
+        IsArray => yes(arg(0)?.is_array()),
+        IsObject => yes(arg(0)?.is_object()),
+    }
+}
+
+/// A number as guards compute with it.
+#[derive(Clone, Copy)]
+enum Num {
+    Int(i64),
+    Float(f64),
+}
+
+fn num(v: &Json) -> Result<Num, Fails> {
+    let Json::Number(n) = v else {
+        return Err(Fails);
+    };
+    if let Some(i) = n.as_i64() {
+        Ok(Num::Int(i))
+    } else {
+        n.as_f64().map(Num::Float).ok_or(Fails)
+    }
+}
+
+fn float(n: Num) -> f64 {
+    match n {
+        Num::Int(i) => i as f64,
+        Num::Float(f) => f,
+    }
+}
+
+fn arith(op: Op, a: &Json, b: &Json) -> Result<Json, Fails> {
+    let (a, b) = (num(a)?, num(b)?);
+    if let (Num::Int(x), Num::Int(y)) = (a, b) {
+        let r = match op {
+            Op::Add => x.checked_add(y),
+            Op::Sub => x.checked_sub(y),
+            Op::Mul => x.checked_mul(y),
+            // Truncating toward zero, as Erlang's div and rem.
+            Op::Div => x.checked_div(y),
+            _ => x.checked_rem(y),
+        };
+        return r.map(Json::from).ok_or(Fails);
+    }
+    let (x, y) = (float(a), float(b));
+    let r = match op {
+        Op::Add => x + y,
+        Op::Sub => x - y,
+        Op::Mul => x * y,
+        // div and rem are for integers only.
+        _ => return Err(Fails),
+    };
+    Number::from_f64(r).map(Json::Number).ok_or(Fails)
+}
+
+fn rank(v: &Json) -> u8 {
+    match v {
+        Json::Null => 0,
+        Json::Bool(false) => 1,
+        Json::Bool(true) => 2,
+        Json::Number(_) => 3,
+        Json::String(_) => 4,
+        Json::Array(_) => 5,
+        Json::Object(_) => 6,
+    }
+}
+
+fn compare_numbers(a: &Number, b: &Number) -> Ordering {
+    match (a.as_i64(), b.as_i64(), a.as_u64(), b.as_u64()) {
+        (Some(x), Some(y), _, _) => x.cmp(&y),
+        (_, _, Some(x), Some(y)) => x.cmp(&y),
+        // One is a u64 above i64::MAX and the other a negative i64.
+        (Some(_), None, _, Some(_)) => Ordering::Less,
+        (None, Some(_), Some(_), _) => Ordering::Greater,
+        _ => {
+            let (x, y) = (
+                a.as_f64().unwrap_or(f64::NAN),
+                b.as_f64().unwrap_or(f64::NAN),
+            );
+            x.partial_cmp(&y).unwrap_or(Ordering::Equal)
+        }
+    }
+}
+
+/// The one total order of JSON values: null < false < true < numbers <
+/// strings < arrays < objects. Numbers compare by value (so 1 and 1.0 are
+/// equal here), strings bytewise, arrays element by element with a proper
+/// prefix first, objects by size, then by their sorted member names, then
+/// by the values in name order (as Erlang compares maps).
+pub fn compare(a: &Json, b: &Json) -> Ordering {
+    match (a, b) {
+        (Json::Number(x), Json::Number(y)) => compare_numbers(x, y),
+        (Json::String(x), Json::String(y)) => x.as_bytes().cmp(y.as_bytes()),
+        (Json::Array(x), Json::Array(y)) => {
+            for (p, q) in x.iter().zip(y) {
+                let c = compare(p, q);
+                if c != Ordering::Equal {
+                    return c;
+                }
+            }
+            x.len().cmp(&y.len())
+        }
+        (Json::Object(x), Json::Object(y)) => {
+            let by_size = x.len().cmp(&y.len());
+            if by_size != Ordering::Equal {
+                return by_size;
+            }
+            let mut xs: Vec<(&String, &Json)> = x.iter().collect();
+            let mut ys: Vec<(&String, &Json)> = y.iter().collect();
+            xs.sort_by(|p, q| p.0.as_bytes().cmp(q.0.as_bytes()));
+            ys.sort_by(|p, q| p.0.as_bytes().cmp(q.0.as_bytes()));
+            for (p, q) in xs.iter().zip(&ys) {
+                let c = p.0.as_bytes().cmp(q.0.as_bytes());
+                if c != Ordering::Equal {
+                    return c;
+                }
+            }
+            for (p, q) in xs.iter().zip(&ys) {
+                let c = compare(p.1, q.1);
+                if c != Ordering::Equal {
+                    return c;
+                }
+            }
+            Ordering::Equal
+        }
+        _ => rank(a).cmp(&rank(b)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn spec(m: Json, w: Option<Json>, r: Option<Json>) -> MatchSpec {
+        MatchSpec::parse(Some(&m), w.as_ref(), r.as_ref()).expect("valid spec")
+    }
+
+    fn run(s: &MatchSpec, key: &str, value: Json) -> Option<Json> {
+        let got = s.run(&mut Object::new(key, &value));
+        assert_eq!(got.is_some(), s.matches(&mut Object::new(key, &value)));
+        got
+    }
+
+    #[test]
+    fn patterns_bind_and_compare_exactly() {
+        let s = spec(
+            json!({"key": "$k", "value": {"status": "active", "age": "$a"}}),
+            Some(json!(["and", [">=", "$a", 18], ["is_integer", "$a"]])),
+            Some(json!({"user": "$k", "age": "$a"})),
+        );
+        assert_eq!(
+            run(&s, "u1", json!({"status": "active", "age": 20, "x": 1})),
+            Some(json!({"user": "u1", "age": 20}))
+        );
+        assert_eq!(run(&s, "u2", json!({"status": "active", "age": 17})), None);
+        assert_eq!(
+            run(&s, "u3", json!({"status": "active", "age": 20.0})),
+            None
+        );
+        assert_eq!(run(&s, "u4", json!({"status": "gone", "age": 30})), None);
+        assert_eq!(run(&s, "u5", json!({"status": "active"})), None);
+        let twice = spec(json!({"value": ["$x", "$x"]}), None, None);
+        assert!(run(&twice, "a", json!([1, 1])).is_some());
+        assert!(
+            run(&twice, "a", json!([1, 1.0])).is_none(),
+            "=:= in patterns"
+        );
+        assert!(run(&twice, "a", json!([1, 1, 1])).is_none());
+        let lit = spec(json!({"value": {"$const": "$x"}}), None, None);
+        assert!(run(&lit, "a", json!("$x")).is_some());
+        let whole = spec(json!("$o"), None, Some(json!("$$")));
+        assert_eq!(
+            run(&whole, "a", json!(1)),
+            Some(json!({"o": {"key": "a", "value": 1}}))
+        );
+        assert_eq!(
+            run(&spec(json!("_"), None, None), "a", json!(1)),
+            Some(json!({"key": "a", "value": 1}))
+        );
+        assert!(run(&spec(json!({"other": 1}), None, None), "a", json!(1)).is_none());
+    }
+
+    #[test]
+    fn guards_that_fail_to_evaluate_do_not_match() {
+        let with = |g: Json| spec(json!({"value": "$v"}), Some(g), None);
+        let v = json!({"n": 7, "s": "héllo", "a": [1, 2, 3]});
+        let yes = |g: Json| run(&with(g), "k", v.clone()).is_some();
+        assert!(yes(json!(["==", ["get", "$v", "n"], 7.0])), "== by value");
+        assert!(!yes(json!(["==", ["get", "$v", "missing"], 7])));
+        assert!(yes(json!(["==", ["size", ["get", "$v", "s"]], 6])), "bytes");
+        assert!(yes(json!(["==", ["get", ["get", "$v", "a"], 2], 3])));
+        assert!(!yes(json!([">", ["div", ["get", "$v", "n"], 0], 0])));
+        assert!(yes(json!(["==", ["div", -7, 2], -3])), "toward zero");
+        assert!(yes(json!(["==", ["rem", -7, 2], -1])));
+        assert!(!yes(json!(["==", ["div", 7.0, 2], 3])));
+        assert!(!yes(json!(["==", ["+", 9223372036854775807i64, 1], 0])));
+        assert!(yes(json!(["==", ["+", 1, 0.5], 1.5])));
+        // Strict and/or fail on a failing argument; andalso/orelse stop.
+        assert!(!yes(json!(["or", true, ["get", "$v", "missing"]])));
+        assert!(yes(json!(["orelse", true, ["get", "$v", "missing"]])));
+        assert!(!yes(json!(["andalso", false, ["get", "$v", "missing"]])));
+        assert!(!yes(json!(["and", true, 1])));
+        assert!(!yes(json!(["get", "$v", "n"])), "a guard must be true");
+        assert!(yes(json!(["is_integer", 2])));
+        assert!(!yes(json!(["is_integer", 2.0])));
+        assert!(yes(json!(["not", ["is_null", "$v"]])));
+    }
+
+    #[test]
+    fn the_total_order() {
+        let ordered = [
+            json!(null),
+            json!(false),
+            json!(true),
+            json!(-1),
+            json!(0.5),
+            json!(1),
+            json!(18446744073709551615u64),
+            json!(""),
+            json!("a"),
+            json!("b"),
+            json!([]),
+            json!([1]),
+            json!([1, 2]),
+            json!([2]),
+            json!({}),
+            json!({"b": 0}),
+            json!({"a": 1, "b": 0}),
+            json!({"a": 2, "b": 0}),
+            json!({"a": 0, "c": 0}),
+        ];
+        for (i, a) in ordered.iter().enumerate() {
+            for (j, b) in ordered.iter().enumerate() {
+                assert_eq!(compare(a, b), i.cmp(&j), "{a} vs {b}");
+            }
+        }
+        assert_eq!(compare(&json!(1), &json!(1.0)), Ordering::Equal);
+        assert_eq!(compare(&json!([1]), &json!([1.0])), Ordering::Equal);
+    }
+}

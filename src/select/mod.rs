@@ -1,0 +1,11 @@
+//! ETS `select` over JSON: match specifications (`spec`), their evaluation
+//! against one object (`eval`), and the scan that runs them over a table
+//! within a budget (`run`).
+
+mod eval;
+mod run;
+mod spec;
+
+pub use eval::{compare, Object};
+pub use run::{select, SelectMode, SelectRange, Selected, Walk};
+pub use spec::{MatchSpec, SpecError};

@@ -1,0 +1,206 @@
+//! A select over a table: scan pages in the table's order, run the
+//! specification on each object outside any lock, and stop at the result
+//! limit or the scan budget with a cursor that resumes right after the last
+//! object examined. Built on [`TableOps::scan`], so it works alike on local
+//! and cluster tables and shares the cursor contract of scans.
+
+use serde_json::Value as Json;
+
+use super::eval::Object;
+use super::spec::MatchSpec;
+use crate::error::ApiResult;
+use crate::ops::{ReadFrom, TableOps};
+use crate::store::{Cursor, Objects, ScanRequest, TableType};
+
+/// Objects one scan page of a select examines at most.
+const PAGE: usize = 1000;
+
+/// Key bounds of a select (`range`): on an ordered_set they bound the work;
+/// on other tables they filter.
+#[derive(Debug, Clone, Default)]
+pub struct SelectRange {
+    /// Only keys starting with this.
+    pub prefix: Option<String>,
+    /// Lowest key, inclusive.
+    pub start: Option<String>,
+    /// Lowest key, exclusive.
+    pub after: Option<String>,
+    /// Highest key, exclusive.
+    pub end: Option<String>,
+}
+
+impl SelectRange {
+    /// Whether `key` lies within the bounds.
+    pub fn admits(&self, key: &str) -> bool {
+        self.prefix.as_deref().is_none_or(|p| key.starts_with(p))
+            && self.start.as_deref().is_none_or(|s| key >= s)
+            && self.after.as_deref().is_none_or(|a| key > a)
+            && self.end.as_deref().is_none_or(|e| key < e)
+    }
+}
+
+/// What a select does with the objects that match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SelectMode {
+    /// `select/3`: returns up to `limit` results.
+    Results {
+        /// Most results in one answer.
+        limit: usize,
+    },
+    /// `select_count/2`.
+    Count,
+    /// `select_delete/2`: deletes each matching object.
+    Delete,
+}
+
+/// What a select found.
+#[derive(Debug, Default)]
+pub struct Selected {
+    /// The results (`SelectMode::Results`).
+    pub results: Vec<Json>,
+    /// Objects counted or deleted.
+    pub count: u64,
+    /// Where to resume, or `None` when the select is complete.
+    pub next_cursor: Option<Cursor>,
+}
+
+/// The request as a select runs it.
+#[derive(Debug, Clone)]
+pub struct Walk {
+    /// What to do with matches.
+    pub mode: SelectMode,
+    /// Key bounds.
+    pub range: SelectRange,
+    /// Walk from the high end (ordered_set).
+    pub reverse: bool,
+    /// Resume here.
+    pub cursor: Option<Cursor>,
+    /// Most objects to examine (`--max-select-scan`).
+    pub budget: usize,
+}
+
+/// Runs `spec` over `table`.
+///
+/// # Errors
+/// What the table's scan, lookup or delete returns.
+pub async fn select(table: &impl TableOps, spec: &MatchSpec, walk: Walk) -> ApiResult<Selected> {
+    let kind = table.meta().kind();
+    if let Some(key) = spec.literal_key() {
+        if kind.is_single() && walk.cursor.is_none() {
+            return select_key(table, spec, &walk, key).await;
+        }
+    }
+    let ordered = kind == TableType::OrderedSet;
+    let mut req = ScanRequest {
+        limit: PAGE,
+        reverse: walk.reverse,
+        cursor: walk.cursor.clone(),
+        ..ScanRequest::default()
+    };
+    if ordered {
+        req.prefix = walk.range.prefix.clone();
+        req.start = walk.range.start.clone();
+        req.after = walk.range.after.clone();
+        req.end = walk.range.end.clone();
+    }
+    let mut out = Selected::default();
+    let mut examined = 0usize;
+    loop {
+        req.limit = PAGE.min(walk.budget.saturating_sub(examined)).max(1);
+        let page = table.scan(&req, ReadFrom::Primary).await?;
+        examined += page.items.len();
+        for (i, (key, value)) in page.items.iter().enumerate() {
+            if !ordered && !walk.range.admits(key) {
+                continue;
+            }
+            let json = value.to_json();
+            let mut object = Object::new(key, &json);
+            match walk.mode {
+                SelectMode::Results { limit } => {
+                    let Some(result) = spec.run(&mut object) else {
+                        continue;
+                    };
+                    out.results.push(result);
+                    if out.results.len() >= limit {
+                        let last = i + 1 == page.items.len();
+                        out.next_cursor = if last && page.next_cursor.is_none() {
+                            None
+                        } else {
+                            page.cursor_after(i)
+                        };
+                        return Ok(out);
+                    }
+                }
+                SelectMode::Count => {
+                    if spec.matches(&mut object) {
+                        out.count += 1;
+                    }
+                }
+                SelectMode::Delete => {
+                    if spec.matches(&mut object) {
+                        out.count += table.delete_object(key, value).await?;
+                    }
+                }
+            }
+        }
+        match page.next_cursor {
+            None => return Ok(out),
+            Some(c) => req.cursor = Some(c),
+        }
+        if examined >= walk.budget {
+            out.next_cursor = req.cursor;
+            return Ok(out);
+        }
+    }
+}
+
+/// A select whose pattern names one key, on a set type: one lookup.
+async fn select_key(
+    table: &impl TableOps,
+    spec: &MatchSpec,
+    walk: &Walk,
+    key: &str,
+) -> ApiResult<Selected> {
+    let mut out = Selected::default();
+    if !walk.range.admits(key) {
+        return Ok(out);
+    }
+    let Some(entry) = table.peek(key, ReadFrom::Primary).await? else {
+        return Ok(out);
+    };
+    let Objects::One(value) = entry.objects else {
+        return Ok(out);
+    };
+    let json = value.to_json();
+    let mut object = Object::new(key, &json);
+    match walk.mode {
+        SelectMode::Results { .. } => out.results.extend(spec.run(&mut object)),
+        SelectMode::Count => out.count = u64::from(spec.matches(&mut object)),
+        SelectMode::Delete => {
+            if spec.matches(&mut object) {
+                out.count = table.delete_object(key, &value).await?;
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_filter_keys() {
+        let r = SelectRange {
+            prefix: Some("user:".into()),
+            after: Some("user:1".into()),
+            end: Some("user:5".into()),
+            ..SelectRange::default()
+        };
+        assert!(!r.admits("user:1"));
+        assert!(r.admits("user:2"));
+        assert!(!r.admits("user:5"));
+        assert!(!r.admits("other"));
+        assert!(SelectRange::default().admits(""));
+    }
+}
