@@ -194,6 +194,9 @@ impl App {
             .with_max_select_scan(usize::try_from(config.max_select_scan).unwrap_or(usize::MAX)),
             request_ids: std::sync::atomic::AtomicU64::new(0),
             cluster,
+            idempotency: crate::api::idempotency::Idempotency::new(
+                config.idempotency_ttl_secs.saturating_mul(1000),
+            ),
         });
         let router = api::build(
             state.clone(),
@@ -275,7 +278,30 @@ impl App {
                 cause,
             });
         }
+        let now = self.state.store.now_ms();
+        match self.state.idempotency.load(&durability, now) {
+            Ok(n) if n > 0 => tracing::info!(records = n, "idempotency records loaded"),
+            Ok(_) => {}
+            Err(e) => {
+                server.abort();
+                return Err(AppError::DataDir {
+                    path: durability.dir().to_owned(),
+                    cause: e.to_string(),
+                });
+            }
+        }
         let persister = durability.start().map_err(AppError::Serve)?;
+        let purger = {
+            let state = self.state.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    tick.tick().await;
+                    let now = state.store.now_ms();
+                    state.idempotency.purge(&state.durability, now);
+                }
+            })
+        };
         let (sweeper_stop, sweeper_stopped) = tokio::sync::oneshot::channel::<()>();
         let sweeper = {
             let store = self.state.store.clone();
@@ -315,6 +341,7 @@ impl App {
         }
         ready.store(false, Ordering::Release);
         let _ = sweeper_stop.send(());
+        purger.abort();
         if let Err(e) = sweeper.await {
             tracing::error!(error = %e, "the sweeper task failed");
         }

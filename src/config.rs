@@ -120,6 +120,11 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_select_scan: u64,
 
+    /// Seconds the answer of a write sent with `Idempotency-Key` is
+    /// remembered, so that a retry with the same key is not applied again.
+    #[arg(long, env = "LARDER_IDEMPOTENCY_TTL_SECS", default_value_t = 86_400)]
+    pub idempotency_ttl_secs: u64,
+
     /// Longest a request may take, in milliseconds, before it is answered
     /// 503 `unavailable`.
     #[arg(long, env = "LARDER_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
@@ -200,6 +205,7 @@ impl std::fmt::Debug for Config {
             .field("allow_insecure_public", &self.allow_insecure_public)
             .field("max_tables", &self.max_tables)
             .field("max_select_scan", &self.max_select_scan)
+            .field("idempotency_ttl_secs", &self.idempotency_ttl_secs)
             .field("request_timeout_ms", &self.request_timeout_ms)
             .field("max_concurrent_requests", &self.max_concurrent_requests)
             .field("access_log", &self.access_log)

@@ -48,6 +48,11 @@ pub enum ApiError {
     WrongTableType(String),
     /// 409 `overflow`: a counter would leave the i64 range.
     Overflow,
+    /// 409 `idempotency_in_flight`: a retry while the first request with
+    /// its `Idempotency-Key` is still running.
+    IdempotencyInFlight,
+    /// 422 `idempotency_key_reused`: the key was used for another request.
+    IdempotencyKeyReused,
     /// 412 `precondition_failed`.
     PreconditionFailed(String),
     /// 413 `payload_too_large`.
@@ -97,9 +102,9 @@ impl ApiError {
             Forbidden(_) => StatusCode::FORBIDDEN,
             TableNotFound(_) | KeyNotFound | RouteNotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            TableExists(_) | NotACounter(_) | NotAnObject | WrongTableType(_) | Overflow => {
-                StatusCode::CONFLICT
-            }
+            TableExists(_) | NotACounter(_) | NotAnObject | WrongTableType(_) | Overflow
+            | IdempotencyInFlight => StatusCode::CONFLICT,
+            IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             OriginError(_) => StatusCode::BAD_GATEWAY,
@@ -130,6 +135,8 @@ impl ApiError {
             NotAnObject => "not_an_object",
             WrongTableType(_) => "wrong_table_type",
             Overflow => "overflow",
+            IdempotencyInFlight => "idempotency_in_flight",
+            IdempotencyKeyReused => "idempotency_key_reused",
             PreconditionFailed(_) => "precondition_failed",
             PayloadTooLarge(_) => "payload_too_large",
             OriginError(_) => "origin_error",
@@ -159,6 +166,13 @@ impl ApiError {
             NotAnObject => "the stored value is not a JSON object".into(),
             WrongTableType(m) => m.clone(),
             Overflow => "counter update overflows a 64-bit integer".into(),
+            IdempotencyInFlight => {
+                "the first request with this Idempotency-Key is still running; retry shortly".into()
+            }
+            IdempotencyKeyReused => {
+                "this Idempotency-Key was used for a different request (method, path or body)"
+                    .into()
+            }
             PreconditionFailed(m) => m.clone(),
             PayloadTooLarge(n) => format!("request body exceeds {n} bytes"),
             OriginError(m) => format!("origin failed: {m}"),

@@ -968,3 +968,32 @@ async fn a_node_started_while_the_database_is_down_serves_local_tables_then_clus
     let ready = node.send(Method::GET, "/readyz", None, &[]).await;
     assert_eq!(ready.body["cluster"], "ok", "{}", ready.text);
 }
+
+#[tokio::test]
+async fn a_retry_sent_to_another_node_is_answered_from_the_record() {
+    let Some((_pg, nodes)) = cluster(2).await else {
+        return;
+    };
+    create(&nodes[0], "c", "set").await;
+    let incr = |node: &TestApp, key: &'static str| {
+        let req = node
+            .client
+            .post(format!("{}/counter", node.entry_url("c", "n")))
+            .header("idempotency-key", key)
+            .body(r#"{"default":0}"#);
+        async move {
+            let r = Reply::from(req.send().await.expect("counter")).await;
+            assert_eq!(r.status, 200, "{}", r.text);
+            (
+                r.body["value"].clone(),
+                r.header("idempotent-replayed").is_some(),
+            )
+        }
+    };
+    assert_eq!(incr(&nodes[0], "once").await, (json!(1), false));
+    assert_eq!(incr(&nodes[1], "once").await, (json!(1), true));
+    assert_eq!(incr(&nodes[0], "once").await, (json!(1), true));
+    assert_eq!(incr(&nodes[1], "twice").await, (json!(2), false));
+    let r = get_consistent(&nodes[0], "c", "n").await;
+    assert_eq!(r.body["value"], 2);
+}

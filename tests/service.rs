@@ -167,6 +167,7 @@ async fn v1_and_readyz_answer_503_until_recovery_is_done() {
         limits: larder::api::Limits::new(16, std::time::Duration::from_secs(5), 10, 1024),
         request_ids: Default::default(),
         cluster: None,
+        idempotency: larder::api::idempotency::Idempotency::new(60_000),
     });
     let router = larder::api::build(
         state,

@@ -119,7 +119,16 @@ where
             } else {
                 tracing::Span::none()
             };
-            let resp = run_with_deadline(&mut inner, req, state.limits.timeout, &span).await;
+            let timeout = state.limits.timeout;
+            let resp = match super::idempotency::applies(&req) {
+                None => run_with_deadline(&mut inner, req, timeout, &span).await,
+                Some(key) => {
+                    super::idempotency::serve(&state, req, key, |req| {
+                        run_with_deadline(&mut inner, req, timeout, &span)
+                    })
+                    .await
+                }
+            };
             (resp, principal)
         }
     };

@@ -11,6 +11,7 @@ pub mod drain;
 pub mod entries;
 pub mod extract;
 pub mod front;
+pub mod idempotency;
 pub mod metrics;
 pub mod openapi;
 pub mod origin;
@@ -76,6 +77,8 @@ pub struct Services {
     pub cluster: Option<Cluster>,
     /// Last request id handed out (ids count up from 1 per process).
     pub request_ids: AtomicU64,
+    /// Remembered answers of writes sent with `Idempotency-Key`.
+    pub idempotency: idempotency::Idempotency,
 }
 
 /// Limits on requests, from the configuration.

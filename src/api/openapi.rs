@@ -26,7 +26,16 @@ conditional. Versions increase with every write of any key, a rolled-back bulk i
 Connections stay usable after an early answer: a request refused before its body was read \
 (401, 403, 404, 405, 413, 503) has the rest of its body read and discarded, up to the body limit; \
 past that, or for a body that arrives too slowly, the answer carries `Connection: close`. Every \
-answer carries `x-request-id`: the client's own, when it sent one.",
+answer carries `x-request-id`: the client's own, when it sent one.\n\n\
+Idempotent retries: every write (PUT, PATCH, DELETE and POST, except `select`, `select_count` and \
+`lookup`, which change nothing) may carry `Idempotency-Key: <1-128 printable ASCII>`. The first \
+request with a key is applied and its 2xx answer remembered for `--idempotency-ttl-secs` (default \
+one day), per principal and table; a retry with the same key, method, path and body gets that \
+answer (status, body, `ETag`) with `Idempotent-Replayed: true` and applies nothing. The same key \
+with a different request is 422 `idempotency_key_reused`; a retry while the first is still running \
+is 409 `idempotency_in_flight`; a malformed key is 400 `invalid_argument`. On `sync` tables the \
+record is on disk before the answer is sent; on cluster tables it is committed in PostgreSQL, so a \
+retry sent to another node is answered from it.",
         license(name = "Apache-2.0"),
     ),
     tags(

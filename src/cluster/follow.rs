@@ -283,6 +283,12 @@ async fn sweep_once(
 /// Deletes log rows older than [`RETENTION`] of finished transactions and
 /// records how far the log was pruned.
 async fn prune(client: &tokio_postgres::Client, now: u64) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "DELETE FROM larder_idempotency WHERE expires_at < $1",
+            &[&(now as i64)],
+        )
+        .await?;
     let cutoff = now.saturating_sub(RETENTION.as_millis() as u64) as i64;
     let last = client
         .query_opt(

@@ -344,6 +344,45 @@ impl Cluster {
         all
     }
 
+    /// The idempotency record stored under `id`, if it has not expired.
+    ///
+    /// # Errors
+    /// [`ApiError::Unavailable`] when PostgreSQL cannot say.
+    pub async fn load_record(&self, id: &str) -> Result<Option<String>, ApiError> {
+        let client = self.core.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT record FROM larder_idempotency WHERE id = $1 AND expires_at >= $2",
+                &[&id, &(self.core.now_ms() as i64)],
+            )
+            .await
+            .map_err(|e| db_error(&e))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Stores an idempotency record until `expires_at` (Unix ms); committed
+    /// when this returns.
+    ///
+    /// # Errors
+    /// [`ApiError::Unavailable`] when PostgreSQL cannot be reached.
+    pub async fn save_record(
+        &self,
+        id: &str,
+        record: &str,
+        expires_at: u64,
+    ) -> Result<(), ApiError> {
+        let client = self.core.client().await?;
+        client
+            .execute(
+                "INSERT INTO larder_idempotency (id, record, expires_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record, expires_at = EXCLUDED.expires_at",
+                &[&id, &record, &(expires_at as i64)],
+            )
+            .await
+            .map_err(|e| db_error(&e))?;
+        Ok(())
+    }
+
     /// Whether the last attempt to reach PostgreSQL succeeded.
     pub fn reachable(&self) -> bool {
         self.core.reachable.load(Ordering::Acquire)

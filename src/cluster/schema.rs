@@ -9,9 +9,10 @@
 use super::ClusterError;
 
 /// The steps, in order; step `n` (1-based) brings the schema to version `n`.
-const STEPS: &[&str] = &[include_str!(
-    "../../migrations/cluster/0001_cluster_tables.sql"
-)];
+const STEPS: &[&str] = &[
+    include_str!("../../migrations/cluster/0001_cluster_tables.sql"),
+    include_str!("../../migrations/cluster/0002_idempotency.sql"),
+];
 
 /// Advisory lock key held while migrating ("larder" in ASCII, plus 1).
 const MIGRATION_LOCK: i64 = 0x6c61_7264_6572_0001;

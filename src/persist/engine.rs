@@ -53,6 +53,17 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// [`PersistError::Engine`].
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), PersistError>;
+    /// Removes a value from the metadata space (durable after
+    /// [`Engine::flush`]).
+    ///
+    /// # Errors
+    /// [`PersistError::Engine`].
+    fn remove_meta(&self, key: &str) -> Result<(), PersistError>;
+    /// Every metadata value whose key starts with `prefix`.
+    ///
+    /// # Errors
+    /// [`PersistError::Engine`].
+    fn metas(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, PersistError>;
     /// Every stored table definition as `(name, bytes)`.
     ///
     /// # Errors
@@ -360,6 +371,21 @@ impl Engine for SledEngine {
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), PersistError> {
         self.meta.insert(key, value).map_err(io)?;
         Ok(())
+    }
+
+    fn remove_meta(&self, key: &str) -> Result<(), PersistError> {
+        self.meta.remove(key).map_err(io)?;
+        Ok(())
+    }
+
+    fn metas(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, PersistError> {
+        self.meta
+            .scan_prefix(prefix)
+            .map(|kv| {
+                let (k, v) = kv.map_err(io)?;
+                Ok((String::from_utf8_lossy(&k).into_owned(), v.to_vec()))
+            })
+            .collect()
     }
 
     fn table_defs(&self) -> Result<Vec<(String, Vec<u8>)>, PersistError> {

@@ -109,6 +109,9 @@ struct Inner {
     wake_cv: Condvar,
     /// Set once shutdown begins.
     stopping: AtomicBool,
+    /// Set when an idempotency record was written or removed since the
+    /// last flush.
+    records_dirty: AtomicBool,
     /// Counters of rounds and writes, for logs and metrics.
     stats: FlushStats,
     /// Where round durations are recorded, once metrics are wired.
@@ -168,6 +171,7 @@ impl Durability {
                 wake: Mutex::new(WakeFlags::default()),
                 wake_cv: Condvar::new(),
                 stopping: AtomicBool::new(false),
+                records_dirty: AtomicBool::new(false),
                 stats: FlushStats::default(),
                 round_histogram: std::sync::OnceLock::new(),
                 round_lock: Mutex::new(()),
@@ -259,6 +263,35 @@ impl Durability {
         let _round = self.round_guard();
         self.inner.engine.remove_table(table.name())?;
         self.inner.engine.flush()
+    }
+
+    /// Stores an idempotency record (durable after the next round, see
+    /// [`Durability::wait_durable`]).
+    ///
+    /// # Errors
+    /// [`PersistError::Engine`].
+    pub fn put_record(&self, key: &str, value: &[u8]) -> Result<(), PersistError> {
+        self.inner.engine.put_meta(key, value)?;
+        self.inner.records_dirty.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Removes an idempotency record.
+    ///
+    /// # Errors
+    /// [`PersistError::Engine`].
+    pub fn remove_record(&self, key: &str) -> Result<(), PersistError> {
+        self.inner.engine.remove_meta(key)?;
+        self.inner.records_dirty.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Every idempotency record stored under keys starting with `prefix`.
+    ///
+    /// # Errors
+    /// [`PersistError::Engine`].
+    pub fn records(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, PersistError> {
+        self.inner.engine.metas(prefix)
     }
 
     /// Waits for any write-back round in flight, and keeps the next one

@@ -141,10 +141,12 @@ impl Durability {
             written.push((table, snapshot));
         }
         let waiting = target > inner.progress.borrow().durable;
-        if keys == 0 && !waiting {
+        // Idempotency records written since the last flush need one too.
+        let records = inner.records_dirty.swap(false, Ordering::AcqRel);
+        if keys == 0 && !waiting && !records {
             return Ok(FlushOutcome::default());
         }
-        let flushed = if keys > 0 {
+        let flushed = if keys > 0 || records {
             inner
                 .engine
                 .put_meta("revision", &inner.store.revision().to_be_bytes())
@@ -155,6 +157,9 @@ impl Durability {
             Ok(())
         };
         if let Err(e) = flushed {
+            if records {
+                inner.records_dirty.store(true, Ordering::Release);
+            }
             self.round_failed(target, &written, None, now);
             return Err(e);
         }

@@ -81,6 +81,12 @@ impl Engine for Recording {
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), PersistError> {
         self.inner.put_meta(key, value)
     }
+    fn remove_meta(&self, key: &str) -> Result<(), PersistError> {
+        self.inner.remove_meta(key)
+    }
+    fn metas(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, PersistError> {
+        self.inner.metas(prefix)
+    }
     fn table_defs(&self) -> Result<Vec<(String, Vec<u8>)>, PersistError> {
         self.inner.table_defs()
     }

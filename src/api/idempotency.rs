@@ -1,0 +1,398 @@
+//! Idempotent retries: a write carrying `Idempotency-Key` is applied once,
+//! and its answer is remembered for `--idempotency-ttl-secs`, scoped to the
+//! principal and the table. A retry with the same key and the same method,
+//! path and body gets the remembered answer with `Idempotent-Replayed:
+//! true` and applies nothing; the same key with another request is 422; a
+//! retry while the first is still running is 409.
+//!
+//! Records live in memory, and as durably as the write they answer: on a
+//! `sync` table the record is on disk before the answer is sent, on a
+//! `periodic` table it is saved with the next write-back round, on a cluster
+//! table it is committed in PostgreSQL (so a retry sent to another node is
+//! answered too). Only 2xx answers are remembered: a failed request changed
+//! nothing, so its retry runs afresh.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use dashmap::mapref::entry::Entry as MapEntry;
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::auth::Principal;
+use super::AppState;
+use crate::error::ApiError;
+use crate::persist::Durability;
+use crate::store::Persistence;
+
+/// The request header that names a write for retries.
+pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// The response header of an answer replayed from a record.
+pub static REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// Where durable records are kept in the local engine's metadata.
+const RECORD_PREFIX: &str = "idempotency/";
+
+/// Longest key accepted, in bytes.
+const MAX_KEY_BYTES: usize = 128;
+
+/// The remembered answers of one server.
+#[derive(Debug)]
+pub struct Idempotency {
+    records: DashMap<String, Slot>,
+    ttl_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+enum Slot {
+    /// The first request is running.
+    InFlight { fingerprint: String },
+    /// Its answer.
+    Done(Arc<Record>),
+}
+
+/// A remembered answer.
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    /// SHA-256 (hex) of the request's method, path with query, and body.
+    fingerprint: String,
+    status: u16,
+    etag: Option<String>,
+    content_type: Option<String>,
+    body: String,
+    /// Unix ms after which the record is forgotten.
+    expires_at: u64,
+}
+
+/// How durable a table's records are.
+enum Tier {
+    Memory,
+    Local { sync: bool },
+    Cluster,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn sha256(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p);
+    }
+    hex(&h.finalize())
+}
+
+/// The `Idempotency-Key` of a request it applies to: a write under `/v1/`
+/// that can change something (select, select_count and lookup only read).
+pub fn applies(req: &Request) -> Option<HeaderValue> {
+    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+        return None;
+    }
+    let path = req.uri().path();
+    if !path.starts_with("/v1/")
+        || path.ends_with("/select")
+        || path.ends_with("/select_count")
+        || path.ends_with("/lookup")
+    {
+        return None;
+    }
+    req.headers().get(&IDEMPOTENCY_KEY).cloned()
+}
+
+/// The table a `/v1/tables/{t}/…` path names ("" for `/v1/tables`).
+fn table_of(path: &str) -> String {
+    let rest = path.strip_prefix("/v1/tables/").unwrap_or("");
+    let raw = rest.split('/').next().unwrap_or("");
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+impl Idempotency {
+    /// An empty set of records kept for `ttl_ms`.
+    pub fn new(ttl_ms: u64) -> Self {
+        Idempotency {
+            records: DashMap::new(),
+            ttl_ms,
+        }
+    }
+
+    /// Loads the records saved on local disk, dropping expired ones.
+    ///
+    /// # Errors
+    /// What the engine says.
+    pub fn load(
+        &self,
+        durability: &Durability,
+        now: u64,
+    ) -> Result<usize, crate::persist::PersistError> {
+        let mut loaded = 0;
+        for (key, bytes) in durability.records(RECORD_PREFIX)? {
+            let Some(id) = key.strip_prefix(RECORD_PREFIX) else {
+                continue;
+            };
+            match serde_json::from_slice::<Record>(&bytes) {
+                Ok(r) if r.expires_at >= now => {
+                    self.records.insert(id.to_owned(), Slot::Done(Arc::new(r)));
+                    loaded += 1;
+                }
+                _ => durability.remove_record(&key)?,
+            }
+        }
+        Ok(loaded)
+    }
+
+    /// Forgets expired records, in memory and on local disk.
+    pub fn purge(&self, durability: &Durability, now: u64) {
+        let expired: Vec<String> = self
+            .records
+            .iter()
+            .filter(|e| matches!(e.value(), Slot::Done(r) if r.expires_at < now))
+            .map(|e| e.key().clone())
+            .collect();
+        for id in expired {
+            let removed = self
+                .records
+                .remove_if(&id, |_, s| matches!(s, Slot::Done(r) if r.expires_at < now));
+            if removed.is_some() {
+                if let Err(e) = durability.remove_record(&format!("{RECORD_PREFIX}{id}")) {
+                    tracing::warn!(error = %e, "could not remove an expired idempotency record");
+                }
+            }
+        }
+    }
+
+    /// Records held in memory.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Whether no record is held.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+}
+
+/// Serves a write that carries `key`: replays, refuses, or runs it through
+/// `run` and remembers a 2xx answer.
+pub async fn serve<F, Fut>(state: &AppState, req: Request, key: HeaderValue, run: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
+    match serve_inner(state, req, key, run).await {
+        Ok(resp) => resp,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn serve_inner<F, Fut>(
+    state: &AppState,
+    req: Request,
+    key: HeaderValue,
+    run: F,
+) -> Result<Response, ApiError>
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
+    let key = key.as_bytes();
+    if key.is_empty() || key.len() > MAX_KEY_BYTES || !key.iter().all(|b| (0x20..=0x7e).contains(b))
+    {
+        return Err(ApiError::InvalidArgument(format!(
+            "Idempotency-Key must be 1 to {MAX_KEY_BYTES} printable ASCII characters"
+        )));
+    }
+    let principal = req
+        .extensions()
+        .get::<Principal>()
+        .map(|p| p.name.clone())
+        .unwrap_or_else(|| Arc::from(""));
+    let table = table_of(req.uri().path());
+    let id = sha256(&[principal.as_bytes(), table.as_bytes(), key]);
+    let (parts, body) = req.into_parts();
+    let limit = state.limits.max_body_bytes;
+    let body = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge(limit))?;
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or(parts.uri.path(), |p| p.as_str());
+    let fingerprint = sha256(&[parts.method.as_str().as_bytes(), target.as_bytes(), &body]);
+    let tier = tier_of(state, &table);
+    let records = &state.idempotency.records;
+    let now = state.store.now_ms();
+
+    // Claim the key, or answer from what holds it.
+    match records.entry(id.clone()) {
+        MapEntry::Occupied(mut held) => match held.get() {
+            Slot::Done(r) if r.expires_at >= now => return replay(r, &fingerprint),
+            Slot::Done(_) => {
+                held.insert(Slot::InFlight {
+                    fingerprint: fingerprint.clone(),
+                });
+            }
+            Slot::InFlight { fingerprint: other } => {
+                return Err(if *other == fingerprint {
+                    ApiError::IdempotencyInFlight
+                } else {
+                    ApiError::IdempotencyKeyReused
+                });
+            }
+        },
+        MapEntry::Vacant(v) => {
+            v.insert(Slot::InFlight {
+                fingerprint: fingerprint.clone(),
+            });
+        }
+    }
+    // A cluster table's record may have been made on another node.
+    if matches!(tier, Tier::Cluster) {
+        let stored = match &state.cluster {
+            Some(c) => c.load_record(&id).await,
+            None => Ok(None),
+        };
+        match stored {
+            Ok(Some(text)) => {
+                if let Ok(r) = serde_json::from_str::<Record>(&text) {
+                    let r = Arc::new(r);
+                    records.insert(id, Slot::Done(r.clone()));
+                    return replay(&r, &fingerprint);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                release(records, &id, &fingerprint);
+                return Err(e);
+            }
+        }
+    }
+
+    let resp = run(Request::from_parts(parts, Body::from(body))).await;
+    if !resp.status().is_success() {
+        release(records, &id, &fingerprint);
+        return Ok(resp);
+    }
+    let (parts, body) = resp.into_parts();
+    let bytes = match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(b) => b,
+        Err(e) => {
+            release(records, &id, &fingerprint);
+            return Err(ApiError::Internal(format!(
+                "reading an answer to remember: {e}"
+            )));
+        }
+    };
+    let text = |name: &HeaderName| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let record = Arc::new(Record {
+        fingerprint,
+        status: parts.status.as_u16(),
+        etag: text(&header::ETAG),
+        content_type: text(&header::CONTENT_TYPE),
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+        expires_at: now.saturating_add(state.idempotency.ttl_ms),
+    });
+    if let Err(e) = save(state, &tier, &id, &record).await {
+        // The write is done; only its record is not as durable as asked.
+        tracing::warn!(error = %e, "an idempotency record could not be made durable");
+    }
+    records.insert(id, Slot::Done(record));
+    Ok(Response::from_parts(parts, Body::from(bytes)))
+}
+
+/// Drops the claim of a request that will not be remembered.
+fn release(records: &DashMap<String, Slot>, id: &str, fingerprint: &str) {
+    records.remove_if(
+        id,
+        |_, s| matches!(s, Slot::InFlight { fingerprint: f } if f == fingerprint),
+    );
+}
+
+fn tier_of(state: &AppState, table: &str) -> Tier {
+    match state.store.table(table) {
+        Ok(t) => match t.persistence() {
+            Persistence::Sync => Tier::Local { sync: true },
+            Persistence::Periodic => Tier::Local { sync: false },
+            _ => Tier::Memory,
+        },
+        Err(_) if state.cluster.is_some() && !table.is_empty() => Tier::Cluster,
+        Err(_) => Tier::Memory,
+    }
+}
+
+async fn save(state: &AppState, tier: &Tier, id: &str, record: &Record) -> Result<(), ApiError> {
+    let json = serde_json::to_string(record).map_err(|e| ApiError::Internal(e.to_string()))?;
+    match tier {
+        Tier::Memory => Ok(()),
+        Tier::Local { sync } => {
+            state
+                .durability
+                .put_record(&format!("{RECORD_PREFIX}{id}"), json.as_bytes())
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            if *sync {
+                state
+                    .durability
+                    .wait_durable(false)
+                    .await
+                    .map_err(|e| ApiError::Internal(e.to_string()))?;
+            }
+            Ok(())
+        }
+        Tier::Cluster => match &state.cluster {
+            Some(c) => c.save_record(id, &json, record.expires_at).await,
+            None => Ok(()),
+        },
+    }
+}
+
+/// The remembered answer, or 422 when the key was used for another request.
+fn replay(record: &Record, fingerprint: &str) -> Result<Response, ApiError> {
+    if record.fingerprint != fingerprint {
+        return Err(ApiError::IdempotencyKeyReused);
+    }
+    let mut resp = Response::new(Body::from(record.body.clone()));
+    *resp.status_mut() = StatusCode::from_u16(record.status).unwrap_or(StatusCode::OK);
+    let headers = resp.headers_mut();
+    for (name, value) in [
+        (&header::CONTENT_TYPE, &record.content_type),
+        (&header::ETAG, &record.etag),
+    ] {
+        if let Some(v) = value.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+            headers.insert(name.clone(), v);
+        }
+    }
+    headers.insert(REPLAYED.clone(), HeaderValue::from_static("true"));
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_comes_from_the_path() {
+        assert_eq!(table_of("/v1/tables/users/entries/a"), "users");
+        assert_eq!(table_of("/v1/tables/a%20b"), "a b");
+        assert_eq!(table_of("/v1/tables"), "");
+    }
+
+    #[test]
+    fn fingerprints_separate_their_parts() {
+        assert_ne!(sha256(&[b"ab", b"c"]), sha256(&[b"a", b"bc"]));
+        assert_eq!(sha256(&[b"x"]).len(), 64);
+    }
+}

@@ -1,0 +1,248 @@
+//! `Idempotency-Key` on writes: replays, refusals, a retry storm on a
+//! counter, and records that outlive a SIGKILL on a `sync` table.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::child::ChildServer;
+use common::{spawn_app, spawn_with, Reply, TestApp};
+use reqwest::Method;
+use serde_json::json;
+
+async fn send_keyed(app: &TestApp, method: Method, path: &str, body: &str, key: &str) -> Reply {
+    app.send(
+        method,
+        path,
+        Some(body.as_bytes().to_vec()),
+        &[("idempotency-key", key)],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_retry_gets_the_first_answer_and_applies_nothing() {
+    let app = spawn_app().await;
+    app.table("s", "set").await;
+    let first = send_keyed(&app, Method::PUT, "/v1/tables/s/entries/a", "1", "put-a-1").await;
+    assert_eq!(first.status, 201, "{}", first.text);
+    assert!(first.header("idempotent-replayed").is_none());
+    let again = send_keyed(&app, Method::PUT, "/v1/tables/s/entries/a", "1", "put-a-1").await;
+    assert_eq!(again.status, 201, "the original status");
+    assert_eq!(again.text, first.text);
+    assert_eq!(again.header("etag"), first.header("etag"));
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    // Nothing was applied again: the entry's version is the first one.
+    assert_eq!(app.get("s", "a").await.header("etag"), first.header("etag"));
+    assert_eq!(app.get_table("s").await.body["stats"]["inserts"], 1);
+    // The same key with another body, path or method is 422.
+    for (method, path, body) in [
+        (Method::PUT, "/v1/tables/s/entries/a", "2"),
+        (Method::PUT, "/v1/tables/s/entries/b", "1"),
+        (Method::POST, "/v1/tables/s/entries/a/counter", "1"),
+    ] {
+        send_keyed(&app, method, path, body, "put-a-1")
+            .await
+            .assert_error(422, "idempotency_key_reused");
+    }
+    // Malformed keys are 400 and change nothing.
+    let long = "k".repeat(129);
+    for bad in ["", long.as_str(), "é"] {
+        let r = app
+            .client
+            .put(app.entry_url("s", "c"))
+            .header("idempotency-key", bad.as_bytes())
+            .body("1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "key {bad:?}");
+    }
+    assert_eq!(app.get("s", "c").await.status, 404);
+}
+
+#[tokio::test]
+async fn failures_are_not_remembered_and_reads_ignore_the_key() {
+    let app = spawn_app().await;
+    let r = send_keyed(&app, Method::PUT, "/v1/tables/t/entries/a", "1", "k1").await;
+    r.assert_error(404, "table_not_found");
+    app.table("t", "set").await;
+    let r = send_keyed(&app, Method::PUT, "/v1/tables/t/entries/a", "1", "k1").await;
+    assert_eq!(r.status, 201, "a failed request's retry runs afresh");
+    assert!(r.header("idempotent-replayed").is_none());
+    for (path, body) in [
+        ("/v1/tables/t/select", "{}"),
+        ("/v1/tables/t/select_count", "{}"),
+        ("/v1/tables/t/lookup", r#"{"keys":["a"]}"#),
+    ] {
+        for _ in 0..2 {
+            let r = send_keyed(&app, Method::POST, path, body, "k1").await;
+            assert_eq!(r.status, 200, "{path}: {}", r.text);
+            assert!(r.header("idempotent-replayed").is_none(), "{path}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn keys_are_scoped_to_the_principal_and_the_table() {
+    let app = spawn_with(|c| c.tokens = Some("alice:token-alice-1,bob:token-bob-1".into())).await;
+    for t in ["one", "two"] {
+        let r = app
+            .client
+            .post(app.url("/v1/tables"))
+            .bearer_auth("token-alice-1")
+            .body(json!({"name": t, "access": "public"}).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let incr = |t: &'static str, token: &'static str| {
+        let app = &app;
+        async move {
+            let r = app
+                .client
+                .post(app.url(&format!("/v1/tables/{t}/entries/n/counter")))
+                .bearer_auth(token)
+                .header("idempotency-key", "same")
+                .body(r#"{"default":0}"#)
+                .send()
+                .await
+                .unwrap();
+            let replayed = r.headers().contains_key("idempotent-replayed");
+            let body: serde_json::Value = r.json().await.unwrap();
+            (body["value"].as_i64().unwrap(), replayed)
+        }
+    };
+    assert_eq!(incr("one", "token-alice-1").await, (1, false));
+    assert_eq!(
+        incr("one", "token-bob-1").await,
+        (2, false),
+        "another principal"
+    );
+    assert_eq!(
+        incr("two", "token-alice-1").await,
+        (1, false),
+        "another table"
+    );
+    assert_eq!(incr("one", "token-alice-1").await, (1, true), "a replay");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retry_storm_counts_each_increment_once() {
+    let app = spawn_app().await;
+    app.table("c", "set").await;
+    let url = format!("{}/counter", app.entry_url("c", "hits"));
+    let replays = Arc::new(AtomicU64::new(0));
+    let in_flight = Arc::new(AtomicU64::new(0));
+    let next = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    // 3,000 requests: increment i is sent three times, by three workers at
+    // about the same moment, with the key "incr-i".
+    for w in 0..24u64 {
+        let (client, url) = (app.client.clone(), url.clone());
+        let (replays, in_flight, next) = (replays.clone(), in_flight.clone(), next.clone());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= 3000 {
+                    return;
+                }
+                let key = format!("incr-{}", n / 3);
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    let r = client
+                        .post(&url)
+                        .header("idempotency-key", &key)
+                        .body(r#"{"incr":1,"default":0}"#)
+                        .send()
+                        .await
+                        .unwrap();
+                    match r.status().as_u16() {
+                        200 => {
+                            if r.headers().contains_key("idempotent-replayed") {
+                                replays.fetch_add(1, Ordering::Relaxed);
+                            }
+                            break;
+                        }
+                        409 => {
+                            in_flight.fetch_add(1, Ordering::Relaxed);
+                            assert!(Instant::now() < deadline, "worker {w}: still in flight");
+                            tokio::task::yield_now().await;
+                        }
+                        other => panic!("worker {w}: {other} {}", r.text().await.unwrap()),
+                    }
+                }
+            }
+        }));
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+    assert_eq!(app.get("c", "hits").await.body["value"], 1000);
+    assert_eq!(replays.load(Ordering::Relaxed), 2000);
+}
+
+#[tokio::test]
+async fn a_sync_tables_records_survive_a_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ChildServer::start(dir.path()).await;
+    let client = reqwest::Client::new();
+    let r = client
+        .post(format!("{}/v1/tables", server.base))
+        .body(r#"{"name":"c","persistence":"sync"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let mut answers = Vec::new();
+    for i in 0..20 {
+        let r = keyed_increment(&client, &server, i).await;
+        assert!(r.1.is_none(), "a first request");
+        answers.push(r.0);
+    }
+    server.kill9();
+    let server = ChildServer::start(dir.path()).await;
+    for (i, answer) in answers.iter().enumerate() {
+        let (body, replayed) = keyed_increment(&client, &server, i).await;
+        assert_eq!(
+            replayed.as_deref(),
+            Some("true"),
+            "retry {i} after the restart"
+        );
+        assert_eq!(&body, answer);
+    }
+    let r: serde_json::Value = client
+        .get(server.entry_url("c", "n"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["value"], 20, "no retry was applied again");
+}
+
+/// Increments counter `n` of table `c` with the key `k{i}`: the answer's
+/// body and its `Idempotent-Replayed` header.
+async fn keyed_increment(
+    client: &reqwest::Client,
+    server: &ChildServer,
+    i: usize,
+) -> (String, Option<String>) {
+    let r = client
+        .post(format!("{}/counter", server.entry_url("c", "n")))
+        .header("idempotency-key", format!("k{i}"))
+        .body(r#"{"default":0}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let replayed = r
+        .headers()
+        .get("idempotent-replayed")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (r.text().await.unwrap(), replayed)
+}
