@@ -688,21 +688,11 @@ async fn check_spec(
 ) -> Result<(usize, usize), proptest::test_runner::TestCaseError> {
     use proptest::prop_assert_eq;
     app.table(table, kind).await;
-    if !objects.is_empty() {
-        let items: Vec<Value> = objects
-            .iter()
-            .map(|(k, v)| json!({"key": format!("k{k}"), "value": v}))
-            .collect();
-        let r = app
-            .send(
-                Method::POST,
-                &format!("/v1/tables/{table}/entries"),
-                Some(json!(items).to_string().into_bytes()),
-                &[],
-            )
-            .await;
-        assert_eq!(r.status, 200, "{}", r.text);
-    }
+    let objects: Vec<(String, Value)> = objects
+        .iter()
+        .map(|(k, v)| (format!("k{k}"), v.clone()))
+        .collect();
+    app.bulk(table, &objects).await;
     let stored = app.scan_all(table, "?limit=1000").await;
     let expected: Vec<Value> = stored
         .iter()

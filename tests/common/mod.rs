@@ -446,6 +446,27 @@ impl TestApp {
         .await
     }
 
+    /// Inserts `(key, value)` objects with one bulk insert, asserting 200
+    /// (nothing is sent for none).
+    pub async fn bulk(&self, table: &str, objects: &[(String, Value)]) {
+        if objects.is_empty() {
+            return;
+        }
+        let items: Vec<Value> = objects
+            .iter()
+            .map(|(k, v)| json!({"key": k, "value": v}))
+            .collect();
+        let r = self
+            .send(
+                Method::POST,
+                &format!("/v1/tables/{}/entries", enc(table)),
+                Some(Value::Array(items).to_string().into_bytes()),
+                &[],
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+
     /// Every `(key, value)` of a full scan, following cursors.
     pub async fn scan_all(&self, table: &str, query: &str) -> Vec<(String, Value)> {
         let mut out = Vec::new();
