@@ -29,47 +29,13 @@ use serde::Serialize;
 use tokio_postgres::NoTls;
 
 use crate::procs::{self, fail, http};
+use crate::report::PairRow;
 use crate::wrk::{self, Workload};
 use crate::{create, fill, fill_with, key, slug, value100, Options};
 
 /// The pool size larder uses by default (`--cluster-pool-size`), given to
 /// the direct baseline too.
 const POOL_SIZE: usize = 32;
-
-/// A throughput row: larder against a baseline, alternating.
-#[derive(Debug, Serialize)]
-pub struct ClusterRow {
-    pub name: String,
-    pub baseline: &'static str,
-    pub baseline_rps: Vec<f64>,
-    pub larder_rps: Vec<f64>,
-    pub ratio: f64,
-    pub target: f64,
-    pub met: bool,
-    /// Non-2xx answers and socket errors seen by wrk on larder.
-    pub errors: u64,
-}
-
-impl ClusterRow {
-    fn new(name: &str, baseline: &'static str, target: f64) -> ClusterRow {
-        ClusterRow {
-            name: name.to_owned(),
-            baseline,
-            baseline_rps: Vec::new(),
-            larder_rps: Vec::new(),
-            ratio: 0.0,
-            target,
-            met: false,
-            errors: 0,
-        }
-    }
-
-    fn finish(&mut self) {
-        let sum = |v: &[f64]| v.iter().sum::<f64>();
-        self.ratio = sum(&self.larder_rps) / sum(&self.baseline_rps).max(1.0);
-        self.met = self.ratio >= self.target && self.errors == 0;
-    }
-}
 
 /// Staleness samples of one condition, milliseconds.
 #[derive(Debug, Serialize)]
@@ -84,7 +50,7 @@ pub struct Staleness {
 /// Everything the cluster rows measured.
 #[derive(Debug, Serialize)]
 pub struct ClusterReport {
-    pub rows: Vec<ClusterRow>,
+    pub rows: Vec<PairRow>,
     pub staleness: Vec<Staleness>,
 }
 
@@ -242,16 +208,12 @@ pub fn run(opts: &Options, server: &Path, dir: &Path, scripts: &Path) -> Option<
             .save(scripts, "cluster-get");
         // One pass first, so every key is in the hot copy.
         let _ = wrk::run(a.addr, Some(&hot), "/", c, Duration::from_secs(1));
-        let mut row = ClusterRow::new(name, "local GET", 0.80);
-        for round in 0..opts.rounds {
-            eprintln!("{name} (round {}/{})…", round + 1, opts.rounds);
-            row.baseline_rps
-                .push(wrk::run(a.addr, Some(&local), "/", c, d).rps);
-            let run = wrk::run(a.addr, Some(&hot), "/", c, d);
-            row.errors += run.non_2xx + run.socket_errors;
-            row.larder_rps.push(run.rps);
-        }
-        row.finish();
+        let mut row = PairRow::new(name, "local GET", 0.80);
+        row.alternate(
+            opts.rounds,
+            || wrk::run(a.addr, Some(&local), "/", c, d).rps,
+            || (wrk::run(a.addr, Some(&hot), "/", c, d), 1.0),
+        );
         rows.push(row);
     }
 
@@ -279,16 +241,12 @@ pub fn run(opts: &Options, server: &Path, dir: &Path, scripts: &Path) -> Option<
             "PUT"
         };
         let script = Workload::new(method, path, Some(body), opts.keys).save(scripts, &slug(name));
-        let mut row = ClusterRow::new(name, "tokio-postgres direct", 0.60);
-        for round in 0..opts.rounds {
-            eprintln!("{name} (round {}/{})…", round + 1, opts.rounds);
-            let direct = rt.block_on(direct_load(&pool, statement, opts.keys, c, d));
-            row.baseline_rps.push(direct);
-            let run = wrk::run(a.addr, Some(&script), "/", c, d);
-            row.errors += run.non_2xx + run.socket_errors;
-            row.larder_rps.push(run.rps);
-        }
-        row.finish();
+        let mut row = PairRow::new(name, "tokio-postgres direct", 0.60);
+        row.alternate(
+            opts.rounds,
+            || rt.block_on(direct_load(&pool, statement, opts.keys, c, d)),
+            || (wrk::run(a.addr, Some(&script), "/", c, d), 1.0),
+        );
         rows.push(row);
     }
 

@@ -17,6 +17,7 @@
 mod cluster;
 mod procs;
 mod report;
+mod select;
 mod wrk;
 
 use std::net::SocketAddr;
@@ -25,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use procs::{fail, http, metric, Proc};
-use report::{MemoryRow, PeerRow, Report, Row};
+use report::{MemoryRow, PeerRow, Report, Row, Sections};
 use wrk::Workload;
 
 /// Benchmark options.
@@ -56,6 +57,10 @@ struct Options {
     /// Skip the cluster rows (which start a PostgreSQL of their own).
     #[arg(long)]
     skip_cluster: bool,
+    /// Skip the select and multi-get rows (which load their own table of
+    /// `--memory-entries` objects).
+    #[arg(long)]
+    skip_select: bool,
     /// Run only the rows whose name contains this text (and no peer or
     /// memory rows): for measuring one change quickly.
     #[arg(long)]
@@ -290,6 +295,18 @@ fn main() {
     };
     drop(larder);
 
+    let selects = if opts.skip_select
+        || opts
+            .only
+            .as_deref()
+            .is_some_and(|o| !"select multi-get".contains(o))
+    {
+        None
+    } else {
+        let larder = procs::start_larder(&server, &dir.path().join("select"), &[]);
+        Some(select::run(&opts, larder.addr, &scripts))
+    };
+
     let cluster = if opts.skip_cluster {
         None
     } else {
@@ -302,7 +319,18 @@ fn main() {
         memory_rows(&server, dir.path(), opts.memory_entries)
     };
 
-    let report = Report::new(&opts, fixed, scripted, rows, peers, cluster, memory);
+    let report = Report::new(
+        &opts,
+        fixed,
+        scripted,
+        Sections {
+            rows,
+            peers,
+            selects,
+            cluster,
+            memory,
+        },
+    );
     report.print();
     let json = serde_json::to_vec_pretty(&report).unwrap_or_default();
     if let Err(e) = std::fs::write(&opts.out, json) {

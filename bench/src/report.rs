@@ -4,6 +4,7 @@
 use serde::Serialize;
 
 use crate::cluster::{ClusterReport, STALENESS_TARGET_MS};
+use crate::select::SelectReport;
 use crate::wrk::Run;
 use crate::Options;
 
@@ -60,6 +61,62 @@ impl Row {
         self.larder_p99_us = self.larder.iter().map(|r| r.p99_us).fold(0.0, f64::max);
         let grouped = self.writes_per_fsync.is_none_or(|w| w >= 20.0);
         self.met = self.ratio >= self.target && self.errors == 0 && grouped;
+    }
+}
+
+/// A throughput row: larder against a baseline (not the ceiling),
+/// alternating.
+#[derive(Debug, Serialize)]
+pub struct PairRow {
+    pub name: String,
+    pub baseline: &'static str,
+    pub baseline_rps: Vec<f64>,
+    pub larder_rps: Vec<f64>,
+    pub ratio: f64,
+    pub target: f64,
+    pub met: bool,
+    /// Non-2xx answers and socket errors seen by wrk on larder.
+    pub errors: u64,
+}
+
+impl PairRow {
+    pub fn new(name: &str, baseline: &'static str, target: f64) -> PairRow {
+        PairRow {
+            name: name.to_owned(),
+            baseline,
+            baseline_rps: Vec::new(),
+            larder_rps: Vec::new(),
+            ratio: 0.0,
+            target,
+            met: false,
+            errors: 0,
+        }
+    }
+
+    /// Runs `rounds` alternations, the baseline first, then sums up.
+    /// `larder` gives wrk's run and the unit per request (1 for req/s, the
+    /// keys per request for keys/s).
+    pub fn alternate(
+        &mut self,
+        rounds: usize,
+        mut baseline: impl FnMut() -> f64,
+        mut larder: impl FnMut() -> (Run, f64),
+    ) {
+        for round in 0..rounds {
+            eprintln!("{} (round {}/{rounds})…", self.name, round + 1);
+            self.baseline_rps.push(baseline());
+            let (run, per_request) = larder();
+            self.errors += run.non_2xx + run.socket_errors;
+            self.larder_rps.push(run.rps * per_request);
+        }
+        self.finish();
+    }
+
+    /// Computes the ratio and whether the target was met.
+    pub fn finish(&mut self) {
+        let sum = |v: &[f64]| v.iter().sum::<f64>();
+        self.ratio = sum(&self.larder_rps) / sum(&self.baseline_rps).max(1.0);
+        self.met = self.ratio >= self.target && self.errors == 0;
     }
 }
 
@@ -124,6 +181,16 @@ pub struct Report {
     pub generator_ok: bool,
     pub rows: Vec<Row>,
     pub peers: Vec<PeerRow>,
+    pub selects: Option<SelectReport>,
+    pub cluster: Option<ClusterReport>,
+    pub memory: Vec<MemoryRow>,
+}
+
+/// The measured sections of a run.
+pub struct Sections {
+    pub rows: Vec<Row>,
+    pub peers: Vec<PeerRow>,
+    pub selects: Option<SelectReport>,
     pub cluster: Option<ClusterReport>,
     pub memory: Vec<MemoryRow>,
 }
@@ -134,15 +201,14 @@ const MEMORY_TARGET: f64 = 3.0;
 const STARTUP_TARGET_MS: u64 = 5_000;
 
 impl Report {
-    pub fn new(
-        opts: &Options,
-        fixed: Run,
-        scripted: Run,
-        rows: Vec<Row>,
-        peers: Vec<PeerRow>,
-        cluster: Option<ClusterReport>,
-        memory: Vec<MemoryRow>,
-    ) -> Report {
+    pub fn new(opts: &Options, fixed: Run, scripted: Run, sections: Sections) -> Report {
+        let Sections {
+            rows,
+            peers,
+            selects,
+            cluster,
+            memory,
+        } = sections;
         Report {
             machine: machine(),
             connections: opts.connections,
@@ -153,6 +219,7 @@ impl Report {
             generator_ok: scripted.rps >= 0.9 * fixed.rps,
             rows,
             peers,
+            selects,
             cluster,
             memory,
         }
@@ -214,6 +281,13 @@ impl Report {
                 );
             }
         }
+        if let Some(selects) = &self.selects {
+            print_pairs("select row", &selects.rows);
+            println!(
+                "select_count with a guard over {} objects: {:.0} objects/s",
+                selects.count_objects, selects.count_objects_per_sec
+            );
+        }
         if let Some(cluster) = &self.cluster {
             print_cluster(cluster);
         }
@@ -244,12 +318,12 @@ impl Report {
     }
 }
 
-fn print_cluster(cluster: &ClusterReport) {
+fn print_pairs(title: &str, rows: &[PairRow]) {
     println!();
-    println!("| cluster row | baseline | baseline req/s | larder req/s | ratio | target | |");
+    println!("| {title} | baseline | baseline req/s | larder req/s | ratio | target | |");
     println!("|---|---|---|---|---|---|---|");
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    for r in &cluster.rows {
+    for r in rows {
         let errors = if r.errors > 0 {
             format!(", {} errors", r.errors)
         } else {
@@ -266,6 +340,10 @@ fn print_cluster(cluster: &ClusterReport) {
             mark(r.met)
         );
     }
+}
+
+fn print_cluster(cluster: &ClusterReport) {
+    print_pairs("cluster row", &cluster.rows);
     if !cluster.staleness.is_empty() {
         println!();
         println!("| staleness, write on node A until a GET on node B sees it | samples | p50 | p99 | max | |");

@@ -59,7 +59,7 @@ pub struct Workload {
 impl Workload {
     /// Requests of `method` to `path`, where `%K` becomes a random key of
     /// `keys` (`k` and 15 digits) and `%C` a random counter name of `keys`,
-    /// with `body`.
+    /// with `body` (in which `%K` becomes the same key).
     pub fn new(method: &str, path: &str, body: Option<&str>, keys: usize) -> Workload {
         let body = match body {
             Some(b) => format!("{b:?}"),
@@ -72,8 +72,11 @@ math.randomseed(os.time())
 local method, template, body, keys = "{method}", {path}, {body}, {keys}
 request = function()
   local i = math.random(0, keys - 1)
-  local p = template:gsub("%%K", string.format("k%015d", i)):gsub("%%C", "c" .. i)
-  return wrk.format(method, p, nil, body)
+  local k = string.format("k%015d", i)
+  local p = template:gsub("%%K", k):gsub("%%C", "c" .. i)
+  local b = body
+  if b then b = b:gsub("%%K", k) end
+  return wrk.format(method, p, nil, b)
 end
 "#
         );

@@ -70,6 +70,15 @@ fn the_benchmark_runs_end_to_end() {
     assert!(rows
         .iter()
         .any(|r| r["writes_per_fsync"].as_f64().is_some()));
+    let selects = &report["selects"];
+    let rows = selects["rows"].as_array().expect("select rows");
+    assert_eq!(rows.len(), 2, "{selects}");
+    for row in rows {
+        assert!(row["larder_rps"][0].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["baseline_rps"][0].as_f64().unwrap() > 0.0, "{row}");
+        assert_eq!(row["errors"], 0, "{row}");
+    }
+    assert!(selects["count_objects_per_sec"].as_f64().unwrap() > 0.0);
     // The cluster rows run wherever PostgreSQL is installed, and CI
     // installs it.
     let postgres = std::fs::read_dir("/usr/lib/postgresql").is_ok_and(|mut d| d.next().is_some());

@@ -328,10 +328,27 @@ pub async fn select_objects(
         reverse,
     )
     .await?;
-    json_response(&SelectResult {
-        results: found.results,
-        next_cursor: found.next_cursor.map(|c| c.encode()),
-    })
+    // Results are JSON text already: the body is assembled, not serialized.
+    let size: usize = found.results.iter().map(|r| r.len() + 1).sum();
+    let mut body = Vec::with_capacity(size + 64);
+    body.extend_from_slice(b"{\"results\":[");
+    for (i, r) in found.results.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(r);
+    }
+    body.extend_from_slice(b"],\"next_cursor\":");
+    match found.next_cursor {
+        Some(c) => {
+            body.push(b'"');
+            body.extend_from_slice(c.encode().as_bytes());
+            body.push(b'"');
+        }
+        None => body.extend_from_slice(b"null"),
+    }
+    body.push(b'}');
+    Ok(respond::json(StatusCode::OK, body))
 }
 
 /// Count matching objects.

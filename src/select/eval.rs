@@ -4,6 +4,7 @@
 //! makes the object not match, as in ETS.
 
 use std::borrow::Cow;
+use std::cell::OnceCell;
 use std::cmp::Ordering;
 
 use serde_json::{Map, Number, Value as Json};
@@ -11,37 +12,69 @@ use serde_json::{Map, Number, Value as Json};
 use super::spec::{Guard, MatchSpec, Op, Pattern, Template};
 
 /// One object, `{"key": k, "value": v}`, as the specification sees it.
+/// The value arrives as its stored JSON text and is parsed only when the
+/// pattern, guard or template looks into it.
 pub struct Object<'a> {
-    key: Json,
-    value: &'a Json,
-    /// The whole object, built only when a pattern or template asks for it.
+    raw_key: &'a str,
+    raw_value: &'a [u8],
+    key: OnceCell<Json>,
+    value: OnceCell<Json>,
+    /// The whole object, built only when a pattern asks for it as one value.
     whole: Option<Json>,
 }
 
 impl<'a> Object<'a> {
-    /// The object with `key` and `value`.
-    pub fn new(key: &str, value: &'a Json) -> Self {
+    /// The object under `key` whose value is the JSON text `value`.
+    pub fn new(key: &'a str, value: &'a [u8]) -> Self {
         Object {
-            key: Json::String(key.to_owned()),
-            value,
+            raw_key: key,
+            raw_value: value,
+            key: OnceCell::new(),
+            value: OnceCell::new(),
             whole: None,
         }
     }
 
+    fn key(&self) -> &Json {
+        self.key
+            .get_or_init(|| Json::String(self.raw_key.to_owned()))
+    }
+
+    fn value(&self) -> &Json {
+        // Stored values are valid JSON; null stands in should one not be.
+        self.value
+            .get_or_init(|| serde_json::from_slice(self.raw_value).unwrap_or(Json::Null))
+    }
+
     fn whole(&self) -> Json {
         let mut m = Map::new();
-        m.insert("key".into(), self.key.clone());
-        m.insert("value".into(), self.value.clone());
+        m.insert("key".into(), self.key().clone());
+        m.insert("value".into(), self.value().clone());
         Json::Object(m)
+    }
+
+    /// `{"key":…,"value":…}` as JSON text, the value copied as stored.
+    fn whole_text(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.raw_key.len() + self.raw_value.len() + 24);
+        out.extend_from_slice(b"{\"key\":");
+        // Writing a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut out, self.raw_key);
+        out.extend_from_slice(b",\"value\":");
+        out.extend_from_slice(self.raw_value);
+        out.push(b'}');
+        out
     }
 }
 
 impl MatchSpec {
-    /// What `object` yields: `None` when it does not match.
-    pub fn run(&self, object: &mut Object<'_>) -> Option<Json> {
+    /// What `object` yields, as JSON text: `None` when it does not match.
+    pub fn run(&self, object: &mut Object<'_>) -> Option<Vec<u8>> {
         self.prepare(object);
         let binds = self.accept(object)?;
-        Some(self.render(&self.ret, &binds, object))
+        Some(match &self.ret {
+            Template::Object => object.whole_text(),
+            t => serde_json::to_vec(&self.render(t, &binds, object)).unwrap_or_default(),
+        })
     }
 
     /// Whether `object` matches (for counting and deleting).
@@ -63,8 +96,8 @@ impl MatchSpec {
         let matched = match (&self.pattern, &object.whole) {
             (Pattern::Object(members), _) => members.iter().all(|(name, p)| {
                 let part: &'o Json = match name.as_str() {
-                    "key" => &object.key,
-                    "value" => object.value,
+                    "key" => object.key(),
+                    "value" => object.value(),
                     _ => return false,
                 };
                 bind(p, part, &mut binds)
@@ -86,6 +119,7 @@ impl MatchSpec {
     fn render(&self, t: &Template, binds: &[Option<&Json>], object: &Object<'_>) -> Json {
         match t {
             Template::Object => object.whole.clone().unwrap_or_else(|| object.whole()),
+
             Template::Bindings => {
                 let mut m = Map::new();
                 for (name, v) in self.names.iter().zip(binds) {
@@ -363,9 +397,10 @@ mod tests {
     }
 
     fn run(s: &MatchSpec, key: &str, value: Json) -> Option<Json> {
-        let got = s.run(&mut Object::new(key, &value));
-        assert_eq!(got.is_some(), s.matches(&mut Object::new(key, &value)));
-        got
+        let text = serde_json::to_vec(&value).unwrap();
+        let got = s.run(&mut Object::new(key, &text));
+        assert_eq!(got.is_some(), s.matches(&mut Object::new(key, &text)));
+        got.map(|bytes| serde_json::from_slice(&bytes).expect("results are JSON"))
     }
 
     #[test]

@@ -4,8 +4,6 @@
 //! object examined. Built on [`TableOps::scan`], so it works alike on local
 //! and cluster tables and shares the cursor contract of scans.
 
-use serde_json::Value as Json;
-
 use super::eval::Object;
 use super::spec::MatchSpec;
 use crate::error::ApiResult;
@@ -56,8 +54,8 @@ pub enum SelectMode {
 /// What a select found.
 #[derive(Debug, Default)]
 pub struct Selected {
-    /// The results (`SelectMode::Results`).
-    pub results: Vec<Json>,
+    /// The results (`SelectMode::Results`), each as JSON text.
+    pub results: Vec<Vec<u8>>,
     /// Objects counted or deleted.
     pub count: u64,
     /// Where to resume, or `None` when the select is complete.
@@ -105,16 +103,22 @@ pub async fn select(table: &impl TableOps, spec: &MatchSpec, walk: Walk) -> ApiR
     }
     let mut out = Selected::default();
     let mut examined = 0usize;
+    // The first page is as long as the results wanted (a dense match needs
+    // no more); pages double while matches are sparse.
+    let mut page_len = match walk.mode {
+        SelectMode::Results { limit } => limit.min(PAGE),
+        _ => PAGE,
+    };
     loop {
-        req.limit = PAGE.min(walk.budget.saturating_sub(examined)).max(1);
+        req.limit = page_len.min(walk.budget.saturating_sub(examined)).max(1);
+        page_len = (page_len * 2).min(PAGE);
         let page = table.scan(&req, ReadFrom::Primary).await?;
         examined += page.items.len();
         for (i, (key, value)) in page.items.iter().enumerate() {
             if !ordered && !walk.range.admits(key) {
                 continue;
             }
-            let json = value.to_json();
-            let mut object = Object::new(key, &json);
+            let mut object = Object::new(key, value.as_bytes());
             match walk.mode {
                 SelectMode::Results { limit } => {
                     let Some(result) = spec.run(&mut object) else {
@@ -171,8 +175,7 @@ async fn select_key(
     let Objects::One(value) = entry.objects else {
         return Ok(out);
     };
-    let json = value.to_json();
-    let mut object = Object::new(key, &json);
+    let mut object = Object::new(key, value.as_bytes());
     match walk.mode {
         SelectMode::Results { .. } => out.results.extend(spec.run(&mut object)),
         SelectMode::Count => out.count = u64::from(spec.matches(&mut object)),

@@ -1,0 +1,120 @@
+//! Select and multi-get rows, each against the plain operation it replaces
+//! on the same server:
+//!
+//! - a select of 100 objects from a random start in an ordered_set of
+//!   `--memory-entries` objects (1M by default), with a `range`, against a
+//!   scan of the same 100;
+//! - a multi-get of 100 keys against 100 single GETs (keys per second);
+//! - `select_count` with a guard over a table of 100,000 objects, as
+//!   objects examined per second.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::procs::{fail, http};
+use crate::report::PairRow;
+use crate::wrk::{self, Workload};
+use crate::{create, fill_with, key, value100, Options};
+
+/// Everything the select rows measured.
+#[derive(Debug, Serialize)]
+pub struct SelectReport {
+    pub rows: Vec<PairRow>,
+    /// Objects in the select_count table.
+    pub count_objects: usize,
+    /// `select_count` with a guard: objects examined per second.
+    pub count_objects_per_sec: f64,
+}
+
+/// Runs the rows against the larder at `addr` (a server of its own).
+pub fn run(opts: &Options, addr: SocketAddr, scripts: &Path) -> SelectReport {
+    let (c, d) = (opts.connections, opts.duration);
+    let big = opts.memory_entries;
+    let value = value100();
+    eprintln!("select rows: loading {big} entries into an ordered_set…");
+    create(
+        addr,
+        serde_json::json!({"name": "big", "type": "ordered_set"}),
+    );
+    fill_with(addr, "big", big, |i| {
+        format!(
+            "{{\"key\":\"{}\",\"value\":{{\"n\":{i},\"v\":{value}}}}}",
+            key(i)
+        )
+    });
+    let mut rows = Vec::new();
+
+    // Starts leave room for 100 keys after them.
+    let starts = big.saturating_sub(100).max(1);
+    let scan = Workload::new(
+        "GET",
+        "/v1/tables/big/entries?start=%K&limit=100",
+        None,
+        starts,
+    )
+    .save(scripts, "select-scan-100");
+    let select = Workload::new(
+        "POST",
+        "/v1/tables/big/select",
+        Some(r#"{"match":{"key":"$k","value":{"n":"$n"}},"where":[">=","$n",0],"range":{"start":"%K"},"limit":100}"#),
+        starts,
+    )
+    .save(scripts, "select-100");
+    let mut row = PairRow::new(
+        &format!("select 100 of {big} (ordered_set range, guard)"),
+        "scan of 100",
+        0.70,
+    );
+    row.alternate(
+        opts.rounds,
+        || wrk::run(addr, Some(&scan), "/", c, d).rps,
+        || (wrk::run(addr, Some(&select), "/", c, d), 1.0),
+    );
+    rows.push(row);
+
+    // Multi-get of the first 100 keys, as keys/s, against single GETs of
+    // the same keys.
+    let keys: Vec<String> = (0..100).map(|i| format!("\"k{i:015}\"")).collect();
+    let lookup_body = format!("{{\"keys\":[{}]}}", keys.join(","));
+    let lookup = Workload::new("POST", "/v1/tables/big/lookup", Some(&lookup_body), 1)
+        .save(scripts, "lookup-100");
+    let get = Workload::new("GET", "/v1/tables/big/entries/%K", None, 100.min(big))
+        .save(scripts, "lookup-get-1");
+    let mut row = PairRow::new("multi-get of 100 keys, keys/s", "100 GETs, keys/s", 1.0);
+    row.alternate(
+        opts.rounds,
+        || wrk::run(addr, Some(&get), "/", c, d).rps,
+        || (wrk::run(addr, Some(&lookup), "/", c, d), 100.0),
+    );
+    rows.push(row);
+
+    // select_count with a guard over 100,000 objects, one request at a time.
+    let count_objects = 100_000.min(big);
+    create(addr, serde_json::json!({"name": "count", "type": "set"}));
+    fill_with(addr, "count", count_objects, |i| {
+        format!("{{\"key\":\"{}\",\"value\":{{\"n\":{i}}}}}", key(i))
+    });
+    let body = br#"{"match":{"value":{"n":"$n"}},"where":["==",["rem","$n",7],0]}"#;
+    let started = Instant::now();
+    let mut requests = 0u32;
+    while started.elapsed() < d || requests < 3 {
+        let (status, text) = http(addr, "POST", "/v1/tables/count/select_count", body);
+        if status != 200 {
+            fail(&format!(
+                "select_count: {status} {}",
+                String::from_utf8_lossy(&text)
+            ));
+        }
+        requests += 1;
+    }
+    let count_objects_per_sec =
+        count_objects as f64 * f64::from(requests) / started.elapsed().as_secs_f64();
+    SelectReport {
+        rows,
+        count_objects,
+        count_objects_per_sec,
+    }
+}
