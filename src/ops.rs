@@ -150,7 +150,7 @@ impl<'a> LocalTable<'a> {
     /// promises: at once for `none` and `periodic`, after an fsync shared
     /// with concurrent writers for `sync`.
     async fn durable(&self) -> ApiResult<()> {
-        if self.table.persistence() != Persistence::Sync {
+        if self.table.persistence() != Persistence::Sync || crate::persist::defer_wait() {
             return Ok(());
         }
         self.durability

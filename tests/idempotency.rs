@@ -246,3 +246,43 @@ async fn keyed_increment(
         .map(|v| v.to_str().unwrap().to_owned());
     (r.text().await.unwrap(), replayed)
 }
+
+/// Flushes counted through the engine: a keyed write on a `sync` table
+/// costs one round for the change and its record together, and a
+/// select_delete one round for all its deletes.
+#[tokio::test]
+async fn keyed_sync_writes_and_select_deletes_cost_one_flush() {
+    let recorder = Arc::new(common::recording::Recorder::default());
+    let app = common::spawn_with_engine(recorder.wrapper()).await;
+    let r = app
+        .create_table(json!({"name": "s", "persistence": "sync"}))
+        .await;
+    assert_eq!(r.status, 201);
+    for i in 0..5 {
+        let before = recorder.flushes();
+        let r = send_keyed(
+            &app,
+            Method::POST,
+            "/v1/tables/s/entries/n/counter",
+            r#"{"default":0}"#,
+            &format!("f{i}"),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(recorder.flushes() - before, 1, "keyed write {i}");
+    }
+    for i in 0..10 {
+        assert_eq!(app.put("s", &format!("k{i}"), json!(i)).await.status, 201);
+    }
+    let before = recorder.flushes();
+    let r = app
+        .send(
+            Method::POST,
+            "/v1/tables/s/select_delete",
+            Some(br#"{"match":{"key":"$k","value":"$v"},"where":["is_integer","$v"]}"#.to_vec()),
+            &[],
+        )
+        .await;
+    assert_eq!(r.body["deleted"], 11, "{}", r.text);
+    assert_eq!(recorder.flushes() - before, 1, "one flush for the deletes");
+}

@@ -6,7 +6,8 @@
 //! retry while the first is still running is 409.
 //!
 //! Records live in memory, and as durably as the write they answer: on a
-//! `sync` table the record is on disk before the answer is sent, on a
+//! `sync` table the write's own wait is deferred, the record handed to the
+//! engine, and one round makes both durable before the answer is sent; on a
 //! `periodic` table it is saved with the next write-back round, on a cluster
 //! table it is committed in PostgreSQL (so a retry sent to another node is
 //! answered too). Only 2xx answers are remembered: a failed request changed
@@ -276,9 +277,20 @@ where
         }
     }
 
-    let resp = run(Request::from_parts(parts, Body::from(body))).await;
+    let request = Request::from_parts(parts, Body::from(body));
+    // On a sync table the write's own wait is deferred to `save`, so that
+    // one round makes the write and its record durable. (A round started
+    // meanwhile by another writer may still save the change first: see the
+    // README on what a crash in between costs.)
+    let (resp, owed) = match tier {
+        Tier::Local { sync: true } => crate::persist::deferring(run(request)).await,
+        _ => (run(request).await, false),
+    };
     if !resp.status().is_success() {
         release(records, &id, &fingerprint);
+        if owed {
+            durable(state).await?;
+        }
         return Ok(resp);
     }
     let (parts, body) = resp.into_parts();
@@ -307,8 +319,8 @@ where
         expires_at: now.saturating_add(state.idempotency.ttl_ms),
     });
     if let Err(e) = save(state, &tier, &id, &record).await {
-        // The write is done; only its record is not as durable as asked.
-        tracing::warn!(error = %e, "an idempotency record could not be made durable");
+        release(records, &id, &record.fingerprint);
+        return Err(e);
     }
     records.insert(id, Slot::Done(record));
     Ok(Response::from_parts(parts, Body::from(bytes)))
@@ -339,24 +351,29 @@ async fn save(state: &AppState, tier: &Tier, id: &str, record: &Record) -> Resul
     match tier {
         Tier::Memory => Ok(()),
         Tier::Local { sync } => {
-            state
+            let put = state
                 .durability
-                .put_record(&format!("{RECORD_PREFIX}{id}"), json.as_bytes())
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
+                .put_record(&format!("{RECORD_PREFIX}{id}"), json.as_bytes());
             if *sync {
-                state
-                    .durability
-                    .wait_durable(false)
-                    .await
-                    .map_err(|e| ApiError::Internal(e.to_string()))?;
+                // Also the write's own wait, deferred to here.
+                durable(state).await?;
             }
-            Ok(())
+            put.map_err(|e| ApiError::Internal(format!("storing an idempotency record: {e}")))
         }
         Tier::Cluster => match &state.cluster {
             Some(c) => c.save_record(id, &json, record.expires_at).await,
             None => Ok(()),
         },
     }
+}
+
+/// Waits until the request's changes are on disk.
+async fn durable(state: &AppState) -> Result<(), ApiError> {
+    state
+        .durability
+        .wait_durable(false)
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("could not make the write durable: {e}")))
 }
 
 /// The remembered answer, or 422 when the key was used for another request.

@@ -249,7 +249,16 @@ async fn count_or_delete(
     };
     let table = state.table_for(table, who, op).await?;
     let map = members(bytes, &["match", "where", "range", "cursor"])?;
-    let found = run(state, &table, common(&map)?, mode, false).await?;
+    let common = common(&map)?;
+    // Deletes on a sync table wait for the disk once, together, before the
+    // answer, rather than once each.
+    let (found, owed) = crate::persist::deferring(run(state, &table, common, mode, false)).await;
+    if owed {
+        state.durability.wait_durable(false).await.map_err(|e| {
+            ApiError::Unavailable(format!("could not make the deletes durable: {e}"))
+        })?;
+    }
+    let found = found?;
     Ok((found.count, found.next_cursor.map(|c| c.encode())))
 }
 

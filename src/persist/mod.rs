@@ -89,6 +89,30 @@ struct Progress {
     failed: u64,
 }
 
+tokio::task_local! {
+    /// Set while a request's caller takes over its `sync` waits.
+    static DEFERRED: std::cell::Cell<bool>;
+}
+
+/// Runs `work` with its `sync` waits deferred to the caller, who must call
+/// [`Durability::wait_durable`] before answering when the second value is
+/// true. An idempotent write uses this to make its change and its record
+/// durable in one round; `select_delete` to wait once for all its deletes.
+pub async fn deferring<F: std::future::Future>(work: F) -> (F::Output, bool) {
+    DEFERRED
+        .scope(std::cell::Cell::new(false), async move {
+            let out = work.await;
+            (out, DEFERRED.with(std::cell::Cell::get))
+        })
+        .await
+}
+
+/// Inside [`deferring`], notes that a `sync` wait is owed and returns true;
+/// elsewhere returns false and the caller waits itself.
+pub fn defer_wait() -> bool {
+    DEFERRED.try_with(|d| d.set(true)).is_ok()
+}
+
 /// Handle to the durable tier. Cloning is shallow.
 #[derive(Debug, Clone)]
 pub struct Durability {
