@@ -191,7 +191,8 @@ impl App {
                 config.max_tables,
                 config.max_body_bytes,
             )
-            .with_max_select_scan(usize::try_from(config.max_select_scan).unwrap_or(usize::MAX)),
+            .with_max_select_scan(usize::try_from(config.max_select_scan).unwrap_or(usize::MAX))
+            .with_max_import_bytes(usize::try_from(config.max_import_bytes).unwrap_or(usize::MAX)),
             request_ids: std::sync::atomic::AtomicU64::new(0),
             cluster,
             idempotency: crate::api::idempotency::Idempotency::new(

@@ -120,6 +120,11 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_select_scan: u64,
 
+    /// Largest import stream accepted, in bytes (imports are not bound by
+    /// `--max-body-bytes`).
+    #[arg(long, env = "LARDER_MAX_IMPORT_BYTES", default_value_t = 1 << 30)]
+    pub max_import_bytes: u64,
+
     /// Seconds the answer of a write sent with `Idempotency-Key` is
     /// remembered, so that a retry with the same key is not applied again.
     #[arg(long, env = "LARDER_IDEMPOTENCY_TTL_SECS", default_value_t = 86_400)]
@@ -206,6 +211,7 @@ impl std::fmt::Debug for Config {
             .field("max_tables", &self.max_tables)
             .field("max_select_scan", &self.max_select_scan)
             .field("idempotency_ttl_secs", &self.idempotency_ttl_secs)
+            .field("max_import_bytes", &self.max_import_bytes)
             .field("request_timeout_ms", &self.request_timeout_ms)
             .field("max_concurrent_requests", &self.max_concurrent_requests)
             .field("access_log", &self.access_log)

@@ -23,6 +23,9 @@ pub enum ApiError {
     InvalidKey(String),
     /// 400 `invalid_argument`: a parameter or body field is wrong.
     InvalidArgument(String),
+    /// 400 `invalid_import`: an import stream is malformed, truncated or
+    /// altered; the message starts with `line N:`.
+    InvalidImport(String),
     /// 400 `invalid_match_spec`: a select's specification is malformed; the
     /// message names the offending part.
     InvalidMatchSpec(String),
@@ -97,7 +100,7 @@ impl ApiError {
         use ApiError::*;
         match self {
             InvalidJson(_) | InvalidName(_) | InvalidKey(_) | InvalidArgument(_)
-            | InvalidMatchSpec(_) => StatusCode::BAD_REQUEST,
+            | InvalidMatchSpec(_) | InvalidImport(_) => StatusCode::BAD_REQUEST,
             Unauthorized => StatusCode::UNAUTHORIZED,
             Forbidden(_) => StatusCode::FORBIDDEN,
             TableNotFound(_) | KeyNotFound | RouteNotFound => StatusCode::NOT_FOUND,
@@ -124,6 +127,7 @@ impl ApiError {
             InvalidKey(_) => "invalid_key",
             InvalidArgument(_) => "invalid_argument",
             InvalidMatchSpec(_) => "invalid_match_spec",
+            InvalidImport(_) => "invalid_import",
             Unauthorized => "unauthorized",
             Forbidden(_) => "forbidden",
             TableNotFound(_) => "table_not_found",
@@ -154,7 +158,7 @@ impl ApiError {
         use ApiError::*;
         match self {
             InvalidJson(m) | InvalidName(m) | InvalidKey(m) | InvalidArgument(m)
-            | InvalidMatchSpec(m) => m.clone(),
+            | InvalidMatchSpec(m) | InvalidImport(m) => m.clone(),
             Unauthorized => "a valid bearer token is required".into(),
             Forbidden(m) => m.clone(),
             TableNotFound(t) => format!("table '{t}' does not exist"),

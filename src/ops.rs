@@ -17,7 +17,8 @@ use crate::cluster::ClusterTable;
 use crate::error::{ApiError, ApiResult};
 use crate::persist::Durability;
 use crate::store::{
-    CounterOp, Entry, Persistence, Precondition, ScanPage, ScanRequest, Table, Value, Written,
+    CounterOp, Entry, Expiry, Persistence, Precondition, ScanPage, ScanRequest, Table, Value,
+    Written,
 };
 
 /// Table-wide figures of table info that only the table's tier can give.
@@ -81,7 +82,7 @@ pub trait TableOps {
     /// were inserted.
     fn insert_many(
         &self,
-        items: Vec<(String, Value, Option<u64>)>,
+        items: Vec<(String, Value, Expiry)>,
     ) -> impl Future<Output = ApiResult<usize>> + Send;
 
     /// `delete/2`.
@@ -185,7 +186,7 @@ impl TableOps for LocalTable<'_> {
         Ok(written)
     }
 
-    async fn insert_many(&self, items: Vec<(String, Value, Option<u64>)>) -> ApiResult<usize> {
+    async fn insert_many(&self, items: Vec<(String, Value, Expiry)>) -> ApiResult<usize> {
         let inserted = self.table.insert_many(items)?;
         self.durable().await?;
         Ok(inserted)
@@ -309,7 +310,7 @@ impl TableOps for TableHandle<'_> {
         forward!(self, t => t.insert(key, value, ttl_ms, pre).await)
     }
 
-    async fn insert_many(&self, items: Vec<(String, Value, Option<u64>)>) -> ApiResult<usize> {
+    async fn insert_many(&self, items: Vec<(String, Value, Expiry)>) -> ApiResult<usize> {
         forward!(self, t => t.insert_many(items).await)
     }
 

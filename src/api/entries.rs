@@ -482,7 +482,11 @@ pub async fn insert_entries(
         if let Some(ttl) = item.ttl_ms {
             check_ttl_ms(ttl).map_err(|e| ApiError::InvalidArgument(format!("item {i}: {e}")))?;
         }
-        batch.push((key, Value::from_json(&item.value), item.ttl_ms));
+        batch.push((
+            key,
+            Value::from_json(&item.value),
+            crate::store::Expiry::After(item.ttl_ms),
+        ));
     }
     let inserted = table.insert_many(batch).await?;
     let body = serde_json::to_vec(&Inserted { inserted }).unwrap_or_default();

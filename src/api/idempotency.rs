@@ -91,7 +91,9 @@ fn sha256(parts: &[&[u8]]) -> String {
 }
 
 /// The `Idempotency-Key` of a request it applies to: a write under `/v1/`
-/// that can change something (select, select_count and lookup only read).
+/// that can change something (select, select_count and lookup only read;
+/// an import, all or nothing and refused for an existing name, is not
+/// buffered for a record).
 pub fn applies(req: &Request) -> Option<HeaderValue> {
     if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
         return None;
@@ -101,6 +103,7 @@ pub fn applies(req: &Request) -> Option<HeaderValue> {
         || path.ends_with("/select")
         || path.ends_with("/select_count")
         || path.ends_with("/lookup")
+        || path.ends_with("/import")
     {
         return None;
     }

@@ -19,6 +19,7 @@ pub mod respond;
 pub mod select;
 pub mod service;
 pub mod tables;
+pub mod transfer;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -96,6 +97,8 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Most objects one select request examines.
     pub max_select_scan: usize,
+    /// Largest import stream accepted, in bytes.
+    pub max_import_bytes: usize,
 }
 
 impl Limits {
@@ -114,6 +117,7 @@ impl Limits {
             max_tables,
             max_body_bytes,
             max_select_scan: 1_000_000,
+            max_import_bytes: 1 << 30,
         }
     }
 
@@ -121,6 +125,14 @@ impl Limits {
     pub fn with_max_select_scan(self, n: usize) -> Self {
         Limits {
             max_select_scan: n.max(1),
+            ..self
+        }
+    }
+
+    /// The same limits with imports of at most `n` bytes.
+    pub fn with_max_import_bytes(self, n: usize) -> Self {
+        Limits {
+            max_import_bytes: n,
             ..self
         }
     }
@@ -303,6 +315,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .merge(entries::router())
         .merge(counters::router())
         .merge(select::router())
+        .merge(transfer::router())
         .merge(service::router())
         .merge(metrics::router())
 }

@@ -41,6 +41,7 @@ retry sent to another node is answered from it.",
     tags(
         (name = "tables", description = "Create, inspect, change and drop tables (ets:new, ets:info, ets:delete/1)"),
         (name = "entries", description = "Objects under keys: insert, lookup, delete, take, counters, merge patch, scans"),
+        (name = "transfer", description = "Export a table as NDJSON with a checksum, and import it (ets:tab2file, ets:file2tab)"),
         (name = "select", description = "ETS select, select_count and select_delete with JSON match specifications, and multi-get"),
         (name = "service", description = "Health and readiness"),
     ),

@@ -53,6 +53,52 @@ pub struct CreateTable {
     pub settings: TableSettings,
 }
 
+/// The table a create body describes, owned by `who`: the name checked,
+/// unknown members refused, origins allowed only to admins and only where
+/// `--origin-allow` lets them.
+///
+/// # Errors
+/// [`ApiError::InvalidName`], [`ApiError::InvalidArgument`],
+/// [`ApiError::Forbidden`].
+pub fn spec_from_body(
+    state: &AppState,
+    who: &Principal,
+    mut body: serde_json::Map<String, serde_json::Value>,
+) -> ApiResult<TableSpec> {
+    let name = match body.remove("name") {
+        Some(serde_json::Value::String(name)) => name,
+        Some(_) => return Err(ApiError::InvalidArgument("name must be a string".into())),
+        None => return Err(ApiError::InvalidArgument("missing field `name`".into())),
+    };
+    crate::store::validate_table_name(&name).map_err(|e| ApiError::InvalidName(e.to_string()))?;
+    let known = TableSettings::member_names();
+    if let Some(unknown) = body.keys().find(|k| !known.contains(k)) {
+        return Err(ApiError::InvalidArgument(format!(
+            "unknown field `{unknown}`, expected `name` or one of {}",
+            known
+                .iter()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let settings: TableSettings = from_object(body)?;
+    if let Some(origin) = &settings.origin {
+        if !who.admin {
+            return Err(ApiError::Forbidden(
+                "only admins create tables with an origin".into(),
+            ));
+        }
+        state.origins.check(origin)?;
+    }
+    Ok(TableSpec {
+        name,
+        settings,
+        owner: who.name.to_string(),
+        created_at: state.store.now_ms(),
+    })
+}
+
 /// Body of `PATCH /v1/tables/{table}`: the settings to change; absent ones stay.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -190,7 +236,10 @@ pub async fn table_info(table: &impl TableOps) -> Result<TableInfo, ApiError> {
     })
 }
 
-async fn info_response(status: StatusCode, table: &impl TableOps) -> ApiResult<Response> {
+pub(crate) async fn info_response(
+    status: StatusCode,
+    table: &impl TableOps,
+) -> ApiResult<Response> {
     let info = table_info(table).await?;
     Ok(respond::json(
         status,
@@ -233,40 +282,9 @@ async fn info_response(status: StatusCode, table: &impl TableOps) -> ApiResult<R
 pub async fn create_table(
     State(state): State<AppState>,
     who: Principal,
-    JsonBody(mut body): JsonBody<serde_json::Map<String, serde_json::Value>>,
+    JsonBody(body): JsonBody<serde_json::Map<String, serde_json::Value>>,
 ) -> ApiResult<Response> {
-    let name = match body.remove("name") {
-        Some(serde_json::Value::String(name)) => name,
-        Some(_) => return Err(ApiError::InvalidArgument("name must be a string".into())),
-        None => return Err(ApiError::InvalidArgument("missing field `name`".into())),
-    };
-    crate::store::validate_table_name(&name).map_err(|e| ApiError::InvalidName(e.to_string()))?;
-    let known = TableSettings::member_names();
-    if let Some(unknown) = body.keys().find(|k| !known.contains(k)) {
-        return Err(ApiError::InvalidArgument(format!(
-            "unknown field `{unknown}`, expected `name` or one of {}",
-            known
-                .iter()
-                .map(|k| format!("`{k}`"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
-    }
-    let settings: TableSettings = from_object(body)?;
-    if let Some(origin) = &settings.origin {
-        if !who.admin {
-            return Err(ApiError::Forbidden(
-                "only admins create tables with an origin".into(),
-            ));
-        }
-        state.origins.check(origin)?;
-    }
-    let spec = TableSpec {
-        name,
-        settings,
-        owner: who.name.to_string(),
-        created_at: state.store.now_ms(),
-    };
+    let spec = spec_from_body(&state, &who, body)?;
     let table = state.create_table(spec).await?;
     info_response(StatusCode::CREATED, &table).await
 }

@@ -33,7 +33,7 @@ use super::{db_error, retryable, Core};
 use crate::error::{ApiError, ApiResult};
 use crate::ops::{Counts, ReadFrom, TableOps};
 use crate::store::{
-    CounterOp, Cursor, Entry, Eviction, Key, Objects, Precondition, ScanPage, ScanRequest,
+    CounterOp, Cursor, Entry, Eviction, Expiry, Key, Objects, Precondition, ScanPage, ScanRequest,
     StoreError, Table, TableSpec, TableType, Value, Written,
 };
 
@@ -523,6 +523,7 @@ impl ClusterTable {
             for r in &found {
                 let key: String = r.get(0);
                 let text: String = r.get(1);
+                let deadline = r.get::<_, i64>(3).max(0) as u64;
                 let objects = rows::decode(self.kind(), &text).map_err(|e| {
                     ApiError::Internal(format!("unreadable row in table '{}': {e}", self.name()))
                 })?;
@@ -550,6 +551,7 @@ impl ClusterTable {
                     }
                     page.items.push((Key::from(key.as_str()), value));
                     page.positions.push((0, seq));
+                    page.deadlines.push(deadline);
                     resume = Some((key.clone(), seq));
                 }
             }
@@ -605,21 +607,19 @@ impl TableOps for ClusterTable {
         })
     }
 
-    async fn insert_many(&self, items: Vec<(String, Value, Option<u64>)>) -> ApiResult<usize> {
+    async fn insert_many(&self, items: Vec<(String, Value, Expiry)>) -> ApiResult<usize> {
         if items.is_empty() {
             return Ok(0);
         }
         let kind = self.kind();
         let keys: Vec<&str> = items.iter().map(|(k, _, _)| k.as_str()).collect();
         self.write_keys(&keys, |i, live, clock| {
-            let (_, value, ttl_ms) = &items[i];
-            let step = rows::insert(
-                kind,
-                live,
-                value.clone(),
-                clock.deadline(*ttl_ms),
-                &Precondition::None,
-            )?;
+            let (_, value, expiry) = &items[i];
+            let deadline = match expiry {
+                Expiry::After(ttl_ms) => clock.deadline(*ttl_ms),
+                Expiry::At(at) => *at,
+            };
+            let step = rows::insert(kind, live, value.clone(), deadline, &Precondition::None)?;
             Ok((step, ()))
         })
         .await?;

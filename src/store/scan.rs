@@ -129,6 +129,8 @@ pub struct ScanPage {
     /// Each item's place in the walk, `(hash, seq)` as a [`Cursor`] holds
     /// them, so that a reader can resume right after any item.
     pub positions: Vec<(u64, u64)>,
+    /// Each item's expiry deadline, Unix ms (0: none).
+    pub deadlines: Vec<u64>,
     /// Where to resume, or `None` when the scan is complete.
     pub next_cursor: Option<Cursor>,
 }
@@ -215,10 +217,12 @@ impl Table {
             let Ok(key) = std::str::from_utf8(entry.value()) else {
                 continue;
             };
-            let Some(value) = self.map().get(key).and_then(|slot| match &slot.objects {
-                Objects::One(v) if !slot.is_expired(now) => Some(v.clone()),
-                _ => None,
-            }) else {
+            let Some((value, deadline)) =
+                self.map().get(key).and_then(|slot| match &slot.objects {
+                    Objects::One(v) if !slot.is_expired(now) => Some((v.clone(), slot.expires_at)),
+                    _ => None,
+                })
+            else {
                 continue;
             };
             if page.items.len() == req.limit {
@@ -231,6 +235,7 @@ impl Table {
             }
             page.items.push((Key::from(key), value));
             page.positions.push((0, 0));
+            page.deadlines.push(deadline);
         }
         page
     }
@@ -307,6 +312,7 @@ impl Table {
                     }
                     page.items.push(((*key).clone(), value.clone()));
                     page.positions.push((*hash, seq));
+                    page.deadlines.push(slot.expires_at);
                     page.next_cursor = Some(Cursor {
                         hash: *hash,
                         seq,

@@ -154,3 +154,13 @@ impl TableSettings {
         }
     }
 }
+
+/// How long an inserted object lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// `ttl_ms` from now; `None` takes the table's `default_ttl_ms`.
+    After(Option<u64>),
+    /// Until this Unix-ms deadline (0: never), whatever the table's
+    /// default: what an import restores.
+    At(u64),
+}

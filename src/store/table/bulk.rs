@@ -9,12 +9,12 @@ impl Table {
     ///
     /// # Errors
     /// [`StoreError::TableFull`].
-    pub fn insert_many(&self, items: Vec<(String, Value, Option<u64>)>) -> StoreResult<usize> {
+    pub fn insert_many(&self, items: Vec<(String, Value, Expiry)>) -> StoreResult<usize> {
         let count = items.len();
         let mut undo: Vec<(String, Option<Slot>, Written)> = Vec::with_capacity(count);
-        for (key, value, ttl) in items {
+        for (key, value, expiry) in items {
             let before = self.live_slot(&key);
-            match self.insert(&key, value, ttl, &Precondition::None) {
+            match self.insert_until(&key, value, expiry, &Precondition::None) {
                 Ok(w) if before.as_ref().map(|b| b.version) == Some(w.version) => {}
                 Ok(w) => undo.push((key, before, w)),
                 Err(e) => {

@@ -32,7 +32,7 @@ use super::slot::{
     Entry, Object, Objects, Slot, BUCKET_BYTES, BUCKET_ESTIMATE, KEY_OVERHEAD, OBJECT_OVERHEAD,
     ORDERED_INDEX_OVERHEAD,
 };
-use super::types::{Access, Eviction, Origin, Persistence, TableSettings, TableType};
+use super::types::{Access, Eviction, Expiry, Origin, Persistence, TableSettings, TableType};
 use super::value::{Key, Value};
 use super::Shared;
 use crate::stripe::Striped;

@@ -16,7 +16,21 @@ impl Table {
         ttl_ms: Option<u64>,
         pre: &Precondition,
     ) -> StoreResult<Written> {
-        let written = self.insert_locked(key, value, ttl_ms, pre)?;
+        self.insert_until(key, value, Expiry::After(ttl_ms), pre)
+    }
+
+    /// `insert/2` of one object that lives as `expiry` says.
+    ///
+    /// # Errors
+    /// As [`Table::insert`].
+    pub fn insert_until(
+        &self,
+        key: &str,
+        value: Value,
+        expiry: Expiry,
+        pre: &Precondition,
+    ) -> StoreResult<Written> {
+        let written = self.insert_locked(key, value, expiry, pre)?;
         if written.inserted > 0 {
             self.evict_if_needed();
         }
@@ -27,11 +41,14 @@ impl Table {
         &self,
         key: &str,
         value: Value,
-        ttl_ms: Option<u64>,
+        expiry: Expiry,
         pre: &Precondition,
     ) -> StoreResult<Written> {
         let now = self.now();
-        let expires_at = self.deadline(now, ttl_ms);
+        let expires_at = match expiry {
+            Expiry::After(ttl_ms) => self.deadline(now, ttl_ms),
+            Expiry::At(deadline) => deadline,
+        };
         match self.live_entry(key, now) {
             MapEntry::Vacant(v) => {
                 pre.check(None)?;
