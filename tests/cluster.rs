@@ -997,3 +997,53 @@ async fn a_retry_sent_to_another_node_is_answered_from_the_record() {
     let r = get_consistent(&nodes[0], "c", "n").await;
     assert_eq!(r.body["value"], 2);
 }
+
+#[tokio::test]
+async fn a_cluster_table_exports_and_imports_with_its_deadlines() {
+    let Some((_pg, nodes)) = cluster(2).await else {
+        return;
+    };
+    create(&nodes[0], "src", "duplicate_bag").await;
+    for i in 0..20 {
+        let query = if i % 3 == 0 { "?ttl_ms=3600000" } else { "" };
+        let r = nodes[0]
+            .put_with("src", &format!("k{}", i % 6), json!(i), query, &[])
+            .await;
+        assert!(r.status.is_success(), "{}", r.text);
+    }
+    let export = |node: &TestApp, table: &str| {
+        let req = node
+            .client
+            .get(node.url(&format!("/v1/tables/{table}/export")));
+        async move {
+            let text = req
+                .send()
+                .await
+                .expect("export")
+                .text()
+                .await
+                .expect("body");
+            let mut objects: Vec<String> = text.lines().skip(1).map(str::to_owned).collect();
+            objects.pop();
+            objects.sort();
+            (text, objects)
+        }
+    };
+    let (stream, objects) = export(&nodes[1], "src").await;
+    assert_eq!(objects.len(), 20);
+    let r = nodes[1]
+        .send(
+            Method::POST,
+            "/v1/tables/import?name=dst",
+            Some(stream.into_bytes()),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(r.body["persistence"], "cluster");
+    let (_, copied) = export(&nodes[0], "dst").await;
+    assert_eq!(
+        copied, objects,
+        "the same objects and deadlines, seen from the other node"
+    );
+}

@@ -254,3 +254,73 @@ fn random_tables_round_trip() {
 fn objects_of(stream: &str) -> Vec<String> {
     objects(stream).into_iter().map(str::to_owned).collect()
 }
+
+#[tokio::test]
+async fn a_whole_server_export_restores_all_or_nothing() {
+    let app = spawn_app().await;
+    app.table("b_bag", "bag").await;
+    app.table("a_set", "ordered_set").await;
+    for i in 0..30 {
+        app.put("a_set", &format!("k{i:02}"), json!(i)).await;
+        app.put("b_bag", &format!("k{}", i % 7), json!(i)).await;
+    }
+    let r = app.client.get(app.url("/v1/export")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let stream = r.text().await.unwrap();
+    let heads: Vec<String> = stream
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.get("type").is_some())
+        .map(|v| v["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(heads, ["a_set", "b_bag"], "tables in name order");
+
+    let other = spawn_app().await;
+    let r = other
+        .send(
+            Method::POST,
+            "/v1/import",
+            Some(stream.clone().into_bytes()),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let names: Vec<&str> = r.body["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a_set", "b_bag"]);
+    for t in ["a_set", "b_bag"] {
+        assert_eq!(
+            sorted(objects_of(&export(&other, t).await)),
+            sorted(objects_of(&export(&app, t).await)),
+            "{t}"
+        );
+    }
+    // One name taken: nothing is created.
+    let third = spawn_app().await;
+    third.table("b_bag", "set").await;
+    let r = third
+        .send(
+            Method::POST,
+            "/v1/import",
+            Some(stream.clone().into_bytes()),
+            &[],
+        )
+        .await;
+    r.assert_error(409, "table_exists");
+    assert_eq!(third.get_table("a_set").await.status, 404);
+    // The second table altered: nothing is created, and the line is named.
+    let fourth = spawn_app().await;
+    let altered = stream.replacen("\"value\":3,", "\"value\":4,", 1);
+    assert_ne!(altered, stream);
+    let r = fourth
+        .send(Method::POST, "/v1/import", Some(altered.into_bytes()), &[])
+        .await;
+    r.assert_error(400, "invalid_import");
+    assert!(r.text.contains("checksum"), "{}", r.text);
+    assert_eq!(fourth.get_table("a_set").await.status, 404);
+    assert_eq!(fourth.get_table("b_bag").await.status, 404);
+}

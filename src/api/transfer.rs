@@ -17,7 +17,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::auth::{Op, Principal};
+use super::auth::{authorize, Op, Principal};
 use super::extract::{checked_key, QueryParams, TablePath};
 use super::tables::{info_response, spec_from_body};
 use super::AppState;
@@ -30,6 +30,8 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(export_table))
         .routes(routes!(import_table))
+        .routes(routes!(export_all))
+        .routes(routes!(import_all))
 }
 
 /// Objects per page of an export.
@@ -40,16 +42,19 @@ const NDJSON: &str = "application/x-ndjson";
 
 /// Where an export is.
 enum Phase {
-    Header(Vec<u8>),
+    /// Between tables: the next one's first line comes next.
+    Next,
     Objects(Option<Cursor>),
     Trailer,
-    Done,
 }
 
 /// An export in progress: what the stream needs between pages.
 struct Export {
     state: AppState,
     who: Principal,
+    /// Tables still to export, in order.
+    queue: std::collections::VecDeque<String>,
+    /// The table being exported.
     table: String,
     phase: Phase,
     hasher: Sha256,
@@ -74,33 +79,55 @@ fn header_line(table: &impl TableOps) -> ApiResult<Vec<u8>> {
 }
 
 impl Export {
+    fn new(state: AppState, who: Principal, tables: Vec<String>) -> Self {
+        Export {
+            state,
+            who,
+            queue: tables.into(),
+            table: String::new(),
+            phase: Phase::Next,
+            hasher: Sha256::new(),
+            count: 0,
+        }
+    }
+
     /// The next chunk of the stream, or `None` at its end. An error ends
     /// the stream without a trailer, so an importer can tell.
     async fn next(mut self) -> Option<(Result<Bytes, std::io::Error>, Export)> {
-        match std::mem::replace(&mut self.phase, Phase::Done) {
-            Phase::Header(line) => {
+        let chunk = match std::mem::replace(&mut self.phase, Phase::Next) {
+            Phase::Next => loop {
+                let name = self.queue.pop_front()?;
+                let header = match self.state.table_for(&name, &self.who, Op::Read).await {
+                    // Dropped (or given away) since the export began: skip it.
+                    Err(ApiError::TableNotFound(_) | ApiError::Forbidden(_)) => continue,
+                    Err(e) => Err(e),
+                    Ok(table) => header_line(&table),
+                };
+                self.table = name;
+                self.hasher = Sha256::new();
+                self.count = 0;
                 self.phase = Phase::Objects(None);
-                Some((Ok(Bytes::from(line)), self))
-            }
-            Phase::Objects(cursor) => match self.page(cursor).await {
-                Ok((chunk, next)) => {
-                    self.phase = match next {
-                        Some(c) => Phase::Objects(Some(c)),
-                        None => Phase::Trailer,
-                    };
-                    Some((Ok(Bytes::from(chunk)), self))
-                }
-                Err(e) => {
-                    tracing::warn!(table = %self.table, error = %e, "export cut short");
-                    Some((Err(std::io::Error::other(e.to_string())), self))
-                }
+                break header;
             },
+            Phase::Objects(cursor) => self.page(cursor).await.map(|(chunk, next)| {
+                self.phase = match next {
+                    Some(c) => Phase::Objects(Some(c)),
+                    None => Phase::Trailer,
+                };
+                chunk
+            }),
             Phase::Trailer => {
                 let sha = hex(&std::mem::take(&mut self.hasher).finalize());
-                let line = format!("{{\"count\":{},\"sha256\":\"{sha}\"}}\n", self.count);
-                Some((Ok(Bytes::from(line)), self))
+                Ok(format!("{{\"count\":{},\"sha256\":\"{sha}\"}}\n", self.count).into_bytes())
             }
-            Phase::Done => None,
+        };
+        match chunk {
+            Ok(bytes) => Some((Ok(Bytes::from(bytes)), self)),
+            Err(e) => {
+                tracing::warn!(table = %self.table, error = %e, "export cut short");
+                self.queue.clear();
+                Some((Err(std::io::Error::other(e.to_string())), self))
+            }
         }
     }
 
@@ -166,23 +193,42 @@ pub async fn export_table(
     who: Principal,
     TablePath(name): TablePath,
 ) -> ApiResult<Response> {
-    let header = {
-        let table = state.table_for(&name, &who, Op::Read).await?;
-        header_line(&table)?
-    };
-    let export = Export {
-        state,
-        who,
-        table: name,
-        phase: Phase::Header(header),
-        hasher: Sha256::new(),
-        count: 0,
-    };
+    // Refused (404, 403) before the stream starts.
+    state.table_for(&name, &who, Op::Read).await?;
+    Ok(ndjson(Export::new(state, who, vec![name])))
+}
+
+/// The response streaming `export`.
+fn ndjson(export: Export) -> Response {
     let stream = futures_util::stream::unfold(export, Export::next);
     let mut resp = Response::new(Body::from_stream(stream));
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(NDJSON));
-    Ok(resp)
+    resp
+}
+
+/// Export every table.
+///
+/// Streams every table the caller may read, in name order, one after
+/// another, each as `GET /v1/tables/{table}/export` streams it (create
+/// body, object lines, trailer). A table dropped while the export runs is
+/// left out.
+#[utoipa::path(
+    get,
+    path = "/v1/export",
+    tag = "transfer",
+    responses(
+        (status = 200, description = "Every readable table as NDJSON", content_type = "application/x-ndjson", body = String),
+    )
+)]
+pub async fn export_all(State(state): State<AppState>, who: Principal) -> Response {
+    let names: Vec<String> = state
+        .all_tables()
+        .iter()
+        .filter(|t| authorize(t.meta(), &who, Op::Read).is_ok())
+        .map(|t| t.meta().name().to_owned())
+        .collect();
+    ndjson(Export::new(state, who, names))
 }
 
 /// Query of an import.
@@ -289,93 +335,231 @@ pub async fn import_table(
     QueryParams(params): QueryParams<ImportParams>,
     body: Body,
 ) -> ApiResult<Response> {
-    let mut lines = Lines {
-        body,
-        buf: Vec::new(),
-        read: 0,
-        limit: state.limits.max_import_bytes,
-        ended: false,
-    };
-    let Some(first) = lines.next().await? else {
+    let mut reader = Reader::new(body, state.limits.max_import_bytes);
+    let Some(section) = reader.section(&state, &who, params.name).await? else {
         return Err(bad(1, "the stream is empty"));
     };
-    let mut head: Map<String, Json> = serde_json::from_slice(&first)
-        .map_err(|e| bad(1, format!("not a table's create body: {e}")))?;
-    if let Some(name) = params.name {
-        head.insert("name".into(), Json::String(name));
-    }
-    let spec = spec_from_body(&state, &who, head).map_err(|e| match e {
-        ApiError::InvalidArgument(m) | ApiError::InvalidName(m) => bad(1, m),
-        other => other,
-    })?;
-    if state.table_for(&spec.name, &who, Op::Read).await.is_ok()
-        || state.store.table(&spec.name).is_ok()
-    {
-        return Err(ApiError::TableExists(spec.name));
-    }
-
-    let mut hasher = Sha256::new();
-    let mut items: Vec<(String, Value, Expiry)> = Vec::new();
-    let mut count = 0u64;
-    let mut n = 1;
-    let now = state.store.now_ms();
-    let trailer = loop {
-        n += 1;
-        let Some(line) = lines.next().await? else {
-            return Err(bad(n, "the stream ends before its trailer"));
-        };
-        let parsed: Json =
-            serde_json::from_slice(&line).map_err(|e| bad(n, format!("not JSON: {e}")))?;
-        if parsed.get("count").is_some() {
-            let t: Trailer = serde_json::from_value(parsed)
-                .map_err(|e| bad(n, format!("not a trailer: {e}")))?;
-            break t;
-        }
-        let object: ObjectLine = serde_json::from_value(parsed)
-            .map_err(|e| bad(n, format!("not an object line: {e}")))?;
-        let key = checked_key(object.key).map_err(|e| bad(n, e.message()))?;
-        hasher.update(&line);
-        hasher.update(b"\n");
-        count += 1;
-        match object.expires_at_ms {
-            Some(at) if at <= now => {}
-            deadline => items.push((
-                key,
-                Value::from_json(&object.value),
-                Expiry::At(deadline.unwrap_or(0)),
-            )),
-        }
-    };
-    if let Some(extra) = lines.next().await? {
+    if let Some(extra) = reader.lines.next().await? {
         if !extra.iter().all(u8::is_ascii_whitespace) {
-            return Err(bad(n + 1, "nothing may follow the trailer"));
+            return Err(bad(reader.n + 1, "nothing may follow the trailer"));
         }
     }
-    if trailer.count != count {
-        return Err(bad(
-            n,
-            format!(
-                "the trailer counts {} objects, the stream has {count}",
-                trailer.count
-            ),
-        ));
+    refuse_taken(&state, &who, std::slice::from_ref(&section.spec.name)).await?;
+    let mut created = restore(&state, vec![section]).await?;
+    let table = created
+        .pop()
+        .ok_or_else(|| ApiError::Internal("nothing imported".into()))?;
+    info_response(StatusCode::CREATED, &table).await
+}
+
+/// Import tables.
+///
+/// Takes what `GET /v1/export` streams: any number of tables one after
+/// another, each checked as `POST /v1/tables/import` checks one. Creates
+/// every table or none: 201 `{"tables": [info, …]}`, 400 `invalid_import`
+/// with the line that is wrong, or 409 `table_exists` if any name exists.
+#[utoipa::path(
+    post,
+    path = "/v1/import",
+    tag = "transfer",
+    request_body(content = String, content_type = "application/x-ndjson", description = "An export of several tables"),
+    responses(
+        (status = 201, description = "The imported tables", body = super::tables::TableList),
+        (status = 400, description = "invalid_import: the line that is wrong", body = ErrorBody),
+        (status = 403, description = "An origin needs an admin", body = ErrorBody),
+        (status = 409, description = "A table of one of the names exists", body = ErrorBody),
+        (status = 413, description = "Larger than --max-import-bytes", body = ErrorBody),
+    )
+)]
+pub async fn import_all(
+    State(state): State<AppState>,
+    who: Principal,
+    body: Body,
+) -> ApiResult<Response> {
+    let mut reader = Reader::new(body, state.limits.max_import_bytes);
+    let mut sections = Vec::new();
+    while let Some(section) = reader.section(&state, &who, None).await? {
+        if sections
+            .iter()
+            .any(|s: &Section| s.spec.name == section.spec.name)
+        {
+            return Err(bad(
+                section.first_line,
+                format!("table '{}' appears twice", section.spec.name),
+            ));
+        }
+        sections.push(section);
     }
-    if trailer.sha256 != hex(&hasher.finalize()) {
-        return Err(bad(n, "the checksum does not match the object lines"));
+    if sections.is_empty() {
+        return Err(bad(1, "the stream is empty"));
+    }
+    let names: Vec<String> = sections.iter().map(|s| s.spec.name.clone()).collect();
+    refuse_taken(&state, &who, &names).await?;
+    let created = restore(&state, sections).await?;
+    let mut tables = Vec::with_capacity(created.len());
+    for t in &created {
+        tables.push(super::tables::table_info(t).await?);
+    }
+    let body = serde_json::to_vec(&super::tables::TableList { tables })
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(super::respond::json(StatusCode::CREATED, body))
+}
+
+/// One verified table of an import stream.
+struct Section {
+    spec: crate::store::TableSpec,
+    items: Vec<(String, Value, Expiry)>,
+    /// Its first line's number, for messages.
+    first_line: usize,
+}
+
+/// Reads tables from an import stream, counting lines.
+struct Reader {
+    lines: Lines,
+    /// The number of the last line read.
+    n: usize,
+}
+
+impl Reader {
+    fn new(body: Body, limit: usize) -> Self {
+        Reader {
+            lines: Lines {
+                body,
+                buf: Vec::new(),
+                read: 0,
+                limit,
+                ended: false,
+            },
+            n: 0,
+        }
     }
 
-    // Verified: create, then insert, all or nothing.
-    let table = state.create_table(spec).await?;
-    let restored = if items.is_empty() {
-        Ok(0)
-    } else {
-        table.insert_many(items).await
-    };
-    if let Err(e) = restored {
-        if let Err(undo) = state.drop_table(&table).await {
-            tracing::warn!(error = %undo, "a failed import left its table behind");
+    /// The next table, verified against its trailer; `None` at the end of
+    /// the stream (blank lines between tables are skipped).
+    async fn section(
+        &mut self,
+        state: &AppState,
+        who: &Principal,
+        rename: Option<String>,
+    ) -> ApiResult<Option<Section>> {
+        let first = loop {
+            let Some(line) = self.lines.next().await? else {
+                return Ok(None);
+            };
+            self.n += 1;
+            if !line.iter().all(u8::is_ascii_whitespace) {
+                break line;
+            }
+        };
+        let first_line = self.n;
+        let mut head: Map<String, Json> = serde_json::from_slice(&first)
+            .map_err(|e| bad(first_line, format!("not a table's create body: {e}")))?;
+        if let Some(name) = rename {
+            head.insert("name".into(), Json::String(name));
         }
-        return Err(e);
+        let spec = spec_from_body(state, who, head).map_err(|e| match e {
+            ApiError::InvalidArgument(m) | ApiError::InvalidName(m) => bad(first_line, m),
+            other => other,
+        })?;
+        let mut hasher = Sha256::new();
+        let mut items = Vec::new();
+        let mut count = 0u64;
+        let now = state.store.now_ms();
+        let trailer = loop {
+            self.n += 1;
+            let n = self.n;
+            let Some(line) = self.lines.next().await? else {
+                return Err(bad(n, "the stream ends before its trailer"));
+            };
+            let parsed: Json =
+                serde_json::from_slice(&line).map_err(|e| bad(n, format!("not JSON: {e}")))?;
+            if parsed.get("count").is_some() {
+                let t: Trailer = serde_json::from_value(parsed)
+                    .map_err(|e| bad(n, format!("not a trailer: {e}")))?;
+                break t;
+            }
+            let object: ObjectLine = serde_json::from_value(parsed)
+                .map_err(|e| bad(n, format!("not an object line: {e}")))?;
+            let key = checked_key(object.key).map_err(|e| bad(n, e.message()))?;
+            hasher.update(&line);
+            hasher.update(b"\n");
+            count += 1;
+            match object.expires_at_ms {
+                // Expired already: counted in the checksum, not restored.
+                Some(at) if at <= now => {}
+                deadline => items.push((
+                    key,
+                    Value::from_json(&object.value),
+                    Expiry::At(deadline.unwrap_or(0)),
+                )),
+            }
+        };
+        if trailer.count != count {
+            return Err(bad(
+                self.n,
+                format!(
+                    "the trailer counts {} objects, the stream has {count}",
+                    trailer.count
+                ),
+            ));
+        }
+        if trailer.sha256 != hex(&hasher.finalize()) {
+            return Err(bad(self.n, "the checksum does not match the object lines"));
+        }
+        Ok(Some(Section {
+            spec,
+            items,
+            first_line,
+        }))
     }
-    info_response(StatusCode::CREATED, &table).await
+}
+
+/// 409 if any of `names` is a table already (whoever may read it).
+async fn refuse_taken(state: &AppState, who: &Principal, names: &[String]) -> ApiResult<()> {
+    for name in names {
+        match state.table_for(name, who, Op::Read).await {
+            Err(ApiError::TableNotFound(_)) => {}
+            Err(ApiError::Forbidden(_)) | Ok(_) => return Err(ApiError::TableExists(name.clone())),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Creates the sections' tables and inserts their objects, all or nothing:
+/// on any failure every table made here is dropped again.
+async fn restore(
+    state: &AppState,
+    sections: Vec<Section>,
+) -> ApiResult<Vec<crate::ops::TableHandle<'_>>> {
+    let mut created = Vec::with_capacity(sections.len());
+    let mut failed = None;
+    for section in sections {
+        let table = match state.create_table(section.spec).await {
+            Ok(t) => t,
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        };
+        let inserted = if section.items.is_empty() {
+            Ok(0)
+        } else {
+            table.insert_many(section.items).await
+        };
+        created.push(table);
+        if let Err(e) = inserted {
+            failed = Some(e);
+            break;
+        }
+    }
+    let Some(e) = failed else {
+        return Ok(created);
+    };
+    for table in &created {
+        if let Err(undo) = state.drop_table(table).await {
+            tracing::warn!(error = %undo, "a failed import left a table behind");
+        }
+    }
+    Err(e)
 }
