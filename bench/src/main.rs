@@ -304,7 +304,7 @@ fn main() {
         None
     } else {
         let larder = procs::start_larder(&server, &dir.path().join("select"), &[]);
-        Some(select::run(&opts, larder.addr, &scripts))
+        Some(select::run(&opts, &larder, &scripts))
     };
 
     let cluster = if opts.skip_cluster {

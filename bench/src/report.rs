@@ -287,6 +287,12 @@ impl Report {
                 "select_count with a guard over {} objects: {:.0} objects/s",
                 selects.count_objects, selects.count_objects_per_sec
             );
+            println!(
+                "export of {} objects: {:.0} objects/s, server resident memory {:+.1} MB while streaming",
+                selects.export_objects,
+                selects.export_objects_per_sec,
+                selects.export_rss_growth_bytes as f64 / 1e6
+            );
         }
         if let Some(cluster) = &self.cluster {
             print_cluster(cluster);

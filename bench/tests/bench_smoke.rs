@@ -79,6 +79,7 @@ fn the_benchmark_runs_end_to_end() {
         assert_eq!(row["errors"], 0, "{row}");
     }
     assert!(selects["count_objects_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(selects["export_objects_per_sec"].as_f64().unwrap() > 0.0);
     // The cluster rows run wherever PostgreSQL is installed, and CI
     // installs it.
     let postgres = std::fs::read_dir("/usr/lib/postgresql").is_ok_and(|mut d| d.next().is_some());
