@@ -49,30 +49,55 @@ pub enum Guard {
 /// Guard operators.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
+    /// `and`: every argument true (all evaluated).
     And,
+    /// `or`: some argument true (all evaluated).
     Or,
+    /// `andalso`: stops at the first false.
     AndAlso,
+    /// `orelse`: stops at the first true.
     OrElse,
+    /// `not`.
     Not,
+    /// `==`: equal in the total order (1 equals 1.0).
     Eq,
+    /// `!=`.
     Ne,
+    /// `<`.
     Lt,
+    /// `<=`.
     Le,
+    /// `>`.
     Gt,
+    /// `>=`.
     Ge,
+    /// `+`.
     Add,
+    /// `-`.
     Sub,
+    /// `*`.
     Mul,
+    /// `div`: integer division toward zero.
     Div,
+    /// `rem`: remainder with the dividend's sign.
     Rem,
+    /// `size`: string bytes, array or object length.
     Size,
+    /// `get`: object member by name, array element by index.
     Get,
+    /// `is_null`.
     IsNull,
+    /// `is_boolean`.
     IsBoolean,
+    /// `is_number`.
     IsNumber,
+    /// `is_integer`: a number without fraction or exponent.
     IsInteger,
+    /// `is_string`.
     IsString,
+    /// `is_array`.
     IsArray,
+    /// `is_object`.
     IsObject,
 }
 
