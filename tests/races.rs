@@ -8,8 +8,10 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::gate::{exclusive, Gate};
-use common::{spawn_on, spawn_with, Reply, TestApp};
+use common::{spawn_app, spawn_on, spawn_with, Reply, TestApp};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -247,4 +249,51 @@ async fn many_concurrent_creates_stop_exactly_at_max_tables() {
         }
     }
     assert_eq!(created, 10);
+}
+
+/// A client that gives up on a keyed write while it waits for the disk
+/// must not leave its key stuck in flight, nor have its retry applied a
+/// second time: the write and its record complete without the client, and
+/// the retry gets the first answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keyed_write_whose_client_gave_up_is_answered_on_retry() {
+    let _x = exclusive().await;
+    let app = spawn_app().await;
+    let r = post(
+        &app,
+        "/v1/tables",
+        json!({"name": "c", "persistence": "sync"}),
+    )
+    .await;
+    assert_eq!(r.status, 201);
+    let url = format!("{}/counter", app.entry_url("c", "n"));
+    let send = |timeout: Option<Duration>| {
+        let mut req = reqwest::Client::new()
+            .post(&url)
+            .header("idempotency-key", "retry-me")
+            .body(r#"{"default":0}"#);
+        if let Some(t) = timeout {
+            req = req.timeout(t);
+        }
+        req.send()
+    };
+    // The write is applied, then waits for a round that is held.
+    let mut round = Gate::pause_first("writeback-after-snapshot");
+    let gave_up = tokio::spawn(send(Some(Duration::from_millis(300))));
+    round.reached().await;
+    assert!(gave_up.await.unwrap().is_err(), "the client timed out");
+    round.release();
+    drop(round);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let retry = loop {
+        let r = send(None).await.unwrap();
+        if r.status() != 409 {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "the key stayed in flight");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(retry.status(), 200);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(app.get("c", "n").await.body["value"], 1, "applied once");
 }

@@ -92,7 +92,8 @@ where
 
 async fn serve<S>(mut inner: S, state: AppState, access_log: bool, mut req: Request) -> Response
 where
-    S: Service<Request, Response = Response, Error = Infallible>,
+    S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
 {
     let started = Instant::now();
     let id = match req.headers().get(&REQUEST_ID) {
@@ -123,10 +124,21 @@ where
             let resp = match super::idempotency::applies(&req) {
                 None => run_with_deadline(&mut inner, req, timeout, &span).await,
                 Some(key) => {
-                    super::idempotency::serve(&state, req, key, |req| {
-                        run_with_deadline(&mut inner, req, timeout, &span)
-                    })
-                    .await
+                    // A task of its own: if the client goes away, the write
+                    // and its record still complete, so the key is neither
+                    // left in flight nor applied again by the retry.
+                    let state = state.clone();
+                    let task = tokio::spawn(async move {
+                        super::idempotency::serve(&state, req, key, |req| async move {
+                            run_with_deadline(&mut inner, req, timeout, &span).await
+                        })
+                        .await
+                    });
+                    match task.await {
+                        Ok(resp) => resp,
+                        Err(e) => ApiError::Internal(format!("an idempotent write failed: {e}"))
+                            .into_response(),
+                    }
                 }
             };
             (resp, principal)

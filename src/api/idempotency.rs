@@ -258,6 +258,13 @@ where
             });
         }
     }
+    // Whatever happens from here (an early return, a panic in the handler),
+    // a claim that is still in flight when this ends is dropped.
+    let _claim = Claim {
+        records,
+        id: id.clone(),
+        fingerprint: fingerprint.clone(),
+    };
     // A cluster table's record may have been made on another node.
     if matches!(tier, Tier::Cluster) {
         let stored = match &state.cluster {
@@ -327,6 +334,19 @@ where
     }
     records.insert(id, Slot::Done(record));
     Ok(Response::from_parts(parts, Body::from(bytes)))
+}
+
+/// Releases a claim still in flight when dropped.
+struct Claim<'a> {
+    records: &'a DashMap<String, Slot>,
+    id: String,
+    fingerprint: String,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        release(self.records, &self.id, &self.fingerprint);
+    }
 }
 
 /// Drops the claim of a request that will not be remembered.
