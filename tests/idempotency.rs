@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::child::ChildServer;
+use common::recording::{change_flushed_before, flushed_before, meta_flushed_before};
 use common::{spawn_app, spawn_with, Reply, TestApp};
 use reqwest::Method;
 use serde_json::json;
@@ -249,7 +250,9 @@ async fn keyed_increment(
 
 /// Flushes counted through the engine: a keyed write on a `sync` table
 /// costs one round for the change and its record together, and a
-/// select_delete one round for all its deletes.
+/// select_delete one round for all its deletes. A kill -9 cannot tell a
+/// write from an fsync, so the engine's log shows that each answer came
+/// after a flush that began once its change had reached the engine.
 #[tokio::test]
 async fn keyed_sync_writes_and_select_deletes_cost_one_flush() {
     let recorder = Arc::new(common::recording::Recorder::default());
@@ -270,6 +273,16 @@ async fn keyed_sync_writes_and_select_deletes_cost_one_flush() {
         .await;
         assert_eq!(r.status, 200, "{}", r.text);
         assert_eq!(recorder.flushes() - before, 1, "keyed write {i}");
+        let answered = recorder.mark();
+        let events = recorder.events();
+        assert!(
+            flushed_before(&events, "s", "n", &json!(i + 1), answered).is_some(),
+            "keyed write {i} was answered before its change was flushed"
+        );
+        assert!(
+            meta_flushed_before(&events, "idempotency/", answered).is_some(),
+            "keyed write {i} was answered before its record was flushed"
+        );
     }
     for i in 0..10 {
         assert_eq!(app.put("s", &format!("k{i}"), json!(i)).await.status, 201);
@@ -285,4 +298,12 @@ async fn keyed_sync_writes_and_select_deletes_cost_one_flush() {
         .await;
     assert_eq!(r.body["deleted"], 11, "{}", r.text);
     assert_eq!(recorder.flushes() - before, 1, "one flush for the deletes");
+    let answered = recorder.mark();
+    let events = recorder.events();
+    for key in (0..10).map(|i| format!("k{i}")).chain(["n".to_owned()]) {
+        assert!(
+            change_flushed_before(&events, "s", &key, None, answered).is_some(),
+            "the delete of {key} was answered before it was flushed"
+        );
+    }
 }

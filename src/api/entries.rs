@@ -17,7 +17,7 @@ use super::respond::{self, entry_body, scan_body, with_cache, with_etag, HIT, MI
 use super::AppState;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::ops::{ReadFrom, TableOps};
-use crate::store::{check_ttl_ms, Cursor, ScanRequest, Value, DEFAULT_SCAN_LIMIT, MAX_KEY_BYTES};
+use crate::store::{check_ttl_ms, Cursor, ScanRequest, Value, DEFAULT_SCAN_LIMIT};
 
 /// Routes for `/v1/tables/{table}/entries…`.
 pub fn router() -> OpenApiRouter<AppState> {
@@ -522,20 +522,6 @@ pub async fn scan_entries(
     QueryParams(params): QueryParams<ScanParams>,
 ) -> ApiResult<Response> {
     let table = state.table_for(&table, &who, Op::Read).await?;
-    for (name, v) in [
-        ("prefix", &params.prefix),
-        ("start", &params.start),
-        ("after", &params.after),
-        ("end", &params.end),
-    ] {
-        if let Some(v) = v {
-            if v.len() > MAX_KEY_BYTES || v.contains('\0') {
-                return Err(ApiError::InvalidArgument(format!(
-                    "{name} must be at most {MAX_KEY_BYTES} bytes without NUL"
-                )));
-            }
-        }
-    }
     let req = ScanRequest {
         prefix: params.prefix.filter(|p| !p.is_empty()),
         start: params.start,
@@ -545,6 +531,7 @@ pub async fn scan_entries(
         reverse: params.reverse.unwrap_or(false),
         cursor: params.cursor.as_deref().map(Cursor::decode).transpose()?,
     };
+    req.check_bounds()?;
     let from = ReadParams {
         consistent: params.consistent,
     }

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::auth::Principal;
+use super::respond::hex;
 use super::AppState;
 use crate::error::ApiError;
 use crate::persist::Durability;
@@ -77,10 +78,6 @@ enum Tier {
     Cluster,
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn sha256(parts: &[&[u8]]) -> String {
     let mut h = Sha256::new();
     for p in parts {
@@ -95,19 +92,17 @@ fn sha256(parts: &[&[u8]]) -> String {
 /// an import, all or nothing and refused for an existing name, is not
 /// buffered for a record).
 pub fn applies(req: &Request) -> Option<HeaderValue> {
+    // The header first: nearly every request has none, and then nothing
+    // else is looked at.
+    let key = req.headers().get(&IDEMPOTENCY_KEY)?;
     if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
         return None;
     }
     let path = req.uri().path();
-    if !path.starts_with("/v1/")
-        || path.ends_with("/select")
-        || path.ends_with("/select_count")
-        || path.ends_with("/lookup")
-        || path.ends_with("/import")
-    {
-        return None;
-    }
-    req.headers().get(&IDEMPOTENCY_KEY).cloned()
+    let reads_or_imports = ["/select", "/select_count", "/lookup", "/import"]
+        .iter()
+        .any(|end| path.ends_with(end));
+    (path.starts_with("/v1/") && !reads_or_imports).then(|| key.clone())
 }
 
 /// The table a `/v1/tables/{t}/…` path names ("" for `/v1/tables`).
@@ -171,16 +166,6 @@ impl Idempotency {
                 }
             }
         }
-    }
-
-    /// Records held in memory.
-    pub fn len(&self) -> usize {
-        self.records.len()
-    }
-
-    /// Whether no record is held.
-    pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
     }
 }
 
@@ -258,9 +243,8 @@ where
             });
         }
     }
-    // Whatever happens from here (an early return, a panic in the handler),
-    // a claim that is still in flight when this ends is dropped.
-    let _claim = Claim {
+    // From here on, every way out that leaves the key in flight frees it.
+    let claim = Claim {
         records,
         id: id.clone(),
         fingerprint: fingerprint.clone(),
@@ -280,10 +264,7 @@ where
                 }
             }
             Ok(None) => {}
-            Err(e) => {
-                release(records, &id, &fingerprint);
-                return Err(e);
-            }
+            Err(e) => return Err(e),
         }
     }
 
@@ -297,7 +278,8 @@ where
         _ => (run(request).await, false),
     };
     if !resp.status().is_success() {
-        release(records, &id, &fingerprint);
+        // Not remembered: a retry may run afresh at once.
+        drop(claim);
         if owed {
             durable(state).await?;
         }
@@ -307,10 +289,9 @@ where
     let bytes = match axum::body::to_bytes(body, usize::MAX).await {
         Ok(b) => b,
         Err(e) => {
-            release(records, &id, &fingerprint);
             return Err(ApiError::Internal(format!(
                 "reading an answer to remember: {e}"
-            )));
+            )))
         }
     };
     let text = |name: &HeaderName| {
@@ -328,15 +309,14 @@ where
         body: String::from_utf8_lossy(&bytes).into_owned(),
         expires_at: now.saturating_add(state.idempotency.ttl_ms),
     });
-    if let Err(e) = save(state, &tier, &id, &record).await {
-        release(records, &id, &record.fingerprint);
-        return Err(e);
-    }
+    save(state, &tier, &id, &record).await?;
     records.insert(id, Slot::Done(record));
     Ok(Response::from_parts(parts, Body::from(bytes)))
 }
 
-/// Releases a claim still in flight when dropped.
+/// A request's claim on its key: dropped while still in flight (the answer
+/// is not remembered, or the request ended early, a panic included), it
+/// frees the key for a retry.
 struct Claim<'a> {
     records: &'a DashMap<String, Slot>,
     id: String,
@@ -345,16 +325,11 @@ struct Claim<'a> {
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        release(self.records, &self.id, &self.fingerprint);
+        self.records.remove_if(
+            &self.id,
+            |_, s| matches!(s, Slot::InFlight { fingerprint: f } if *f == self.fingerprint),
+        );
     }
-}
-
-/// Drops the claim of a request that will not be remembered.
-fn release(records: &DashMap<String, Slot>, id: &str, fingerprint: &str) {
-    records.remove_if(
-        id,
-        |_, s| matches!(s, Slot::InFlight { fingerprint: f } if f == fingerprint),
-    );
 }
 
 fn tier_of(state: &AppState, table: &str) -> Tier {

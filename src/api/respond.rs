@@ -8,7 +8,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 
 use crate::error::ApiError;
-use crate::store::{Entry, Objects, Precondition, ScanPage};
+use crate::store::{Cursor, Entry, Objects, Precondition, ScanPage};
 
 /// `X-Cache` value for an answer served from memory.
 pub const HIT: &str = "HIT";
@@ -33,14 +33,19 @@ pub fn empty(status: StatusCode) -> Response {
     resp
 }
 
+/// Lowercase hex text of `bytes` (digests in answers and records).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Appends `s` as a JSON string literal.
 pub fn push_str(buf: &mut Vec<u8>, s: &str) {
     // Writing a &str into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *buf, s);
 }
 
-/// Appends an optional number as JSON.
-fn push_opt_u64(buf: &mut Vec<u8>, n: Option<u64>) {
+/// Appends an optional number as JSON (`null` for none).
+pub fn push_opt_u64(buf: &mut Vec<u8>, n: Option<u64>) {
     match n {
         Some(n) => buf.extend_from_slice(n.to_string().as_bytes()),
         None => buf.extend_from_slice(b"null"),
@@ -93,13 +98,33 @@ pub fn scan_body(page: &ScanPage) -> Vec<u8> {
         buf.extend_from_slice(value.as_bytes());
         buf.push(b'}');
     }
+    end_page(&mut buf, page.next_cursor.as_ref());
+    buf
+}
+
+/// `{"results":[r…],"next_cursor":c}`, each result already JSON text.
+pub fn results_body(results: &[Vec<u8>], next_cursor: Option<&Cursor>) -> Vec<u8> {
+    let size: usize = results.iter().map(|r| r.len() + 1).sum();
+    let mut buf = Vec::with_capacity(64 + size);
+    buf.extend_from_slice(b"{\"results\":[");
+    for (i, r) in results.iter().enumerate() {
+        if i > 0 {
+            buf.push(b',');
+        }
+        buf.extend_from_slice(r);
+    }
+    end_page(&mut buf, next_cursor);
+    buf
+}
+
+/// Closes a page's list and adds `"next_cursor"`.
+fn end_page(buf: &mut Vec<u8>, next_cursor: Option<&Cursor>) {
     buf.extend_from_slice(b"],\"next_cursor\":");
-    match &page.next_cursor {
-        Some(c) => push_str(&mut buf, &c.encode()),
+    match next_cursor {
+        Some(c) => push_str(buf, &c.encode()),
         None => buf.extend_from_slice(b"null"),
     }
     buf.push(b'}');
-    buf
 }
 
 /// The ETag of an entry version.

@@ -16,8 +16,8 @@ use super::respond;
 use super::AppState;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::ops::{ReadFrom, TableOps};
-use crate::select::{self, MatchSpec, SelectMode, SelectRange, Walk};
-use crate::store::{Cursor, DEFAULT_SCAN_LIMIT, MAX_KEY_BYTES, MAX_SCAN_LIMIT};
+use crate::select::{self, MatchSpec, SelectMode, Walk};
+use crate::store::{Cursor, ScanRequest, DEFAULT_SCAN_LIMIT, MAX_SCAN_LIMIT};
 
 /// Routes for select and multi-get.
 pub fn router() -> OpenApiRouter<AppState> {
@@ -159,18 +159,18 @@ fn string_member(map: &Map<String, Json>, name: &str, path: &str) -> ApiResult<O
     }
 }
 
-/// The parts every select endpoint shares: spec, range and cursor.
+/// The parts every select endpoint shares: the spec, and the range and
+/// cursor as a scan takes them.
 struct Common {
     spec: MatchSpec,
-    range: SelectRange,
-    cursor: Option<Cursor>,
+    scan: ScanRequest,
 }
 
 fn common(map: &Map<String, Json>) -> ApiResult<Common> {
     let spec = MatchSpec::parse(map.get("match"), map.get("where"), map.get("return"))
         .map_err(|e| ApiError::InvalidMatchSpec(e.to_string()))?;
-    let range = match map.get("range") {
-        None | Some(Json::Null) => SelectRange::default(),
+    let mut scan = match map.get("range") {
+        None | Some(Json::Null) => ScanRequest::default(),
         Some(Json::Object(r)) => {
             if let Some(unknown) = r
                 .keys()
@@ -180,40 +180,28 @@ fn common(map: &Map<String, Json>) -> ApiResult<Common> {
                     "range.{unknown}: not a bound (prefix, start, after, end)"
                 )));
             }
-            let range = SelectRange {
+            let scan = ScanRequest {
                 prefix: string_member(r, "prefix", "range.")?.filter(|p| !p.is_empty()),
                 start: string_member(r, "start", "range.")?,
                 after: string_member(r, "after", "range.")?,
                 end: string_member(r, "end", "range.")?,
+                ..ScanRequest::default()
             };
-            if range.start.is_some() && range.after.is_some() {
+            if scan.start.is_some() && scan.after.is_some() {
                 return Err(ApiError::InvalidArgument(
                     "range.start and range.after exclude each other".into(),
                 ));
             }
-            for bound in [&range.prefix, &range.start, &range.after, &range.end]
-                .into_iter()
-                .flatten()
-            {
-                if bound.len() > MAX_KEY_BYTES || bound.contains('\0') {
-                    return Err(ApiError::InvalidArgument(format!(
-                        "range bounds must be at most {MAX_KEY_BYTES} bytes without NUL"
-                    )));
-                }
-            }
-            range
+            scan.check_bounds()?;
+            scan
         }
         Some(_) => return Err(ApiError::InvalidArgument("range must be an object".into())),
     };
-    let cursor = string_member(map, "cursor", "")?
+    scan.cursor = string_member(map, "cursor", "")?
         .as_deref()
         .map(Cursor::decode)
         .transpose()?;
-    Ok(Common {
-        spec,
-        range,
-        cursor,
-    })
+    Ok(Common { spec, scan })
 }
 
 async fn run(
@@ -225,9 +213,10 @@ async fn run(
 ) -> ApiResult<select::Selected> {
     let walk = Walk {
         mode,
-        range: common.range,
-        reverse,
-        cursor: common.cursor,
+        scan: ScanRequest {
+            reverse,
+            ..common.scan
+        },
         budget: state.limits.max_select_scan,
     };
     select::select(table, &common.spec, walk).await
@@ -338,25 +327,7 @@ pub async fn select_objects(
     )
     .await?;
     // Results are JSON text already: the body is assembled, not serialized.
-    let size: usize = found.results.iter().map(|r| r.len() + 1).sum();
-    let mut body = Vec::with_capacity(size + 64);
-    body.extend_from_slice(b"{\"results\":[");
-    for (i, r) in found.results.iter().enumerate() {
-        if i > 0 {
-            body.push(b',');
-        }
-        body.extend_from_slice(r);
-    }
-    body.extend_from_slice(b"],\"next_cursor\":");
-    match found.next_cursor {
-        Some(c) => {
-            body.push(b'"');
-            body.extend_from_slice(c.encode().as_bytes());
-            body.push(b'"');
-        }
-        None => body.extend_from_slice(b"null"),
-    }
-    body.push(b'}');
+    let body = respond::results_body(&found.results, found.next_cursor.as_ref());
     Ok(respond::json(StatusCode::OK, body))
 }
 

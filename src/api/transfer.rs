@@ -19,6 +19,7 @@ use utoipa_axum::routes;
 
 use super::auth::{authorize, Op, Principal};
 use super::extract::{checked_key, QueryParams, TablePath};
+use super::respond::{hex, push_opt_u64, push_str};
 use super::tables::{info_response, spec_from_body};
 use super::AppState;
 use crate::error::{ApiError, ApiResult, ErrorBody};
@@ -148,24 +149,18 @@ impl Export {
         for (i, (key, value)) in page.items.iter().enumerate() {
             let start = out.len();
             out.extend_from_slice(b"{\"key\":");
-            let _ = serde_json::to_writer(&mut out, key.as_ref() as &str);
+            push_str(&mut out, key);
             out.extend_from_slice(b",\"value\":");
             out.extend_from_slice(value.as_bytes());
             out.extend_from_slice(b",\"expires_at_ms\":");
-            match page.deadlines.get(i).copied().unwrap_or(0) {
-                0 => out.extend_from_slice(b"null"),
-                ms => out.extend_from_slice(ms.to_string().as_bytes()),
-            }
+            let deadline = page.deadlines.get(i).copied().filter(|ms| *ms != 0);
+            push_opt_u64(&mut out, deadline);
             out.extend_from_slice(b"}\n");
             self.hasher.update(&out[start..]);
             self.count += 1;
         }
         Ok((out, page.next_cursor))
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Export a table.

@@ -19,8 +19,9 @@ pub struct Object<'a> {
     raw_value: &'a [u8],
     key: OnceCell<Json>,
     value: OnceCell<Json>,
-    /// The whole object, built only when a pattern asks for it as one value.
-    whole: Option<Json>,
+    /// The whole object, built only when a pattern or template takes it as
+    /// one value.
+    whole: OnceCell<Json>,
 }
 
 impl<'a> Object<'a> {
@@ -31,7 +32,7 @@ impl<'a> Object<'a> {
             raw_value: value,
             key: OnceCell::new(),
             value: OnceCell::new(),
-            whole: None,
+            whole: OnceCell::new(),
         }
     }
 
@@ -46,11 +47,13 @@ impl<'a> Object<'a> {
             .get_or_init(|| serde_json::from_slice(self.raw_value).unwrap_or(Json::Null))
     }
 
-    fn whole(&self) -> Json {
-        let mut m = Map::new();
-        m.insert("key".into(), self.key().clone());
-        m.insert("value".into(), self.value().clone());
-        Json::Object(m)
+    fn whole(&self) -> &Json {
+        self.whole.get_or_init(|| {
+            let mut m = Map::new();
+            m.insert("key".into(), self.key().clone());
+            m.insert("value".into(), self.value().clone());
+            Json::Object(m)
+        })
     }
 
     /// `{"key":…,"value":…}` as JSON text, the value copied as stored.
@@ -68,8 +71,7 @@ impl<'a> Object<'a> {
 
 impl MatchSpec {
     /// What `object` yields, as JSON text: `None` when it does not match.
-    pub fn run(&self, object: &mut Object<'_>) -> Option<Vec<u8>> {
-        self.prepare(object);
+    pub fn run(&self, object: &Object<'_>) -> Option<Vec<u8>> {
         let binds = self.accept(object)?;
         Some(match &self.ret {
             Template::Object => object.whole_text(),
@@ -78,23 +80,16 @@ impl MatchSpec {
     }
 
     /// Whether `object` matches (for counting and deleting).
-    pub fn matches(&self, object: &mut Object<'_>) -> bool {
-        self.prepare(object);
+    pub fn matches(&self, object: &Object<'_>) -> bool {
         self.accept(object).is_some()
-    }
-
-    /// Builds the whole object when the pattern needs it as one value.
-    fn prepare(&self, object: &mut Object<'_>) {
-        if matches!(self.pattern, Pattern::Var(_) | Pattern::Literal(_)) && object.whole.is_none() {
-            object.whole = Some(object.whole());
-        }
     }
 
     /// The bindings when the pattern matches and the guard is true.
     fn accept<'o>(&self, object: &'o Object<'_>) -> Option<Vec<Option<&'o Json>>> {
         let mut binds: Vec<Option<&'o Json>> = vec![None; self.names.len()];
-        let matched = match (&self.pattern, &object.whole) {
-            (Pattern::Object(members), _) => members.iter().all(|(name, p)| {
+        let matched = match &self.pattern {
+            Pattern::Any => true,
+            Pattern::Object(members) => members.iter().all(|(name, p)| {
                 let part: &'o Json = match name.as_str() {
                     "key" => object.key(),
                     "value" => object.value(),
@@ -102,9 +97,9 @@ impl MatchSpec {
                 };
                 bind(p, part, &mut binds)
             }),
-            (p, Some(whole)) => bind(p, whole, &mut binds),
-            (Pattern::Any, None) => true,
-            (_, None) => false,
+            // The object is never an array.
+            Pattern::Array(_) => false,
+            p => bind(p, object.whole(), &mut binds),
         };
         if !matched {
             return None;
@@ -118,8 +113,7 @@ impl MatchSpec {
 
     fn render(&self, t: &Template, binds: &[Option<&Json>], object: &Object<'_>) -> Json {
         match t {
-            Template::Object => object.whole.clone().unwrap_or_else(|| object.whole()),
-
+            Template::Object => object.whole().clone(),
             Template::Bindings => {
                 let mut m = Map::new();
                 for (name, v) in self.names.iter().zip(binds) {
@@ -398,8 +392,8 @@ mod tests {
 
     fn run(s: &MatchSpec, key: &str, value: Json) -> Option<Json> {
         let text = serde_json::to_vec(&value).unwrap();
-        let got = s.run(&mut Object::new(key, &text));
-        assert_eq!(got.is_some(), s.matches(&mut Object::new(key, &text)));
+        let got = s.run(&Object::new(key, &text));
+        assert_eq!(got.is_some(), s.matches(&Object::new(key, &text)));
         got.map(|bytes| serde_json::from_slice(&bytes).expect("results are JSON"))
     }
 

@@ -7,5 +7,5 @@ mod run;
 mod spec;
 
 pub use eval::{compare, Object};
-pub use run::{select, SelectMode, SelectRange, Selected, Walk};
+pub use run::{select, SelectMode, Selected, Walk};
 pub use spec::{MatchSpec, SpecError};

@@ -13,30 +13,6 @@ use crate::store::{Cursor, Objects, ScanRequest, TableType};
 /// Objects one scan page of a select examines at most.
 const PAGE: usize = 1000;
 
-/// Key bounds of a select (`range`): on an ordered_set they bound the work;
-/// on other tables they filter.
-#[derive(Debug, Clone, Default)]
-pub struct SelectRange {
-    /// Only keys starting with this.
-    pub prefix: Option<String>,
-    /// Lowest key, inclusive.
-    pub start: Option<String>,
-    /// Lowest key, exclusive.
-    pub after: Option<String>,
-    /// Highest key, exclusive.
-    pub end: Option<String>,
-}
-
-impl SelectRange {
-    /// Whether `key` lies within the bounds.
-    pub fn admits(&self, key: &str) -> bool {
-        self.prefix.as_deref().is_none_or(|p| key.starts_with(p))
-            && self.start.as_deref().is_none_or(|s| key >= s)
-            && self.after.as_deref().is_none_or(|a| key > a)
-            && self.end.as_deref().is_none_or(|e| key < e)
-    }
-}
-
 /// What a select does with the objects that match.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SelectMode {
@@ -67,12 +43,9 @@ pub struct Selected {
 pub struct Walk {
     /// What to do with matches.
     pub mode: SelectMode,
-    /// Key bounds.
-    pub range: SelectRange,
-    /// Walk from the high end (ordered_set).
-    pub reverse: bool,
-    /// Resume here.
-    pub cursor: Option<Cursor>,
+    /// The key bounds (`range`), direction and cursor, as a scan takes
+    /// them; `limit` is the select's own business.
+    pub scan: ScanRequest,
     /// Most objects to examine (`--max-select-scan`).
     pub budget: usize,
 }
@@ -84,22 +57,16 @@ pub struct Walk {
 pub async fn select(table: &impl TableOps, spec: &MatchSpec, walk: Walk) -> ApiResult<Selected> {
     let kind = table.meta().kind();
     if let Some(key) = spec.literal_key() {
-        if kind.is_single() && walk.cursor.is_none() {
+        if kind.is_single() && walk.scan.cursor.is_none() {
             return select_key(table, spec, &walk, key).await;
         }
     }
+    // An ordered_set seeks its bounds; hashed tables take only the prefix
+    // and filter on the rest.
     let ordered = kind == TableType::OrderedSet;
-    let mut req = ScanRequest {
-        limit: PAGE,
-        reverse: walk.reverse,
-        cursor: walk.cursor.clone(),
-        ..ScanRequest::default()
-    };
-    if ordered {
-        req.prefix = walk.range.prefix.clone();
-        req.start = walk.range.start.clone();
-        req.after = walk.range.after.clone();
-        req.end = walk.range.end.clone();
+    let mut req = walk.scan.clone();
+    if !ordered {
+        (req.start, req.after, req.end) = (None, None, None);
     }
     let mut out = Selected::default();
     let mut examined = 0usize;
@@ -115,13 +82,13 @@ pub async fn select(table: &impl TableOps, spec: &MatchSpec, walk: Walk) -> ApiR
         let page = table.scan(&req, ReadFrom::Primary).await?;
         examined += page.items.len();
         for (i, (key, value)) in page.items.iter().enumerate() {
-            if !ordered && !walk.range.admits(key) {
+            if !ordered && !walk.scan.admits(key) {
                 continue;
             }
-            let mut object = Object::new(key, value.as_bytes());
+            let object = Object::new(key, value.as_bytes());
             match walk.mode {
                 SelectMode::Results { limit } => {
-                    let Some(result) = spec.run(&mut object) else {
+                    let Some(result) = spec.run(&object) else {
                         continue;
                     };
                     out.results.push(result);
@@ -136,12 +103,12 @@ pub async fn select(table: &impl TableOps, spec: &MatchSpec, walk: Walk) -> ApiR
                     }
                 }
                 SelectMode::Count => {
-                    if spec.matches(&mut object) {
+                    if spec.matches(&object) {
                         out.count += 1;
                     }
                 }
                 SelectMode::Delete => {
-                    if spec.matches(&mut object) {
+                    if spec.matches(&object) {
                         out.count += table.delete_object(key, value).await?;
                     }
                 }
@@ -166,7 +133,7 @@ async fn select_key(
     key: &str,
 ) -> ApiResult<Selected> {
     let mut out = Selected::default();
-    if !walk.range.admits(key) {
+    if !walk.scan.admits(key) {
         return Ok(out);
     }
     let Some(entry) = table.peek(key, ReadFrom::Primary).await? else {
@@ -175,35 +142,15 @@ async fn select_key(
     let Objects::One(value) = entry.objects else {
         return Ok(out);
     };
-    let mut object = Object::new(key, value.as_bytes());
+    let object = Object::new(key, value.as_bytes());
     match walk.mode {
-        SelectMode::Results { .. } => out.results.extend(spec.run(&mut object)),
-        SelectMode::Count => out.count = u64::from(spec.matches(&mut object)),
+        SelectMode::Results { .. } => out.results.extend(spec.run(&object)),
+        SelectMode::Count => out.count = u64::from(spec.matches(&object)),
         SelectMode::Delete => {
-            if spec.matches(&mut object) {
+            if spec.matches(&object) {
                 out.count = table.delete_object(key, &value).await?;
             }
         }
     }
     Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ranges_filter_keys() {
-        let r = SelectRange {
-            prefix: Some("user:".into()),
-            after: Some("user:1".into()),
-            end: Some("user:5".into()),
-            ..SelectRange::default()
-        };
-        assert!(!r.admits("user:1"));
-        assert!(r.admits("user:2"));
-        assert!(!r.admits("user:5"));
-        assert!(!r.admits("other"));
-        assert!(SelectRange::default().admits(""));
-    }
 }

@@ -23,7 +23,7 @@ use std::ops::Bound;
 use super::error::{StoreError, StoreResult};
 use super::slot::{Objects, Slot};
 use super::table::Table;
-use super::value::{Key, Value};
+use super::value::{Key, Value, MAX_KEY_BYTES};
 
 /// Largest page a scan may ask for.
 pub const MAX_SCAN_LIMIT: usize = 10_000;
@@ -93,6 +93,39 @@ pub struct ScanRequest {
 }
 
 impl ScanRequest {
+    /// Checks that every key bound given could be a key: at most
+    /// [`MAX_KEY_BYTES`] bytes, no NUL.
+    ///
+    /// # Errors
+    /// [`StoreError::InvalidArgument`] naming the bound.
+    pub fn check_bounds(&self) -> StoreResult<()> {
+        for (name, bound) in [
+            ("prefix", &self.prefix),
+            ("start", &self.start),
+            ("after", &self.after),
+            ("end", &self.end),
+        ] {
+            if bound
+                .as_deref()
+                .is_some_and(|b| b.len() > MAX_KEY_BYTES || b.contains('\0'))
+            {
+                return Err(StoreError::InvalidArgument(format!(
+                    "{name} must be at most {MAX_KEY_BYTES} bytes without NUL"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `key` lies within the key bounds (`prefix`, `start`,
+    /// `after`, `end`), for callers that filter rather than seek.
+    pub fn admits(&self, key: &str) -> bool {
+        self.prefix.as_deref().is_none_or(|p| key.starts_with(p))
+            && self.start.as_deref().is_none_or(|s| key >= s)
+            && self.after.as_deref().is_none_or(|a| key > a)
+            && self.end.as_deref().is_none_or(|e| key < e)
+    }
+
     /// Checks the request for a table that is (`ordered`) or is not an
     /// `ordered_set`.
     ///
@@ -398,6 +431,21 @@ mod tests {
         assert_eq!(Cursor::decode(&c.encode()).unwrap(), c);
         assert!(Cursor::decode("zz").is_err());
         assert!(Cursor::decode(&"g".repeat(40)).is_err());
+    }
+
+    #[test]
+    fn bounds_admit_keys() {
+        let r = ScanRequest {
+            prefix: Some("user:".into()),
+            after: Some("user:1".into()),
+            end: Some("user:5".into()),
+            ..ScanRequest::default()
+        };
+        assert!(!r.admits("user:1"));
+        assert!(r.admits("user:2"));
+        assert!(!r.admits("user:5"));
+        assert!(!r.admits("other"));
+        assert!(ScanRequest::default().admits(""));
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub enum Event {
     },
     /// A flush returned successfully; `began` is its sequence number at entry.
     Flushed { began: u64, seq: u64, at: Instant },
+    /// A value put into the metadata space (idempotency records live there).
+    Meta { seq: u64, key: String },
 }
 
 /// The shared log. Every event and every [`Recorder::mark`] takes the next
@@ -79,7 +81,13 @@ impl Engine for Recording {
         self.inner.get_meta(key)
     }
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), PersistError> {
-        self.inner.put_meta(key, value)
+        self.inner.put_meta(key, value)?;
+        let mut events = self.rec.events.lock().unwrap();
+        events.push(Event::Meta {
+            seq: self.rec.mark(),
+            key: key.to_owned(),
+        });
+        Ok(())
     }
     fn remove_meta(&self, key: &str) -> Result<(), PersistError> {
         self.inner.remove_meta(key)
@@ -147,15 +155,43 @@ pub fn flushed_before(
     value: &serde_json::Value,
     before: u64,
 ) -> Option<(u64, Instant)> {
+    change_flushed_before(events, table, key, Some(value), before)
+}
+
+/// Like [`flushed_before`] for any change: `value: None` is the key's
+/// removal.
+pub fn change_flushed_before(
+    events: &[Event],
+    table: &str,
+    key: &str,
+    value: Option<&serde_json::Value>,
+    before: u64,
+) -> Option<(u64, Instant)> {
     let written = events.iter().rev().find_map(|e| match e {
         Event::Write {
             seq,
             table: t,
             key: k,
-            value: Some(v),
-        } if *seq < before && t == table && k == key && v == value => Some(*seq),
+            value: v,
+        } if *seq < before && t == table && k == key && v.as_ref() == value => Some(*seq),
         _ => None,
     })?;
+    flush_between(events, written, before)
+}
+
+/// The first metadata value put under a key starting with `prefix` (at or
+/// before `before`) and a flush that began after it and completed before
+/// `before`.
+pub fn meta_flushed_before(events: &[Event], prefix: &str, before: u64) -> Option<(u64, Instant)> {
+    let written = events.iter().rev().find_map(|e| match e {
+        Event::Meta { seq, key } if *seq < before && key.starts_with(prefix) => Some(*seq),
+        _ => None,
+    })?;
+    flush_between(events, written, before)
+}
+
+/// A flush that began after `written` and completed before `before`.
+fn flush_between(events: &[Event], written: u64, before: u64) -> Option<(u64, Instant)> {
     events.iter().find_map(|e| match e {
         Event::Flushed { began, seq, at } if *began > written && *seq < before => Some((*seq, *at)),
         _ => None,
