@@ -18,6 +18,9 @@ use axum::Router;
 use thiserror::Error;
 use tokio::net::TcpListener;
 
+use crate::net::GuardedListener;
+use crate::store::HistoryLimits;
+
 use crate::api::{self, AppState, HttpOptions};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
@@ -69,7 +72,7 @@ pub struct Parts {
 
 /// A bound, wired server, ready to run.
 pub struct App {
-    listener: TcpListener,
+    listener: GuardedListener,
     router: Router,
     state: AppState,
     shutdown_timeout: Duration,
@@ -173,6 +176,14 @@ impl App {
                 addr: config.listen,
                 source,
             })?;
+        let listener = GuardedListener::new(
+            listener,
+            Duration::from_millis(config.write_stall_ms.max(1)),
+        );
+        store.set_watch_limits(HistoryLimits {
+            max_events: usize::try_from(config.watch_history).unwrap_or(usize::MAX),
+            max_bytes: usize::try_from(config.watch_history_bytes).unwrap_or(usize::MAX),
+        });
         let metrics = crate::api::metrics::Metrics::new();
         durability.set_round_histogram(metrics.writeback_histogram());
         let state = AppState::new(crate::api::Services {
@@ -192,7 +203,8 @@ impl App {
                 config.max_body_bytes,
             )
             .with_max_select_scan(usize::try_from(config.max_select_scan).unwrap_or(usize::MAX))
-            .with_max_import_bytes(usize::try_from(config.max_import_bytes).unwrap_or(usize::MAX)),
+            .with_max_import_bytes(usize::try_from(config.max_import_bytes).unwrap_or(usize::MAX))
+            .with_watch_heartbeat(Duration::from_millis(config.watch_heartbeat_ms)),
             request_ids: std::sync::atomic::AtomicU64::new(0),
             cluster,
             idempotency: crate::api::idempotency::Idempotency::new(
@@ -250,9 +262,13 @@ impl App {
         let durability = self.state.durability.clone();
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
         let ready_on_stop = ready.clone();
+        let store_on_stop = self.state.store.clone();
         let signal = async move {
             shutdown.await;
             ready_on_stop.store(false, Ordering::Release);
+            // Change streams never end by themselves: end them, or the
+            // drain below would wait for them until its timeout.
+            store_on_stop.close_watches();
             tracing::info!("stop requested: draining in-flight requests");
             let _ = stopping_tx.send(());
         };

@@ -130,6 +130,27 @@ pub struct Config {
     #[arg(long, env = "LARDER_IDEMPOTENCY_TTL_SECS", default_value_t = 86_400)]
     pub idempotency_ttl_secs: u64,
 
+    /// Changes each watched table keeps for watchers that resume or fall
+    /// behind (`Last-Event-ID`, `since`).
+    #[arg(long, env = "LARDER_WATCH_HISTORY", default_value_t = 10_000)]
+    pub watch_history: u64,
+
+    /// Most bytes of keys and values each watched table's history keeps.
+    #[arg(long, env = "LARDER_WATCH_HISTORY_BYTES", default_value_t = 64 << 20)]
+    pub watch_history_bytes: u64,
+
+    /// Longest a change stream stays silent, in milliseconds, before it
+    /// sends a comment line.
+    #[arg(long, env = "LARDER_WATCH_HEARTBEAT_MS", default_value_t = 15_000)]
+    pub watch_heartbeat_ms: u64,
+
+    /// A connection that takes no bytes of a response for this long, in
+    /// milliseconds, is closed: a client that stops reading (a watcher
+    /// that never reads, a stalled export) cannot hold the server's
+    /// buffers for good.
+    #[arg(long, env = "LARDER_WRITE_STALL_MS", default_value_t = 60_000)]
+    pub write_stall_ms: u64,
+
     /// Longest a request may take, in milliseconds, before it is answered
     /// 503 `unavailable`.
     #[arg(long, env = "LARDER_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
@@ -212,6 +233,10 @@ impl std::fmt::Debug for Config {
             .field("max_select_scan", &self.max_select_scan)
             .field("idempotency_ttl_secs", &self.idempotency_ttl_secs)
             .field("max_import_bytes", &self.max_import_bytes)
+            .field("watch_history", &self.watch_history)
+            .field("watch_history_bytes", &self.watch_history_bytes)
+            .field("watch_heartbeat_ms", &self.watch_heartbeat_ms)
+            .field("write_stall_ms", &self.write_stall_ms)
             .field("request_timeout_ms", &self.request_timeout_ms)
             .field("max_concurrent_requests", &self.max_concurrent_requests)
             .field("access_log", &self.access_log)

@@ -34,6 +34,8 @@
 //!   write-back and group commit, recovery, and the versioned on-disk format.
 //! - [`clock`]: time behind a trait so expiry is testable without sleeping.
 //! - [`histogram`]: fixed-bucket latency histograms for the metrics.
+//! - [`net`]: the listener, whose connections close when a client stops
+//!   taking the bytes of its response.
 //! - [`stripe`]: per-thread copies of values every request updates.
 
 #![warn(missing_docs)]
@@ -57,6 +59,7 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod histogram;
+pub mod net;
 pub mod ops;
 pub mod persist;
 pub mod select;

@@ -147,6 +147,7 @@ async fn the_authorization_matrix_holds_for_every_endpoint() {
             200,
         ),
         (Method::GET, "/v1/tables/t/export", None, Needs::Read, 200),
+        (Method::GET, "/v1/tables/t/watch", None, Needs::Read, 200),
         (
             Method::POST,
             "/v1/tables/t/select_count",
@@ -213,7 +214,7 @@ async fn the_authorization_matrix_holds_for_every_endpoint() {
             }
         }
     }
-    assert_eq!(checked, 3 * 21 * 5);
+    assert_eq!(checked, 3 * 22 * 5);
 }
 
 #[tokio::test]

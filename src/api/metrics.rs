@@ -296,6 +296,13 @@ fn write_tables(out: &mut String, tables: &[Arc<Table>]) {
         "Origin requests that failed or timed out.",
         &rows(&stat(|s| &s.origin_errors)),
     );
+    family(
+        out,
+        "larder_table_watchers",
+        "gauge",
+        "Change streams open on the table.",
+        &rows(&|t| t.hub().map_or(0, |h| h.watchers() as u64)),
+    );
     let persistent: Vec<(&str, u64)> = tables
         .iter()
         .filter(|t| t.dirty().is_some())

@@ -20,6 +20,7 @@ pub mod select;
 pub mod service;
 pub mod tables;
 pub mod transfer;
+pub mod watch;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -99,6 +100,8 @@ pub struct Limits {
     pub max_select_scan: usize,
     /// Largest import stream accepted, in bytes.
     pub max_import_bytes: usize,
+    /// Longest a change stream stays silent before it sends a comment.
+    pub watch_heartbeat: Duration,
 }
 
 impl Limits {
@@ -118,6 +121,16 @@ impl Limits {
             max_body_bytes,
             max_select_scan: 1_000_000,
             max_import_bytes: 1 << 30,
+            watch_heartbeat: Duration::from_secs(15),
+        }
+    }
+
+    /// The same limits with change streams sending a comment after `d`
+    /// of silence.
+    pub fn with_watch_heartbeat(self, d: Duration) -> Self {
+        Limits {
+            watch_heartbeat: d.max(Duration::from_millis(1)),
+            ..self
         }
     }
 
@@ -316,6 +329,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .merge(counters::router())
         .merge(select::router())
         .merge(transfer::router())
+        .merge(watch::router())
         .merge(service::router())
         .merge(metrics::router())
 }

@@ -26,6 +26,7 @@ mod slot;
 mod table;
 mod types;
 mod value;
+mod watch;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -42,6 +43,7 @@ pub use slot::{Entry, Object, Objects, Slot};
 pub use table::{Counter, Dirty, Precondition, Stats, Table, TableSpec, Written, SHARDS};
 pub use types::{Access, Eviction, Expiry, Origin, Persistence, TableSettings, TableType};
 pub use value::{validate_key, validate_table_name, Key, Value, MAX_KEY_BYTES, MAX_NAME_CHARS};
+pub use watch::{Change, ChangeKind, HistoryLimits, Hub, Read, Start, Watcher};
 
 use crate::clock::Clock;
 
@@ -69,6 +71,10 @@ pub(crate) struct Shared {
     pub memory_limit: AtomicU64,
     /// Wakes the sweeper when a write sets an earlier deadline.
     pub expiry: ExpiryWake,
+    /// How much history each watched table keeps.
+    pub watch_limits: Mutex<HistoryLimits>,
+    /// Every hub made, so that stopping the server can end every watch.
+    pub hubs: Mutex<Vec<std::sync::Weak<Hub>>>,
 }
 
 /// Handle to all tables. Cloning is shallow.
@@ -93,6 +99,8 @@ impl Store {
                 memory: AtomicI64::new(0),
                 memory_limit: AtomicU64::new(0),
                 expiry: ExpiryWake::default(),
+                watch_limits: Mutex::new(HistoryLimits::default()),
+                hubs: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -178,6 +186,7 @@ impl Store {
             self.tables.insert(name.into(), table.clone());
             return Err(e);
         }
+        table.close_watch();
         Ok(())
     }
 
@@ -270,6 +279,31 @@ impl Store {
             .filter(|t| t.persistence().is_local_durable())
             .map(|t| t.clone())
             .collect()
+    }
+
+    /// Sets how much history each table keeps for its watchers, from the
+    /// next table first watched on.
+    pub fn set_watch_limits(&self, limits: HistoryLimits) {
+        *self
+            .shared
+            .watch_limits
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = limits;
+    }
+
+    /// Ends every watch of every table (the server is stopping): each
+    /// stream sends what its reader has not read yet, then ends.
+    pub fn close_watches(&self) {
+        let hubs = std::mem::take(
+            &mut *self
+                .shared
+                .hubs
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for hub in hubs.iter().filter_map(std::sync::Weak::upgrade) {
+            hub.close();
+        }
     }
 
     /// How many tables exist.

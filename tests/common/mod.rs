@@ -8,6 +8,7 @@ pub mod gate;
 pub mod model;
 pub mod pg;
 pub mod recording;
+pub mod sse;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -117,14 +117,6 @@ impl Table {
         }
     }
 
-    /// Records a removal for the durable tier; call under the key's shard lock.
-    pub(super) fn mark_removed(&self, key: &str) {
-        if self.dirty.is_some() {
-            let version = self.next_version();
-            self.mark_dirty(key, version);
-        }
-    }
-
     /// Moves the key in the sweeper's deadline index; call under the key's
     /// shard lock. Wakes the sweeper when the new deadline is earlier than
     /// the one it sleeps towards.
@@ -147,13 +139,32 @@ impl Table {
         o: OccupiedEntry<'_, Key, Slot>,
         why: Removal,
     ) -> (Key, Slot) {
+        self.remove_noting(o, why, None)
+    }
+
+    /// [`Self::remove_occupied`], with the removed bag value the event names.
+    pub(super) fn remove_noting(
+        &self,
+        o: OccupiedEntry<'_, Key, Slot>,
+        why: Removal,
+        value: Option<Value>,
+    ) -> (Key, Slot) {
+        let change = self.begin_removal();
         if let Some(index) = &self.index {
             index.remove(o.key().as_bytes());
         }
-        self.mark_removed(o.key());
+        if let Some(change) = &change {
+            self.mark_dirty(o.key(), change.revision);
+        }
         self.track_deadline(o.key(), o.get().expires_at, 0);
         let (key, slot) = o.remove_entry();
         self.account_removed(&key, &slot, why);
+        Self::removed(
+            change,
+            &key,
+            why,
+            value.filter(|_| !self.fixed.kind.is_single()),
+        );
         (key, slot)
     }
 

@@ -52,8 +52,22 @@ impl Table {
                 let restored = prev.objects.count();
                 self.size
                     .fetch_add(restored as i64 - inserted as i64, Ordering::Relaxed);
-                prev.version = self.next_version();
+                let change = self.begin_change();
+                prev.version = change.revision;
+                // What a watcher saw was the write being undone: a set key
+                // gets its old value back; a bag loses the value it gained.
+                let event = match (&prev.objects, &o.get().objects) {
+                    (Objects::One(old), _) => Some((ChangeKind::Put, change.keep(old))),
+                    (Objects::Many(_), Objects::Many(now)) => now
+                        .iter()
+                        .find(|x| x.seq == written.version)
+                        .map(|x| (ChangeKind::Delete, change.keep(&x.value))),
+                    (Objects::Many(_), Objects::One(_)) => None,
+                };
                 self.modify_occupied(&mut o, |slot| *slot = prev);
+                if let Some((kind, note)) = event {
+                    change.publish(kind, key, note);
+                }
             }
         }
         self.stats

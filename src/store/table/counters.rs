@@ -35,14 +35,16 @@ impl Table {
                 let (value, n) = op.apply(&start)?;
                 self.admit((KEY_OVERHEAD + OBJECT_OVERHEAD + v.key().len() + value.len()) as i64)?;
                 self.grow(1)?;
-                let version = self.next_version();
+                let change = self.begin_change();
+                let note = change.keep(&value);
                 let slot = Slot::new(
                     Objects::One(value),
-                    version,
+                    change.revision,
                     self.deadline(now, None),
                     self.tick(),
                 );
                 self.insert_vacant(v, slot);
+                change.publish(ChangeKind::Put, key, note);
                 Ok((n, true))
             }
             MapEntry::Occupied(mut o) => {
@@ -99,13 +101,16 @@ impl Table {
     ) -> StoreResult<()> {
         let old = o.get().objects.values().next().map_or(0, Value::len);
         self.admit(value.len() as i64 - old as i64)?;
-        let version = self.next_version();
+        let change = self.begin_change();
+        let version = change.revision;
+        let note = change.keep(&value);
         let expires_at = self.refreshed_deadline(now, o.get().expires_at);
         self.modify_occupied(o, |slot| {
             slot.objects = Objects::One(value);
             slot.version = version;
             slot.expires_at = expires_at;
         });
+        change.publish(ChangeKind::Put, o.key(), note);
         Ok(())
     }
 }

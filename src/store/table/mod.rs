@@ -20,7 +20,7 @@
 //! helpers below take and release shard locks within one call.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
 use crossbeam_skiplist::SkipSet;
 use dashmap::mapref::entry::{Entry as MapEntry, OccupiedEntry, VacantEntry};
@@ -34,6 +34,7 @@ use super::slot::{
 };
 use super::types::{Access, Eviction, Expiry, Origin, Persistence, TableSettings, TableType};
 use super::value::{Key, Value};
+use super::watch::{Change, ChangeKind, Hub, Recording, Start};
 use super::Shared;
 use crate::stripe::Striped;
 
@@ -42,6 +43,7 @@ mod bulk;
 mod counters;
 mod read;
 mod upkeep;
+mod watching;
 mod write;
 
 /// Shards per table map. A cursor scan over a hashed table reads one shard per
@@ -243,6 +245,11 @@ pub struct Table {
     /// `(deadline, key)` of every key with a TTL, soonest first, for the
     /// sweeper. Changed only under the key's shard lock, like `index`.
     deadlines: SkipSet<(u64, Key)>,
+    /// The change feed, made when the table is first watched.
+    hub: OnceLock<Arc<Hub>>,
+    /// Set once the table is dropped; held while a hub is made, so no
+    /// hub appears on a dropped table.
+    dropped: Mutex<bool>,
     shared: Arc<Shared>,
 }
 
@@ -282,6 +289,8 @@ impl Table {
                 .is_local_durable()
                 .then(Dirty::default),
             deadlines: SkipSet::new(),
+            hub: OnceLock::new(),
+            dropped: Mutex::new(false),
             fixed: spec.settings,
             shared,
         }

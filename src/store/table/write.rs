@@ -60,7 +60,9 @@ impl Table {
                         + value.len()) as i64,
                 )?;
                 self.grow(1)?;
-                let version = self.next_version();
+                let change = self.begin_change();
+                let version = change.revision;
+                let note = change.keep(&value);
                 let slot = Slot::new(
                     self.fresh_objects(value, version),
                     version,
@@ -68,6 +70,7 @@ impl Table {
                     self.tick(),
                 );
                 self.insert_vacant(v, slot);
+                change.publish(ChangeKind::Put, key, note);
                 Ok(Written {
                     created: true,
                     version,
@@ -99,7 +102,12 @@ impl Table {
                 if adds {
                     self.grow(1)?;
                 }
-                let version = self.next_version();
+                let change = self.begin_change();
+                let version = change.revision;
+                // A bag given a value it holds only has its deadline moved:
+                // nothing a watcher sees changes.
+                let visible = adds || self.fixed.kind.is_single();
+                let note = if visible { change.keep(&value) } else { None };
                 self.modify_occupied(&mut o, |slot| {
                     match &mut slot.objects {
                         Objects::One(v) => *v = value,
@@ -112,7 +120,10 @@ impl Table {
                     slot.version = version;
                     slot.expires_at = expires_at;
                 });
-                let inserted = u64::from(adds || self.fixed.kind.is_single());
+                if visible {
+                    change.publish(ChangeKind::Put, key, note);
+                }
+                let inserted = u64::from(visible);
                 self.stats.inserts.fetch_add(inserted, Ordering::Relaxed);
                 Ok(Written {
                     created: false,
@@ -157,16 +168,19 @@ impl Table {
             return 0;
         }
         if left == 0 {
-            self.remove_occupied(o, Removal::Deleted);
+            self.remove_noting(o, Removal::Deleted, Some(value.clone()));
             return removed;
         }
-        let version = self.next_version();
+        let change = self.begin_change();
+        let version = change.revision;
         self.modify_occupied(&mut o, |slot| {
             if let Objects::Many(objs) = &mut slot.objects {
                 objs.retain(|x| &x.value != value);
             }
             slot.version = version;
         });
+        let note = change.keep(value);
+        change.publish(ChangeKind::Delete, key, note);
         self.shrink(removed);
         self.stats
             .deletes
@@ -186,23 +200,39 @@ impl Table {
         }
     }
 
-    /// `delete_all_objects`: empties the table shard by shard.
+    /// `delete_all_objects`: empties the table in one step, as ETS does: with
+    /// every shard locked, so no reader sees it half empty and no write
+    /// lands between the first shard and the last.
     pub fn clear(&self) {
         let now = self.now();
-        self.map.retain(|key, slot| {
-            if let Some(index) = &self.index {
-                index.remove(key.as_bytes());
+        let mut shards: Vec<_> = self.map.shards().iter().map(|s| s.write()).collect();
+        // After the shard locks, as every writer takes them.
+        let change = self.hub.get().map(|_| self.begin_change());
+        let mut removed = 0usize;
+        for shard in &mut shards {
+            for (key, slot) in shard.drain() {
+                let slot = slot.into_inner();
+                if let Some(index) = &self.index {
+                    index.remove(key.as_bytes());
+                }
+                if self.dirty.is_some() {
+                    let version = self.next_version();
+                    self.mark_dirty(&key, version);
+                }
+                self.track_deadline(&key, slot.expires_at, 0);
+                let why = if slot.is_expired(now) {
+                    Removal::Expired
+                } else {
+                    Removal::Deleted
+                };
+                self.account_removed(&key, &slot, why);
+                removed += 1;
             }
-            self.mark_removed(key);
-            self.track_deadline(key, slot.expires_at, 0);
-            let why = if slot.is_expired(now) {
-                Removal::Expired
-            } else {
-                Removal::Deleted
-            };
-            self.account_removed(key, slot, why);
-            false
-        });
+        }
+        if let Some(change) = change.filter(|_| removed > 0) {
+            change.publish_table(ChangeKind::Clear);
+        }
+        drop(shards);
         // Give the emptied bucket arrays back, as ETS frees a cleared table.
         self.map.shrink_to_fit();
     }

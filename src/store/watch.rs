@@ -1,0 +1,482 @@
+//! Change feeds: what a table tells its watchers.
+//!
+//! A table gets a [`Hub`] the first time someone watches it; until then its
+//! writers pay one atomic load to see that there is none. The hub keeps the
+//! table's last changes in order (its history) and wakes watchers when a
+//! change arrives. Watchers read the history at their own pace, each with
+//! its own position: a writer never waits for a watcher, and a watcher that
+//! falls further behind than the history reaches is told it lagged.
+//!
+//! # Order
+//! A writer takes its revision and publishes its change while holding the
+//! hub's lock (and its key's shard lock), so the history is in revision
+//! order and every watcher sees the changes of a table in the order they
+//! were applied.
+//!
+//! # Bounds
+//! The history holds at most `max_events` changes and `max_bytes` bytes of
+//! keys and values. A watcher holds a position and the batch it is sending,
+//! so its memory is bounded whatever its reader does.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use super::value::{Key, Value};
+
+/// What happened to a key, or to the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// A value was stored (for bag types: added).
+    Put,
+    /// The key was removed, or (with a value) one bag value was.
+    Delete,
+    /// The key's deadline passed.
+    Expire,
+    /// The key was evicted to make room.
+    Evict,
+    /// Every object was removed (`delete_all_objects`).
+    Clear,
+    /// The table was dropped; nothing follows.
+    Drop,
+}
+
+impl ChangeKind {
+    /// The SSE event name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChangeKind::Put => "put",
+            ChangeKind::Delete => "delete",
+            ChangeKind::Expire => "expire",
+            ChangeKind::Evict => "evict",
+            ChangeKind::Clear => "clear",
+            ChangeKind::Drop => "drop",
+        }
+    }
+}
+
+/// One change of a table, as its watchers receive it.
+#[derive(Debug)]
+pub struct Change {
+    /// The change's revision: the version its write's ETag carries.
+    pub revision: u64,
+    /// What happened.
+    pub kind: ChangeKind,
+    /// The key; `None` for `Clear` and `Drop`.
+    pub key: Option<Key>,
+    /// The stored value of a `Put`, the removed value of a bag `Delete`.
+    pub value: Option<Value>,
+    /// The change's wire form, made once by the first watcher that sends
+    /// it and shared by the others.
+    pub encoded: OnceLock<Bytes>,
+}
+
+impl Change {
+    /// A change not yet encoded.
+    pub fn new(revision: u64, kind: ChangeKind, key: Option<Key>, value: Option<Value>) -> Self {
+        Change {
+            revision,
+            kind,
+            key,
+            value,
+            encoded: OnceLock::new(),
+        }
+    }
+
+    /// Whether every watch of the table receives it, whatever its filter.
+    pub fn is_table_wide(&self) -> bool {
+        self.key.is_none()
+    }
+
+    fn bytes(&self) -> usize {
+        std::mem::size_of::<Change>()
+            + self.key.as_ref().map_or(0, |k| k.len())
+            + self.value.as_ref().map_or(0, Value::len)
+    }
+}
+
+/// How much history a hub keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryLimits {
+    /// Most changes kept.
+    pub max_events: usize,
+    /// Most bytes of keys, values and bookkeeping kept.
+    pub max_bytes: usize,
+}
+
+impl Default for HistoryLimits {
+    fn default() -> Self {
+        HistoryLimits {
+            max_events: 10_000,
+            max_bytes: 64 << 20,
+        }
+    }
+}
+
+/// The history of one table's changes and the watchers' wake-up call.
+#[derive(Debug)]
+pub struct Hub {
+    log: Mutex<Log>,
+    wake: Notify,
+    limits: HistoryLimits,
+    /// Watchers alive now.
+    watchers: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct Log {
+    changes: VecDeque<Arc<Change>>,
+    /// Position (count of changes ever kept) of `changes[0]`.
+    first: u64,
+    /// Every change of the table with a revision above this is in `changes`.
+    covers_after: u64,
+    /// The revision of the latest change, or where the history began.
+    head: u64,
+    bytes: usize,
+    /// No change follows: the table was dropped or the server is stopping.
+    closed: bool,
+}
+
+/// Where a new watcher starts.
+#[derive(Debug)]
+pub struct Start {
+    /// The first thing to send: `Some(revision)` for a `reset` at that
+    /// revision, when the history does not reach back to `since`.
+    pub reset: Option<u64>,
+    /// The watcher, positioned after `since` (or at the live end).
+    pub watcher: Watcher,
+}
+
+/// One reader's position in a hub's history.
+#[derive(Debug)]
+pub struct Watcher {
+    hub: Arc<Hub>,
+    next: u64,
+}
+
+/// What a watcher's read found.
+#[derive(Debug)]
+pub enum Read {
+    /// Changes after the previous read, oldest first (possibly none).
+    Changes(Vec<Arc<Change>>),
+    /// Changes this watcher had not read were dropped from the history.
+    Lagged,
+    /// Nothing more will come.
+    Closed,
+}
+
+impl Hub {
+    /// A hub whose history begins after `revision`: changes of the table
+    /// up to it are not (and never will be) in the history.
+    pub fn new(revision: u64, limits: HistoryLimits) -> Self {
+        Hub {
+            log: Mutex::new(Log {
+                changes: VecDeque::new(),
+                first: 0,
+                covers_after: revision,
+                head: revision,
+                bytes: 0,
+                closed: false,
+            }),
+            wake: Notify::new(),
+            watchers: AtomicUsize::new(0),
+            limits: HistoryLimits {
+                max_events: limits.max_events.max(1),
+                max_bytes: limits.max_bytes.max(1),
+            },
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts recording one change: hold the returned guard while taking
+    /// the change's revision and applying it, then publish.
+    pub fn begin(&self) -> Recording<'_> {
+        Recording {
+            hub: self,
+            log: Some(self.lock()),
+            pushed: false,
+        }
+    }
+
+    /// Publishes a change made elsewhere (a cluster table's change log),
+    /// unless the history already holds a change at or after its revision.
+    pub fn publish(&self, change: Change) {
+        let mut rec = self.begin();
+        if change.revision > rec.head() {
+            rec.push(change);
+        }
+    }
+
+    /// The revision of the latest change published (or where the history
+    /// began).
+    pub fn head(&self) -> u64 {
+        self.lock().head
+    }
+
+    /// How many watchers are alive.
+    pub fn watchers(&self) -> usize {
+        self.watchers.load(Ordering::Relaxed)
+    }
+
+    /// Ends every watch: after what they have not read, they end.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.wake.notify_waiters();
+    }
+
+    /// Publishes `drop` at the revision `next` takes (under the lock, so it
+    /// follows every change already published) and closes the hub.
+    pub fn drop_table(&self, next: impl FnOnce() -> u64) {
+        let mut rec = self.begin();
+        rec.push(Change::new(next(), ChangeKind::Drop, None, None));
+        if let Some(log) = rec.log.as_mut() {
+            log.closed = true;
+        }
+    }
+
+    /// A new watcher that receives every change after `since` (every later
+    /// change when `None`). When the history no longer holds every change
+    /// after `since`, or `since` is ahead of the table, the watcher starts
+    /// at the live end with a `reset` at the current revision.
+    pub fn watch(self: &Arc<Self>, since: Option<u64>) -> Start {
+        let log = self.lock();
+        let end = log.first + log.changes.len() as u64;
+        let (reset, next) = match since {
+            None => (None, end),
+            Some(r) if r < log.covers_after || r > log.head => (Some(log.head), end),
+            Some(r) => {
+                let skip = log.changes.partition_point(|c| c.revision <= r);
+                (None, log.first + skip as u64)
+            }
+        };
+        self.watchers.fetch_add(1, Ordering::Relaxed);
+        Start {
+            reset,
+            watcher: Watcher {
+                hub: self.clone(),
+                next,
+            },
+        }
+    }
+}
+
+/// A change being recorded: holds the hub's lock so that changes are
+/// published in the order their revisions were taken.
+#[derive(Debug)]
+pub struct Recording<'a> {
+    hub: &'a Hub,
+    /// Always `Some` until dropped.
+    log: Option<MutexGuard<'a, Log>>,
+    pushed: bool,
+}
+
+impl Recording<'_> {
+    /// The revision of the latest change published.
+    pub fn head(&self) -> u64 {
+        self.log.as_ref().map_or(0, |log| log.head)
+    }
+
+    /// Adds `change` to the history, dropping the oldest changes past the
+    /// limits, and wakes the watchers once the lock is released.
+    pub fn push(&mut self, change: Change) {
+        let Some(log) = self.log.as_deref_mut() else {
+            return;
+        };
+        if log.closed {
+            return;
+        }
+        self.pushed = true;
+        log.head = log.head.max(change.revision);
+        log.bytes += change.bytes();
+        log.changes.push_back(Arc::new(change));
+        while log.changes.len() > self.hub.limits.max_events
+            || (log.bytes > self.hub.limits.max_bytes && log.changes.len() > 1)
+        {
+            if let Some(old) = log.changes.pop_front() {
+                log.bytes -= old.bytes();
+                log.covers_after = old.revision;
+                log.first += 1;
+            }
+        }
+    }
+}
+
+impl Drop for Recording<'_> {
+    fn drop(&mut self) {
+        // Unlock first, so the woken watchers do not wait for the lock. A
+        // watcher that checked the log before the push was already waiting
+        // and is woken; one that checks after the unlock sees the change.
+        drop(self.log.take());
+        if self.pushed {
+            self.hub.wake.notify_waiters();
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.hub.watchers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Watcher {
+    /// Up to `max` changes after the previous read, without waiting.
+    pub fn read(&mut self, max: usize) -> Read {
+        let log = self.hub.lock();
+        if self.next < log.first {
+            return Read::Lagged;
+        }
+        let from = (self.next - log.first) as usize;
+        let batch: Vec<Arc<Change>> = log.changes.iter().skip(from).take(max).cloned().collect();
+        if batch.is_empty() && log.closed {
+            return Read::Closed;
+        }
+        self.next += batch.len() as u64;
+        Read::Changes(batch)
+    }
+
+    /// Waits until a change arrives after the previous read, the hub
+    /// closes, or (with changes already there) at once.
+    pub async fn changed(&self) {
+        let notified = self.hub.wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        {
+            let log = self.hub.lock();
+            if log.closed || self.next < log.first + log.changes.len() as u64 {
+                return;
+            }
+        }
+        notified.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(rev: u64, key: &str) -> Change {
+        Change::new(
+            rev,
+            ChangeKind::Put,
+            Some(Key::from(key)),
+            Some(Value::from_canonical(b"1".to_vec())),
+        )
+    }
+
+    fn revisions(read: Read) -> Vec<u64> {
+        match read {
+            Read::Changes(v) => v.iter().map(|c| c.revision).collect(),
+            other => panic!("expected changes, got {other:?}"),
+        }
+    }
+
+    fn limits(max_events: usize) -> HistoryLimits {
+        HistoryLimits {
+            max_events,
+            max_bytes: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn a_resume_replays_exactly_what_followed() {
+        let hub = Arc::new(Hub::new(10, limits(100)));
+        for rev in [12, 15, 19] {
+            hub.begin().push(put(rev, "k"));
+        }
+        let start = hub.watch(Some(12));
+        assert_eq!(start.reset, None);
+        let mut w = start.watcher;
+        assert_eq!(revisions(w.read(10)), vec![15, 19]);
+        assert_eq!(
+            revisions(hub.watch(Some(10)).watcher.read(10)),
+            vec![12, 15, 19]
+        );
+        assert_eq!(
+            revisions(hub.watch(None).watcher.read(10)),
+            Vec::<u64>::new()
+        );
+    }
+
+    #[test]
+    fn a_resume_from_before_the_history_is_a_reset() {
+        let hub = Arc::new(Hub::new(10, limits(2)));
+        for rev in [12, 15, 19] {
+            hub.begin().push(put(rev, "k"));
+        }
+        // 12 fell out: a resume from 11 or earlier cannot be served, one
+        // from 12 (everything after it is kept) can.
+        assert_eq!(hub.watch(Some(11)).reset, Some(19));
+        assert_eq!(hub.watch(Some(9)).reset, Some(19));
+        assert_eq!(hub.watch(Some(12)).reset, None);
+        assert_eq!(hub.watch(Some(20)).reset, Some(19));
+    }
+
+    #[test]
+    fn a_reader_overtaken_by_the_history_has_lagged() {
+        let hub = Arc::new(Hub::new(0, limits(3)));
+        let mut w = hub.watch(None).watcher;
+        hub.begin().push(put(1, "a"));
+        assert_eq!(revisions(w.read(10)), vec![1]);
+        for rev in 2..=5 {
+            hub.begin().push(put(rev, "a"));
+        }
+        assert!(matches!(w.read(10), Read::Lagged));
+    }
+
+    #[test]
+    fn a_byte_limit_bounds_the_history() {
+        let hub = Arc::new(Hub::new(
+            0,
+            HistoryLimits {
+                max_events: 1000,
+                max_bytes: 3 * (std::mem::size_of::<Change>() + 2),
+            },
+        ));
+        for rev in 1..=10 {
+            hub.begin().push(put(rev, "a"));
+        }
+        assert_eq!(
+            revisions(hub.watch(Some(7)).watcher.read(100)),
+            vec![8, 9, 10]
+        );
+        assert_eq!(hub.watch(Some(6)).reset, Some(10));
+    }
+
+    #[test]
+    fn a_dropped_table_ends_its_watches_after_the_drop() {
+        let hub = Arc::new(Hub::new(0, limits(10)));
+        let mut w = hub.watch(None).watcher;
+        hub.drop_table(|| 4);
+        hub.begin().push(put(5, "late"));
+        let changes = match w.read(10) {
+            Read::Changes(v) => v,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].kind, ChangeKind::Drop);
+        assert!(matches!(w.read(10), Read::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_watcher_wakes_on_a_change() {
+        let hub = Arc::new(Hub::new(0, limits(10)));
+        let mut w = hub.watch(None).watcher;
+        let writer = {
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                hub.begin().push(put(1, "a"));
+            })
+        };
+        w.changed().await;
+        assert_eq!(revisions(w.read(10)), vec![1]);
+        writer.await.unwrap();
+    }
+}

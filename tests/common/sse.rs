@@ -1,0 +1,131 @@
+//! A Server-Sent Events client over reqwest, for change-stream tests.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// Longest a test waits for the next frame before it fails.
+const FRAME_DEADLINE: Duration = Duration::from_secs(30);
+
+/// One frame of a stream: an event, or a `:` comment.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    Event(Event),
+    Comment(String),
+}
+
+/// One event as the server sent it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub id: Option<u64>,
+    pub event: String,
+    pub data: Value,
+}
+
+impl Event {
+    pub fn key(&self) -> &str {
+        self.data["key"].as_str().unwrap_or_default()
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.data["revision"].as_u64().expect("a revision")
+    }
+}
+
+/// An open change stream.
+pub struct Stream {
+    resp: reqwest::Response,
+    buf: Vec<u8>,
+    ended: bool,
+}
+
+impl Stream {
+    /// Opens `url` (a watch URL), asserting a 200 event stream.
+    pub async fn open(client: &reqwest::Client, url: &str, last_event_id: Option<u64>) -> Stream {
+        let mut req = client.get(url);
+        if let Some(id) = last_event_id {
+            req = req.header("Last-Event-ID", id.to_string());
+        }
+        let resp = req.send().await.expect("watch request");
+        assert_eq!(resp.status(), 200, "watch {url}");
+        assert_eq!(
+            resp.headers()["content-type"].to_str().unwrap(),
+            "text/event-stream"
+        );
+        Stream {
+            resp,
+            buf: Vec::new(),
+            ended: false,
+        }
+    }
+
+    /// The next frame; `None` once the stream has ended (cleanly or not).
+    pub async fn frame(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
+                let raw: Vec<u8> = self.buf.drain(..end + 2).collect();
+                return Some(parse(&String::from_utf8(raw).expect("UTF-8 frame")));
+            }
+            if self.ended {
+                return None;
+            }
+            match tokio::time::timeout(FRAME_DEADLINE, self.resp.chunk())
+                .await
+                .expect("a frame within the deadline")
+            {
+                Ok(Some(bytes)) => self.buf.extend_from_slice(&bytes),
+                Ok(None) | Err(_) => self.ended = true,
+            }
+        }
+    }
+
+    /// The next event, skipping comments; `None` at the end.
+    pub async fn event(&mut self) -> Option<Event> {
+        loop {
+            match self.frame().await? {
+                Frame::Event(e) => return Some(e),
+                Frame::Comment(_) => {}
+            }
+        }
+    }
+
+    /// The next `n` events, failing if the stream ends first.
+    pub async fn events(&mut self, n: usize) -> Vec<Event> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            match self.event().await {
+                Some(e) => out.push(e),
+                None => panic!("the stream ended after {} of {n} events", out.len()),
+            }
+        }
+        out
+    }
+}
+
+fn parse(text: &str) -> Frame {
+    let mut id = None;
+    let mut event = String::from("message");
+    let mut data = String::new();
+    let mut comment = None;
+    for line in text.lines() {
+        if let Some(c) = line.strip_prefix(':') {
+            comment = Some(c.trim().to_owned());
+        } else if let Some(v) = line.strip_prefix("id: ") {
+            id = Some(v.parse().expect("a numeric id"));
+        } else if let Some(v) = line.strip_prefix("event: ") {
+            event = v.to_owned();
+        } else if let Some(v) = line.strip_prefix("data: ") {
+            data.push_str(v);
+        } else if !line.is_empty() {
+            panic!("unexpected line in a frame: {line:?}");
+        }
+    }
+    match comment {
+        Some(c) if data.is_empty() => Frame::Comment(c),
+        _ => Frame::Event(Event {
+            id,
+            event,
+            data: serde_json::from_str(&data).expect("JSON data"),
+        }),
+    }
+}
