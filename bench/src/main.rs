@@ -18,6 +18,7 @@ mod cluster;
 mod procs;
 mod report;
 mod select;
+mod watch;
 mod wrk;
 
 use std::net::SocketAddr;
@@ -61,6 +62,9 @@ struct Options {
     /// `--memory-entries` objects).
     #[arg(long)]
     skip_select: bool,
+    /// Skip the change-stream rows.
+    #[arg(long)]
+    skip_watch: bool,
     /// Run only the rows whose name contains this text (and no peer or
     /// memory rows): for measuring one change quickly.
     #[arg(long)]
@@ -82,7 +86,7 @@ fn value100() -> String {
 }
 
 /// A 16-byte key.
-fn key(i: usize) -> String {
+pub fn key(i: usize) -> String {
     format!("k{i:015}")
 }
 
@@ -307,6 +311,18 @@ fn main() {
         Some(select::run(&opts, &larder, &scripts))
     };
 
+    let watch = if opts.skip_watch
+        || opts
+            .only
+            .as_deref()
+            .is_some_and(|o| !"PUT with watchers".contains(o))
+    {
+        None
+    } else {
+        let larder = procs::start_larder(&server, &dir.path().join("watch"), &[]);
+        Some(watch::run(&opts, &larder, &scripts))
+    };
+
     let cluster = if opts.skip_cluster {
         None
     } else {
@@ -327,6 +343,7 @@ fn main() {
             rows,
             peers,
             selects,
+            watch,
             cluster,
             memory,
         },

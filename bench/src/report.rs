@@ -5,6 +5,7 @@ use serde::Serialize;
 
 use crate::cluster::{ClusterReport, STALENESS_TARGET_MS};
 use crate::select::SelectReport;
+use crate::watch::WatchReport;
 use crate::wrk::Run;
 use crate::Options;
 
@@ -182,6 +183,7 @@ pub struct Report {
     pub rows: Vec<Row>,
     pub peers: Vec<PeerRow>,
     pub selects: Option<SelectReport>,
+    pub watch: Option<WatchReport>,
     pub cluster: Option<ClusterReport>,
     pub memory: Vec<MemoryRow>,
 }
@@ -191,6 +193,7 @@ pub struct Sections {
     pub rows: Vec<Row>,
     pub peers: Vec<PeerRow>,
     pub selects: Option<SelectReport>,
+    pub watch: Option<WatchReport>,
     pub cluster: Option<ClusterReport>,
     pub memory: Vec<MemoryRow>,
 }
@@ -206,6 +209,7 @@ impl Report {
             rows,
             peers,
             selects,
+            watch,
             cluster,
             memory,
         } = sections;
@@ -220,6 +224,7 @@ impl Report {
             rows,
             peers,
             selects,
+            watch,
             cluster,
             memory,
         }
@@ -292,6 +297,19 @@ impl Report {
                 selects.export_objects,
                 selects.export_objects_per_sec,
                 selects.export_rss_growth_bytes as f64 / 1e6
+            );
+        }
+        if let Some(watch) = &self.watch {
+            print_pairs("watch row", &watch.rows);
+            println!(
+                "100 watchers received {:.0} MB/s of events together; streams that ended while read: {}",
+                watch.mb_per_sec_100, watch.ended_streams
+            );
+            println!(
+                "{} idle watchers: server resident memory {:+.1} MB ({:.1} KB each)",
+                watch.idle_watchers,
+                watch.idle_rss_growth_bytes as f64 / 1e6,
+                watch.idle_rss_growth_bytes as f64 / 1e3 / watch.idle_watchers as f64
             );
         }
         if let Some(cluster) = &self.cluster {
