@@ -1047,3 +1047,200 @@ async fn a_cluster_table_exports_and_imports_with_its_deadlines() {
         "the same objects and deadlines, seen from the other node"
     );
 }
+
+/// Opens a watch on `node`, waiting (up to a deadline) for the node to have
+/// read the change log far enough to start one (503 until then).
+async fn cluster_watch(node: &TestApp, table: &str, last: Option<u64>) -> common::sse::Stream {
+    let url = node.url(&format!("/v1/tables/{}/watch", common::enc(table)));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match common::sse::Stream::try_open(&node.client, &url, last).await {
+            Ok(s) => return s,
+            Err(503) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await
+            }
+            Err(status) => panic!("watch on a cluster table: {status}"),
+        }
+    }
+}
+
+fn assert_revisions_increase(events: &[common::sse::Event]) {
+    for e in events {
+        assert_eq!(e.id, Some(e.revision()), "{e:?}");
+    }
+    for pair in events.windows(2) {
+        assert!(pair[0].revision() < pair[1].revision(), "{pair:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_cluster_watch_on_any_node_sees_every_nodes_changes_in_revision_order() {
+    let Some((_pg, nodes)) = cluster(3).await else {
+        return;
+    };
+    let nodes = std::sync::Arc::new(nodes);
+    create(&nodes[0], "w", "set").await;
+    let mut first = cluster_watch(&nodes[0], "w", None).await;
+    let mut last = cluster_watch(&nodes[2], "w", None).await;
+
+    const ROUNDS: usize = 20;
+    let writers: Vec<_> = (0..3)
+        .map(|n| {
+            let nodes = nodes.clone();
+            tokio::spawn(async move {
+                let node = &nodes[n];
+                let mut etags = Vec::new();
+                for i in 0..ROUNDS {
+                    let r = node
+                        .counter("w", &format!("c{}", i % 2), json!({"default": 0}))
+                        .await;
+                    assert_eq!(r.status, 200, "{}", r.text);
+                    let r = node.put("w", &format!("p{n}"), json!(i)).await;
+                    assert!(r.status == 200 || r.status == 201, "{}", r.text);
+                    let etag: u64 = r.header("etag").unwrap().trim_matches('"').parse().unwrap();
+                    etags.push(etag);
+                }
+                etags
+            })
+        })
+        .collect();
+    let mut etags = std::collections::HashMap::new();
+    for (n, w) in writers.into_iter().enumerate() {
+        etags.insert(format!("p{n}"), w.await.unwrap());
+    }
+    let total = 3 * ROUNDS * 2;
+    let seen = first.events(total).await;
+    assert_eq!(last.events(total).await, seen, "every node tells the same");
+    assert_revisions_increase(&seen);
+    let mut per_key: std::collections::HashMap<String, Vec<(i64, u64)>> = Default::default();
+    for e in &seen {
+        assert_eq!(e.event, "put", "{e:?}");
+        per_key
+            .entry(e.key().to_owned())
+            .or_default()
+            .push((e.data["value"].as_i64().unwrap(), e.revision()));
+    }
+    for c in ["c0", "c1"] {
+        let values: Vec<i64> = per_key[c].iter().map(|(v, _)| *v).collect();
+        assert_eq!(values, (1..=values.len() as i64).collect::<Vec<_>>(), "{c}");
+    }
+    for n in 0..3 {
+        let key = format!("p{n}");
+        let values: Vec<i64> = per_key[&key].iter().map(|(v, _)| *v).collect();
+        assert_eq!(values, (0..ROUNDS as i64).collect::<Vec<_>>(), "{key}");
+        let revisions: Vec<u64> = per_key[&key].iter().map(|(_, r)| *r).collect();
+        assert_eq!(revisions, etags[&key], "a put's revision is its ETag");
+    }
+}
+
+#[tokio::test]
+async fn cluster_watches_tell_deletes_bag_values_expiry_eviction_clear_and_drop() {
+    let Some((_pg, nodes)) = cluster(2).await else {
+        return;
+    };
+    let (a, b) = (&nodes[0], &nodes[1]);
+    create(a, "s", "set").await;
+    create(a, "bag", "bag").await;
+    let r = a
+        .create_table(
+            json!({"name": "lru", "persistence": "cluster", "max_entries": 1, "eviction": "lru"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let mut s = cluster_watch(b, "s", None).await;
+    let mut bag = cluster_watch(b, "bag", None).await;
+    let mut lru = cluster_watch(b, "lru", None).await;
+
+    a.put("s", "k", json!(1)).await;
+    assert_eq!(a.delete("s", "k").await.status, 204);
+    // Deleting what is not there changes nothing and tells nothing.
+    assert_eq!(a.delete("s", "k").await.status, 204);
+    a.put_with("s", "short", json!(2), "?ttl_ms=50", &[]).await;
+    let events = s.events(4).await;
+    let shape: Vec<(&str, &str)> = events.iter().map(|e| (e.event.as_str(), e.key())).collect();
+    assert_eq!(
+        shape,
+        [
+            ("put", "k"),
+            ("delete", "k"),
+            ("put", "short"),
+            ("expire", "short")
+        ]
+    );
+    assert_revisions_increase(&events);
+    assert_eq!(
+        a.send(Method::DELETE, "/v1/tables/s/entries", None, &[])
+            .await
+            .status,
+        204
+    );
+    assert_eq!(
+        a.send(Method::DELETE, "/v1/tables/s", None, &[])
+            .await
+            .status,
+        204
+    );
+    let tail = s.events(2).await;
+    assert_eq!(tail[0].event, "clear");
+    assert_eq!(tail[1].event, "drop");
+    assert_eq!(s.frame().await, None, "the stream ends after drop");
+
+    a.put("bag", "k", json!("x")).await;
+    a.put("bag", "k", json!("x")).await;
+    a.put("bag", "k", json!("y")).await;
+    let removed = a
+        .send(
+            Method::POST,
+            "/v1/tables/bag/entries/k/delete_object",
+            Some(br#""x""#.to_vec()),
+            &[],
+        )
+        .await;
+    assert_eq!(removed.status, 204);
+    let events = bag.events(3).await;
+    let told: Vec<(&str, &Value)> = events
+        .iter()
+        .map(|e| (e.event.as_str(), &e.data["value"]))
+        .collect();
+    assert_eq!(
+        told,
+        [
+            ("put", &json!("x")),
+            ("put", &json!("y")),
+            ("delete", &json!("x"))
+        ]
+    );
+
+    a.put("lru", "old", json!(1)).await;
+    a.put("lru", "new", json!(2)).await;
+    let events = lru.events(3).await;
+    let shape: Vec<(&str, &str)> = events.iter().map(|e| (e.event.as_str(), e.key())).collect();
+    // The eviction is made in the new key's transaction, before its insert.
+    assert_eq!(shape, [("put", "old"), ("evict", "old"), ("put", "new")]);
+}
+
+#[tokio::test]
+async fn a_cluster_watch_resumes_from_the_nodes_history() {
+    let Some((_pg, nodes)) = cluster(2).await else {
+        return;
+    };
+    create(&nodes[0], "r", "set").await;
+    let mut s = cluster_watch(&nodes[1], "r", None).await;
+    for i in 0..5 {
+        nodes[0].put("r", &format!("k{i}"), json!(i)).await;
+    }
+    let seen = s.events(5).await;
+    drop(s);
+    for i in 5..9 {
+        nodes[0].put("r", &format!("k{i}"), json!(i)).await;
+    }
+    let mut resumed = cluster_watch(&nodes[1], "r", Some(seen[4].revision())).await;
+    let missed = resumed.events(4).await;
+    let values: Vec<Value> = missed.iter().map(|e| e.data["value"].clone()).collect();
+    assert_eq!(values, (5..9).map(|i| json!(i)).collect::<Vec<_>>());
+    assert!(missed[0].revision() > seen[4].revision());
+    // A revision from before this node's history (which starts after at
+    // least the first version ever handed out) is a reset.
+    let mut old = cluster_watch(&nodes[1], "r", Some(0)).await;
+    assert_eq!(old.event().await.unwrap().event, "reset");
+}

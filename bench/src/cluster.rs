@@ -390,6 +390,8 @@ async fn direct_once(
             &change,
             &zero,
             &zero,
+            &sql::EVENT_PUT,
+            &Some(objects.as_str()),
         ],
     )
     .await?;

@@ -108,8 +108,10 @@ impl Filter {
 /// no bytes for `--write-stall-ms` is closed. A `:` comment is sent when
 /// nothing else was for `--watch-heartbeat-ms` (15 s). While changes keep
 /// coming, a stream sends at most every 5 ms, with everything since. Needs
-/// read access. Cluster tables cannot be watched yet (400
-/// `invalid_argument`).
+/// read access. On cluster tables a watch on any node gets the changes of
+/// every node from the change log, in revision order, a few poll intervals
+/// after their commit; each node keeps its own history, and a node answers
+/// 503 until it has read the log far enough to start a watch.
 #[utoipa::path(
     get,
     path = "/v1/tables/{table}/watch",
@@ -156,14 +158,10 @@ pub async fn watch(
     let start = match &table {
         TableHandle::Local(t) => {
             let store = state.store.clone();
-            t.meta().watch(since, move || store.revision())
+            t.meta().watch(since, move || store.revision())?
         }
-        TableHandle::Cluster(_) => {
-            return Err(ApiError::InvalidArgument(
-                "watching a cluster table is not supported yet".into(),
-            ))
-        }
-    }?;
+        TableHandle::Cluster(t) => t.watch(since)?,
+    };
     let feed = Feed {
         watcher: start.watcher,
         filter,

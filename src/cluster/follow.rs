@@ -24,12 +24,16 @@
 //! than what was pruned (it was cut off for that long) cannot know what it
 //! missed: it drops every hot copy and reloads the table definitions.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use tokio_postgres::NoTls;
 
-use super::Cluster;
+use super::sql::{EVENT_DELETE, EVENT_EVICT, EVENT_EXPIRE, EVENT_PUT};
+use super::{Cluster, ClusterTable};
+use crate::store::{Change, ChangeKind, Key, Value};
 
 /// Log row kinds (`larder_changes.kind`).
 pub const KIND_KEY: i16 = 0;
@@ -54,11 +58,38 @@ const SWEEP_LOCK: i64 = 0x6c61_7264_6572_0002;
 
 const POLL: &str =
     "WITH s AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin, \
+        pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax, \
         (SELECT value FROM larder_meta WHERE name = 'pruned_xid') AS pxid, \
-        (SELECT value FROM larder_meta WHERE name = 'pruned_id') AS pid) \
-    SELECT s.xmin, s.pxid, s.pid, c.xid, c.id, c.table_id, c.key, c.version, c.kind \
-    FROM s LEFT JOIN LATERAL (SELECT xid, id, table_id, key, version, kind FROM larder_changes \
-        WHERE (xid, id) > ($1, $2) ORDER BY xid, id LIMIT $3) c ON true";
+        (SELECT value FROM larder_meta WHERE name = 'pruned_id') AS pid, \
+        (SELECT last_value FROM larder_versions) AS handed) \
+    SELECT s.xmin, s.pxid, s.pid, c.xid, c.id, c.table_id, c.key, c.version, c.kind, \
+        s.xmax, s.handed, c.event, c.value \
+    FROM s LEFT JOIN LATERAL (SELECT xid, id, table_id, key, version, kind, event, value \
+        FROM larder_changes WHERE (xid, id) > ($1, $2) ORDER BY xid, id LIMIT $3) c ON true";
+
+/// Changes read from the log but not yet told to watchers, and what tells
+/// when they may be.
+///
+/// # Telling watchers in revision order
+/// A change's revision is its version, taken from a sequence before its
+/// transaction commits, so a change may become visible after one with a
+/// higher version. Watchers must get them in version order, so changes
+/// wait here until no transaction that is not yet visible can still
+/// commit a lower version. A poll reads, after its snapshot, how many
+/// versions the sequence has handed out (`handed`). Each of those belongs
+/// to a transaction that was running at the snapshot (an id below the
+/// snapshot's `xmax`), or that had taken the version but not yet its id
+/// (it does so in the same statement, so it has one by the next poll).
+/// Once a later poll's `xmin` reaches the next poll's `xmax`, all those
+/// transactions have ended and their changes have been read: every
+/// version up to `handed` is settled.
+#[derive(Debug, Default)]
+pub(super) struct Events {
+    /// Changes waiting, by revision.
+    pending: BTreeMap<u64, (Arc<ClusterTable>, Change)>,
+    /// `(handed, xmax)` of each complete poll not yet settled, oldest first.
+    marks: VecDeque<(u64, i64)>,
+}
 
 /// A position in the log: everything at or before it has been applied.
 pub type Position = (i64, i64);
@@ -80,7 +111,12 @@ impl Cluster {
 
     /// Reads the log once from `at`; returns the new position and whether
     /// the read saw everything visible (false when a batch was full).
-    async fn poll(&self, at: Position) -> Result<(Position, bool), crate::error::ApiError> {
+    /// Changes for watchers go to `events`, and are told once settled.
+    async fn poll(
+        &self,
+        at: Position,
+        events: &mut Events,
+    ) -> Result<(Position, bool), crate::error::ApiError> {
         let client = self.core.client().await?;
         let rows = client
             .query(POLL, &[&at.0, &at.1, &BATCH])
@@ -90,6 +126,8 @@ impl Cluster {
             return Ok((at, true));
         };
         let xmin: i64 = first.get(0);
+        let xmax: i64 = first.get(9);
+        let handed = first.get::<_, i64>(10).max(0) as u64;
         let pruned: Position = (
             first.get::<_, Option<i64>>(1).unwrap_or(0),
             first.get::<_, Option<i64>>(2).unwrap_or(0),
@@ -100,6 +138,8 @@ impl Cluster {
                 t.forget_rows(&self.core.budget);
             }
             self.reload_catalog().await?;
+            // What was missed cannot be told: watchers miss it too.
+            *events = Events::default();
             return Ok((pruned, false));
         }
         let mut read = 0i64;
@@ -114,18 +154,61 @@ impl Cluster {
             let key: Option<&str> = r.get(6);
             let version = r.get::<_, i64>(7).max(0) as u64;
             let kind: i16 = r.get(8);
+            // A drop forgets the table: take it first.
+            let dropped = (kind == KIND_DROP)
+                .then(|| self.by_id.get(&table_id).map(|t| t.clone()))
+                .flatten();
             self.apply(table_id, key, version, kind).await?;
+            let event: Option<i16> = r.get(11);
+            let value: Option<&str> = r.get(12);
+            let table = dropped.or_else(|| self.by_id.get(&table_id).map(|t| t.clone()));
+            if let (Some(table), Some(change)) =
+                (table, watched_change(kind, key, version, event, value))
+            {
+                if version > self.core.released.load(Ordering::Acquire) {
+                    events.pending.insert(version, (table, change));
+                }
+            }
             if xid < xmin {
                 last_final = (xid, id);
             }
         }
         if read < BATCH {
             // Every row of every transaction older than xmin has been read.
+            self.settle(events, xmin, xmax, handed);
             let caught_up = (xmin - 1, i64::MAX);
             Ok((at.max(last_final).max(caught_up), true))
         } else {
             Ok((at.max(last_final), false))
         }
+    }
+
+    /// After a complete poll: tells watchers every change whose revision
+    /// is settled (see [`Events`]), in revision order.
+    fn settle(&self, events: &mut Events, xmin: i64, xmax: i64, handed: u64) {
+        events.marks.push_back((handed, xmax));
+        let Some(upto) = settle_marks(&mut events.marks, xmin) else {
+            return;
+        };
+        let later = events.pending.split_off(&upto.saturating_add(1));
+        let ready = std::mem::replace(&mut events.pending, later);
+        // Under the lock that starts watches, so a watch starts either
+        // before these changes are told or after `released` covers them.
+        let _order = self
+            .core
+            .release_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (_, (table, change)) in ready {
+            if let Some(hub) = table.meta_table().hub() {
+                if change.kind == ChangeKind::Drop {
+                    hub.drop_table(|| change.revision);
+                } else {
+                    hub.publish(change);
+                }
+            }
+        }
+        self.core.released.fetch_max(upto.max(1), Ordering::AcqRel);
     }
 
     async fn apply(
@@ -161,13 +244,50 @@ impl Cluster {
     }
 }
 
+/// Drops the marks a poll with `xmin` settles and returns the highest
+/// settled version: a mark's versions are settled once every transaction
+/// that had an id by the next poll has ended.
+fn settle_marks(marks: &mut VecDeque<(u64, i64)>, xmin: i64) -> Option<u64> {
+    let mut settled = None;
+    while marks.len() >= 2 && xmin >= marks[1].1 {
+        settled = marks.pop_front().map(|(handed, _)| handed);
+    }
+    settled
+}
+
+/// The change a log row tells watchers, if any.
+fn watched_change(
+    kind: i16,
+    key: Option<&str>,
+    version: u64,
+    event: Option<i16>,
+    value: Option<&str>,
+) -> Option<Change> {
+    let kind = match (kind, event) {
+        (KIND_CLEAR, _) => return Some(Change::new(version, ChangeKind::Clear, None, None)),
+        (KIND_DROP, _) => return Some(Change::new(version, ChangeKind::Drop, None, None)),
+        (KIND_KEY, Some(EVENT_PUT)) if value.is_some() => ChangeKind::Put,
+        (KIND_KEY, Some(EVENT_DELETE)) => ChangeKind::Delete,
+        (KIND_KEY, Some(EVENT_EXPIRE)) => ChangeKind::Expire,
+        (KIND_KEY, Some(EVENT_EVICT)) => ChangeKind::Evict,
+        _ => return None,
+    };
+    Some(Change::new(
+        version,
+        kind,
+        Some(Key::from(key?)),
+        value.map(|v| Value::from_canonical(v.as_bytes().to_vec())),
+    ))
+}
+
 /// Follows the change log for as long as the process runs.
 pub(super) async fn follow(cluster: Cluster, mut at: Position) {
     let poll = cluster.config.poll.max(Duration::from_millis(1));
     let mut failing = false;
+    let mut events = Events::default();
     loop {
         let started = cluster.core.now_ms();
-        match cluster.poll(at).await {
+        match cluster.poll(at, &mut events).await {
             Ok((next, complete)) => {
                 at = next;
                 cluster.core.reachable.store(true, Ordering::Release);
@@ -263,9 +383,9 @@ async fn sweep_once(
     let counts: Vec<i64> = gone.iter().map(|r| i64::from(r.get::<_, i32>(2))).collect();
     let shards: Vec<i32> = keys.iter().map(|k| super::sql::shard_of(k)).collect();
     tx.execute(
-        "INSERT INTO larder_changes (table_id, key, version, kind, at) \
-         SELECT t, k, nextval('larder_versions'), 0, $3 FROM unnest($1::bigint[], $2::text[]) AS u(t, k)",
-        &[&tables, &keys, &(now as i64)],
+        "INSERT INTO larder_changes (table_id, key, version, kind, at, event) \
+         SELECT t, k, nextval('larder_versions'), 0, $3, $4 FROM unnest($1::bigint[], $2::text[]) AS u(t, k)",
+        &[&tables, &keys, &(now as i64), &super::sql::EVENT_EXPIRE],
     )
     .await?;
     tx.execute(
@@ -311,4 +431,31 @@ async fn prune(client: &tokio_postgres::Client, now: u64) -> Result<(), tokio_po
             .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_settle_only_once_the_next_polls_transactions_ended() {
+        let mut marks = VecDeque::new();
+        // Poll 1: 100 versions handed out, transactions below 50 had ids.
+        marks.push_back((100, 50));
+        assert_eq!(
+            settle_marks(&mut marks, 40),
+            None,
+            "one poll settles nothing"
+        );
+        // Poll 2: 120 handed out, ids below 60. Transaction 55 may have
+        // taken a version below 100 before it had an id: wait for it.
+        marks.push_back((120, 60));
+        assert_eq!(settle_marks(&mut marks, 55), None);
+        marks.push_back((130, 70));
+        assert_eq!(settle_marks(&mut marks, 60), Some(100));
+        // Poll 4 with nothing running: 120 and 130 settle together.
+        marks.push_back((140, 80));
+        assert_eq!(settle_marks(&mut marks, 80), Some(130));
+        assert_eq!(marks, [(140, 80)]);
+    }
 }

@@ -98,6 +98,12 @@ pub(crate) struct Core {
     /// Whether the schema has been checked and applied since this node
     /// started; until then no request touches the database.
     schema_ready: AtomicBool,
+    /// Every change with a revision up to this has been told to watchers;
+    /// 0 until the change log has been read far enough (see
+    /// `follow::Events`).
+    released: AtomicU64,
+    /// Held while changes are told to watchers and while a watch starts.
+    release_lock: std::sync::Mutex<()>,
     /// Reads answered from a hot copy.
     hot_hits: Counter,
     /// Reads that had to ask PostgreSQL.
@@ -229,6 +235,8 @@ impl Cluster {
             synced_at: AtomicU64::new(0),
             reachable: AtomicBool::new(false),
             schema_ready: AtomicBool::new(false),
+            released: AtomicU64::new(0),
+            release_lock: std::sync::Mutex::new(()),
             hot_hits: Counter::default(),
             hot_misses: Counter::default(),
             rtt: Histogram::default(),

@@ -108,6 +108,33 @@ pub enum Change {
     Remove,
 }
 
+impl Change {
+    /// What watchers are told of this change to a key whose live row was
+    /// `live`: the `larder_changes.event` and the value it carries.
+    pub fn event(&self, live: Option<&Row>) -> (i16, Option<Value>) {
+        use super::sql::{EVENT_DELETE, EVENT_NONE, EVENT_PUT};
+        let Change::Put { objects, .. } = self else {
+            return (EVENT_DELETE, None);
+        };
+        let objects = match objects {
+            Objects::One(v) => return (EVENT_PUT, Some(v.clone())),
+            Objects::Many(objs) => objs,
+        };
+        let before: &[Object] = match live.map(|r| &r.objects) {
+            Some(Objects::Many(old)) => old,
+            _ => &[],
+        };
+        let held = |o: &Object, among: &[Object]| among.iter().any(|x| x.seq == o.seq);
+        if let Some(added) = objects.iter().find(|o| !held(o, before)) {
+            return (EVENT_PUT, Some(added.value.clone()));
+        }
+        match before.iter().find(|o| !held(o, objects)) {
+            Some(removed) => (EVENT_DELETE, Some(removed.value.clone())),
+            None => (EVENT_NONE, None),
+        }
+    }
+}
+
 /// An operation's outcome: the change, and the statistics it moves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Step {

@@ -19,7 +19,7 @@
 //! `insert_new` have exactly one winner across nodes.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Instant;
 
 use deadpool_postgres::Transaction;
@@ -27,14 +27,15 @@ use deadpool_postgres::Transaction;
 use super::hot::HotCopy;
 use super::rows::{self, Change, Clock, Row, Step};
 use super::sql::{
-    shard_of, COUNT_SHARDS, DELETE_ROW, INSERT_ROW, LOCK_ROW, SELECT_ROW, UPDATE_ROW,
+    shard_of, COUNT_SHARDS, DELETE_ROW, EVENT_EVICT, EVENT_EXPIRE, INSERT_ROW, LOCK_ROW,
+    SELECT_ROW, UPDATE_ROW,
 };
 use super::{db_error, retryable, Core};
 use crate::error::{ApiError, ApiResult};
 use crate::ops::{Counts, ReadFrom, TableOps};
 use crate::store::{
     CounterOp, Cursor, Entry, Eviction, Expiry, Key, Objects, Precondition, ScanPage, ScanRequest,
-    StoreError, Table, TableSpec, TableType, Value, Written,
+    Start, StoreError, Table, TableSpec, TableType, Value, Written,
 };
 
 /// Most attempts of a write that keeps losing races.
@@ -118,6 +119,28 @@ impl ClusterTable {
     /// Bytes of this table's rows held in this node's hot copy.
     pub fn hot_bytes(&self) -> u64 {
         self.hot.bytes()
+    }
+
+    /// Starts a watch of the table's changes after `since`, as the change
+    /// log tells them: every node's changes, in revision order.
+    ///
+    /// # Errors
+    /// [`ApiError::Unavailable`] until this node has read the change log
+    /// far enough to know where a watch starts; [`ApiError::TableNotFound`]
+    /// when the table was dropped.
+    pub fn watch(&self, since: Option<u64>) -> ApiResult<Start> {
+        let _order = self
+            .core
+            .release_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let released = self.core.released.load(Ordering::Acquire);
+        if released == 0 {
+            return Err(ApiError::Unavailable(
+                "this node has not read the cluster change log yet".into(),
+            ));
+        }
+        Ok(self.meta.watch(since, || released)?)
     }
 
     pub(super) fn meta_table(&self) -> &Table {
@@ -320,6 +343,8 @@ impl ClusterTable {
         };
         let now = clock.now as i64;
         let shard = shard_of(key);
+        let (event, event_value) = change.event(live);
+        let event_text = event_value.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
         let wrote = match change {
             Change::Keep => return Ok((result, None)),
             Change::Put {
@@ -350,6 +375,8 @@ impl ClusterTable {
                             &delta.inserts,
                             &delta.deletes,
                             &delta.expired,
+                            &event,
+                            &event_text,
                         ],
                     )
                     .await?
@@ -365,7 +392,7 @@ impl ClusterTable {
                 }
             }
             Change::Remove => {
-                let version = self.delete_row(tx, key, now, &delta).await?;
+                let version = self.delete_row(tx, key, now, &delta, event).await?;
                 Wrote { version, row: None }
             }
         };
@@ -378,6 +405,7 @@ impl ClusterTable {
         key: &str,
         now: i64,
         delta: &Delta,
+        event: i16,
     ) -> Result<u64, Fail> {
         let statement = tx.prepare_cached(DELETE_ROW).await?;
         let row = tx
@@ -392,6 +420,7 @@ impl ClusterTable {
                     &delta.deletes,
                     &delta.expired,
                     &delta.evicted,
+                    &event,
                 ],
             )
             .await?;
@@ -452,7 +481,10 @@ impl ClusterTable {
                 evicted: i64::from(!expired),
                 ..Delta::default()
             };
-            let version = self.delete_row(tx, &victim, now as i64, &delta).await?;
+            let event = if expired { EVENT_EXPIRE } else { EVENT_EVICT };
+            let version = self
+                .delete_row(tx, &victim, now as i64, &delta, event)
+                .await?;
             self.hot.changed(&victim, version, &self.core.budget);
             freed += count;
         }

@@ -42,21 +42,35 @@ pub struct Stream {
 impl Stream {
     /// Opens `url` (a watch URL), asserting a 200 event stream.
     pub async fn open(client: &reqwest::Client, url: &str, last_event_id: Option<u64>) -> Stream {
+        match Self::try_open(client, url, last_event_id).await {
+            Ok(s) => s,
+            Err(status) => panic!("watch {url}: {status}"),
+        }
+    }
+
+    /// Opens `url`; the status when it is not 200.
+    pub async fn try_open(
+        client: &reqwest::Client,
+        url: &str,
+        last_event_id: Option<u64>,
+    ) -> Result<Stream, u16> {
         let mut req = client.get(url);
         if let Some(id) = last_event_id {
             req = req.header("Last-Event-ID", id.to_string());
         }
         let resp = req.send().await.expect("watch request");
-        assert_eq!(resp.status(), 200, "watch {url}");
+        if resp.status() != 200 {
+            return Err(resp.status().as_u16());
+        }
         assert_eq!(
             resp.headers()["content-type"].to_str().unwrap(),
             "text/event-stream"
         );
-        Stream {
+        Ok(Stream {
             resp,
             buf: Vec::new(),
             ended: false,
-        }
+        })
     }
 
     /// The next frame; `None` once the stream has ended (cleanly or not).
