@@ -183,6 +183,7 @@ impl App {
         store.set_watch_limits(HistoryLimits {
             max_events: usize::try_from(config.watch_history).unwrap_or(usize::MAX),
             max_bytes: usize::try_from(config.watch_history_bytes).unwrap_or(usize::MAX),
+            ..HistoryLimits::default()
         });
         let metrics = crate::api::metrics::Metrics::new();
         durability.set_round_histogram(metrics.writeback_histogram());

@@ -99,8 +99,9 @@ impl Filter {
 ///
 /// Resume with `Last-Event-ID` (or `since=`): every change after that
 /// revision is replayed from the table's history (`--watch-history`
-/// changes, and at most `--watch-history-bytes`). The history of a table
-/// begins when it is first watched. When it no longer reaches back that far
+/// changes, and at most `--watch-history-bytes`). A table keeps a history
+/// while it is watched and for 60 s after its last watcher left; a watch
+/// after that starts a new one. When it no longer reaches back that far
 /// (or the revision is ahead of the table), the first event is `reset`
 /// with the current revision: re-read the table with a scan, then follow
 /// the live changes. A stream that falls behind by more than the history

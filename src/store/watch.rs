@@ -13,14 +13,22 @@
 //! order and every watcher sees the changes of a table in the order they
 //! were applied.
 //!
+//! # Tables nobody watches any more
+//! A hub keeps recording for `idle_keep` (60 s) after its last watcher
+//! left, so a client that lost its connection can resume. After that the
+//! hub goes dormant: writers see one flag and record nothing, as on a
+//! table never watched. The next watch wakes it, with its history starting
+//! afresh, so a resume from before then gets `reset`.
+//!
 //! # Bounds
 //! The history holds at most `max_events` changes and `max_bytes` bytes of
 //! keys and values. A watcher holds a position and the batch it is sending,
 //! so its memory is bounded whatever its reader does.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -98,13 +106,15 @@ impl Change {
     }
 }
 
-/// How much history a hub keeps.
+/// How much history a hub keeps, and for how long without watchers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HistoryLimits {
     /// Most changes kept.
     pub max_events: usize,
     /// Most bytes of keys, values and bookkeeping kept.
     pub max_bytes: usize,
+    /// How long a hub keeps recording after its last watcher left.
+    pub idle_keep: Duration,
 }
 
 impl Default for HistoryLimits {
@@ -112,6 +122,7 @@ impl Default for HistoryLimits {
         HistoryLimits {
             max_events: 10_000,
             max_bytes: 64 << 20,
+            idle_keep: Duration::from_secs(60),
         }
     }
 }
@@ -124,6 +135,12 @@ pub struct Hub {
     limits: HistoryLimits,
     /// Watchers alive now.
     watchers: AtomicUsize,
+    /// When the hub was made: the origin of `idle_since_ms`.
+    born: Instant,
+    /// Milliseconds after `born` at which the last watcher left.
+    idle_since_ms: AtomicU64,
+    /// Recording stopped: nobody watched for `idle_keep`.
+    dormant: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -183,9 +200,13 @@ impl Hub {
             }),
             wake: Notify::new(),
             watchers: AtomicUsize::new(0),
+            born: Instant::now(),
+            idle_since_ms: AtomicU64::new(0),
+            dormant: AtomicBool::new(false),
             limits: HistoryLimits {
                 max_events: limits.max_events.max(1),
                 max_bytes: limits.max_bytes.max(1),
+                ..limits
             },
         }
     }
@@ -221,7 +242,62 @@ impl Hub {
 
     /// How many watchers are alive.
     pub fn watchers(&self) -> usize {
-        self.watchers.load(Ordering::Relaxed)
+        self.watchers.load(Ordering::Acquire)
+    }
+
+    fn age_ms(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64
+    }
+
+    /// Whether a writer should record its change: the hub has watchers,
+    /// or lost its last one less than `idle_keep` ago. Past that it goes
+    /// dormant. Call under the changing key's shard lock.
+    pub fn records(&self) -> bool {
+        if self.dormant.load(Ordering::Acquire) {
+            return false;
+        }
+        if self.watchers.load(Ordering::Acquire) > 0 {
+            return true;
+        }
+        let idle = self.idle_since_ms.load(Ordering::Acquire);
+        if self.age_ms() < idle.saturating_add(self.limits.idle_keep.as_millis() as u64) {
+            return true;
+        }
+        self.dormant.store(true, Ordering::Release);
+        false
+    }
+
+    /// Counts a new watcher in if others are watching; `false` when there
+    /// are none, and the caller must join with no change under way
+    /// ([`Hub::join_quiet`]).
+    pub fn join_busy(&self) -> bool {
+        let mut n = self.watchers.load(Ordering::Acquire);
+        while n > 0 {
+            match self
+                .watchers
+                .compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return true,
+                Err(now) => n = now,
+            }
+        }
+        false
+    }
+
+    /// Counts a new watcher in while no change is under way (every shard
+    /// of the table locked). A dormant hub wakes with its history starting
+    /// after `revision`, the table's revision now.
+    pub fn join_quiet(&self, revision: u64) {
+        if self.dormant.load(Ordering::Acquire) {
+            let mut log = self.lock();
+            log.first += log.changes.len() as u64;
+            log.changes.clear();
+            log.bytes = 0;
+            log.covers_after = revision;
+            log.head = log.head.max(revision);
+            self.dormant.store(false, Ordering::Release);
+        }
+        self.watchers.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Ends every watch: after what they have not read, they end.
@@ -240,10 +316,12 @@ impl Hub {
         }
     }
 
-    /// A new watcher that receives every change after `since` (every later
-    /// change when `None`). When the history no longer holds every change
-    /// after `since`, or `since` is ahead of the table, the watcher starts
-    /// at the live end with a `reset` at the current revision.
+    /// A new watcher, already counted in by [`Hub::join_busy`] or
+    /// [`Hub::join_quiet`], that receives every change after `since`
+    /// (every later change when `None`). When the history no longer holds
+    /// every change after `since`, or `since` is ahead of the table, the
+    /// watcher starts at the live end with a `reset` at the current
+    /// revision.
     pub fn watch(self: &Arc<Self>, since: Option<u64>) -> Start {
         let log = self.lock();
         let end = log.first + log.changes.len() as u64;
@@ -255,7 +333,6 @@ impl Hub {
                 (None, log.first + skip as u64)
             }
         };
-        self.watchers.fetch_add(1, Ordering::Relaxed);
         Start {
             reset,
             watcher: Watcher {
@@ -321,7 +398,12 @@ impl Drop for Recording<'_> {
 
 impl Drop for Watcher {
     fn drop(&mut self) {
-        self.hub.watchers.fetch_sub(1, Ordering::Relaxed);
+        // The time first: a writer that sees no watcher left must find a
+        // recent idle time, not an old one that stops recording at once.
+        self.hub
+            .idle_since_ms
+            .store(self.hub.age_ms(), Ordering::Release);
+        self.hub.watchers.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -370,6 +452,14 @@ mod tests {
         )
     }
 
+    /// A watcher counted in, as the table does it.
+    fn joined(hub: &Arc<Hub>, since: Option<u64>) -> Start {
+        if !hub.join_busy() {
+            hub.join_quiet(hub.head());
+        }
+        hub.watch(since)
+    }
+
     fn revisions(read: Read) -> Vec<u64> {
         match read {
             Read::Changes(v) => v.iter().map(|c| c.revision).collect(),
@@ -381,6 +471,7 @@ mod tests {
         HistoryLimits {
             max_events,
             max_bytes: 1 << 20,
+            ..HistoryLimits::default()
         }
     }
 
@@ -390,16 +481,16 @@ mod tests {
         for rev in [12, 15, 19] {
             hub.begin().push(put(rev, "k"));
         }
-        let start = hub.watch(Some(12));
+        let start = joined(&hub, Some(12));
         assert_eq!(start.reset, None);
         let mut w = start.watcher;
         assert_eq!(revisions(w.read(10)), vec![15, 19]);
         assert_eq!(
-            revisions(hub.watch(Some(10)).watcher.read(10)),
+            revisions(joined(&hub, Some(10)).watcher.read(10)),
             vec![12, 15, 19]
         );
         assert_eq!(
-            revisions(hub.watch(None).watcher.read(10)),
+            revisions(joined(&hub, None).watcher.read(10)),
             Vec::<u64>::new()
         );
     }
@@ -412,16 +503,16 @@ mod tests {
         }
         // 12 fell out: a resume from 11 or earlier cannot be served, one
         // from 12 (everything after it is kept) can.
-        assert_eq!(hub.watch(Some(11)).reset, Some(19));
-        assert_eq!(hub.watch(Some(9)).reset, Some(19));
-        assert_eq!(hub.watch(Some(12)).reset, None);
-        assert_eq!(hub.watch(Some(20)).reset, Some(19));
+        assert_eq!(joined(&hub, Some(11)).reset, Some(19));
+        assert_eq!(joined(&hub, Some(9)).reset, Some(19));
+        assert_eq!(joined(&hub, Some(12)).reset, None);
+        assert_eq!(joined(&hub, Some(20)).reset, Some(19));
     }
 
     #[test]
     fn a_reader_overtaken_by_the_history_has_lagged() {
         let hub = Arc::new(Hub::new(0, limits(3)));
-        let mut w = hub.watch(None).watcher;
+        let mut w = joined(&hub, None).watcher;
         hub.begin().push(put(1, "a"));
         assert_eq!(revisions(w.read(10)), vec![1]);
         for rev in 2..=5 {
@@ -437,22 +528,23 @@ mod tests {
             HistoryLimits {
                 max_events: 1000,
                 max_bytes: 3 * (std::mem::size_of::<Change>() + 2),
+                ..HistoryLimits::default()
             },
         ));
         for rev in 1..=10 {
             hub.begin().push(put(rev, "a"));
         }
         assert_eq!(
-            revisions(hub.watch(Some(7)).watcher.read(100)),
+            revisions(joined(&hub, Some(7)).watcher.read(100)),
             vec![8, 9, 10]
         );
-        assert_eq!(hub.watch(Some(6)).reset, Some(10));
+        assert_eq!(joined(&hub, Some(6)).reset, Some(10));
     }
 
     #[test]
     fn a_dropped_table_ends_its_watches_after_the_drop() {
         let hub = Arc::new(Hub::new(0, limits(10)));
-        let mut w = hub.watch(None).watcher;
+        let mut w = joined(&hub, None).watcher;
         hub.drop_table(|| 4);
         hub.begin().push(put(5, "late"));
         let changes = match w.read(10) {
@@ -467,7 +559,7 @@ mod tests {
     #[tokio::test]
     async fn a_waiting_watcher_wakes_on_a_change() {
         let hub = Arc::new(Hub::new(0, limits(10)));
-        let mut w = hub.watch(None).watcher;
+        let mut w = joined(&hub, None).watcher;
         let writer = {
             let hub = hub.clone();
             tokio::spawn(async move {
@@ -478,5 +570,33 @@ mod tests {
         w.changed().await;
         assert_eq!(revisions(w.read(10)), vec![1]);
         writer.await.unwrap();
+    }
+}
+
+#[cfg(test)]
+mod idle {
+    use super::*;
+
+    #[test]
+    fn a_hub_without_watchers_stops_recording_after_idle_keep_and_wakes_afresh() {
+        let hub = Arc::new(Hub::new(
+            0,
+            HistoryLimits {
+                idle_keep: Duration::ZERO,
+                ..HistoryLimits::default()
+            },
+        ));
+        hub.join_quiet(0);
+        let w = hub.watch(None).watcher;
+        assert!(hub.records());
+        drop(w);
+        // No watcher and no time to keep: dormant, and writers skip.
+        assert!(!hub.records());
+        assert!(!hub.join_busy());
+        hub.join_quiet(40);
+        assert!(hub.records());
+        let start = hub.watch(Some(10));
+        assert_eq!(start.reset, Some(40), "history restarts at the wake-up");
+        assert_eq!(hub.watchers(), 1);
     }
 }

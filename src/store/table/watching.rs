@@ -58,7 +58,11 @@ impl Table {
     /// Takes the revision of a change about to be made; call under the
     /// key's shard lock and publish (or drop) the result before releasing it.
     pub(super) fn begin_change(&self) -> Pending<'_> {
-        let recording = self.hub.get().map(|hub| hub.begin());
+        let recording = self
+            .hub
+            .get()
+            .filter(|hub| hub.records())
+            .map(|hub| hub.begin());
         Pending {
             revision: self.next_version(),
             recording,
@@ -68,7 +72,8 @@ impl Table {
     /// Like [`Self::begin_change`] for a removal, which needs a revision
     /// only when someone records it (the durable tier or a watcher).
     pub(super) fn begin_removal(&self) -> Option<Pending<'_>> {
-        (self.dirty.is_some() || self.hub.get().is_some()).then(|| self.begin_change())
+        (self.dirty.is_some() || self.hub.get().is_some_and(|h| h.records()))
+            .then(|| self.begin_change())
     }
 
     /// Publishes the event of a removal made under `pending`.
@@ -95,7 +100,16 @@ impl Table {
             return Err(StoreError::TableNotFound(self.name.to_string()));
         }
         let hub = match self.hub.get() {
-            Some(hub) => hub.clone(),
+            Some(hub) if hub.join_busy() => hub.clone(),
+            Some(hub) => {
+                // The first watcher since the others left: with every shard
+                // locked, so no writer is between deciding not to record
+                // and its change.
+                let shards: Vec<_> = self.map.shards().iter().map(|s| s.write()).collect();
+                hub.join_quiet(origin());
+                drop(shards);
+                hub.clone()
+            }
             None => {
                 // With every shard locked no change is half made: each one
                 // either finished before the hub existed or will see it.
@@ -106,6 +120,7 @@ impl Table {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner);
                 let hub = Arc::new(Hub::new(origin(), limits));
+                hub.join_quiet(0);
                 let _ = self.hub.set(hub.clone());
                 drop(shards);
                 self.shared
