@@ -498,3 +498,67 @@ async fn bad_watch_requests_are_refused_and_change_nothing() {
         .assert_error(404, "table_not_found");
     assert_eq!(app.get_table("t").await.body["size"], 0);
 }
+
+/// Resident memory of process `pid`, bytes.
+fn resident_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("procfs");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}
+
+#[tokio::test]
+async fn a_thousand_idle_watchers_cost_bounded_memory() {
+    const WATCHERS: usize = 1000;
+    /// A generous bound per watcher (a release build measures about 29 KB):
+    /// what must hold is that a watcher costs a connection and a position,
+    /// never a copy of the table's changes.
+    const BOUND: u64 = 128 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::child::ChildServer::start(dir.path()).await;
+    let client = reqwest::Client::new();
+    let create = client
+        .post(format!("{}/v1/tables", server.base))
+        .body(r#"{"name":"idle"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(create.status(), 201);
+    let url = format!("{}/v1/tables/idle/watch", server.base);
+    // One watcher first, so what every server pays once is not counted.
+    let first = Stream::open(&client, &url, None).await;
+    let before = resident_bytes(server.child.id());
+    let mut streams = Vec::with_capacity(WATCHERS);
+    for _ in 0..WATCHERS {
+        streams.push(Stream::open(&client, &url, None).await);
+    }
+    let metrics = client
+        .get(format!("{}/metrics", server.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "larder_table_watchers{{table=\"idle\"}} {}",
+            WATCHERS + 1
+        )),
+        "every watcher is registered"
+    );
+    let grew = resident_bytes(server.child.id()).saturating_sub(before);
+    eprintln!(
+        "{WATCHERS} idle watchers: +{:.1} MB resident ({:.1} KB each)",
+        grew as f64 / 1e6,
+        grew as f64 / 1e3 / WATCHERS as f64
+    );
+    assert!(
+        grew / WATCHERS as u64 <= BOUND,
+        "{WATCHERS} watchers grew the server by {grew} bytes"
+    );
+    drop((first, streams));
+}
