@@ -94,11 +94,6 @@ impl Change {
         }
     }
 
-    /// Whether every watch of the table receives it, whatever its filter.
-    pub fn is_table_wide(&self) -> bool {
-        self.key.is_none()
-    }
-
     fn bytes(&self) -> usize {
         std::mem::size_of::<Change>()
             + self.key.as_ref().map_or(0, |k| k.len())
