@@ -1244,3 +1244,67 @@ async fn a_cluster_watch_resumes_from_the_nodes_history() {
     let mut old = cluster_watch(&nodes[1], "r", Some(0)).await;
     assert_eq!(old.event().await.unwrap().event, "reset");
 }
+
+#[tokio::test]
+async fn a_schema_2_database_is_upgraded_and_its_old_log_rows_tell_no_watcher() {
+    let Some(pg) = PgServer::start() else {
+        return;
+    };
+    let url = pg.create_db("larder").await;
+    // The database as a node of the previous release left it: steps 1 and
+    // 2, and a change-log row without an event or value.
+    let client = pg.client("larder").await;
+    client
+        .batch_execute("CREATE TABLE larder_meta (name text PRIMARY KEY, value bigint NOT NULL)")
+        .await
+        .unwrap();
+    client
+        .batch_execute(include_str!(
+            "../migrations/cluster/0001_cluster_tables.sql"
+        ))
+        .await
+        .unwrap();
+    client
+        .batch_execute(include_str!("../migrations/cluster/0002_idempotency.sql"))
+        .await
+        .unwrap();
+    client
+        .batch_execute(
+            "INSERT INTO larder_meta VALUES ('schema_version', 2); \
+             INSERT INTO larder_changes (table_id, key, version, kind, at) \
+             VALUES (999999, 'old', nextval('larder_versions'), 0, \
+                     (extract(epoch FROM now()) * 1000)::bigint)",
+        )
+        .await
+        .unwrap();
+
+    let node = spawn_with(|c| {
+        c.cluster_url = Some(url);
+        c.cluster_poll_ms = 2;
+    })
+    .await;
+    let version: i64 = client
+        .query_one(
+            "SELECT value FROM larder_meta WHERE name = 'schema_version'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, 3);
+    let old: (i16, Option<String>) = client
+        .query_one(
+            "SELECT event, value FROM larder_changes WHERE key = 'old'",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(old, (0, None), "an old row reads as a put without a value");
+    create(&node, "t", "set").await;
+    let mut s = cluster_watch(&node, "t", None).await;
+    node.put("t", "k", json!("new")).await;
+    let e = s.event().await.unwrap();
+    assert_eq!((e.event.as_str(), e.key()), ("put", "k"));
+    assert_eq!(e.data["value"], "new");
+}
