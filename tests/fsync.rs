@@ -12,7 +12,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::recording::{flushed_before, Event, Recorder};
+use common::recording::{change_flushed_before, flushed_before, Event, Recorder};
 use common::spawn_with_engine;
 use serde_json::{json, Value};
 
@@ -69,6 +69,34 @@ async fn every_sync_acknowledgement_follows_a_flush_of_what_it_acknowledges() {
         writes / rounds > 1.0,
         "{writes} sync writes took {rounds} flushes: no grouping"
     );
+}
+
+#[tokio::test]
+async fn a_sync_clear_is_acknowledged_after_a_flush_of_every_removal() {
+    let rec = Arc::new(Recorder::default());
+    let app = spawn_with_engine(rec.wrapper()).await;
+    let r = app
+        .create_table(json!({"name": "s", "persistence": "sync"}))
+        .await;
+    assert_eq!(r.status, 201);
+    let keys: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
+    for k in &keys {
+        assert_eq!(app.put("s", k, json!(1)).await.status, 201);
+    }
+    let flushes = rec.flushes();
+    let r = app
+        .send(reqwest::Method::DELETE, "/v1/tables/s/entries", None, &[])
+        .await;
+    assert_eq!(r.status, 204);
+    let seen = rec.mark();
+    let events = rec.events();
+    for k in &keys {
+        assert!(
+            change_flushed_before(&events, "s", k, None, seen).is_some(),
+            "{k}'s removal was acknowledged before a flush of it completed"
+        );
+    }
+    assert!(rec.flushes() > flushes);
 }
 
 /// Slack on top of `auto_save_ms`: scheduling on a loaded two-core machine.

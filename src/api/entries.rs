@@ -489,8 +489,7 @@ pub async fn insert_entries(
         ));
     }
     let inserted = table.insert_many(batch).await?;
-    let body = serde_json::to_vec(&Inserted { inserted }).unwrap_or_default();
-    Ok(respond::json(StatusCode::OK, body))
+    respond::serialized(StatusCode::OK, &Inserted { inserted })
 }
 
 /// Scan entries.

@@ -7,7 +7,7 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiResult};
 use crate::store::{Cursor, Entry, Objects, Precondition, ScanPage};
 
 /// `X-Cache` value for an answer served from memory.
@@ -24,6 +24,16 @@ pub fn json(status: StatusCode, body: Vec<u8>) -> Response {
         HeaderValue::from_static("application/json"),
     );
     resp
+}
+
+/// A response with `body` serialized as JSON.
+///
+/// # Errors
+/// [`ApiError::Internal`] if `body` cannot be serialized (no type the API
+/// answers with can fail).
+pub fn serialized<T: serde::Serialize>(status: StatusCode, body: &T) -> ApiResult<Response> {
+    let bytes = serde_json::to_vec(body).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(json(status, bytes))
 }
 
 /// A response with no body.

@@ -251,11 +251,6 @@ async fn count_or_delete(
     Ok((found.count, found.next_cursor.map(|c| c.encode())))
 }
 
-fn json_response<T: Serialize>(body: &T) -> ApiResult<Response> {
-    let bytes = serde_json::to_vec(body).map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(respond::json(StatusCode::OK, bytes))
-}
-
 /// Select objects.
 ///
 /// ETS `select/3` with a JSON match specification: every live object
@@ -358,7 +353,7 @@ pub async fn select_count(
 ) -> ApiResult<Response> {
     let (count, next_cursor) =
         count_or_delete(&state, &who, &table, &bytes, SelectMode::Count).await?;
-    json_response(&CountResult { count, next_cursor })
+    respond::serialized(StatusCode::OK, &CountResult { count, next_cursor })
 }
 
 /// Delete matching objects.
@@ -390,10 +385,13 @@ pub async fn select_delete(
 ) -> ApiResult<Response> {
     let (deleted, next_cursor) =
         count_or_delete(&state, &who, &table, &bytes, SelectMode::Delete).await?;
-    json_response(&DeletedResult {
-        deleted,
-        next_cursor,
-    })
+    respond::serialized(
+        StatusCode::OK,
+        &DeletedResult {
+            deleted,
+            next_cursor,
+        },
+    )
 }
 
 /// Look up many keys.

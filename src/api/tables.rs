@@ -240,11 +240,7 @@ pub(crate) async fn info_response(
     status: StatusCode,
     table: &impl TableOps,
 ) -> ApiResult<Response> {
-    let info = table_info(table).await?;
-    Ok(respond::json(
-        status,
-        serde_json::to_vec(&info).unwrap_or_default(),
-    ))
+    respond::serialized(status, &table_info(table).await?)
 }
 
 /// Create a table.
@@ -305,8 +301,7 @@ pub async fn list_tables(State(state): State<AppState>, who: Principal) -> ApiRe
             tables.push(table_info(&t).await?);
         }
     }
-    let body = serde_json::to_vec(&TableList { tables }).unwrap_or_default();
-    Ok(respond::json(StatusCode::OK, body))
+    respond::serialized(StatusCode::OK, &TableList { tables })
 }
 
 /// Describe a table.

@@ -395,9 +395,7 @@ pub async fn import_all(
     for t in &created {
         tables.push(super::tables::table_info(t).await?);
     }
-    let body = serde_json::to_vec(&super::tables::TableList { tables })
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(super::respond::json(StatusCode::CREATED, body))
+    super::respond::serialized(StatusCode::CREATED, &super::tables::TableList { tables })
 }
 
 /// One verified table of an import stream.

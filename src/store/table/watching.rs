@@ -88,6 +88,12 @@ impl Table {
         }
     }
 
+    /// Every shard of the map write-locked, in order: no change of the
+    /// table is under way while the guards live.
+    pub(super) fn lock_all_shards(&self) -> Vec<impl std::ops::DerefMut + '_> {
+        self.map.shards().iter().map(|s| s.write()).collect()
+    }
+
     /// Starts a watch of the table's changes after `since` (see
     /// [`Hub::watch`]). The first watch makes the table's hub, whose history
     /// begins at the revision `origin` gives.
@@ -105,7 +111,7 @@ impl Table {
                 // The first watcher since the others left: with every shard
                 // locked, so no writer is between deciding not to record
                 // and its change.
-                let shards: Vec<_> = self.map.shards().iter().map(|s| s.write()).collect();
+                let shards = self.lock_all_shards();
                 hub.join_quiet(origin());
                 drop(shards);
                 hub.clone()
@@ -113,7 +119,7 @@ impl Table {
             None => {
                 // With every shard locked no change is half made: each one
                 // either finished before the hub existed or will see it.
-                let shards: Vec<_> = self.map.shards().iter().map(|s| s.write()).collect();
+                let shards = self.lock_all_shards();
                 let limits = *self
                     .shared
                     .watch_limits
@@ -123,11 +129,14 @@ impl Table {
                 hub.join_quiet(0);
                 let _ = self.hub.set(hub.clone());
                 drop(shards);
-                self.shared
+                let mut hubs = self
+                    .shared
                     .hubs
                     .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push(Arc::downgrade(&hub));
+                    .unwrap_or_else(PoisonError::into_inner);
+                // Hubs of dropped tables leave the list as new ones come.
+                hubs.retain(|h| h.strong_count() > 0);
+                hubs.push(Arc::downgrade(&hub));
                 hub
             }
         };

@@ -205,6 +205,8 @@ impl Table {
     /// lands between the first shard and the last.
     pub fn clear(&self) {
         let now = self.now();
+        // Every shard write-locked, as `lock_all_shards` does, but with guards
+        // whose map this loop drains.
         let mut shards: Vec<_> = self.map.shards().iter().map(|s| s.write()).collect();
         // After the shard locks, as every writer takes them.
         let change = self.hub.get().map(|_| self.begin_change());
