@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::Request;
 use axum::Router;
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -73,7 +74,7 @@ pub struct Parts {
 /// A bound, wired server, ready to run.
 pub struct App {
     listener: GuardedListener,
-    router: Router,
+    router: api::front::Front<Router>,
     state: AppState,
     shutdown_timeout: Duration,
     run_sweeper: bool,
@@ -274,9 +275,12 @@ impl App {
             let _ = stopping_tx.send(());
         };
         let mut server = tokio::spawn(
-            axum::serve(self.listener, self.router)
-                .with_graceful_shutdown(signal)
-                .into_future(),
+            axum::serve(
+                self.listener,
+                axum::ServiceExt::<Request>::into_make_service(self.router),
+            )
+            .with_graceful_shutdown(signal)
+            .into_future(),
         );
         tracing::info!(%addr, "larder listening; loading persistent tables");
 

@@ -13,13 +13,10 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::{header, HeaderValue};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::http::HeaderValue;
 
-use super::AppState;
 use crate::error::ApiError;
 use crate::store::{Access, Table};
 
@@ -48,13 +45,10 @@ impl Principal {
 impl<S: Send + Sync> FromRequestParts<S> for Principal {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(_parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         // Taken, not cloned: a handler extracts its caller once, and a clone
         // is one more atomic pair on a name every request shares.
-        parts
-            .extensions
-            .remove::<Principal>()
-            .ok_or(ApiError::Unauthorized)
+        super::front::caller().ok_or(ApiError::Unauthorized)
     }
 }
 
@@ -216,25 +210,6 @@ fn strip_comment(line: &str) -> Result<&str, String> {
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     use subtle::ConstantTimeEq;
     a.ct_eq(b).into()
-}
-
-/// Middleware: puts the caller's [`Principal`] in the request, or answers
-/// 401 on the routes that need one (`/v1/…` and `/metrics`).
-pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let path = req.uri().path();
-    let needs_auth = path.starts_with("/v1/") || path == "/metrics";
-    match state
-        .tokens
-        .authenticate(req.headers().get(header::AUTHORIZATION))
-    {
-        Ok(principal) => {
-            tracing::Span::current().record("principal", &*principal.name);
-            req.extensions_mut().insert(principal);
-        }
-        Err(e) if needs_auth => return e.into_response(),
-        Err(_) => {}
-    }
-    next.run(req).await
 }
 
 /// What a request does to a table.

@@ -6,15 +6,14 @@
 //! 503 from load shedding, or a handler that takes no body at all. If the
 //! unread bytes are simply dropped, hyper may close the connection under a
 //! client that is already sending its next request, and a pooled client sees
-//! a reset. [`DrainLayer`] keeps the unread remainder of every request body;
-//! once the response is ready it reads and discards up to a bound, and when
-//! the remainder is larger (or arrives too slowly) it marks the response
-//! `Connection: close`, so the client is told before the connection goes.
+//! a reset. [`watch`] keeps the unread remainder of every request body;
+//! once the response is ready [`finish`] reads and discards up to a bound,
+//! and when the remainder is larger (or arrives too slowly) it marks the
+//! response `Connection: close`, so the client is told before the
+//! connection goes. Both run in [`super::front`].
 //!
 //! Requests without a body pass straight through, untouched.
 
-use std::convert::Infallible;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
@@ -26,87 +25,62 @@ use axum::http::{header, HeaderValue};
 use axum::response::Response;
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use tower::{Layer, Service};
 
 /// Longest a leftover body is read before the connection is closed instead:
 /// long enough for any client that sends at network speed, short enough
 /// that a slow sender cannot hold a task.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(1);
 
-/// Adds [`Drain`] around a service.
-#[derive(Debug, Clone, Copy)]
-pub struct DrainLayer {
-    /// Most unread bytes read and discarded per request.
-    pub limit: usize,
-}
-
-impl<S> Layer<S> for DrainLayer {
-    type Service = Drain<S>;
-
-    fn layer(&self, inner: S) -> Drain<S> {
-        Drain {
-            inner,
-            limit: self.limit,
-        }
-    }
-}
-
-/// The service [`DrainLayer`] makes.
-#[derive(Debug, Clone)]
-pub struct Drain<S> {
-    inner: S,
-    limit: usize,
-}
-
 /// Where a request body that was dropped before its end is put back.
 type Leftover = Arc<Mutex<Option<Body>>>;
 
-impl<S> Service<Request> for Drain<S>
-where
-    S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+/// A request whose body is being watched for a remainder left unread.
+#[derive(Debug)]
+pub struct Watched {
+    leftover: Leftover,
+    declared: Option<u64>,
+}
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
+/// Lets `req` through unchanged when it has no body; otherwise swaps its
+/// body for one that keeps any unread remainder, and returns what
+/// [`finish`] needs to deal with that remainder.
+pub fn watch(req: Request) -> (Request, Option<Watched>) {
+    use http_body::Body as _;
+    if req.body().is_end_stream() {
+        return (req, None);
     }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let leftover: Leftover = Arc::default();
+    let (parts, body) = req.into_parts();
+    let tracked = Body::new(Tracked {
+        inner: Some(body),
+        leftover: leftover.clone(),
+    });
+    (
+        Request::from_parts(parts, tracked),
+        Some(Watched { leftover, declared }),
+    )
+}
 
-    fn call(&mut self, req: Request) -> Self::Future {
-        use http_body::Body as _;
-        if req.body().is_end_stream() {
-            return Box::pin(self.inner.call(req));
+/// Once the answer is ready: reads and discards what the handler left of
+/// the body, up to `limit` bytes, or marks the answer `Connection: close`
+/// when the remainder is larger or arrives too slowly.
+pub async fn finish(watched: Watched, resp: &mut Response, limit: usize) {
+    let rest = watched
+        .leftover
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    if let Some(rest) = rest {
+        let too_big = watched.declared.is_some_and(|n| n > 2 * limit as u64);
+        if too_big || !drain(rest, limit).await {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        let leftover: Leftover = Arc::default();
-        let (parts, body) = req.into_parts();
-        let tracked = Body::new(Tracked {
-            inner: Some(body),
-            leftover: leftover.clone(),
-        });
-        let response = self.inner.call(Request::from_parts(parts, tracked));
-        let limit = self.limit;
-        Box::pin(async move {
-            let mut resp = response.await?;
-            let rest = leftover
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take();
-            if let Some(rest) = rest {
-                let too_big = declared.is_some_and(|n| n > 2 * limit as u64);
-                if too_big || !drain(rest, limit).await {
-                    resp.headers_mut()
-                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                }
-            }
-            Ok(resp)
-        })
     }
 }
 
@@ -134,7 +108,7 @@ async fn drain(mut body: Body, limit: usize) -> bool {
 }
 
 /// A request body that, when dropped before its end, hands what is left to
-/// the [`Drain`] service instead of discarding it.
+/// [`finish`] instead of discarding it.
 struct Tracked {
     inner: Option<Body>,
     leftover: Leftover,

@@ -1,13 +1,20 @@
-//! The one middleware every routed request passes through: request id,
-//! readiness gate, load shedding, timeout, authentication, metrics and
-//! logging, in one service.
+//! The one service every request passes through before the router:
+//! request id, readiness gate, load shedding, authentication, timeout,
+//! unread-body draining, metrics and logging.
 //!
-//! They used to be seven layers. axum clones a route's whole layer stack for
-//! every request, and each `from_fn` layer boxed its future and cloned the
-//! state, so the stack cost more than everything a cache hit does. Here a
-//! request costs one boxed future, one state pointer, one atomic pair for
+//! It wraps the whole router once, rather than being added to each route
+//! with `Router::layer`. A layer on the routes turns every handler into a
+//! boxed service that axum clones (two allocations with their frees) each
+//! time it is called, and the matched route is only known inside. Here a
+//! request costs one boxed future, one pointer clone, one atomic pair for
 //! the in-flight count, one histogram record and, only when the log level
-//! asks for them, a span and a log line.
+//! asks for them, a span and a log line. The route label for metrics and
+//! logs comes from [`RouteLabels`], a matcher built from the same route list
+//! as the router.
+//!
+//! The caller's [`Principal`] reaches handlers through a task-local (see
+//! [`caller`]), not the request's extensions, whose first entry would
+//! allocate a map and a box for every request.
 //!
 //! # Order of checks
 //! 1. `/v1` before recovery finished or after a stop began: 503.
@@ -16,6 +23,7 @@
 //! 3. `/v1` and `/metrics` without a valid token: 401.
 //! 4. The handler, abandoned with 503 after `--request-timeout-ms`.
 
+use std::cell::Cell;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -24,12 +32,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use axum::extract::{MatchedPath, Request};
-use axum::http::{header, HeaderName, HeaderValue};
+use axum::extract::Request;
+use axum::http::{header, HeaderName, HeaderValue, Method};
 use axum::response::{IntoResponse, Response};
-use tower::{Layer, Service};
+use tower::Service;
 use tracing::Level;
 
+use super::auth::Principal;
 use super::AppState;
 use crate::error::{ApiError, InternalDetail};
 
@@ -37,33 +46,114 @@ use crate::error::{ApiError, InternalDetail};
 /// made from a per-process counter otherwise, and returned on the response.
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Adds [`Front`] around a service.
-#[derive(Debug, Clone)]
-pub struct FrontLayer {
-    /// The server's services.
-    pub state: AppState,
-    /// Log every request at `info` rather than `debug`.
-    pub access_log: bool,
+tokio::task_local! {
+    /// The caller of the request this task serves, until a handler takes it.
+    static CALLER: Cell<Option<Principal>>;
 }
 
-impl<S> Layer<S> for FrontLayer {
-    type Service = Front<S>;
+/// Takes the caller of the request being served: `None` outside a request,
+/// when authentication failed on a route that does not need it, or when it
+/// was already taken.
+pub fn caller() -> Option<Principal> {
+    CALLER.try_with(Cell::take).ok().flatten()
+}
 
-    fn layer(&self, inner: S) -> Front<S> {
+/// Route patterns as the router knows them (`/v1/tables/{table}`), for
+/// labelling metrics and logs.
+#[derive(Debug)]
+pub struct RouteLabels {
+    matcher: matchit::Router<u16>,
+    names: Vec<Box<str>>,
+}
+
+/// The label of a request that matched no route.
+const UNMATCHED: &str = "unmatched";
+
+impl RouteLabels {
+    /// A matcher of `patterns`, which use axum's syntax. A pattern the
+    /// matcher refuses (a conflict) is left out: its requests are
+    /// labelled `unmatched`.
+    pub fn new<'a>(patterns: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut matcher = matchit::Router::new();
+        let mut names: Vec<Box<str>> = Vec::new();
+        for pattern in patterns {
+            let Ok(index) = u16::try_from(names.len()) else {
+                break;
+            };
+            match matcher.insert(pattern, index) {
+                Ok(()) => names.push(pattern.into()),
+                Err(e) => tracing::warn!(pattern, error = %e, "route left out of metrics labels"),
+            }
+        }
+        names.push(UNMATCHED.into());
+        RouteLabels { matcher, names }
+    }
+
+    /// The index of the route `path` matches.
+    fn find(&self, path: &str) -> u16 {
+        match self.matcher.at(path) {
+            Ok(m) => *m.value,
+            // `names` has at most `u16::MAX + 1` entries by construction.
+            Err(_) => u16::try_from(self.names.len() - 1).unwrap_or(u16::MAX),
+        }
+    }
+
+    /// The pattern of route `index`, or `unmatched`.
+    fn name(&self, index: u16) -> &str {
+        self.names.get(usize::from(index)).map_or(UNMATCHED, |n| n)
+    }
+}
+
+/// What [`Front`] shares between requests.
+#[derive(Debug)]
+struct Shared {
+    state: AppState,
+    access_log: bool,
+    max_body_bytes: usize,
+    routes: RouteLabels,
+}
+
+/// The service in front of the router. Cloning is shallow.
+#[derive(Debug, Clone)]
+pub struct Front<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> Front<S> {
+    /// Puts `inner` (the router) behind the front. `routes` labels requests.
+    pub fn new(
+        inner: S,
+        state: AppState,
+        routes: RouteLabels,
+        access_log: bool,
+        max_body_bytes: usize,
+    ) -> Self {
         Front {
             inner,
-            state: self.state.clone(),
-            access_log: self.access_log,
+            shared: Arc::new(Shared {
+                state,
+                access_log,
+                max_body_bytes,
+                routes,
+            }),
         }
     }
 }
 
-/// The service [`FrontLayer`] makes. Cloning is shallow.
-#[derive(Debug, Clone)]
-pub struct Front<S> {
-    inner: S,
-    state: AppState,
-    access_log: bool,
+/// Holds a request's place in the in-flight count, and the shared state
+/// the rest of the request needs.
+struct Admitted {
+    shared: Arc<Shared>,
+    counted: bool,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if self.counted {
+            self.shared.state.limits.leave();
+        }
+    }
 }
 
 impl<S> Service<Request> for Front<S>
@@ -80,92 +170,172 @@ where
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        // The service that was polled ready serves this request; a clone
-        // stays behind for the next.
-        let ready = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, ready);
-        let state = self.state.clone();
-        let access_log = self.access_log;
-        Box::pin(async move { Ok(serve(inner, state, access_log, req).await) })
+        let started = Instant::now();
+        let shared = self.shared.clone();
+        let state = &shared.state;
+        let id = match req.headers().get(&REQUEST_ID) {
+            Some(v) => v.clone(),
+            None => super::respond::number_header(
+                state.request_ids.fetch_add(1, Ordering::Relaxed) + 1,
+                false,
+            ),
+        };
+        let route_index = shared.routes.find(req.uri().path());
+        let route = shared.routes.name(route_index);
+        let method = req.method().clone();
+        let debug = tracing::enabled!(Level::DEBUG);
+        let log = shared.access_log || debug;
+
+        let (counted, principal, served, watched) = match admit(&shared, &req) {
+            Err(refused) => {
+                // The body is never read: all of it is left over.
+                let (req, watched) = super::drain::watch(req);
+                drop(req);
+                let answer: Served = Box::pin(std::future::ready(refused.into_response()));
+                (false, None, answer, watched)
+            }
+            Ok((counted, principal)) => {
+                let name = log
+                    .then(|| principal.as_ref().map(|p| p.name.clone()))
+                    .flatten();
+                let (req, watched) = super::drain::watch(req);
+                let served = self.serve(req, principal, &id, route, &method, debug);
+                (counted, name, served, watched)
+            }
+        };
+        let admitted = Admitted { shared, counted };
+        Box::pin(async move {
+            let mut resp = served.await;
+            let shared = &admitted.shared;
+            if let Some(watched) = watched {
+                super::drain::finish(watched, &mut resp, shared.max_body_bytes).await;
+            }
+            let resp = finish(
+                shared,
+                resp,
+                Finished {
+                    route_index,
+                    route: shared.routes.name(route_index),
+                    method: &method,
+                    id,
+                    principal,
+                    started,
+                    log,
+                },
+            );
+            drop(admitted);
+            Ok(resp)
+        })
     }
 }
 
-async fn serve<S>(mut inner: S, state: AppState, access_log: bool, mut req: Request) -> Response
+/// A handler's answer, on its way.
+type Served = Pin<Box<dyn Future<Output = Response> + Send>>;
+
+impl<S> Front<S>
 where
-    S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
-    let started = Instant::now();
-    let id = match req.headers().get(&REQUEST_ID) {
-        Some(v) => v.clone(),
-        None => HeaderValue::from(state.request_ids.fetch_add(1, Ordering::Relaxed) + 1),
-    };
-    let route = req.extensions().get::<MatchedPath>().cloned();
-    let route_str = route.as_ref().map_or("unmatched", |r| r.as_str());
-    let method = req.method().clone();
-    let debug = tracing::enabled!(Level::DEBUG);
-    let log = access_log || debug;
-
-    let (mut resp, principal) = match admit(&state, &mut req, log) {
-        Err(refused) => (refused.into_response(), None),
-        Ok((_permit, principal)) => {
-            let span = if debug {
-                tracing::debug_span!(
-                    "request",
-                    method = %method,
-                    route = route_str,
-                    id = id.to_str().unwrap_or("-"),
-                    principal = principal.as_deref().unwrap_or("-"),
-                )
-            } else {
-                tracing::Span::none()
+    /// Hands an admitted request to the router, under its deadline and
+    /// with its caller in reach of the handler.
+    fn serve(
+        &mut self,
+        req: Request,
+        principal: Option<Principal>,
+        id: &HeaderValue,
+        route: &str,
+        method: &Method,
+        debug: bool,
+    ) -> Served {
+        let span = if debug {
+            tracing::debug_span!(
+                "request",
+                method = %method,
+                route,
+                id = id.to_str().unwrap_or("-"),
+                principal = principal.as_ref().map_or("-", |p| &*p.name),
+            )
+        } else {
+            tracing::Span::none()
+        };
+        let timeout = self.shared.state.limits.timeout;
+        let Some(key) = super::idempotency::applies(&req) else {
+            let handler = {
+                let _entered = span.enter();
+                self.inner.call(req)
             };
-            let timeout = state.limits.timeout;
-            let resp = match super::idempotency::applies(&req) {
-                None => run_with_deadline(&mut inner, req, timeout, &span).await,
-                Some(key) => {
-                    // A task of its own: if the client goes away, the write
-                    // and its record still complete, so the key is neither
-                    // left in flight nor applied again by the retry.
-                    let state = state.clone();
-                    let task = tokio::spawn(async move {
-                        super::idempotency::serve(&state, req, key, |req| async move {
-                            run_with_deadline(&mut inner, req, timeout, &span).await
-                        })
-                        .await
-                    });
-                    match task.await {
-                        Ok(resp) => resp,
-                        Err(e) => ApiError::Internal(format!("an idempotent write failed: {e}"))
-                            .into_response(),
-                    }
+            return Box::pin(
+                CALLER.scope(Cell::new(principal), with_deadline(handler, timeout, span)),
+            );
+        };
+        // A task of its own: if the client goes away, the write and its
+        // record still complete, so the key is neither left in flight nor
+        // applied again by the retry.
+        let mut inner = self.inner.clone();
+        let state = self.shared.state.clone();
+        let who = principal.as_ref().map(|p| p.name.clone());
+        let task = tokio::spawn(async move {
+            super::idempotency::serve(&state, req, who, key, |req| {
+                let handler = {
+                    let _entered = span.enter();
+                    inner.call(req)
+                };
+                CALLER.scope(Cell::new(principal), with_deadline(handler, timeout, span))
+            })
+            .await
+        });
+        Box::pin(async move {
+            match task.await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    ApiError::Internal(format!("an idempotent write failed: {e}")).into_response()
                 }
-            };
-            (resp, principal)
-        }
-    };
-
-    let took = started.elapsed();
-    let status = resp.status().as_u16();
-    state
-        .metrics
-        .record_request(route_str, &method, status, took);
-    if log || resp.extensions().get::<InternalDetail>().is_some() {
-        log_request(&resp, access_log, route_str, &method, &id, principal, took);
+            }
+        })
     }
-    resp.headers_mut().insert(REQUEST_ID.clone(), id);
+}
+
+/// What is known of a request when its answer is ready.
+struct Finished<'a> {
+    route_index: u16,
+    route: &'a str,
+    method: &'a Method,
+    id: HeaderValue,
+    principal: Option<Arc<str>>,
+    started: Instant,
+    log: bool,
+}
+
+/// Records the request in metrics, logs it when asked (or when it failed
+/// inside), and stamps the request id on the answer.
+fn finish(shared: &Shared, mut resp: Response, f: Finished<'_>) -> Response {
+    let took = f.started.elapsed();
+    let status = resp.status().as_u16();
+    shared
+        .state
+        .metrics
+        .record_request(f.route_index, f.route, f.method, status, took);
+    if f.log || resp.extensions().get::<InternalDetail>().is_some() {
+        log_request(
+            &resp,
+            shared.access_log,
+            f.route,
+            f.method,
+            &f.id,
+            f.principal,
+            took,
+        );
+    }
+    resp.headers_mut().insert(REQUEST_ID.clone(), f.id);
     resp
 }
 
 /// The readiness gate, the in-flight limit and authentication. On success
-/// returns the in-flight permit (if the route counts) and, when `keep_name`
-/// (something will log it), the caller's name; the principal itself is left
-/// in the request for the handler.
-fn admit<'s>(
-    state: &'s AppState,
-    req: &mut Request,
-    keep_name: bool,
-) -> Result<(Option<super::InflightPermit<'s>>, Option<Arc<str>>), ApiError> {
+/// returns whether the request was counted in flight (probes are not) and
+/// the caller, if it authenticated.
+fn admit(shared: &Shared, req: &Request) -> Result<(bool, Option<Principal>), ApiError> {
+    let state = &shared.state;
     let path = req.uri().path();
     let api = path.starts_with("/v1/");
     if api && !state.ready.load(Ordering::Acquire) {
@@ -175,46 +345,34 @@ fn admit<'s>(
     }
     let probe = path == "/healthz" || path == "/readyz";
     let needs_auth = api || path == "/metrics";
-    let permit = if probe {
-        None
-    } else {
-        Some(state.limits.enter().ok_or_else(|| {
-            ApiError::Unavailable("too many requests in flight; retry shortly".into())
-        })?)
-    };
-    let mut name = None;
+    if !probe && !state.limits.try_enter() {
+        return Err(ApiError::Unavailable(
+            "too many requests in flight; retry shortly".into(),
+        ));
+    }
+    let counted = !probe;
     match state
         .tokens
         .authenticate(req.headers().get(header::AUTHORIZATION))
     {
-        Ok(who) => {
-            if keep_name {
-                name = Some(who.name.clone());
+        Ok(who) => Ok((counted, Some(who))),
+        Err(e) if needs_auth => {
+            if counted {
+                state.limits.leave();
             }
-            req.extensions_mut().insert(who);
+            Err(e)
         }
-        Err(e) if needs_auth => return Err(e),
-        Err(_) => {}
+        Err(_) => Ok((counted, None)),
     }
-    Ok((permit, name))
 }
 
 /// Runs the handler; after `timeout` it is dropped and answered 503. The
 /// timer is armed only if the handler does not finish on its first poll, so
 /// a request served from memory never touches the timer wheel.
-async fn run_with_deadline<S>(
-    inner: &mut S,
-    req: Request,
-    timeout: Duration,
-    span: &tracing::Span,
-) -> Response
+async fn with_deadline<F>(handler: F, timeout: Duration, span: tracing::Span) -> Response
 where
-    S: Service<Request, Response = Response, Error = Infallible>,
+    F: Future<Output = Result<Response, Infallible>>,
 {
-    let handler = {
-        let _entered = span.enter();
-        inner.call(req)
-    };
     let mut handler = std::pin::pin!(handler);
     let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     std::future::poll_fn(|cx| {
@@ -241,7 +399,7 @@ fn log_request(
     resp: &Response,
     access_log: bool,
     route: &str,
-    method: &axum::http::Method,
+    method: &Method,
     id: &HeaderValue,
     principal: Option<Arc<str>>,
     took: Duration,
@@ -256,5 +414,23 @@ fn log_request(
         tracing::info!(%method, route, id, principal, status, latency_us, "request");
     } else {
         tracing::debug!(%method, route, id, principal, status, latency_us, "request");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_are_labelled_by_their_pattern() {
+        let routes = RouteLabels::new(["/v1/tables/{table}", "/v1/tables/{table}/entries/{key}"]);
+        let label = |path| routes.name(routes.find(path));
+        assert_eq!(label("/v1/tables/t"), "/v1/tables/{table}");
+        assert_eq!(
+            label("/v1/tables/t/entries/k%2F1"),
+            "/v1/tables/{table}/entries/{key}"
+        );
+        assert_eq!(label("/nope"), UNMATCHED);
+        assert_ne!(routes.find("/v1/tables/t"), routes.find("/nope"));
     }
 }

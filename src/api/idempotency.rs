@@ -25,7 +25,6 @@ use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::auth::Principal;
 use super::respond::hex;
 use super::AppState;
 use crate::error::ApiError;
@@ -170,13 +169,20 @@ impl Idempotency {
 }
 
 /// Serves a write that carries `key`: replays, refuses, or runs it through
-/// `run` and remembers a 2xx answer.
-pub async fn serve<F, Fut>(state: &AppState, req: Request, key: HeaderValue, run: F) -> Response
+/// `run` and remembers a 2xx answer. `who` names the caller: keys are
+/// per principal.
+pub async fn serve<F, Fut>(
+    state: &AppState,
+    req: Request,
+    who: Option<Arc<str>>,
+    key: HeaderValue,
+    run: F,
+) -> Response
 where
     F: FnOnce(Request) -> Fut,
     Fut: Future<Output = Response>,
 {
-    match serve_inner(state, req, key, run).await {
+    match serve_inner(state, req, who, key, run).await {
         Ok(resp) => resp,
         Err(e) => e.into_response(),
     }
@@ -185,6 +191,7 @@ where
 async fn serve_inner<F, Fut>(
     state: &AppState,
     req: Request,
+    who: Option<Arc<str>>,
     key: HeaderValue,
     run: F,
 ) -> Result<Response, ApiError>
@@ -199,11 +206,7 @@ where
             "Idempotency-Key must be 1 to {MAX_KEY_BYTES} printable ASCII characters"
         )));
     }
-    let principal = req
-        .extensions()
-        .get::<Principal>()
-        .map(|p| p.name.clone())
-        .unwrap_or_else(|| Arc::from(""));
+    let principal = who.unwrap_or_else(|| Arc::from(""));
     let table = table_of(req.uri().path());
     let id = sha256(&[principal.as_bytes(), table.as_bytes(), key]);
     let (parts, body) = req.into_parts();

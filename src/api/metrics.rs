@@ -11,7 +11,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -70,7 +70,53 @@ struct Series {
 thread_local! {
     /// Series this thread has recorded into, by (registry, series key), so
     /// the request path takes no shared lock to find them.
-    static SEEN: RefCell<HashMap<(u64, u64), Arc<Series>>> = RefCell::default();
+    static SEEN: RefCell<SeriesCache> = RefCell::default();
+}
+
+/// A thread's series, by (registry, series key).
+type SeriesCache = HashMap<(u64, u64), Arc<Series>, BuildHasherDefault<KeyHasher>>;
+
+/// A hasher for keys that are a few small integers: one multiply per
+/// word, where the default hasher runs a keyed hash meant for text an
+/// attacker controls. The keys here come from a bounded set.
+#[derive(Debug, Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(26) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A small code and the label of a request method; every method outside
+/// the standard ones shares `other`.
+fn method_label(method: &Method) -> (u8, &'static str) {
+    const KNOWN: [(Method, &str); 9] = [
+        (Method::GET, "GET"),
+        (Method::HEAD, "HEAD"),
+        (Method::POST, "POST"),
+        (Method::PUT, "PUT"),
+        (Method::DELETE, "DELETE"),
+        (Method::PATCH, "PATCH"),
+        (Method::OPTIONS, "OPTIONS"),
+        (Method::TRACE, "TRACE"),
+        (Method::CONNECT, "CONNECT"),
+    ];
+    KNOWN
+        .iter()
+        .zip(0u8..)
+        .find(|((m, _), _)| m == method)
+        .map_or((u8::MAX, "other"), |((_, label), code)| (code, *label))
 }
 
 impl Series {
@@ -94,11 +140,22 @@ impl Metrics {
     }
 
     /// Counts one request and records its latency. `route` is the matched
-    /// route pattern (`/v1/tables/{table}`), or `unmatched`.
-    pub fn record_request(&self, route: &str, method: &Method, status: u16, took: Duration) {
-        let mut h = std::hash::DefaultHasher::new();
-        (route, method.as_str(), status).hash(&mut h);
-        let key = (self.inner.id, h.finish());
+    /// route pattern (`/v1/tables/{table}`), or `unmatched`, and
+    /// `route_index` tells it apart from every other pattern in one number.
+    /// Methods outside the standard nine are labelled `other`, so clients
+    /// cannot add series without bound.
+    pub fn record_request(
+        &self,
+        route_index: u16,
+        route: &str,
+        method: &Method,
+        status: u16,
+        took: Duration,
+    ) {
+        let (method_code, method) = method_label(method);
+        let series_key =
+            (u64::from(route_index) << 24) | (u64::from(method_code) << 16) | u64::from(status);
+        let key = (self.inner.id, series_key);
         let cached = SEEN.with(|seen| seen.borrow().get(&key).cloned());
         let series = cached.unwrap_or_else(|| {
             let series = self
@@ -106,15 +163,14 @@ impl Metrics {
                 .requests
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .entry(key.1)
+                .entry(series_key)
                 .or_insert_with(|| {
                     Arc::new(Series {
                         // `:table` rather than `{table}`: some exposition-format
                         // parsers stumble on braces inside label values.
                         labels: format!(
-                            "route=\"{}\",method=\"{}\",status=\"{status}\"",
+                            "route=\"{}\",method=\"{method}\",status=\"{status}\"",
                             route.replace('{', ":").replace('}', ""),
-                            method.as_str()
                         ),
                         latency: Striped::default(),
                     })
@@ -370,11 +426,40 @@ mod tests {
     fn recorded_requests_are_rendered() {
         let m = Metrics::new();
         let ms = std::time::Duration::from_millis;
-        m.record_request("/x", &Method::GET, 200, ms(1));
-        m.record_request("/x", &Method::GET, 200, ms(2));
+        m.record_request(0, "/x", &Method::GET, 200, ms(1));
+        m.record_request(0, "/x", &Method::GET, 200, ms(2));
+        m.record_request(0, "/x", &Method::GET, 404, ms(2));
+        m.record_request(1, "/y", &Method::GET, 200, ms(2));
+        let text = m.render();
+        for series in [
+            r#"larder_http_requests_total{route="/x",method="GET",status="200"} 2"#,
+            r#"larder_http_requests_total{route="/x",method="GET",status="404"} 1"#,
+            r#"larder_http_requests_total{route="/y",method="GET",status="200"} 1"#,
+        ] {
+            assert!(text.contains(series), "{series} in {text}");
+        }
+    }
+
+    #[test]
+    fn unusual_methods_share_one_label() {
+        let m = Metrics::new();
+        let ms = std::time::Duration::from_millis;
+        for name in ["FOO", "BAR", "BAZ"] {
+            let method = Method::from_bytes(name.as_bytes()).unwrap();
+            m.record_request(0, "/x", &method, 405, ms(1));
+        }
+        m.record_request(0, "/x", &Method::DELETE, 405, ms(1));
         let text = m.render();
         assert!(
-            text.contains(r#"larder_http_requests_total{route="/x",method="GET",status="200"} 2"#),
+            text.contains(
+                r#"larder_http_requests_total{route="/x",method="other",status="405"} 3"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"larder_http_requests_total{route="/x",method="DELETE",status="405"} 1"#
+            ),
             "{text}"
         );
     }

@@ -150,21 +150,20 @@ impl Limits {
         }
     }
 
-    /// Counts a request in, or `None` when the limit is reached.
-    pub fn enter(&self) -> Option<InflightPermit<'_>> {
+    /// Counts a request in flight; false (and not counted) when the limit
+    /// is reached.
+    pub fn try_enter(&self) -> bool {
         let was = self.inflight.fetch_add(1, Ordering::AcqRel);
-        let permit = InflightPermit(&self.inflight);
-        (was < self.max_inflight).then_some(permit)
+        if was < self.max_inflight {
+            return true;
+        }
+        self.leave();
+        false
     }
-}
 
-/// Counts one request in flight until dropped.
-#[derive(Debug)]
-pub struct InflightPermit<'a>(&'a AtomicUsize);
-
-impl Drop for InflightPermit<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+    /// Counts a request admitted by [`Limits::try_enter`] out.
+    pub fn leave(&self) {
+        self.inflight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -334,22 +333,19 @@ fn api_router() -> OpenApiRouter<AppState> {
         .merge(metrics::router())
 }
 
-/// The complete router: API routes, `/openapi.json`, Swagger UI at `/docs`,
-/// JSON fallbacks, and the middleware: [`front`] on every route, and
-/// [`drain`] outermost so that even a request no route matched keeps its
-/// connection usable.
-pub fn build(state: AppState, opts: &HttpOptions) -> Router {
+/// The complete service: API routes, `/openapi.json`, Swagger UI at
+/// `/docs` and JSON fallbacks, behind [`front::Front`], which every request
+/// passes through, even one no route matched.
+pub fn build(state: AppState, opts: &HttpOptions) -> front::Front<Router> {
     let (api, spec) = api_router().split_for_parts();
     let spec = openapi::finish(spec);
-    api.merge(SwaggerUi::new("/docs").url("/openapi.json", spec))
+    let mut patterns: Vec<String> = spec.paths.paths.keys().cloned().collect();
+    patterns.extend(["/openapi.json", "/docs", "/docs/", "/docs/{*rest}"].map(String::from));
+    let routes = front::RouteLabels::new(patterns.iter().map(String::as_str));
+    let router = api
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", spec))
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(front::FrontLayer {
-            state: state.clone(),
-            access_log: opts.access_log,
-        })
-        .layer(drain::DrainLayer {
-            limit: opts.max_body_bytes,
-        })
-        .with_state(state)
+        .with_state(state.clone());
+    front::Front::new(router, state, routes, opts.access_log, opts.max_body_bytes)
 }
