@@ -33,6 +33,14 @@ const GATHER_MAX: Duration = Duration::from_millis(2);
 /// no further gain).
 const WRITE_BATCH: usize = 128;
 
+/// Keys written within one round between engine flushes. A round after a
+/// bulk load can hold most of a table, and sled keeps what it wrote since
+/// its last flush in memory. Loading 1M fresh keys into a periodic table
+/// (rounds of 250k, 650k and 90k keys, written in key order) left the
+/// server at 2.95 to 3.14 times the raw bytes resident in four runs with a
+/// flush every 32k keys, and at 3.09 and 3.96 in two runs without.
+const FLUSH_EVERY: usize = 32 * 1024;
+
 /// A table's dirty set is shrunk when a round that wrote at least this
 /// many keys leaves it empty; smaller sets are left to be reused.
 const SHRINK_AFTER: usize = 4096;
@@ -102,6 +110,7 @@ impl Durability {
         let now = inner.store.now_ms();
         let mut written: Vec<Snapshot> = Vec::new();
         let mut keys = 0;
+        let mut unflushed = 0;
         for table in inner.store.persistent_tables() {
             let Some(dirty) = table.dirty() else {
                 continue;
@@ -112,7 +121,7 @@ impl Durability {
             // Reset before the snapshot: a mark made from here on sets it
             // again, so no change can be left dirty with no due time.
             dirty.since_ms.store(0, Ordering::Release);
-            let snapshot: Vec<(Key, u64)> = dirty
+            let mut snapshot: Vec<(Key, u64)> = dirty
                 .keys
                 .iter()
                 .map(|e| (e.key().clone(), *e.value()))
@@ -120,6 +129,11 @@ impl Durability {
             if snapshot.is_empty() {
                 continue;
             }
+            // In key order, as the engine's tree stores them: in the dirty
+            // set's hash order a big round touches pages at random and,
+            // with a small page cache, reads evicted ones back again and
+            // again.
+            snapshot.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             crate::failpoint!("writeback-after-snapshot");
             // In batches: keys are independent and the round's one flush
             // covers them all, while sled's memory grows with the size of a
@@ -132,7 +146,15 @@ impl Durability {
                         (k.as_bytes().to_vec(), record)
                     })
                     .collect();
-                if let Err(e) = inner.engine.write(table.name(), changes) {
+                let mut wrote = inner.engine.write(table.name(), changes);
+                unflushed += chunk.len();
+                if wrote.is_ok() && unflushed >= FLUSH_EVERY {
+                    // Nothing is released here: only the round's last flush
+                    // acknowledges anything.
+                    wrote = inner.engine.flush();
+                    unflushed = 0;
+                }
+                if let Err(e) = wrote {
                     self.round_failed(target, &written, Some((&table, dirty)), now);
                     return Err(e);
                 }
