@@ -41,6 +41,24 @@ const WRITE_BATCH: usize = 128;
 /// flush every 32k keys, and at 3.09 and 3.96 in two runs without.
 const FLUSH_EVERY: usize = 32 * 1024;
 
+/// Returns memory the allocator holds free to the OS. A big round frees a
+/// dirty set's buckets and its snapshot, tens of MB after a bulk load;
+/// glibc keeps freed blocks inside its heaps (above its mmap threshold,
+/// which rises as big blocks are freed) unless asked.
+fn give_back_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> std::os::raw::c_int;
+        }
+        // SAFETY: malloc_trim only releases free pages of glibc's own
+        // heaps; it takes glibc's arena locks and touches no live memory.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}
+
 /// A table's dirty set is shrunk when a round that wrote at least this
 /// many keys leaves it empty; smaller sets are left to be reused.
 const SHRINK_AFTER: usize = 4096;
@@ -111,6 +129,7 @@ impl Durability {
         let mut written: Vec<Snapshot> = Vec::new();
         let mut keys = 0;
         let mut unflushed = 0;
+        let mut shrunk = false;
         for table in inner.store.persistent_tables() {
             let Some(dirty) = table.dirty() else {
                 continue;
@@ -204,6 +223,7 @@ impl Durability {
                     // A bulk load left a big, now empty, set behind: give
                     // its buckets back rather than keep them for good.
                     dirty.keys.shrink_to_fit();
+                    shrunk = true;
                 }
             }
         }
@@ -240,6 +260,15 @@ impl Durability {
             elapsed_us = elapsed,
             "write-back round"
         );
+        if shrunk {
+            // After the waiters were released: they do not wait for this.
+            let trimming = Instant::now();
+            give_back_freed_memory();
+            tracing::debug!(
+                elapsed_us = trimming.elapsed().as_micros() as u64,
+                "freed memory given back"
+            );
+        }
         Ok(FlushOutcome {
             keys,
             tables: written.len(),
