@@ -448,12 +448,12 @@ fn memory_rows(server: &Path, dir: &Path, entries: usize) -> Vec<MemoryRow> {
             body["auto_save_ms"] = serde_json::json!(1000);
         }
         create(larder.addr, body);
-        let empty = larder.rss();
+        let empty = larder.settled_rss();
         fill(larder.addr, "m", entries);
         if mode != "none" {
             let _ = http(larder.addr, "POST", "/v1/tables/m/sync", b"");
         }
-        let loaded = larder.rss();
+        let loaded = larder.settled_rss();
         let mut row = MemoryRow {
             mode,
             entries,
@@ -472,8 +472,9 @@ fn memory_rows(server: &Path, dir: &Path, entries: usize) -> Vec<MemoryRow> {
                 fresh.addr,
                 serde_json::json!({"name": "m", "persistence": mode}),
             );
-            let baseline = fresh.rss();
-            row.after_restart_ratio = Some(again.rss().saturating_sub(baseline) as f64 / raw);
+            let baseline = fresh.settled_rss();
+            row.after_restart_ratio =
+                Some(again.settled_rss().saturating_sub(baseline) as f64 / raw);
         }
         rows.push(row);
     }

@@ -34,6 +34,23 @@ impl Proc {
         rss_bytes(self.child.id())
     }
 
+    /// Resident bytes once they stop changing: two readings 200 ms apart
+    /// within 1 MiB of each other, or the last reading after 5 s. Work the
+    /// server finishes just after answering (a write-back round giving
+    /// freed memory back) is then counted, not caught half-way.
+    pub fn settled_rss(&self) -> u64 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut last = self.rss();
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            let now = self.rss();
+            if now.abs_diff(last) < 1 << 20 || std::time::Instant::now() >= deadline {
+                return now;
+            }
+            last = now;
+        }
+    }
+
     /// SIGTERM, then waits for the exit.
     pub fn terminate(mut self) {
         let _ = Command::new("kill")
