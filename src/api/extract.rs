@@ -1,12 +1,13 @@
 //! Extractors that turn every malformed request into our JSON error shape.
 //!
 //! Bodies are read as bytes and parsed as JSON whatever their Content-Type,
-//! so `curl -d` works. Path segments and query strings go through axum's
-//! parsers with their rejections mapped to `invalid_name`, `invalid_key` or
+//! so `curl -d` works. The table and key are decoded here from their fixed
+//! places in the path; query strings go through axum's parser. Every
+//! rejection is mapped to `invalid_name`, `invalid_key` or
 //! `invalid_argument`.
 
-use axum::extract::rejection::{QueryRejection, RawPathParamsRejection};
-use axum::extract::{FromRequest, FromRequestParts, Query, RawPathParams, Request};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequest, FromRequestParts, Query, Request};
 use axum::http::header;
 use axum::http::request::Parts;
 use bytes::Bytes;
@@ -157,53 +158,67 @@ fn malformed_escape(segment: &str) -> bool {
     })
 }
 
-/// Rejects malformed percent-escapes in the table (3rd) and key (5th)
-/// segments of `/v1/tables/{table}/entries/{key}…`, which would otherwise be
-/// taken literally.
-fn check_escapes(parts: &Parts) -> Result<(), ApiError> {
-    for (i, segment) in parts.uri.path().split('/').enumerate() {
-        if !malformed_escape(segment) {
+/// The raw table (segment 3) and key (segment 5, if any) of a path shaped
+/// `/v1/tables/{table}[/entries/{key}…]`, counting the empty segment before
+/// the first `/`. Every route that takes [`TablePath`] or [`EntryPath`] has
+/// that shape (a test checks every route in the spec), so they are read
+/// here in one pass instead of through axum's copy of the route's captures
+/// (a vector and a string per capture, per request).
+fn raw_captures(path: &str) -> (Option<&str>, Option<&str>) {
+    let mut found = [None, None];
+    let mut start = 0;
+    let mut index = 0;
+    for (at, byte) in path.bytes().chain(std::iter::once(b'/')).enumerate() {
+        if byte != b'/' {
             continue;
         }
-        return Err(match i {
-            3 => ApiError::InvalidName("table name has a malformed percent-escape".into()),
-            _ => ApiError::InvalidKey("key has a malformed percent-escape".into()),
-        });
-    }
-    Ok(())
-}
-
-/// The route's captures, percent-decoded, without deserializing them into
-/// a map (this runs on every entry request).
-async fn path_params<S: Send + Sync>(
-    parts: &mut Parts,
-    state: &S,
-) -> Result<RawPathParams, ApiError> {
-    check_escapes(parts)?;
-    RawPathParams::from_request_parts(parts, state)
-        .await
-        .map_err(|e| match e {
-            RawPathParamsRejection::InvalidUtf8InPathParam(inner) => {
-                let text = inner.body_text();
-                if text.contains("`key`") {
-                    ApiError::InvalidKey(format!("key is not valid percent-encoded UTF-8: {text}"))
-                } else {
-                    ApiError::InvalidName(format!(
-                        "table name is not valid percent-encoded UTF-8: {text}"
-                    ))
-                }
+        let segment = path.get(start..at);
+        match index {
+            TABLE_SEGMENT => found[0] = segment,
+            KEY_SEGMENT => {
+                found[1] = segment;
+                break;
             }
-            other => ApiError::Internal(format!("path extraction: {other}")),
-        })
+            _ => {}
+        }
+        index += 1;
+        start = at + 1;
+    }
+    (found[0], found[1])
 }
 
-fn param(params: &RawPathParams, name: &str) -> Result<String, ApiError> {
-    params
-        .iter()
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.to_owned())
-        .ok_or_else(|| ApiError::Internal(format!("route lacks the {name} parameter")))
+/// A raw capture, percent-decoded. `invalid` makes the error for a
+/// malformed escape or bytes that are not UTF-8 once decoded.
+fn decoded(raw: &str, invalid: fn(&str) -> ApiError) -> Result<String, ApiError> {
+    if !raw.contains('%') {
+        return Ok(raw.to_owned());
+    }
+    if malformed_escape(raw) {
+        return Err(invalid("a malformed percent-escape"));
+    }
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map(std::borrow::Cow::into_owned)
+        .map_err(|_| invalid("bytes that are not valid percent-encoded UTF-8"))
 }
+
+fn invalid_table(what: &str) -> ApiError {
+    ApiError::InvalidName(format!("table name has {what}"))
+}
+
+fn invalid_key(what: &str) -> ApiError {
+    ApiError::InvalidKey(format!("key has {what}"))
+}
+
+/// The route lacks a capture the extractor needs: a routing mistake.
+fn missing(name: &str) -> ApiError {
+    ApiError::Internal(format!("route lacks the {name} parameter"))
+}
+
+/// Where `{table}` is in the path's segments.
+const TABLE_SEGMENT: usize = 3;
+/// Where `{key}` is in the path's segments.
+const KEY_SEGMENT: usize = 5;
 
 fn checked_table(name: String) -> Result<String, ApiError> {
     validate_table_name(&name).map_err(|e| ApiError::InvalidName(e.to_string()))?;
@@ -222,20 +237,21 @@ pub fn checked_key(key: String) -> Result<String, ApiError> {
 impl<S: Send + Sync> FromRequestParts<S> for TablePath {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let params = path_params(parts, state).await?;
-        Ok(TablePath(checked_table(param(&params, "table")?)?))
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let (table, _) = raw_captures(parts.uri.path());
+        let table = decoded(table.ok_or_else(|| missing("table"))?, invalid_table)?;
+        Ok(TablePath(checked_table(table)?))
     }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for EntryPath {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let params = path_params(parts, state).await?;
-        let table = checked_table(param(&params, "table")?)?;
-        let key = checked_key(param(&params, "key")?)?;
-        Ok(EntryPath(table, key))
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let (table, key) = raw_captures(parts.uri.path());
+        let table = decoded(table.ok_or_else(|| missing("table"))?, invalid_table)?;
+        let key = decoded(key.ok_or_else(|| missing("key"))?, invalid_key)?;
+        Ok(EntryPath(checked_table(table)?, checked_key(key)?))
     }
 }
 
@@ -271,5 +287,45 @@ impl<S: Send + Sync> FromRequestParts<S> for Conditions {
             if_match: tag_list(&parts.headers, header::IF_MATCH),
             if_none_match: tag_list(&parts.headers, header::IF_NONE_MATCH),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{KEY_SEGMENT, TABLE_SEGMENT};
+
+    #[test]
+    fn captures_are_read_from_their_places() {
+        use super::raw_captures;
+        assert_eq!(raw_captures("/v1/tables/t"), (Some("t"), None));
+        assert_eq!(raw_captures("/v1/tables/t/sync"), (Some("t"), None));
+        assert_eq!(
+            raw_captures("/v1/tables/t/entries/k%2F1"),
+            (Some("t"), Some("k%2F1"))
+        );
+        assert_eq!(
+            raw_captures("/v1/tables/t/entries/k/counter"),
+            (Some("t"), Some("k"))
+        );
+        assert_eq!(raw_captures("/v1/tables//entries/"), (Some(""), Some("")));
+        assert_eq!(raw_captures("/v1"), (None, None));
+    }
+
+    /// [`super::raw_captures`] relies on every route's `{table}` and
+    /// `{key}` being at fixed places.
+    #[test]
+    fn every_route_has_its_table_and_key_where_the_extractors_look() {
+        let spec = super::super::openapi();
+        let mut checked = 0;
+        for path in spec.paths.paths.keys() {
+            let segments: Vec<&str> = path.split('/').collect();
+            for (name, at) in [("{table}", TABLE_SEGMENT), ("{key}", KEY_SEGMENT)] {
+                if let Some(found) = segments.iter().position(|s| *s == name) {
+                    assert_eq!(found, at, "{name} in {path}");
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked >= 10, "only {checked} captures checked");
     }
 }
