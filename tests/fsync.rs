@@ -13,17 +13,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::recording::{change_flushed_before, flushed_before, Event, Recorder};
-use common::spawn_with_engine;
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_sync_acknowledgement_follows_a_flush_of_what_it_acknowledges() {
-    let rec = Arc::new(Recorder::default());
-    let app = spawn_with_engine(rec.wrapper()).await;
-    let r = app
-        .create_table(json!({"name": "s", "persistence": "sync"}))
-        .await;
-    assert_eq!(r.status, 201);
+    let (rec, app) = Recorder::app_with_table(json!({"name": "s", "persistence": "sync"})).await;
     // (key, value, mark taken once the acknowledgement arrived)
     let acks: Arc<Mutex<Vec<(String, Value, u64)>>> = Arc::default();
     let mut clients = Vec::new();
@@ -73,12 +67,7 @@ async fn every_sync_acknowledgement_follows_a_flush_of_what_it_acknowledges() {
 
 #[tokio::test]
 async fn a_sync_clear_is_acknowledged_after_a_flush_of_every_removal() {
-    let rec = Arc::new(Recorder::default());
-    let app = spawn_with_engine(rec.wrapper()).await;
-    let r = app
-        .create_table(json!({"name": "s", "persistence": "sync"}))
-        .await;
-    assert_eq!(r.status, 201);
+    let (rec, app) = Recorder::app_with_table(json!({"name": "s", "persistence": "sync"})).await;
     let keys: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
     for k in &keys {
         assert_eq!(app.put("s", k, json!(1)).await.status, 201);
@@ -104,13 +93,11 @@ const SLACK: Duration = Duration::from_millis(100);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn periodic_writes_are_flushed_within_auto_save_ms_under_constant_load() {
-    let rec = Arc::new(Recorder::default());
-    let app = spawn_with_engine(rec.wrapper()).await;
     let auto_save = Duration::from_millis(200);
-    let r = app
-        .create_table(json!({"name": "p", "persistence": "periodic", "auto_save_ms": 200}))
-        .await;
-    assert_eq!(r.status, 201);
+    let (rec, app) = Recorder::app_with_table(
+        json!({"name": "p", "persistence": "periodic", "auto_save_ms": 200}),
+    )
+    .await;
     let acks: Arc<Mutex<Vec<(String, Value, Instant)>>> = Arc::default();
     let load = Duration::from_millis(1500);
     let started = Instant::now();

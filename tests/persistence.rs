@@ -3,10 +3,8 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use common::recording::{Event, Recorder};
-use common::{spawn_app, spawn_on, spawn_with_engine};
+use common::{spawn_app, spawn_on};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -349,13 +347,11 @@ async fn a_table_dropped_and_recreated_under_load_never_gets_old_keys_back() {
 /// with theirs for the CPU.)
 #[tokio::test]
 async fn a_big_round_writes_in_key_order_and_flushes_part_way() {
-    let rec = Arc::new(Recorder::default());
-    let app = spawn_with_engine(rec.wrapper()).await;
     // A long interval: only the explicit sync below writes the table back.
-    let r = app
-        .create_table(json!({"name": "p", "persistence": "periodic", "auto_save_ms": 600000}))
-        .await;
-    assert_eq!(r.status, 201);
+    let (rec, app) = Recorder::app_with_table(
+        json!({"name": "p", "persistence": "periodic", "auto_save_ms": 600000}),
+    )
+    .await;
     let total = 40_000u64;
     // Inserted in a scrambled order, so key order is not insertion order.
     let scrambled: Vec<u64> = (0..total).map(|i| (i * 7_919) % total).collect();

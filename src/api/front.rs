@@ -63,7 +63,10 @@ pub fn caller() -> Option<Principal> {
 #[derive(Debug)]
 pub struct RouteLabels {
     matcher: matchit::Router<u16>,
+    /// Patterns by index; the last is `unmatched`.
     names: Vec<Box<str>>,
+    /// The index of `unmatched`.
+    unmatched: u16,
 }
 
 /// The label of a request that matched no route.
@@ -85,17 +88,19 @@ impl RouteLabels {
                 Err(e) => tracing::warn!(pattern, error = %e, "route left out of metrics labels"),
             }
         }
+        // The loop stops while `names.len()` still fits in u16.
+        let unmatched = u16::try_from(names.len()).unwrap_or(u16::MAX);
         names.push(UNMATCHED.into());
-        RouteLabels { matcher, names }
+        RouteLabels {
+            matcher,
+            names,
+            unmatched,
+        }
     }
 
     /// The index of the route `path` matches.
     fn find(&self, path: &str) -> u16 {
-        match self.matcher.at(path) {
-            Ok(m) => *m.value,
-            // `names` has at most `u16::MAX + 1` entries by construction.
-            Err(_) => u16::try_from(self.names.len() - 1).unwrap_or(u16::MAX),
-        }
+        self.matcher.at(path).map_or(self.unmatched, |m| *m.value)
     }
 
     /// The pattern of route `index`, or `unmatched`.
@@ -186,21 +191,21 @@ where
         let debug = tracing::enabled!(Level::DEBUG);
         let log = shared.access_log || debug;
 
-        let (counted, principal, served, watched) = match admit(&shared, &req) {
+        let (req, watched) = super::drain::watch(req);
+        let (counted, principal, served) = match admit(&shared, &req) {
             Err(refused) => {
-                // The body is never read: all of it is left over.
-                let (req, watched) = super::drain::watch(req);
+                // The body is never read: dropping the request leaves all
+                // of it over for the drain.
                 drop(req);
                 let answer: Served = Box::pin(std::future::ready(refused.into_response()));
-                (false, None, answer, watched)
+                (false, None, answer)
             }
             Ok((counted, principal)) => {
                 let name = log
                     .then(|| principal.as_ref().map(|p| p.name.clone()))
                     .flatten();
-                let (req, watched) = super::drain::watch(req);
                 let served = self.serve(req, principal, &id, route, &method, debug);
-                (counted, name, served, watched)
+                (counted, name, served)
             }
         };
         let admitted = Admitted { shared, counted };

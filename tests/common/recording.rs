@@ -54,6 +54,16 @@ impl Recorder {
             .count()
     }
 
+    /// A server whose engine records here, with `table` (a table
+    /// definition) created on it.
+    pub async fn app_with_table(table: serde_json::Value) -> (Arc<Self>, super::TestApp) {
+        let rec = Arc::new(Recorder::default());
+        let app = super::spawn_with_engine(rec.wrapper()).await;
+        let r = app.create_table(table).await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+        (rec, app)
+    }
+
     /// A wrapper for [`larder::app::Parts::wrap_engine`] recording here.
     pub fn wrapper(self: &Arc<Self>) -> EngineWrapper {
         let rec = self.clone();
