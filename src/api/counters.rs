@@ -1,12 +1,12 @@
 //! The counter endpoint: ETS `update_counter/4` over HTTP.
 
+use super::direct::ApiRoutes;
+use crate::api_routes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde::Serialize;
 use utoipa::ToSchema;
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 
 use super::auth::{Op, Principal};
 use super::extract::{EntryPath, OptionalJsonBody};
@@ -17,8 +17,8 @@ use crate::ops::TableOps;
 use crate::store::CounterOp;
 
 /// Routes for `/v1/tables/{table}/entries/{key}/counter`.
-pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(update_counter))
+pub fn router() -> ApiRoutes {
+    ApiRoutes::new().routes(api_routes!(update_counter))
 }
 
 /// A counter's value after an update.

@@ -1,13 +1,13 @@
 //! Entry endpoints: the ETS object operations on one key, bulk insert, scans
 //! and clear.
 
+use super::direct::ApiRoutes;
+use crate::api_routes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 
 use super::auth::{Op, Principal};
 use super::extract::{
@@ -20,18 +20,18 @@ use crate::ops::{ReadFrom, TableOps};
 use crate::store::{check_ttl_ms, Cursor, ScanRequest, Value, DEFAULT_SCAN_LIMIT};
 
 /// Routes for `/v1/tables/{table}/entries…`.
-pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-        .routes(routes!(
+pub fn router() -> ApiRoutes {
+    ApiRoutes::new()
+        .routes(api_routes!(
             get_entry,
             head_entry,
             put_entry,
             delete_entry,
             patch_entry
         ))
-        .routes(routes!(scan_entries, insert_entries, clear_entries))
-        .routes(routes!(delete_object))
-        .routes(routes!(take_entry))
+        .routes(api_routes!(scan_entries, insert_entries, clear_entries))
+        .routes(api_routes!(delete_object))
+        .routes(api_routes!(take_entry))
 }
 
 /// A set/ordered_set entry as `GET` returns it.
@@ -208,7 +208,10 @@ pub async fn get_entry(
         {
             return Ok(with_cache(ApiError::KeyNotFound.into_response(), HIT));
         }
-        let resp = match state.origins.read_through(&table, &key, origin).await {
+        // Boxed: the origin fetch's future is large and rare; inline it would
+        // grow every GET's future, which is moved on each request.
+        let fetch = Box::pin(state.origins.read_through(&table, &key, origin));
+        let resp = match fetch.await {
             Ok(entry) => with_etag(
                 respond::json(StatusCode::OK, entry_body(&key, &entry)),
                 entry.version,

@@ -39,6 +39,7 @@ use tower::Service;
 use tracing::Level;
 
 use super::auth::Principal;
+use super::direct::{DirectTable, Served};
 use super::AppState;
 use crate::error::{ApiError, InternalDetail};
 
@@ -103,6 +104,12 @@ impl RouteLabels {
         self.matcher.at(path).map_or(self.unmatched, |m| *m.value)
     }
 
+    /// The index of the route with pattern `pattern`, if it has one.
+    pub fn index_of(&self, pattern: &str) -> Option<u16> {
+        let at = self.names.iter().position(|n| **n == *pattern)?;
+        u16::try_from(at).ok().filter(|&i| i != self.unmatched)
+    }
+
     /// The pattern of route `index`, or `unmatched`.
     fn name(&self, index: u16) -> &str {
         self.names.get(usize::from(index)).map_or(UNMATCHED, |n| n)
@@ -116,6 +123,7 @@ struct Shared {
     access_log: bool,
     max_body_bytes: usize,
     routes: RouteLabels,
+    direct: DirectTable,
 }
 
 /// The service in front of the router. Cloning is shallow.
@@ -126,11 +134,13 @@ pub struct Front<S> {
 }
 
 impl<S> Front<S> {
-    /// Puts `inner` (the router) behind the front. `routes` labels requests.
+    /// Puts `inner` (the router) behind the front. `routes` labels
+    /// requests; `direct` holds the handlers called without the router.
     pub fn new(
         inner: S,
         state: AppState,
         routes: RouteLabels,
+        direct: DirectTable,
         access_log: bool,
         max_body_bytes: usize,
     ) -> Self {
@@ -141,6 +151,7 @@ impl<S> Front<S> {
                 access_log,
                 max_body_bytes,
                 routes,
+                direct,
             }),
         }
     }
@@ -186,7 +197,6 @@ where
             ),
         };
         let route_index = shared.routes.find(req.uri().path());
-        let route = shared.routes.name(route_index);
         let method = req.method().clone();
         let debug = tracing::enabled!(Level::DEBUG);
         let log = shared.access_log || debug;
@@ -204,7 +214,7 @@ where
                 let name = log
                     .then(|| principal.as_ref().map(|p| p.name.clone()))
                     .flatten();
-                let served = self.serve(req, principal, &id, route, &method, debug);
+                let served = self.serve(req, route_index, principal, &id, &method, debug);
                 (counted, name, served)
             }
         };
@@ -234,9 +244,6 @@ where
     }
 }
 
-/// A handler's answer, on its way.
-type Served = Pin<Box<dyn Future<Output = Response> + Send>>;
-
 impl<S> Front<S>
 where
     S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
@@ -247,12 +254,13 @@ where
     fn serve(
         &mut self,
         req: Request,
+        route_index: u16,
         principal: Option<Principal>,
         id: &HeaderValue,
-        route: &str,
         method: &Method,
         debug: bool,
     ) -> Served {
+        let route = self.shared.routes.name(route_index);
         let span = if debug {
             tracing::debug_span!(
                 "request",
@@ -268,7 +276,7 @@ where
         let Some(key) = super::idempotency::applies(&req) else {
             let handler = {
                 let _entered = span.enter();
-                self.inner.call(req)
+                dispatch(&self.shared, &mut self.inner, route_index, req)
             };
             return Box::pin(
                 CALLER.scope(Cell::new(principal), with_deadline(handler, timeout, span)),
@@ -278,13 +286,13 @@ where
         // record still complete, so the key is neither left in flight nor
         // applied again by the retry.
         let mut inner = self.inner.clone();
-        let state = self.shared.state.clone();
+        let shared = self.shared.clone();
         let who = principal.as_ref().map(|p| p.name.clone());
         let task = tokio::spawn(async move {
-            super::idempotency::serve(&state, req, who, key, |req| {
+            super::idempotency::serve(&shared.state, req, who, key, |req| {
                 let handler = {
                     let _entered = span.enter();
-                    inner.call(req)
+                    dispatch(&shared, &mut inner, route_index, req)
                 };
                 CALLER.scope(Cell::new(principal), with_deadline(handler, timeout, span))
             })
@@ -299,6 +307,25 @@ where
             }
         })
     }
+}
+
+/// Calls the handler of `route_index` for the request's method directly
+/// when the table has one, and the router otherwise.
+fn dispatch<S>(shared: &Shared, inner: &mut S, route_index: u16, req: Request) -> Served
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    if let Some(handler) = shared.direct.get(route_index, req.method()) {
+        return handler(req, shared.state.clone());
+    }
+    let routed = inner.call(req);
+    Box::pin(async move {
+        match routed.await {
+            Ok(resp) => resp,
+            Err(never) => match never {},
+        }
+    })
 }
 
 /// What is known of a request when its answer is ready.
@@ -332,8 +359,25 @@ fn finish(shared: &Shared, mut resp: Response, f: Finished<'_>) -> Response {
             took,
         );
     }
+    if *f.method == Method::HEAD {
+        head_answer(&mut resp);
+    }
     resp.headers_mut().insert(REQUEST_ID.clone(), f.id);
     resp
+}
+
+/// A HEAD answer keeps the length its body would have had and sends no
+/// body. The router does this for the routes it serves; handlers called
+/// directly get it here (on a router answer it changes nothing).
+fn head_answer(resp: &mut Response) {
+    use axum::body::HttpBody;
+    if !resp.headers().contains_key(header::CONTENT_LENGTH) {
+        if let Some(len) = resp.body().size_hint().exact() {
+            resp.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
+    }
+    *resp.body_mut() = axum::body::Body::empty();
 }
 
 /// The readiness gate, the in-flight limit and authentication. On success
@@ -376,17 +420,14 @@ fn admit(shared: &Shared, req: &Request) -> Result<(bool, Option<Principal>), Ap
 /// a request served from memory never touches the timer wheel.
 async fn with_deadline<F>(handler: F, timeout: Duration, span: tracing::Span) -> Response
 where
-    F: Future<Output = Result<Response, Infallible>>,
+    F: Future<Output = Response>,
 {
     let mut handler = std::pin::pin!(handler);
     let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     std::future::poll_fn(|cx| {
         let _entered = span.enter();
-        if let Poll::Ready(done) = handler.as_mut().poll(cx) {
-            return Poll::Ready(match done {
-                Ok(resp) => resp,
-                Err(never) => match never {},
-            });
+        if let Poll::Ready(resp) = handler.as_mut().poll(cx) {
+            return Poll::Ready(resp);
         }
         let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
         match timer.as_mut().poll(cx) {

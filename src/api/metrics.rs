@@ -17,11 +17,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use super::direct::ApiRoutes;
+use crate::api_routes;
 use axum::extract::State;
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 
 use super::auth::{authorize, Op, Principal};
 use super::AppState;
@@ -227,8 +227,8 @@ impl Metrics {
 }
 
 /// Routes for `/metrics`.
-pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(get_metrics))
+pub fn router() -> ApiRoutes {
+    ApiRoutes::new().routes(api_routes!(get_metrics))
 }
 
 /// Prometheus metrics.

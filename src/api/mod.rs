@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod counters;
+pub mod direct;
 pub mod drain;
 pub mod entries;
 pub mod extract;
@@ -28,7 +29,6 @@ use std::time::Duration;
 
 use axum::Router;
 use utoipa::OpenApi;
-use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::cluster::Cluster;
@@ -181,7 +181,7 @@ impl Services {
         let handle = match self.store.table(name) {
             Ok(table) => TableHandle::Local(LocalTable::new(table, &self.durability)),
             Err(missing) => match &self.cluster {
-                Some(cluster) => TableHandle::Cluster(cluster.table(name).await?),
+                Some(cluster) => TableHandle::Cluster(Box::pin(cluster.table(name)).await?),
                 None => return Err(missing.into()),
             },
         };
@@ -318,11 +318,11 @@ pub struct HttpOptions {
 
 /// The spec of every route, as [`build`] serves it at `/openapi.json`.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    openapi::finish(api_router().split_for_parts().1)
+    openapi::finish(api_routes().split().0.split_for_parts().1)
 }
 
-fn api_router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+fn api_routes() -> direct::ApiRoutes {
+    direct::ApiRoutes::with_openapi(openapi::ApiDoc::openapi())
         .merge(tables::router())
         .merge(entries::router())
         .merge(counters::router())
@@ -337,15 +337,70 @@ fn api_router() -> OpenApiRouter<AppState> {
 /// `/docs` and JSON fallbacks, behind [`front::Front`], which every request
 /// passes through, even one no route matched.
 pub fn build(state: AppState, opts: &HttpOptions) -> front::Front<Router> {
-    let (api, spec) = api_router().split_for_parts();
+    let (api, handlers) = api_routes().split();
+    let (api, spec) = api.split_for_parts();
     let spec = openapi::finish(spec);
     let mut patterns: Vec<String> = spec.paths.paths.keys().cloned().collect();
     patterns.extend(["/openapi.json", "/docs", "/docs/", "/docs/{*rest}"].map(String::from));
     let routes = front::RouteLabels::new(patterns.iter().map(String::as_str));
+    let direct = direct::DirectTable::new(handlers, |pattern| routes.index_of(pattern));
     let router = api
         .merge(SwaggerUi::new("/docs").url("/openapi.json", spec))
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state.clone());
-    front::Front::new(router, state, routes, opts.access_log, opts.max_body_bytes)
+    front::Front::new(
+        router,
+        state,
+        routes,
+        direct,
+        opts.access_log,
+        opts.max_body_bytes,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::Method;
+
+    use super::*;
+
+    /// A documented operation left out of the direct table would still be
+    /// served (by the router), only slower: nothing else would notice.
+    #[test]
+    fn every_documented_operation_is_called_directly() {
+        let (api, handlers) = api_routes().split();
+        let spec = openapi::finish(api.split_for_parts().1);
+        let routes = front::RouteLabels::new(spec.paths.paths.keys().map(String::as_str));
+        let direct = direct::DirectTable::new(handlers, |pattern| routes.index_of(pattern));
+        let mut operations = 0;
+        for (path, item) in &spec.paths.paths {
+            let item = serde_json::to_value(item).expect("a path item serializes");
+            let route = routes
+                .index_of(path)
+                .expect("every documented path has a route index");
+            for method in [
+                Method::GET,
+                Method::HEAD,
+                Method::POST,
+                Method::PUT,
+                Method::DELETE,
+                Method::PATCH,
+            ] {
+                if item.get(method.as_str().to_ascii_lowercase()).is_some() {
+                    operations += 1;
+                    assert!(
+                        direct.get(route, &method).is_some(),
+                        "{method} {path} is not called directly"
+                    );
+                }
+            }
+        }
+        assert!(operations > 30, "only {operations} operations documented");
+        assert_eq!(
+            direct.len(),
+            operations,
+            "the direct table holds handlers the spec does not document"
+        );
+    }
 }

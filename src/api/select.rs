@@ -1,14 +1,14 @@
 //! ETS `select/3`, `select_count/2`, `select_delete/2` with JSON match
 //! specifications, and multi-get (`lookup`), over HTTP.
 
+use super::direct::ApiRoutes;
+use crate::api_routes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde::Serialize;
 use serde_json::{Map, Value as Json};
 use utoipa::ToSchema;
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 
 use super::auth::{Op, Principal};
 use super::extract::{checked_key, parse_json, RawBody, TablePath};
@@ -20,12 +20,12 @@ use crate::select::{self, MatchSpec, SelectMode, Walk};
 use crate::store::{Cursor, ScanRequest, DEFAULT_SCAN_LIMIT, MAX_SCAN_LIMIT};
 
 /// Routes for select and multi-get.
-pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-        .routes(routes!(select_objects))
-        .routes(routes!(select_count))
-        .routes(routes!(select_delete))
-        .routes(routes!(lookup_many))
+pub fn router() -> ApiRoutes {
+    ApiRoutes::new()
+        .routes(api_routes!(select_objects))
+        .routes(api_routes!(select_count))
+        .routes(api_routes!(select_delete))
+        .routes(api_routes!(lookup_many))
 }
 
 /// Most keys in one multi-get.

@@ -2,24 +2,24 @@
 
 use std::sync::atomic::Ordering;
 
+use super::direct::ApiRoutes;
+use crate::api_routes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde::Serialize;
 use utoipa::ToSchema;
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 
 use super::respond;
 use super::AppState;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 
 /// Routes for the service endpoints.
-pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-        .routes(routes!(healthz))
-        .routes(routes!(readyz))
-        .routes(routes!(noop))
+pub fn router() -> ApiRoutes {
+    ApiRoutes::new()
+        .routes(api_routes!(healthz))
+        .routes(api_routes!(readyz))
+        .routes(api_routes!(noop))
 }
 
 /// Do nothing.

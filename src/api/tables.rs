@@ -1,12 +1,12 @@
 //! Table endpoints: create, list, inspect, change settings, drop, sync.
 
+use super::direct::ApiRoutes;
+use crate::api_routes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 
 use super::auth::{authorize, Op, Principal};
 use super::extract::{from_object, JsonBody, JsonObject, TablePath};
@@ -21,12 +21,12 @@ use crate::store::{
 };
 
 /// Routes for `/v1/tables…`.
-pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-        .routes(routes!(create_table, list_tables))
-        .routes(routes!(get_table, patch_table, delete_table))
-        .routes(routes!(sync_table))
-        .routes(routes!(give_away))
+pub fn router() -> ApiRoutes {
+    ApiRoutes::new()
+        .routes(api_routes!(create_table, list_tables))
+        .routes(api_routes!(get_table, patch_table, delete_table))
+        .routes(api_routes!(sync_table))
+        .routes(api_routes!(give_away))
 }
 
 /// Body of `POST /v1/tables/{table}/give_away`.

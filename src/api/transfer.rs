@@ -5,6 +5,8 @@
 //! memory stays bounded whatever the table's size; import verifies the
 //! whole stream before it creates anything.
 
+use super::direct::ApiRoutes;
+use crate::api_routes;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
@@ -14,8 +16,6 @@ use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 use sha2::{Digest, Sha256};
 use utoipa::{IntoParams, ToSchema};
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 
 use super::auth::{authorize, Op, Principal};
 use super::extract::{checked_key, QueryParams, TablePath};
@@ -27,12 +27,12 @@ use crate::ops::{ReadFrom, TableOps};
 use crate::store::{Cursor, Expiry, ScanRequest, Value};
 
 /// Routes for export and import.
-pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-        .routes(routes!(export_table))
-        .routes(routes!(import_table))
-        .routes(routes!(export_all))
-        .routes(routes!(import_all))
+pub fn router() -> ApiRoutes {
+    ApiRoutes::new()
+        .routes(api_routes!(export_table))
+        .routes(api_routes!(import_table))
+        .routes(api_routes!(export_all))
+        .routes(api_routes!(import_all))
 }
 
 /// Objects per page of an export.

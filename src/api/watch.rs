@@ -11,6 +11,8 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::direct::ApiRoutes;
+use crate::api_routes;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue};
@@ -18,8 +20,6 @@ use axum::response::Response;
 use serde::Deserialize;
 use tokio::time::Instant;
 use utoipa::IntoParams;
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 
 use super::auth::{Op, Principal};
 use super::extract::{checked_key, QueryParams, TablePath};
@@ -30,8 +30,8 @@ use crate::ops::{TableHandle, TableOps};
 use crate::store::{Change, ChangeKind, Read, Watcher};
 
 /// Routes for change streams.
-pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(watch))
+pub fn router() -> ApiRoutes {
+    ApiRoutes::new().routes(api_routes!(watch))
 }
 
 /// Changes one read of the history takes at most; bounds what a stream
