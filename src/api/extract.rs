@@ -6,11 +6,12 @@
 //! rejection is mapped to `invalid_name`, `invalid_key` or
 //! `invalid_argument`.
 
+use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{FromRequest, FromRequestParts, Query, Request};
 use axum::http::header;
 use axum::http::request::Parts;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use serde::de::DeserializeOwned;
 
 use super::respond::{tag_list, write_precondition, TagList};
@@ -30,20 +31,49 @@ impl FromRequest<AppState> for RawBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        let limit = state.limits.max_body_bytes;
-        match axum::body::to_bytes(req.into_body(), limit).await {
-            Ok(bytes) => Ok(RawBody(bytes)),
-            Err(e) => {
-                let too_large = std::error::Error::source(&e)
-                    .is_some_and(|cause| cause.is::<http_body_util::LengthLimitError>());
-                Err(if too_large {
-                    ApiError::PayloadTooLarge(limit)
-                } else {
-                    ApiError::InvalidArgument(format!("could not read the body: {e}"))
-                })
+        read_body(req.into_body(), state.limits.max_body_bytes)
+            .await
+            .map(RawBody)
+    }
+}
+
+/// Reads a whole body of at most `limit` bytes. A body that arrives in one
+/// piece (any small one) is kept as it came, without a copy, and reading
+/// stops as soon as the body says it is complete instead of waiting to be
+/// told there is nothing more.
+async fn read_body(mut body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    use http_body::Body as _;
+    use http_body_util::BodyExt;
+    let mut first = Bytes::new();
+    let mut joined = BytesMut::new();
+    let mut seen = 0usize;
+    while !body.is_end_stream() {
+        let Some(frame) = body.frame().await else {
+            break;
+        };
+        let frame = frame
+            .map_err(|e| ApiError::InvalidArgument(format!("could not read the body: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers carry nothing a handler reads
+        };
+        seen += data.len();
+        if seen > limit {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        if first.is_empty() && joined.is_empty() {
+            first = data;
+        } else {
+            if joined.is_empty() {
+                joined.extend_from_slice(&std::mem::take(&mut first));
             }
+            joined.extend_from_slice(&data);
         }
     }
+    Ok(if joined.is_empty() {
+        first
+    } else {
+        joined.freeze()
+    })
 }
 
 /// Parses JSON text into `T`, telling syntax errors (`invalid_json`) from
@@ -79,7 +109,22 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
 ///
 /// # Errors
 /// [`ApiError::InvalidJson`] or [`ApiError::InvalidArgument`].
+///
+/// Text that is an object is read straight into `T`; only when that fails
+/// is it read as a map first and `T` taken from the map, which is what
+/// decides the outcome then (a repeated member, which `T` refuses, is the
+/// last one in a map) and gives the error. Both ways read the same `T`
+/// from any object `T` accepts, and the direct one skips building a tree.
 pub fn parse_object<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let starts_an_object = bytes
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|&b| b == b'{');
+    if starts_an_object {
+        if let Ok(direct) = serde_json::from_slice(bytes) {
+            return Ok(direct);
+        }
+    }
     let map: serde_json::Map<String, serde_json::Value> = parse_json(bytes)?;
     from_object(map)
 }
@@ -293,6 +338,27 @@ impl<S: Send + Sync> FromRequestParts<S> for Conditions {
 #[cfg(test)]
 mod tests {
     use super::{KEY_SEGMENT, TABLE_SEGMENT};
+
+    #[test]
+    fn objects_read_the_same_directly_or_through_a_map() {
+        use super::parse_object;
+        use crate::store::CounterOp;
+        let op: CounterOp = parse_object(br#" {"incr": 5, "default": 0} "#).expect("an object");
+        assert_eq!((op.incr, op.default), (5, Some(0)));
+        // A repeated member: the map keeps the last, as before.
+        let op: CounterOp = parse_object(br#"{"incr":1,"incr":7}"#).expect("a repeated member");
+        assert_eq!(op.incr, 7);
+        for (text, code) in [
+            (&br#"[3]"#[..], "invalid_argument"),
+            (br#"{"incr":"x"}"#, "invalid_argument"),
+            (br#"{"nope":1}"#, "invalid_argument"),
+            (br#"{"incr":1"#, "invalid_json"),
+            (br#"{"incr":1} x"#, "invalid_json"),
+        ] {
+            let err = parse_object::<CounterOp>(text).expect_err("refused");
+            assert_eq!(err.code(), code, "{}", String::from_utf8_lossy(text));
+        }
+    }
 
     #[test]
     fn captures_are_read_from_their_places() {

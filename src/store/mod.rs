@@ -17,6 +17,7 @@
 //! table limit is checked and taken in one step. Lookups never take the
 //! lock. The hooks block (they fsync): call these from blocking threads.
 
+mod canonical;
 mod counter;
 mod error;
 mod evict;

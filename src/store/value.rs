@@ -56,6 +56,9 @@ impl Value {
     /// # Errors
     /// The serde_json error when `text` is not one JSON value.
     pub fn parse(text: &[u8]) -> Result<Self, serde_json::Error> {
+        if super::canonical::is_canonical(text) {
+            return Ok(Value(ThinArc::from_header_and_slice((), text)));
+        }
         let v: serde_json::Value = serde_json::from_slice(text)?;
         Ok(Self::from_json(&v))
     }
