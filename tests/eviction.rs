@@ -72,7 +72,7 @@ fn an_lru_table_keeps_the_hot_keys_of_a_zipf_workload() {
         if table.lookup(&key).is_some() {
             hits += 1;
         } else {
-            let v = Value::from_canonical(rank.to_string().into_bytes());
+            let v = Value::from_canonical(rank.to_string().as_bytes());
             table.insert(&key, v, None, &Precondition::None).unwrap();
         }
         exact_hits += usize::from(exact.access(rank));

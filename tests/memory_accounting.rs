@@ -26,7 +26,7 @@ fn memory_accounting_is_within_20_percent_of_resident_growth() {
             let key = format!("key-{i:012}");
             // A fresh value per entry, as every PUT parses its own body.
             let value = Value::from_canonical(
-                format!("{{\"n\":{},\"s\":\"abcdefgh\"}}", i % 1000).into_bytes(),
+                format!("{{\"n\":{},\"s\":\"abcdefgh\"}}", i % 1000).as_bytes(),
             );
             table
                 .insert(&key, value, None, &Precondition::None)

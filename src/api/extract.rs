@@ -43,23 +43,13 @@ impl FromRequest<AppState> for RawBody {
 /// told there is nothing more.
 async fn read_body(mut body: Body, limit: usize) -> Result<Bytes, ApiError> {
     use http_body::Body as _;
-    use http_body_util::BodyExt;
     let mut first = Bytes::new();
     let mut joined = BytesMut::new();
     let mut seen = 0usize;
     while !body.is_end_stream() {
-        let Some(frame) = body.frame().await else {
+        let Some(data) = next_data(&mut body, &mut seen, limit).await? else {
             break;
         };
-        let frame = frame
-            .map_err(|e| ApiError::InvalidArgument(format!("could not read the body: {e}")))?;
-        let Ok(data) = frame.into_data() else {
-            continue; // trailers carry nothing a handler reads
-        };
-        seen += data.len();
-        if seen > limit {
-            return Err(ApiError::PayloadTooLarge(limit));
-        }
         if first.is_empty() && joined.is_empty() {
             first = data;
         } else {
@@ -74,6 +64,33 @@ async fn read_body(mut body: Body, limit: usize) -> Result<Bytes, ApiError> {
     } else {
         joined.freeze()
     })
+}
+
+/// The next piece of `body`'s data, or `None` at its end; trailers are
+/// skipped (nothing reads them). `seen` counts the bytes read so far, and
+/// more than `limit` in all is 413.
+///
+/// # Errors
+/// [`ApiError::PayloadTooLarge`], or [`ApiError::InvalidArgument`] when the
+/// body cannot be read.
+pub async fn next_data(
+    body: &mut Body,
+    seen: &mut usize,
+    limit: usize,
+) -> Result<Option<Bytes>, ApiError> {
+    use http_body_util::BodyExt;
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| ApiError::InvalidArgument(format!("could not read the body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            *seen += data.len();
+            if *seen > limit {
+                return Err(ApiError::PayloadTooLarge(limit));
+            }
+            return Ok(Some(data));
+        }
+    }
+    Ok(None)
 }
 
 /// Parses JSON text into `T`, telling syntax errors (`invalid_json`) from

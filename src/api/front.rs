@@ -64,7 +64,8 @@ pub fn caller() -> Option<Principal> {
 #[derive(Debug)]
 pub struct RouteLabels {
     matcher: matchit::Router<u16>,
-    /// The routes under [`ENTRY_ROUTE`], by the static text after the key.
+    /// The routes with the [`ENTRY_ROUTE`] shape, by the static text after
+    /// the key.
     entry_routes: Vec<(Box<str>, u16)>,
     /// Patterns by index; the last is `unmatched`.
     names: Vec<Box<str>>,
@@ -75,9 +76,10 @@ pub struct RouteLabels {
 /// The label of a request that matched no route.
 const UNMATCHED: &str = "unmatched";
 
-/// The pattern most requests match, with or without a static tail:
+/// The fixed parts of `/v1/tables/{table}/entries/{key}`, the pattern most
+/// requests match (with or without a static tail after the key):
 /// [`RouteLabels::find`] recognizes these without the general matcher.
-const ENTRY_ROUTE: &str = "/v1/tables/{table}/entries/{key}";
+const ENTRY_ROUTE: [&str; 2] = ["/v1/tables/", "/entries/"];
 
 impl RouteLabels {
     /// A matcher of `patterns`, which use axum's syntax. A pattern the
@@ -98,7 +100,12 @@ impl RouteLabels {
                     continue;
                 }
             }
-            let tail = pattern.strip_prefix(ENTRY_ROUTE);
+            let [tables, entries] = ENTRY_ROUTE;
+            let tail = pattern
+                .strip_prefix(tables)
+                .and_then(|p| p.strip_prefix("{table}"))
+                .and_then(|p| p.strip_prefix(entries))
+                .and_then(|p| p.strip_prefix("{key}"));
             if let Some(tail) =
                 tail.filter(|t| t.is_empty() || (t.starts_with('/') && !t.contains('{')))
             {
@@ -129,10 +136,11 @@ impl RouteLabels {
     /// costs on the routes that take most requests. `None` sends the path
     /// to the general matcher (a test checks both agree).
     fn entry_route(&self, path: &str) -> Option<u16> {
+        let [tables, entries] = ENTRY_ROUTE;
         let slash = |s: &str| s.bytes().position(|b| b == b'/');
-        let rest = path.strip_prefix("/v1/tables/")?;
+        let rest = path.strip_prefix(tables)?;
         let (table, rest) = rest.split_at(slash(rest)?);
-        let rest = rest.strip_prefix("/entries/")?;
+        let rest = rest.strip_prefix(entries)?;
         let (key, tail) = rest.split_at(slash(rest).unwrap_or(rest.len()));
         if table.is_empty() || key.is_empty() {
             return None;
@@ -518,14 +526,7 @@ mod tests {
     }
 
     fn served_routes() -> RouteLabels {
-        let spec = crate::api::openapi();
-        RouteLabels::new(
-            spec.paths
-                .paths
-                .keys()
-                .map(String::as_str)
-                .chain(["/docs/{*rest}"]),
-        )
+        crate::api::route_labels(&crate::api::openapi())
     }
 
     #[test]
@@ -533,7 +534,7 @@ mod tests {
         let routes = served_routes();
         assert_eq!(routes.entry_routes.len(), 4, "{:?}", routes.entry_routes);
         for (path, pattern) in [
-            ("/v1/tables/t/entries/k", ENTRY_ROUTE),
+            ("/v1/tables/t/entries/k", "/v1/tables/{table}/entries/{key}"),
             (
                 "/v1/tables/t/entries/k/counter",
                 "/v1/tables/{table}/entries/{key}/counter",

@@ -340,9 +340,7 @@ pub fn build(state: AppState, opts: &HttpOptions) -> front::Front<Router> {
     let (api, handlers) = api_routes().split();
     let (api, spec) = api.split_for_parts();
     let spec = openapi::finish(spec);
-    let mut patterns: Vec<String> = spec.paths.paths.keys().cloned().collect();
-    patterns.extend(["/openapi.json", "/docs", "/docs/", "/docs/{*rest}"].map(String::from));
-    let routes = front::RouteLabels::new(patterns.iter().map(String::as_str));
+    let routes = route_labels(&spec);
     let direct = direct::DirectTable::new(handlers, |pattern| routes.index_of(pattern));
     let router = api
         .merge(SwaggerUi::new("/docs").url("/openapi.json", spec))
@@ -359,6 +357,13 @@ pub fn build(state: AppState, opts: &HttpOptions) -> front::Front<Router> {
     )
 }
 
+/// Labels for every route [`build`] serves: the documented paths of `spec`
+/// and the docs.
+pub(crate) fn route_labels(spec: &utoipa::openapi::OpenApi) -> front::RouteLabels {
+    let documented = spec.paths.paths.keys().map(String::as_str);
+    front::RouteLabels::new(documented.chain(["/openapi.json", "/docs", "/docs/", "/docs/{*rest}"]))
+}
+
 #[cfg(test)]
 mod tests {
     use axum::http::Method;
@@ -371,7 +376,7 @@ mod tests {
     fn every_documented_operation_is_called_directly() {
         let (api, handlers) = api_routes().split();
         let spec = openapi::finish(api.split_for_parts().1);
-        let routes = front::RouteLabels::new(spec.paths.paths.keys().map(String::as_str));
+        let routes = route_labels(&spec);
         let direct = direct::DirectTable::new(handlers, |pattern| routes.index_of(pattern));
         let mut operations = 0;
         for (path, item) in &spec.paths.paths {

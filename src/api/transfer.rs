@@ -11,14 +11,13 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::Response;
-use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 use sha2::{Digest, Sha256};
 use utoipa::{IntoParams, ToSchema};
 
 use super::auth::{authorize, Op, Principal};
-use super::extract::{checked_key, QueryParams, TablePath};
+use super::extract::{checked_key, next_data, QueryParams, TablePath};
 use super::respond::{hex, push_opt_u64, push_str};
 use super::tables::{info_response, spec_from_body};
 use super::AppState;
@@ -278,22 +277,9 @@ impl Lines {
             if self.ended {
                 return Ok((!self.buf.is_empty()).then(|| std::mem::take(&mut self.buf)));
             }
-            match self.body.frame().await {
+            match next_data(&mut self.body, &mut self.read, self.limit).await? {
                 None => self.ended = true,
-                Some(Err(e)) => {
-                    return Err(ApiError::InvalidArgument(format!(
-                        "could not read the body: {e}"
-                    )))
-                }
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        self.read += data.len();
-                        if self.read > self.limit {
-                            return Err(ApiError::PayloadTooLarge(self.limit));
-                        }
-                        self.buf.extend_from_slice(&data);
-                    }
-                }
+                Some(data) => self.buf.extend_from_slice(&data),
             }
         }
     }

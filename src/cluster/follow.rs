@@ -276,7 +276,7 @@ fn watched_change(
         version,
         kind,
         Some(Key::from(key?)),
-        value.map(|v| Value::from_canonical(v.as_bytes().to_vec())),
+        value.map(|v| Value::from_canonical(v.as_bytes())),
     ))
 }
 

@@ -117,7 +117,7 @@ fn decode_body(b: &[u8]) -> Result<Slot, PersistError> {
 fn json_value(bytes: &[u8]) -> Result<Value, PersistError> {
     serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
         .map_err(|e| PersistError::Corrupt(format!("stored value is not JSON: {e}")))?;
-    Ok(Value::from_canonical(bytes.to_vec()))
+    Ok(Value::from_canonical(bytes))
 }
 
 /// A table definition as stored: its identity and settings, versioned.

@@ -118,7 +118,7 @@ impl CounterOp {
                     StoreError::NotACounter("the stored value is not a 64-bit integer".into())
                 })?;
                 let next = self.step(current)?;
-                Ok((Value::from_canonical(next.to_string().into_bytes()), next))
+                Ok((Value::from_canonical(next.to_string().as_bytes()), next))
             }
             Some(field) => {
                 let mut tree = stored.to_json();

@@ -184,13 +184,8 @@ mod tests {
     }
 
     fn put(t: &crate::store::Table, k: &str) {
-        t.insert(
-            k,
-            Value::from_canonical(b"1".to_vec()),
-            None,
-            &Precondition::None,
-        )
-        .unwrap();
+        t.insert(k, Value::from_canonical(b"1"), None, &Precondition::None)
+            .unwrap();
     }
 
     #[test]

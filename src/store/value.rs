@@ -48,7 +48,7 @@ impl Value {
         // Serializing a serde_json::Value into a Vec cannot fail: every map key
         // is a string and no custom Serialize impl is involved.
         let bytes = serde_json::to_vec(v).unwrap_or_else(|_| b"null".to_vec());
-        Self::from_canonical(bytes)
+        Self::from_canonical(&bytes)
     }
 
     /// Parses and canonicalizes JSON text.
@@ -57,15 +57,15 @@ impl Value {
     /// The serde_json error when `text` is not one JSON value.
     pub fn parse(text: &[u8]) -> Result<Self, serde_json::Error> {
         if super::canonical::is_canonical(text) {
-            return Ok(Value(ThinArc::from_header_and_slice((), text)));
+            return Ok(Self::from_canonical(text));
         }
         let v: serde_json::Value = serde_json::from_slice(text)?;
         Ok(Self::from_json(&v))
     }
 
     /// Wraps text that is already canonical JSON (from our own encoder or disk).
-    pub fn from_canonical(bytes: Vec<u8>) -> Self {
-        Value(ThinArc::from_header_and_slice((), &bytes))
+    pub fn from_canonical(bytes: &[u8]) -> Self {
+        Value(ThinArc::from_header_and_slice((), bytes))
     }
 
     /// The canonical JSON text.

@@ -443,7 +443,7 @@ mod tests {
             rev,
             ChangeKind::Put,
             Some(Key::from(key)),
-            Some(Value::from_canonical(b"1".to_vec())),
+            Some(Value::from_canonical(b"1")),
         )
     }
 
