@@ -1133,6 +1133,66 @@ async fn a_cluster_watch_on_any_node_sees_every_nodes_changes_in_revision_order(
     }
 }
 
+/// A writer held up between taking its version and writing its change
+/// (here a transaction of the test's own, which takes a version and then
+/// waits while a node writes a higher one and reads the log several times)
+/// is still told, and before the higher version.
+#[tokio::test]
+async fn a_change_held_up_after_taking_its_version_is_told_before_later_ones() {
+    let Some((pg, nodes)) = cluster(1).await else {
+        return;
+    };
+    let node = &nodes[0];
+    create(node, "w", "set").await;
+    let mut watch = cluster_watch(node, "w", None).await;
+    let mut db = pg.client("larder").await;
+    let table_id: i64 = db
+        .query_one("SELECT id FROM larder_tables WHERE name = 'w'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let tx = db.transaction().await.unwrap();
+    let held: i64 = tx
+        .query_one("SELECT larder_next_version()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let r = node.put("w", "later", json!(2)).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let later: u64 = r.header("etag").unwrap().trim_matches('"').parse().unwrap();
+    assert!(later > held as u64);
+    let polls = node.metric("larder_cluster_log_polls_total").await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while node.metric("larder_cluster_log_polls_total").await < polls + 3.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node stopped reading the log"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    tx.execute(
+        "INSERT INTO larder_changes (table_id, key, version, kind, at, event, value) \
+         VALUES ($1, 'held', $2, 0, 0, 0, '1')",
+        &[&table_id, &held],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let told: Vec<(String, u64)> = watch
+        .events(2)
+        .await
+        .iter()
+        .map(|e| (e.key().to_owned(), e.revision()))
+        .collect();
+    assert_eq!(
+        told,
+        [
+            ("held".to_owned(), held as u64),
+            ("later".to_owned(), later)
+        ]
+    );
+}
+
 #[tokio::test]
 async fn cluster_watches_tell_deletes_bag_values_expiry_eviction_clear_and_drop() {
     let Some((_pg, nodes)) = cluster(2).await else {
@@ -1291,7 +1351,7 @@ async fn a_schema_2_database_is_upgraded_and_its_old_log_rows_tell_no_watcher() 
         .await
         .unwrap()
         .get(0);
-    assert_eq!(version, 3);
+    assert_eq!(version, larder::cluster::SCHEMA_VERSION);
     let old: (i16, Option<String>) = client
         .query_one(
             "SELECT event, value FROM larder_changes WHERE key = 'old'",

@@ -78,11 +78,14 @@ const POLL: &str =
 /// commit a lower version. A poll reads, after its snapshot, how many
 /// versions the sequence has handed out (`handed`). Each of those belongs
 /// to a transaction that was running at the snapshot (an id below the
-/// snapshot's `xmax`), or that had taken the version but not yet its id
-/// (it does so in the same statement, so it has one by the next poll).
-/// Once a later poll's `xmin` reaches the next poll's `xmax`, all those
-/// transactions have ended and their changes have been read: every
-/// version up to `handed` is settled.
+/// snapshot's `xmax`), or that took its id after the snapshot but before
+/// `handed` was read. A writer takes its id before its version (through
+/// `larder_next_version()`, see `migrations/cluster/0004_*`; `nextval`
+/// alone gives no id, and a writer held up between the two went unseen),
+/// so all of them have ids below the next poll's `xmax`. Once a later
+/// poll's `xmin` reaches that `xmax`, all those transactions have ended
+/// and their changes have been read: every version up to `handed` is
+/// settled.
 #[derive(Debug, Default)]
 pub(super) struct Events {
     /// Changes waiting, by revision.
@@ -300,6 +303,7 @@ pub(super) async fn follow(cluster: Cluster, mut at: Position) {
                         .core
                         .synced_at
                         .fetch_max(started.max(1), Ordering::AcqRel);
+                    cluster.core.polls.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(poll).await;
                 }
             }
@@ -384,7 +388,7 @@ async fn sweep_once(
     let shards: Vec<i32> = keys.iter().map(|k| super::sql::shard_of(k)).collect();
     tx.execute(
         "INSERT INTO larder_changes (table_id, key, version, kind, at, event) \
-         SELECT t, k, nextval('larder_versions'), 0, $3, $4 FROM unnest($1::bigint[], $2::text[]) AS u(t, k)",
+         SELECT t, k, larder_next_version(), 0, $3, $4 FROM unnest($1::bigint[], $2::text[]) AS u(t, k)",
         &[&tables, &keys, &(now as i64), &super::sql::EVENT_EXPIRE],
     )
     .await?;

@@ -34,6 +34,7 @@ use thiserror::Error;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
+pub use schema::SCHEMA_VERSION;
 pub use table::ClusterTable;
 
 use crate::clock::Clock;
@@ -93,6 +94,8 @@ pub(crate) struct Core {
     /// Local Unix ms at which the last complete read of the change log
     /// started: the hot copies reflect every commit before it.
     synced_at: AtomicU64,
+    /// Complete reads of the change log since this node started.
+    polls: AtomicU64,
     /// Whether the last attempt to reach PostgreSQL succeeded.
     reachable: AtomicBool,
     /// Whether the schema has been checked and applied since this node
@@ -233,6 +236,7 @@ impl Cluster {
             budget: Budget::new(config.cache_bytes),
             staleness_ms: config.staleness.as_millis() as u64,
             synced_at: AtomicU64::new(0),
+            polls: AtomicU64::new(0),
             reachable: AtomicBool::new(false),
             schema_ready: AtomicBool::new(false),
             released: AtomicU64::new(0),
@@ -411,7 +415,7 @@ impl Cluster {
         let row = tx
             .query_one(
                 "INSERT INTO larder_tables (name, settings, owner, created_at, revision) \
-                 VALUES ($1, $2, $3, $4, nextval('larder_versions')) RETURNING id, revision",
+                 VALUES ($1, $2, $3, $4, larder_next_version()) RETURNING id, revision",
                 &[
                     &spec.name,
                     &settings,
@@ -457,7 +461,7 @@ impl Cluster {
             return Err(ApiError::TableNotFound(table.name().to_owned()));
         }
         let version: i64 = tx
-            .query_one("SELECT nextval('larder_versions')", &[])
+            .query_one("SELECT larder_next_version()", &[])
             .await
             .map_err(|e| db_error(&e))?
             .get(0);
@@ -497,7 +501,7 @@ impl Cluster {
         let row = tx
             .query_opt(
                 "UPDATE larder_tables SET settings = $2, owner = $3, \
-                 revision = nextval('larder_versions') WHERE id = $1 RETURNING revision",
+                 revision = larder_next_version() WHERE id = $1 RETURNING revision",
                 &[&table.id(), &settings, &spec.owner],
             )
             .await
@@ -618,6 +622,9 @@ impl Cluster {
             "# HELP larder_cluster_log_lag_seconds How far this node's view of the cluster change log is behind now.\n\
              # TYPE larder_cluster_log_lag_seconds gauge\n\
              larder_cluster_log_lag_seconds {lag}\n\
+             # HELP larder_cluster_log_polls_total Complete reads of the cluster change log.\n\
+             # TYPE larder_cluster_log_polls_total counter\n\
+             larder_cluster_log_polls_total {}\n\
              # HELP larder_cluster_hot_reads_total Cluster-table reads by where they were answered.\n\
              # TYPE larder_cluster_hot_reads_total counter\n\
              larder_cluster_hot_reads_total{{result=\"hit\"}} {}\n\
@@ -630,6 +637,7 @@ impl Cluster {
              larder_cluster_reachable {}\n\
              # HELP larder_cluster_db_roundtrip_seconds Time of one request's work in PostgreSQL (a statement, or a write's whole transaction).\n\
              # TYPE larder_cluster_db_roundtrip_seconds histogram\n",
+            self.core.polls.load(Ordering::Relaxed),
             self.core.hot_hits.load(Ordering::Relaxed),
             self.core.hot_misses.load(Ordering::Relaxed),
             self.core.budget.used.load(Ordering::Relaxed).max(0),

@@ -13,6 +13,7 @@ const STEPS: &[&str] = &[
     include_str!("../../migrations/cluster/0001_cluster_tables.sql"),
     include_str!("../../migrations/cluster/0002_idempotency.sql"),
     include_str!("../../migrations/cluster/0003_change_events.sql"),
+    include_str!("../../migrations/cluster/0004_versions_after_xid.sql"),
 ];
 
 /// Advisory lock key held while migrating ("larder" in ASCII, plus 1).

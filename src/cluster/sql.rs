@@ -19,7 +19,7 @@ pub const LOCK_ROW: &str = "SELECT objects, version, expires_at, count FROM lard
 /// object count, deadline (0: none), now, statistics shard, the deltas of
 /// size, inserts, deletes and expired, and the change's event and value
 /// for watchers (see `migrations/cluster/0003_change_events.sql`).
-pub const INSERT_ROW: &str = "WITH v AS (SELECT nextval('larder_versions') AS version), \
+pub const INSERT_ROW: &str = "WITH v AS (SELECT larder_next_version() AS version), \
     w AS (INSERT INTO larder_entries (table_id, key, objects, count, version, expires_at, touched_at) \
           SELECT $1, $2, $3, $4, version, $5, $6 FROM v RETURNING version), \
     c AS (INSERT INTO larder_changes (table_id, key, version, kind, at, event, value) \
@@ -29,7 +29,7 @@ pub const INSERT_ROW: &str = "WITH v AS (SELECT nextval('larder_versions') AS ve
     SELECT version FROM w";
 
 /// Replaces a key's row; the same parameters and result as [`INSERT_ROW`].
-pub const UPDATE_ROW: &str = "WITH v AS (SELECT nextval('larder_versions') AS version), \
+pub const UPDATE_ROW: &str = "WITH v AS (SELECT larder_next_version() AS version), \
     w AS (UPDATE larder_entries SET objects = $3, count = $4, version = (SELECT version FROM v), \
           expires_at = $5, touched_at = $6 WHERE table_id = $1 AND key = $2 RETURNING version), \
     c AS (INSERT INTO larder_changes (table_id, key, version, kind, at, event, value) \
@@ -42,7 +42,7 @@ pub const UPDATE_ROW: &str = "WITH v AS (SELECT nextval('larder_versions') AS ve
 /// returns the version of the deletion. Parameters: table id, key, now,
 /// statistics shard, the deltas of size, deletes, expired and evicted, and
 /// the change's event for watchers.
-pub const DELETE_ROW: &str = "WITH v AS (SELECT nextval('larder_versions') AS version), \
+pub const DELETE_ROW: &str = "WITH v AS (SELECT larder_next_version() AS version), \
     w AS (DELETE FROM larder_entries WHERE table_id = $1 AND key = $2 \
           RETURNING (SELECT version FROM v) AS version), \
     c AS (INSERT INTO larder_changes (table_id, key, version, kind, at, event) \

@@ -754,7 +754,7 @@ impl TableOps for ClusterTable {
         .map_err(|e| db_error(&e))?;
         tx.execute(
             "INSERT INTO larder_changes (table_id, key, version, kind, at) \
-             VALUES ($1, NULL, nextval('larder_versions'), $2, $3)",
+             VALUES ($1, NULL, larder_next_version(), $2, $3)",
             &[&self.id, &super::follow::KIND_CLEAR, &(now as i64)],
         )
         .await

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use tokio::time::error::Elapsed;
+
 use serde_json::Value;
 
 /// Longest a test waits for the next frame before it fails.
@@ -93,23 +95,38 @@ impl Stream {
         }
     }
 
-    /// The next event, skipping comments; `None` at the end.
+    /// The next event, skipping comments; `None` at the end. Heartbeat
+    /// comments do not extend the deadline: an event that never comes
+    /// fails the test instead of keeping it waiting.
     pub async fn event(&mut self) -> Option<Event> {
+        self.event_within(FRAME_DEADLINE)
+            .await
+            .expect("an event within the deadline (only comments came)")
+    }
+
+    async fn event_within(&mut self, limit: Duration) -> Result<Option<Event>, Elapsed> {
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
-            match self.frame().await? {
-                Frame::Event(e) => return Some(e),
-                Frame::Comment(_) => {}
+            match tokio::time::timeout_at(deadline, self.frame()).await? {
+                Some(Frame::Event(e)) => return Ok(Some(e)),
+                Some(Frame::Comment(_)) => {}
+                None => return Ok(None),
             }
         }
     }
 
-    /// The next `n` events, failing if the stream ends first.
+    /// The next `n` events, failing if the stream ends first or an event
+    /// does not come within the deadline.
     pub async fn events(&mut self, n: usize) -> Vec<Event> {
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
-            match self.event().await {
-                Some(e) => out.push(e),
-                None => panic!("the stream ended after {} of {n} events", out.len()),
+            match self.event_within(FRAME_DEADLINE).await {
+                Ok(Some(e)) => out.push(e),
+                Ok(None) => panic!(
+                    "the stream ended after {} of {n} events: {out:?}",
+                    out.len()
+                ),
+                Err(_) => panic!("no event came after {} of {n}: {out:?}", out.len()),
             }
         }
         out
