@@ -14,12 +14,14 @@ use larder::store::Objects;
 /// What reached the engine.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// A key written (or removed, `value: None`) in a table's data space.
+    /// A key written (or removed, `value: None`) in a table's data space;
+    /// `at` is when the engine call that wrote it began.
     Write {
         seq: u64,
         table: String,
         key: String,
         value: Option<serde_json::Value>,
+        at: Instant,
     },
     /// A flush returned successfully; `began` is its sequence number at entry.
     Flushed { began: u64, seq: u64, at: Instant },
@@ -127,6 +129,7 @@ impl Engine for Recording {
                 )
             })
             .collect();
+        let at = Instant::now();
         self.inner.write(table, changes)?;
         let mut events = self.rec.events.lock().unwrap();
         for (key, value) in described {
@@ -135,6 +138,7 @@ impl Engine for Recording {
                 table: table.to_owned(),
                 key,
                 value,
+                at,
             });
         }
         Ok(())
@@ -183,6 +187,7 @@ pub fn change_flushed_before(
             table: t,
             key: k,
             value: v,
+            ..
         } if *seq < before && t == table && k == key && v.as_ref() == value => Some(*seq),
         _ => None,
     })?;
