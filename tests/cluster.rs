@@ -1135,8 +1135,9 @@ async fn a_cluster_watch_on_any_node_sees_every_nodes_changes_in_revision_order(
 
 /// A writer held up between taking its version and writing its change
 /// (here a transaction of the test's own, which takes a version and then
-/// waits while a node writes a higher one and reads the log several times)
-/// is still told, and before the higher version.
+/// waits while the node reads the log several times, writes a higher
+/// version and reads the log again) is still told, and before the higher
+/// version.
 #[tokio::test]
 async fn a_change_held_up_after_taking_its_version_is_told_before_later_ones() {
     let Some((pg, nodes)) = cluster(1).await else {
@@ -1157,19 +1158,14 @@ async fn a_change_held_up_after_taking_its_version_is_told_before_later_ones() {
         .await
         .unwrap()
         .get(0);
+    // While nothing newer than the held transaction has finished, and
+    // again once a later write has.
+    polls(node, 3).await;
     let r = node.put("w", "later", json!(2)).await;
     assert_eq!(r.status, 201, "{}", r.text);
     let later: u64 = r.header("etag").unwrap().trim_matches('"').parse().unwrap();
     assert!(later > held as u64);
-    let polls = node.metric("larder_cluster_log_polls_total").await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while node.metric("larder_cluster_log_polls_total").await < polls + 3.0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the node stopped reading the log"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-    }
+    polls(node, 3).await;
     tx.execute(
         "INSERT INTO larder_changes (table_id, key, version, kind, at, event, value) \
          VALUES ($1, 'held', $2, 0, 0, 0, '1')",
@@ -1191,6 +1187,20 @@ async fn a_change_held_up_after_taking_its_version_is_told_before_later_ones() {
             ("later".to_owned(), later)
         ]
     );
+}
+
+/// Waits until `node` has read the change log `n` more times.
+async fn polls(node: &TestApp, n: u32) {
+    const POLLS: &str = "larder_cluster_log_polls_total";
+    let target = node.metric(POLLS).await + f64::from(n);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while node.metric(POLLS).await < target {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node stopped reading the log"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
 }
 
 #[tokio::test]

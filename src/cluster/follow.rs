@@ -58,12 +58,12 @@ const SWEEP_LOCK: i64 = 0x6c61_7264_6572_0002;
 
 const POLL: &str =
     "WITH s AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin, \
-        pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax, \
+        pg_current_xact_id()::text::bigint AS bound, \
         (SELECT value FROM larder_meta WHERE name = 'pruned_xid') AS pxid, \
         (SELECT value FROM larder_meta WHERE name = 'pruned_id') AS pid, \
         (SELECT last_value FROM larder_versions) AS handed) \
     SELECT s.xmin, s.pxid, s.pid, c.xid, c.id, c.table_id, c.key, c.version, c.kind, \
-        s.xmax, s.handed, c.event, c.value \
+        s.bound, s.handed, c.event, c.value \
     FROM s LEFT JOIN LATERAL (SELECT xid, id, table_id, key, version, kind, event, value \
         FROM larder_changes WHERE (xid, id) > ($1, $2) ORDER BY xid, id LIMIT $3) c ON true";
 
@@ -76,21 +76,27 @@ const POLL: &str =
 /// higher version. Watchers must get them in version order, so changes
 /// wait here until no transaction that is not yet visible can still
 /// commit a lower version. A poll reads, after its snapshot, how many
-/// versions the sequence has handed out (`handed`). Each of those belongs
-/// to a transaction that was running at the snapshot (an id below the
-/// snapshot's `xmax`), or that took its id after the snapshot but before
-/// `handed` was read. A writer takes its id before its version (through
-/// `larder_next_version()`, see `migrations/cluster/0004_*`; `nextval`
-/// alone gives no id, and a writer held up between the two went unseen),
-/// so all of them have ids below the next poll's `xmax`. Once a later
-/// poll's `xmin` reaches that `xmax`, all those transactions have ended
-/// and their changes have been read: every version up to `handed` is
-/// settled.
+/// versions the sequence has handed out (`handed`). A writer takes its
+/// transaction id before its version (through `larder_next_version()`,
+/// see `migrations/cluster/0004_*`; `nextval` alone gives no id), so every
+/// writer holding one of those versions had its id before `handed` was
+/// read, and so before the next poll began.
+///
+/// Each poll takes a transaction id of its own (`bound`), which is higher
+/// than every id given out before it. Once a later poll's `xmin` reaches
+/// the next poll's `bound`, every transaction with a lower id has ended
+/// and its changes have been read: every version up to `handed` is
+/// settled. The snapshot's `xmax` cannot serve as that bound: it is one
+/// past the latest transaction to *finish*, so a writer whose id is newer
+/// than that is running but in neither `xmin` nor the snapshot's list, and
+/// a change of its was once skipped that way. The price is one
+/// transaction id per poll (see the README).
 #[derive(Debug, Default)]
 pub(super) struct Events {
     /// Changes waiting, by revision.
     pending: BTreeMap<u64, (Arc<ClusterTable>, Change)>,
-    /// `(handed, xmax)` of each complete poll not yet settled, oldest first.
+    /// `(handed, bound)` of each complete poll not yet settled, oldest
+    /// first.
     marks: VecDeque<(u64, i64)>,
 }
 
@@ -129,7 +135,7 @@ impl Cluster {
             return Ok((at, true));
         };
         let xmin: i64 = first.get(0);
-        let xmax: i64 = first.get(9);
+        let bound: i64 = first.get(9);
         let handed = first.get::<_, i64>(10).max(0) as u64;
         let pruned: Position = (
             first.get::<_, Option<i64>>(1).unwrap_or(0),
@@ -178,7 +184,7 @@ impl Cluster {
         }
         if read < BATCH {
             // Every row of every transaction older than xmin has been read.
-            self.settle(events, xmin, xmax, handed);
+            self.settle(events, xmin, bound, handed);
             let caught_up = (xmin - 1, i64::MAX);
             Ok((at.max(last_final).max(caught_up), true))
         } else {
@@ -188,8 +194,8 @@ impl Cluster {
 
     /// After a complete poll: tells watchers every change whose revision
     /// is settled (see [`Events`]), in revision order.
-    fn settle(&self, events: &mut Events, xmin: i64, xmax: i64, handed: u64) {
-        events.marks.push_back((handed, xmax));
+    fn settle(&self, events: &mut Events, xmin: i64, bound: i64, handed: u64) {
+        events.marks.push_back((handed, bound));
         let Some(upto) = settle_marks(&mut events.marks, xmin) else {
             return;
         };
