@@ -115,19 +115,13 @@ pub fn scan_body(page: &ScanPage) -> Vec<u8> {
     buf
 }
 
-/// `{"results":[r…],"next_cursor":c}`, each result already JSON text.
-pub fn results_body(results: &[Vec<u8>], next_cursor: Option<&Cursor>) -> Vec<u8> {
-    let size: usize = results.iter().map(|r| r.len() + 1).sum();
-    let mut buf = Vec::with_capacity(64 + size);
-    buf.extend_from_slice(b"{\"results\":[");
-    for (i, r) in results.iter().enumerate() {
-        if i > 0 {
-            buf.push(b',');
-        }
-        buf.extend_from_slice(r);
-    }
-    end_page(&mut buf, next_cursor);
-    buf
+/// `{"results":[r…],"next_cursor":c}`: `results` is the results' JSON texts
+/// already joined by commas, and the body is built in its buffer.
+pub fn results_body(mut results: Vec<u8>, next_cursor: Option<&Cursor>) -> Vec<u8> {
+    const OPEN: &[u8] = b"{\"results\":[";
+    results.splice(0..0, OPEN.iter().copied());
+    end_page(&mut results, next_cursor);
+    results
 }
 
 /// Closes a page's list and adds `"next_cursor"`.

@@ -322,7 +322,7 @@ pub async fn select_objects(
     )
     .await?;
     // Results are JSON text already: the body is assembled, not serialized.
-    let body = respond::results_body(&found.results, found.next_cursor.as_ref());
+    let body = respond::results_body(found.results, found.next_cursor.as_ref());
     Ok(respond::json(StatusCode::OK, body))
 }
 

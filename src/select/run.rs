@@ -30,12 +30,42 @@ pub enum SelectMode {
 /// What a select found.
 #[derive(Debug, Default)]
 pub struct Selected {
-    /// The results (`SelectMode::Results`), each as JSON text.
-    pub results: Vec<Vec<u8>>,
-    /// Objects counted or deleted.
+    /// The results (`SelectMode::Results`) as JSON texts joined by
+    /// commas: one buffer for the page, not one per result.
+    pub results: Vec<u8>,
+    /// Results found, or objects counted or deleted.
     pub count: u64,
     /// Where to resume, or `None` when the select is complete.
     pub next_cursor: Option<Cursor>,
+}
+
+/// Most bytes reserved for a page's results ahead of them.
+const RESERVE_BYTES: usize = 1 << 20;
+
+impl Selected {
+    /// Adds what `object` yields under `spec`, if it matches. After the
+    /// first result, room for `expected` more of its size is reserved (up
+    /// to [`RESERVE_BYTES`]), so the buffer is not grown and copied again
+    /// and again, and the response can be built in it.
+    fn push_result(&mut self, spec: &MatchSpec, object: &Object<'_>, expected: usize) -> bool {
+        let mark = self.results.len();
+        if mark > 0 {
+            self.results.push(b',');
+        }
+        if !spec.run(object, &mut self.results) {
+            self.results.truncate(mark);
+            return false;
+        }
+        self.count += 1;
+        if self.count == 1 {
+            // A quarter over, since later results may be longer, and room
+            // for the response's envelope around them.
+            let each = self.results.len() + 1;
+            let room = each.saturating_mul(expected) / 4 * 5 + 96;
+            self.results.reserve(room.min(RESERVE_BYTES));
+        }
+        true
+    }
 }
 
 /// The request as a select runs it.
@@ -88,11 +118,10 @@ pub async fn select(table: &impl TableOps, spec: &MatchSpec, walk: Walk) -> ApiR
             let object = Object::new(key, value.as_bytes());
             match walk.mode {
                 SelectMode::Results { limit } => {
-                    let Some(result) = spec.run(&object) else {
+                    if !out.push_result(spec, &object, limit.min(PAGE).saturating_sub(1)) {
                         continue;
-                    };
-                    out.results.push(result);
-                    if out.results.len() >= limit {
+                    }
+                    if out.count >= limit as u64 {
                         let last = i + 1 == page.items.len();
                         out.next_cursor = if last && page.next_cursor.is_none() {
                             None
@@ -144,7 +173,9 @@ async fn select_key(
     };
     let object = Object::new(key, value.as_bytes());
     match walk.mode {
-        SelectMode::Results { .. } => out.results.extend(spec.run(&object)),
+        SelectMode::Results { .. } => {
+            out.push_result(spec, &object, 0);
+        }
         SelectMode::Count => out.count = u64::from(spec.matches(&object)),
         SelectMode::Delete => {
             if spec.matches(&object) {

@@ -44,9 +44,12 @@ pub struct Cursor {
 impl Cursor {
     /// Opaque, URL-safe text for `next_cursor`.
     pub fn encode(&self) -> String {
-        let mut s = format!("{:016x}{:016x}", self.hash, self.seq);
-        for b in self.key.as_bytes() {
-            s.push_str(&format!("{b:02x}"));
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut s = String::with_capacity(32 + 2 * self.key.len());
+        let bytes = self.hash.to_be_bytes().into_iter();
+        for b in bytes.chain(self.seq.to_be_bytes()).chain(self.key.bytes()) {
+            s.push(char::from(HEX[usize::from(b >> 4)]));
+            s.push(char::from(HEX[usize::from(b & 0xf)]));
         }
         s
     }
@@ -429,6 +432,12 @@ mod tests {
             key: "ключ/1".into(),
         };
         assert_eq!(Cursor::decode(&c.encode()).unwrap(), c);
+        // The text clients already hold: two 16-digit hex numbers, then
+        // the key's bytes in hex.
+        assert_eq!(
+            c.encode(),
+            "00000000deadbeef0000000000000007d0bad0bbd18ed1872f31"
+        );
         assert!(Cursor::decode("zz").is_err());
         assert!(Cursor::decode(&"g".repeat(40)).is_err());
     }
