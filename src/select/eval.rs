@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use std::cell::OnceCell;
 use std::cmp::Ordering;
 
-use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Number, Value as Json};
 use smallvec::SmallVec;
 
@@ -72,7 +72,7 @@ impl<'a> Object<'a> {
         self.members
             .get_or_init(|| {
                 let mut de = serde_json::Deserializer::from_slice(self.raw_value);
-                Named(members).deserialize(&mut de).ok().flatten()
+                Named(members).deserialize(&mut de).ok()
             })
             .as_deref()
     }
@@ -126,20 +126,15 @@ impl MatchSpec {
         let mut binds: Binds<'o> = smallvec::smallvec![None; self.names.len()];
         let matched = match &self.pattern {
             Pattern::Any => true,
-            Pattern::Object(members) => members.iter().all(|(name, p)| {
-                let part: &'o Json = match (name.as_str(), p) {
-                    ("key", _) => object.key(),
-                    ("value", Pattern::Object(members)) => {
-                        return object.value_members(members).is_some_and(|found| {
-                            members.iter().zip(found).all(|((_, sub), v)| {
-                                v.as_ref().is_some_and(|v| bind(sub, v, &mut binds))
-                            })
-                        });
-                    }
-                    ("value", _) => object.value(),
-                    _ => return false,
-                };
-                bind(p, part, &mut binds)
+            Pattern::Object(members) => members.iter().all(|(name, p)| match (name.as_str(), p) {
+                ("key", _) => bind(p, object.key(), &mut binds),
+                ("value", Pattern::Object(wanted)) => {
+                    object.value_members(wanted).is_some_and(|found| {
+                        bind_members(wanted, found.iter().map(Option::as_ref), &mut binds)
+                    })
+                }
+                ("value", _) => bind(p, object.value(), &mut binds),
+                _ => false,
             }),
             // The object is never an array.
             Pattern::Array(_) => false,
@@ -183,24 +178,24 @@ impl MatchSpec {
     }
 }
 
-/// Reads a JSON value into the members of it that `.0` names, by the
-/// order of `.0`, when it is an object (`Some`), skipping every other
-/// member without building it; `None` for any other value.
+/// Reads a JSON object into the members of it that `.0` names, by the
+/// order of `.0`, skipping every other member without building it. Any
+/// other value is an error (from `deserialize_map`).
 struct Named<'p>(&'p [(String, Pattern)]);
 
 impl<'de> DeserializeSeed<'de> for Named<'_> {
-    type Value = Option<Found>;
+    type Value = Found;
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_any(self)
+        d.deserialize_map(self)
     }
 }
 
 impl<'de> Visitor<'de> for Named<'_> {
-    type Value = Option<Found>;
+    type Value = Found;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a JSON value")
+        f.write_str("a JSON object")
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
@@ -214,36 +209,7 @@ impl<'de> Visitor<'de> for Named<'_> {
                 }
             }
         }
-        Ok(Some(found))
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(None)
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(None)
+        Ok(found)
     }
 }
 
@@ -271,6 +237,21 @@ impl<'de> Visitor<'de> for Wanted<'_> {
     }
 }
 
+/// Matches an object pattern's `members` against `found`, the value of
+/// each named member by the same order (`None` where there is none): every
+/// member must be there and match. An object pattern looks only at the
+/// members it names.
+fn bind_members<'a>(
+    members: &[(String, Pattern)],
+    found: impl Iterator<Item = Option<&'a Json>>,
+    binds: &mut [Option<&'a Json>],
+) -> bool {
+    members
+        .iter()
+        .zip(found)
+        .all(|((_, sub), v)| v.is_some_and(|v| bind(sub, v, binds)))
+}
+
 /// Matches `p` against `v`, binding variables; exact (`=:=`) equality.
 fn bind<'a>(p: &Pattern, v: &'a Json, binds: &mut [Option<&'a Json>]) -> bool {
     match p {
@@ -287,9 +268,7 @@ fn bind<'a>(p: &Pattern, v: &'a Json, binds: &mut [Option<&'a Json>]) -> bool {
             let Json::Object(m) = v else {
                 return false;
             };
-            members
-                .iter()
-                .all(|(name, sub)| m.get(name).is_some_and(|inner| bind(sub, inner, binds)))
+            bind_members(members, members.iter().map(|(name, _)| m.get(name)), binds)
         }
         Pattern::Array(items) => {
             let Json::Array(a) = v else {
