@@ -19,7 +19,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::PersistError;
-use crate::store::{Object, Objects, Slot, TableSettings, TableSpec, Value};
+use crate::store::{Object, Objects, ObjectsRef, Slot, TableSettings, TableSpec, Value};
 
 /// The data directory format this build writes.
 pub const FORMAT_VERSION: u32 = 2;
@@ -32,7 +32,7 @@ const MANY: u8 = 1;
 /// Encodes a slot as a current-format record.
 pub fn encode_slot(slot: &Slot) -> Vec<u8> {
     let mut out =
-        Vec::with_capacity(18 + slot.objects.values().map(|v| v.len() + 12).sum::<usize>());
+        Vec::with_capacity(18 + slot.objects().values().map(|v| v.len() + 12).sum::<usize>());
     out.push(RECORD_V2);
     encode_body(slot, &mut out);
     out
@@ -41,14 +41,14 @@ pub fn encode_slot(slot: &Slot) -> Vec<u8> {
 /// The record body shared by formats 1 and 2 (everything after format 2's
 /// leading byte).
 pub fn encode_body(slot: &Slot, out: &mut Vec<u8>) {
-    match &slot.objects {
-        Objects::One(v) => {
+    match slot.objects() {
+        ObjectsRef::One(v) => {
             out.push(ONE);
             out.extend_from_slice(&slot.version.to_be_bytes());
             out.extend_from_slice(&slot.expires_at.to_be_bytes());
             out.extend_from_slice(v.as_bytes());
         }
-        Objects::Many(objs) => {
+        ObjectsRef::Many(objs) => {
             out.push(MANY);
             out.extend_from_slice(&slot.version.to_be_bytes());
             out.extend_from_slice(&slot.expires_at.to_be_bytes());
@@ -197,7 +197,7 @@ mod tests {
     fn records_round_trip() {
         let one = Slot::new(Objects::One(v(r#"{"a":1}"#)), 42, 1_700_000_000_000, 0);
         let back = decode_slot(&encode_slot(&one)).unwrap();
-        assert_eq!(back.objects, one.objects);
+        assert_eq!(back.objects(), one.objects());
         assert_eq!((back.version, back.expires_at), (42, 1_700_000_000_000));
         let many = Slot::new(
             Objects::Many(Box::new(vec![
@@ -215,8 +215,8 @@ mod tests {
             0,
         );
         assert_eq!(
-            decode_slot(&encode_slot(&many)).unwrap().objects,
-            many.objects
+            decode_slot(&encode_slot(&many)).unwrap().objects(),
+            many.objects()
         );
     }
 
@@ -225,7 +225,7 @@ mod tests {
         let one = Slot::new(Objects::One(v("7")), 5, 0, 0);
         let mut old = Vec::new();
         encode_body(&one, &mut old);
-        assert_eq!(decode_slot(&old).unwrap().objects, one.objects);
+        assert_eq!(decode_slot(&old).unwrap().objects(), one.objects());
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::hash::{BuildHasher, Hasher};
 use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
 
+use super::slot::{Slot, Stamp};
 use super::table::{Removal, Table};
 use super::value::Key;
 use super::Eviction;
@@ -47,18 +48,21 @@ fn random() -> u64 {
     })
 }
 
-/// A sampled key: its name, access stamp, and whether it had expired.
+/// A sampled key: its name, access stamp and age, and whether it had
+/// expired.
 struct Candidate {
     key: Key,
-    stamp: u64,
+    stamp: Stamp,
+    age: u32,
     expired: bool,
 }
 
 impl Candidate {
-    fn of(key: &Key, slot: &crate::store::Slot, now: u64) -> Self {
+    fn of(key: &Key, slot: &Slot, now: u64, clock: Stamp) -> Self {
         Candidate {
             key: key.clone(),
             stamp: slot.last_access(),
+            age: Slot::age(slot.last_access(), clock),
             expired: slot.is_expired(now),
         }
     }
@@ -71,8 +75,7 @@ impl Candidate {
     }
 
     fn older_than(&self, other: &Candidate) -> bool {
-        (self.expired && !other.expired)
-            || (self.expired == other.expired && self.stamp < other.stamp)
+        (self.expired && !other.expired) || (self.expired == other.expired && self.age > other.age)
     }
 }
 
@@ -111,6 +114,7 @@ impl Table {
     /// all keys in a small table; `None` only when the table is empty.
     fn sample_victim(&self) -> Option<Candidate> {
         let now = self.now();
+        let clock = self.access_stamp();
         let shards = self.map().shards();
         if self.map().len() <= EXACT_BELOW {
             // Sampling a handful of keys can hit the same one every time;
@@ -123,7 +127,7 @@ impl Table {
                 unsafe {
                     for bucket in guard.iter() {
                         let (key, shared) = bucket.as_ref();
-                        Candidate::of(key, shared.get(), now).keep_older(&mut best);
+                        Candidate::of(key, shared.get(), now, clock).keep_older(&mut best);
                     }
                 }
             }
@@ -131,8 +135,10 @@ impl Table {
         }
         let mut best: Option<Candidate> = None;
         for _ in 0..EVICTION_SAMPLES {
-            sample_one(self.map(), |key, shared| Candidate::of(key, shared, now))?
-                .keep_older(&mut best);
+            sample_one(self.map(), |key, shared| {
+                Candidate::of(key, shared, now, clock)
+            })?
+            .keep_older(&mut best);
         }
         best
     }

@@ -40,7 +40,7 @@ pub(crate) use evict::sample_one;
 pub use evict::EVICTION_SAMPLES;
 pub use expiry::{ExpiryWake, IDLE_SWEEP, SWEEP_BUDGET};
 pub use scan::{Cursor, ScanPage, ScanRequest, DEFAULT_SCAN_LIMIT, MAX_SCAN_LIMIT};
-pub use slot::{Entry, Object, Objects, Slot};
+pub use slot::{Entry, Object, Objects, ObjectsMut, ObjectsRef, Slot, Stamp};
 pub use table::{Counter, Dirty, Precondition, Stats, Table, TableSpec, Written, SHARDS};
 pub use types::{Access, Eviction, Expiry, Origin, Persistence, TableSettings, TableType};
 pub use value::{validate_key, validate_table_name, Key, Value, MAX_KEY_BYTES, MAX_NAME_CHARS};

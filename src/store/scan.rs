@@ -21,7 +21,7 @@ use std::cmp::Ordering as CmpOrdering;
 use std::ops::Bound;
 
 use super::error::{StoreError, StoreResult};
-use super::slot::{Objects, Slot};
+use super::slot::{ObjectsRef, Slot};
 use super::table::Table;
 use super::value::{Key, Value, MAX_KEY_BYTES};
 
@@ -254,8 +254,10 @@ impl Table {
                 continue;
             };
             let Some((value, deadline)) =
-                self.map().get(key).and_then(|slot| match &slot.objects {
-                    Objects::One(v) if !slot.is_expired(now) => Some((v.clone(), slot.expires_at)),
+                self.map().get(key).and_then(|slot| match slot.objects() {
+                    ObjectsRef::One(v) if !slot.is_expired(now) => {
+                        Some((v.clone(), slot.expires_at))
+                    }
                     _ => None,
                 })
             else {
@@ -313,9 +315,9 @@ impl Table {
                         },
                         None => 0,
                     };
-                    let has_objects = match &slot.objects {
-                        Objects::One(_) => true,
-                        Objects::Many(objs) => objs.iter().any(|o| o.seq >= from_seq),
+                    let has_objects = match slot.objects() {
+                        ObjectsRef::One(_) => true,
+                        ObjectsRef::Many(objs) => objs.iter().any(|o| o.seq >= from_seq),
                     };
                     if !has_objects {
                         continue;
@@ -333,9 +335,9 @@ impl Table {
             }
             found.sort_unstable_by(by_pos);
             for (hash, key, slot, from_seq) in &found {
-                let objects: Vec<(u64, &Value)> = match &slot.objects {
-                    Objects::One(v) => vec![(0, v)],
-                    Objects::Many(objs) => objs
+                let objects: Vec<(u64, &Value)> = match slot.objects() {
+                    ObjectsRef::One(v) => vec![(0, v)],
+                    ObjectsRef::Many(objs) => objs
                         .iter()
                         .filter(|o| o.seq >= *from_seq)
                         .map(|o| (o.seq, &o.value))

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use larder::app::EngineWrapper;
 use larder::persist::{decode_slot, Change, Engine, PersistError, Visitor};
-use larder::store::Objects;
+use larder::store::ObjectsRef;
 
 /// What reached the engine.
 #[derive(Debug, Clone)]
@@ -76,9 +76,9 @@ impl Recorder {
 /// The value a set-type record holds (bag records give their last object).
 fn record_value(bytes: &[u8]) -> serde_json::Value {
     let slot = decode_slot(bytes).expect("a record the server wrote decodes");
-    match &slot.objects {
-        Objects::One(v) => v.to_json(),
-        Objects::Many(objs) => objs.last().expect("never empty").value.to_json(),
+    match slot.objects() {
+        ObjectsRef::One(v) => v.to_json(),
+        ObjectsRef::Many(objs) => objs.last().expect("never empty").value.to_json(),
     }
 }
 

@@ -78,7 +78,7 @@ impl Table {
         self.mark_dirty(v.key(), slot.version);
         self.stats
             .inserts
-            .fetch_add(slot.objects.count() as u64, Ordering::Relaxed);
+            .fetch_add(slot.objects().count() as u64, Ordering::Relaxed);
         self.place_vacant(v, slot);
     }
 
@@ -104,7 +104,7 @@ impl Table {
         let deadline_before = o.get().expires_at;
         f(o.get_mut());
         self.track_deadline(o.key(), deadline_before, o.get().expires_at);
-        *o.get_mut().last_access.get_mut() = self.tick();
+        o.get().touch(self.tick());
         let after = o.get().footprint(key_len) as i64;
         self.add_memory(after - before);
         self.mark_dirty(o.key(), o.get().version);
@@ -169,7 +169,7 @@ impl Table {
     }
 
     pub(super) fn account_removed(&self, key: &str, slot: &Slot, why: Removal) {
-        let n = slot.objects.count();
+        let n = slot.objects().count();
         self.shrink(n);
         self.add_memory(-self.cost(key.len(), slot));
         let stat = match why {

@@ -43,26 +43,26 @@ impl Table {
         if o.get().version != written.version {
             return;
         }
-        let inserted = o.get().objects.count();
+        let inserted = o.get().objects().count();
         match before {
             None => {
                 self.remove_occupied(o, Removal::Undo);
             }
             Some(mut prev) => {
-                let restored = prev.objects.count();
+                let restored = prev.objects().count();
                 self.size
                     .fetch_add(restored as i64 - inserted as i64, Ordering::Relaxed);
                 let change = self.begin_change();
                 prev.version = change.revision;
                 // What a watcher saw was the write being undone: a set key
                 // gets its old value back; a bag loses the value it gained.
-                let event = match (&prev.objects, &o.get().objects) {
-                    (Objects::One(old), _) => Some((ChangeKind::Put, change.keep(old))),
-                    (Objects::Many(_), Objects::Many(now)) => now
+                let event = match (prev.objects(), o.get().objects()) {
+                    (ObjectsRef::One(old), _) => Some((ChangeKind::Put, change.keep(old))),
+                    (ObjectsRef::Many(_), ObjectsRef::Many(now)) => now
                         .iter()
                         .find(|x| x.seq == written.version)
                         .map(|x| (ChangeKind::Delete, change.keep(&x.value))),
-                    (Objects::Many(_), Objects::One(_)) => None,
+                    (ObjectsRef::Many(_), ObjectsRef::One(_)) => None,
                 };
                 self.modify_occupied(&mut o, |slot| *slot = prev);
                 if let Some((kind, note)) = event {

@@ -48,7 +48,7 @@ impl Table {
                 Ok((n, true))
             }
             MapEntry::Occupied(mut o) => {
-                let Objects::One(current) = &o.get().objects else {
+                let ObjectsRef::One(current) = o.get().objects() else {
                     return Err(StoreError::WrongTableType("counters need a set table"));
                 };
                 let (value, n) = op.apply(current)?;
@@ -80,7 +80,7 @@ impl Table {
             return Err(StoreError::KeyNotFound);
         };
         pre.check(Some(o.get()))?;
-        let Objects::One(current) = &o.get().objects else {
+        let ObjectsRef::One(current) = o.get().objects() else {
             return Err(StoreError::WrongTableType("merge patch needs a set table"));
         };
         let value = merge_patch(current, patch)?;
@@ -99,14 +99,14 @@ impl Table {
         value: Value,
         now: u64,
     ) -> StoreResult<()> {
-        let old = o.get().objects.values().next().map_or(0, Value::len);
+        let old = o.get().objects().values().next().map_or(0, Value::len);
         self.admit(value.len() as i64 - old as i64)?;
         let change = self.begin_change();
         let version = change.revision;
         let note = change.keep(&value);
         let expires_at = self.refreshed_deadline(now, o.get().expires_at);
         self.modify_occupied(o, |slot| {
-            slot.objects = Objects::One(value);
+            slot.set_objects(Objects::One(value));
             slot.version = version;
             slot.expires_at = expires_at;
         });

@@ -19,7 +19,7 @@
 //! Never hold a map guard across `.await` or while touching the same map; the
 //! helpers below take and release shard locks within one call.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
 use crossbeam_skiplist::SkipSet;
@@ -29,8 +29,8 @@ use dashmap::DashMap;
 use super::counter::{merge_patch, CounterOp};
 use super::error::{StoreError, StoreResult};
 use super::slot::{
-    Entry, Object, Objects, Slot, BUCKET_BYTES, BUCKET_ESTIMATE, KEY_OVERHEAD, OBJECT_OVERHEAD,
-    ORDERED_INDEX_OVERHEAD,
+    Entry, Object, Objects, ObjectsMut, ObjectsRef, Slot, Stamp, BUCKET_BYTES, BUCKET_ESTIMATE,
+    KEY_OVERHEAD, OBJECT_OVERHEAD, ORDERED_INDEX_OVERHEAD,
 };
 use super::types::{Access, Eviction, Expiry, Origin, Persistence, TableSettings, TableType};
 use super::value::{Key, Value};
@@ -239,7 +239,8 @@ pub struct Table {
     /// Counters shown in table info.
     pub stats: Stats,
     /// Ticks once per key use in `lru` tables; orders `Slot::last_access`.
-    access_clock: AtomicU64,
+    /// Wraps at 2^32; eviction compares ages, which survive the wrap.
+    access_clock: AtomicU32,
     /// Write-back bookkeeping; `None` for memory-only tables.
     dirty: Option<Dirty>,
     /// `(deadline, key)` of every key with a TTL, soonest first, for the
@@ -282,7 +283,7 @@ impl Table {
             size: AtomicI64::new(0),
             memory: AtomicI64::new(0),
             stats: Stats::default(),
-            access_clock: AtomicU64::new(0),
+            access_clock: AtomicU32::new(0),
             dirty: spec
                 .settings
                 .persistence
@@ -414,10 +415,18 @@ impl Table {
         }
     }
 
+    /// The access counter's current value, against which eviction takes
+    /// keys' ages.
+    pub(crate) fn access_stamp(&self) -> Stamp {
+        self.access_clock.load(Ordering::Relaxed)
+    }
+
     /// A fresh access stamp, for `lru` tables; 0 otherwise (nothing reads it).
-    fn tick(&self) -> u64 {
+    fn tick(&self) -> Stamp {
         if self.eviction() == Eviction::Lru {
-            self.access_clock.fetch_add(1, Ordering::Relaxed) + 1
+            self.access_clock
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_add(1)
         } else {
             0
         }

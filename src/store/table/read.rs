@@ -18,7 +18,7 @@ impl Table {
                 return None;
             }
             if self.eviction() == Eviction::Lru {
-                slot.last_access.store(self.tick(), Ordering::Relaxed);
+                slot.touch(self.tick());
             }
             Some(Entry::of(&slot, now))
         });

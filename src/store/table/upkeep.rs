@@ -62,10 +62,10 @@ impl Table {
     /// dirty. Keys already present are replaced.
     pub fn load_slot(&self, key: &str, slot: Slot) {
         let now = self.now();
-        if slot.is_expired(now) || slot.objects.count() == 0 {
+        if slot.is_expired(now) || slot.objects().count() == 0 {
             return;
         }
-        let count = slot.objects.count() as i64;
+        let count = slot.objects().count() as i64;
         match self.map.entry(Key::from(key)) {
             MapEntry::Vacant(v) => {
                 self.size.fetch_add(count, Ordering::Relaxed);
@@ -77,7 +77,7 @@ impl Table {
                 let old = o.insert(slot);
                 self.add_memory(o.get().footprint(key_len) as i64 - old.footprint(key_len) as i64);
                 self.size
-                    .fetch_add(count - old.objects.count() as i64, Ordering::Relaxed);
+                    .fetch_add(count - old.objects().count() as i64, Ordering::Relaxed);
             }
         }
     }

@@ -79,10 +79,12 @@ impl Table {
             }
             MapEntry::Occupied(mut o) => {
                 pre.check(Some(o.get()))?;
-                let adds = match (&o.get().objects, self.fixed.kind) {
-                    (Objects::One(_), _) => false,
-                    (Objects::Many(objs), TableType::Bag) => !objs.iter().any(|x| x.value == value),
-                    (Objects::Many(_), _) => true,
+                let adds = match (o.get().objects(), self.fixed.kind) {
+                    (ObjectsRef::One(_), _) => false,
+                    (ObjectsRef::Many(objs), TableType::Bag) => {
+                        !objs.iter().any(|x| x.value == value)
+                    }
+                    (ObjectsRef::Many(_), _) => true,
                 };
                 if !adds && !self.fixed.kind.is_single() && o.get().expires_at == expires_at {
                     return Ok(Written {
@@ -91,12 +93,12 @@ impl Table {
                         inserted: 0,
                     });
                 }
-                let growth = match &o.get().objects {
-                    Objects::One(old) => value.len() as i64 - old.len() as i64,
-                    Objects::Many(_) if adds => {
+                let growth = match o.get().objects() {
+                    ObjectsRef::One(old) => value.len() as i64 - old.len() as i64,
+                    ObjectsRef::Many(_) if adds => {
                         (value.len() + OBJECT_OVERHEAD + std::mem::size_of::<Object>()) as i64
                     }
-                    Objects::Many(_) => 0,
+                    ObjectsRef::Many(_) => 0,
                 };
                 self.admit(growth)?;
                 if adds {
@@ -109,13 +111,13 @@ impl Table {
                 let visible = adds || self.fixed.kind.is_single();
                 let note = if visible { change.keep(&value) } else { None };
                 self.modify_occupied(&mut o, |slot| {
-                    match &mut slot.objects {
-                        Objects::One(v) => *v = value,
-                        Objects::Many(objs) if adds => objs.push(Object {
+                    match slot.objects_mut() {
+                        ObjectsMut::One(v) => *v = value,
+                        ObjectsMut::Many(objs) if adds => objs.push(Object {
                             seq: version,
                             value,
                         }),
-                        Objects::Many(_) => {}
+                        ObjectsMut::Many(_) => {}
                     }
                     slot.version = version;
                     slot.expires_at = expires_at;
@@ -157,9 +159,9 @@ impl Table {
         let MapEntry::Occupied(mut o) = self.live_entry(key, now) else {
             return 0;
         };
-        let (removed, left) = match &o.get().objects {
-            Objects::One(v) => (usize::from(v == value), 0),
-            Objects::Many(objs) => {
+        let (removed, left) = match o.get().objects() {
+            ObjectsRef::One(v) => (usize::from(v == value), 0),
+            ObjectsRef::Many(objs) => {
                 let hits = objs.iter().filter(|x| &x.value == value).count();
                 (hits, objs.len() - hits)
             }
@@ -174,7 +176,7 @@ impl Table {
         let change = self.begin_change();
         let version = change.revision;
         self.modify_occupied(&mut o, |slot| {
-            if let Objects::Many(objs) = &mut slot.objects {
+            if let ObjectsMut::Many(objs) = slot.objects_mut() {
                 objs.retain(|x| &x.value != value);
             }
             slot.version = version;
