@@ -416,6 +416,13 @@ fn write_server(out: &mut String, state: &AppState) {
         "Sync-mode writes made durable; divide by rounds for writes per fsync.",
         s.sync_tickets.load(Relaxed),
     );
+    single(
+        out,
+        "larder_memory_trims_total",
+        "counter",
+        "Times freed heap memory was given back to the OS after write-back.",
+        s.trims.load(Relaxed),
+    );
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ mod recovery;
 mod writeback;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use thiserror::Error;
@@ -136,6 +136,8 @@ struct Inner {
     /// Set when an idempotency record was written or removed since the
     /// last flush.
     records_dirty: AtomicBool,
+    /// Keys written since freed memory was last given back to the OS.
+    written_since_trim: AtomicUsize,
     /// Counters of rounds and writes, for logs and metrics.
     stats: FlushStats,
     /// Where round durations are recorded, once metrics are wired.
@@ -196,6 +198,7 @@ impl Durability {
                 wake_cv: Condvar::new(),
                 stopping: AtomicBool::new(false),
                 records_dirty: AtomicBool::new(false),
+                written_since_trim: AtomicUsize::new(0),
                 stats: FlushStats::default(),
                 round_histogram: std::sync::OnceLock::new(),
                 round_lock: Mutex::new(()),
