@@ -53,8 +53,7 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// Appends `s` as a JSON string literal.
 pub fn push_str(buf: &mut Vec<u8>, s: &str) {
-    // Writing a &str into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *buf, s);
+    crate::store::push_json_str(buf, s);
 }
 
 /// Appends an optional number as JSON (`null` for none).

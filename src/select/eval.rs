@@ -11,14 +11,12 @@ use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Number, Value as Json};
 use smallvec::SmallVec;
 
+use super::members::{named_members, Found};
 use super::spec::{Guard, MatchSpec, Op, Pattern, Template};
 
 /// A specification's variables, bound or not, by slot: inline up to
 /// eight, so matching an object allocates nothing for them.
 type Binds<'a> = SmallVec<[Option<&'a Json>; 8]>;
-
-/// The members an object pattern names, by its order; inline up to four.
-type Found = SmallVec<[Option<Json>; 4]>;
 
 /// One object, `{"key": k, "value": v}`, as the specification sees it.
 /// The value arrives as its stored JSON text and is parsed only when the
@@ -71,8 +69,10 @@ impl<'a> Object<'a> {
     fn value_members(&self, members: &[(String, Pattern)]) -> Option<&[Option<Json>]> {
         self.members
             .get_or_init(|| {
-                let mut de = serde_json::Deserializer::from_slice(self.raw_value);
-                Named(members).deserialize(&mut de).ok()
+                named_members(self.raw_value, members).unwrap_or_else(|| {
+                    let mut de = serde_json::Deserializer::from_slice(self.raw_value);
+                    Named(members).deserialize(&mut de).ok()
+                })
             })
             .as_deref()
     }
@@ -91,8 +91,7 @@ impl<'a> Object<'a> {
     fn whole_text(&self, out: &mut Vec<u8>) {
         out.reserve(self.raw_key.len() + self.raw_value.len() + 24);
         out.extend_from_slice(b"{\"key\":");
-        // Writing a string into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut *out, self.raw_key);
+        crate::store::push_json_str(out, self.raw_key);
         out.extend_from_slice(b",\"value\":");
         out.extend_from_slice(self.raw_value);
         out.push(b'}');
@@ -181,7 +180,7 @@ impl MatchSpec {
 /// Reads a JSON object into the members of it that `.0` names, by the
 /// order of `.0`, skipping every other member without building it. Any
 /// other value is an error (from `deserialize_map`).
-struct Named<'p>(&'p [(String, Pattern)]);
+pub(super) struct Named<'p>(pub(super) &'p [(String, Pattern)]);
 
 impl<'de> DeserializeSeed<'de> for Named<'_> {
     type Value = Found;

@@ -3,6 +3,7 @@
 //! within a budget (`run`).
 
 mod eval;
+mod members;
 mod run;
 mod spec;
 

@@ -152,9 +152,24 @@ impl<'a> Scan<'a> {
     }
 }
 
+/// Appends `s` as a JSON string. Most keys need no escapes, and then the
+/// text is copied as it is, checked eight bytes at a time, where
+/// serde_json's writer looks up every byte in its escape table.
+pub(crate) fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    if string_end(s.as_bytes()).is_none() {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        // Writing a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
+}
+
 /// Where the first `"`, `\\` or control byte of `bytes` is: eight bytes
 /// at a time while none of them is one, since values are mostly strings.
-fn string_end(bytes: &[u8]) -> Option<usize> {
+pub(crate) fn string_end(bytes: &[u8]) -> Option<usize> {
     const ONES: u64 = u64::from_ne_bytes([1; 8]);
     const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
     // Non-zero when some byte of `word` is below `n` (for n <= 0x80).
@@ -326,6 +341,13 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn json_strings_are_written_as_serde_json_writes_them(s in "[a-z\"\\\\\n\u{1}\u{7f}é😀 ]{0,40}") {
+            let mut out = Vec::new();
+            push_json_str(&mut out, &s);
+            prop_assert_eq!(out, serde_json::to_vec(&s).unwrap());
+        }
+
         #[test]
         fn string_end_finds_the_first_stop(bytes in prop::collection::vec(prop_oneof![1 => Just(b'"'), 1 => Just(b'\\'), 1 => 0u8..0x20, 40 => 0x20u8..=0xff], 0..40)) {
             let expected = bytes.iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20);
