@@ -22,6 +22,8 @@ pub(super) type Found = SmallVec<[Option<Json>; 4]>;
 /// `names` (`None` where the object has no such member), the others
 /// skipped unparsed. `Some(None)` when `text` is not an object; `None`
 /// when this reader is not sure of the text and serde_json must read it.
+/// `text` must be JSON, as stored values are: members that are skipped
+/// are not checked, only stepped over.
 pub(super) fn named_members(text: &[u8], names: &[(String, Pattern)]) -> Option<Option<Found>> {
     match text.first()? {
         b'{' => {}
