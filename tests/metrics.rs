@@ -157,3 +157,26 @@ async fn freed_memory_is_given_back_after_a_burst_of_writes_not_after_a_few() {
     sync().await;
     assert_eq!(app.metric("larder_memory_trims_total").await, 1.0);
 }
+
+/// A burst of writes to a memory-only table, once the writes stop, also
+/// gives freed memory back (the write-back thread looks about once a
+/// second).
+#[tokio::test]
+async fn freed_memory_is_given_back_once_writes_to_memory_tables_stop() {
+    let app = spawn_app().await;
+    app.create_table(json!({"name": "m"})).await;
+    let burst: Vec<(String, serde_json::Value)> =
+        (0..5000).map(|i| (format!("k{i:05}"), json!(i))).collect();
+    app.bulk("m", &burst).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if app.metric("larder_memory_trims_total").await >= 1.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no trim 30 s after the writes stopped"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -26,7 +26,7 @@ mod recovery;
 mod writeback;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use thiserror::Error;
@@ -136,8 +136,11 @@ struct Inner {
     /// Set when an idempotency record was written or removed since the
     /// last flush.
     records_dirty: AtomicBool,
-    /// Keys written since freed memory was last given back to the OS.
-    written_since_trim: AtomicUsize,
+    /// The store's revision when freed memory was last given back to the
+    /// OS (see `writeback::TRIM_AFTER_QUIET`).
+    revision_at_trim: AtomicU64,
+    /// The store's revision at the last round that found nothing to write.
+    revision_at_idle: AtomicU64,
     /// Counters of rounds and writes, for logs and metrics.
     stats: FlushStats,
     /// Where round durations are recorded, once metrics are wired.
@@ -198,7 +201,8 @@ impl Durability {
                 wake_cv: Condvar::new(),
                 stopping: AtomicBool::new(false),
                 records_dirty: AtomicBool::new(false),
-                written_since_trim: AtomicUsize::new(0),
+                revision_at_trim: AtomicU64::new(0),
+                revision_at_idle: AtomicU64::new(0),
                 stats: FlushStats::default(),
                 round_histogram: std::sync::OnceLock::new(),
                 round_lock: Mutex::new(()),

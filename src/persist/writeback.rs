@@ -68,13 +68,14 @@ const SHRINK_AFTER: usize = 4096;
 /// entries into a `sync` table in requests of 4000 (rounds too small to
 /// shrink a dirty set) left the server at 2.88x and 2.89x the raw bytes
 /// resident, and at 2.71x and 2.73x once trimmed. So freed memory is also
-/// given back after a round that finds nothing to write (the writes have
-/// stopped) or was asked for (`sync`, shutdown), once at least this many
-/// keys were written since the last time...
-const TRIM_AFTER_QUIET: usize = 4096;
-/// ...and, while writes go on, after a round that leaves every table it
-/// wrote clean once this many were. A trim takes about 2 ms.
-const TRIM_AFTER_KEYS: usize = 64 * 1024;
+/// given back once the store made at least this many changes (in any
+/// table, memory-only ones too) since the last time, by a round that was
+/// asked for (`sync`, shutdown) or that finds nothing to write and no
+/// change since the previous such round (the writes have stopped)...
+const TRIM_AFTER_QUIET: u64 = 4096;
+/// ...and, while writes go on, by a round that leaves every table it
+/// wrote clean once this many were made. A trim takes about 2 ms.
+const TRIM_AFTER_KEYS: u64 = 64 * 1024;
 
 /// Keys snapshotted from one table's dirty set, with their mark versions.
 type Snapshot = (Arc<Table>, Vec<(Key, u64)>);
@@ -200,7 +201,10 @@ impl Durability {
         // Idempotency records written since the last flush need one too.
         let records = inner.records_dirty.swap(false, Ordering::AcqRel);
         if keys == 0 && !waiting && !records {
-            self.give_back_after(TRIM_AFTER_QUIET);
+            let revision = inner.store.revision();
+            if inner.revision_at_idle.swap(revision, Ordering::Relaxed) == revision {
+                self.give_back_after(TRIM_AFTER_QUIET);
+            }
             return Ok(FlushOutcome::default());
         }
         let flushed = if keys > 0 || records {
@@ -276,7 +280,6 @@ impl Durability {
             elapsed_us = elapsed,
             "write-back round"
         );
-        inner.written_since_trim.fetch_add(keys, Ordering::Relaxed);
         let settled = written
             .iter()
             .all(|(table, _)| table.dirty().is_none_or(|d| d.keys.is_empty()));
@@ -299,14 +302,16 @@ impl Durability {
         Ok(outcome)
     }
 
-    /// Gives freed memory back to the OS if at least `keys` keys were
-    /// written since the last time.
-    fn give_back_after(&self, keys: usize) {
-        let since = &self.inner.written_since_trim;
-        if since.load(Ordering::Relaxed) < keys.max(1) {
+    /// Gives freed memory back to the OS if the store made at least
+    /// `changes` changes since the last time.
+    fn give_back_after(&self, changes: u64) {
+        let inner = &self.inner;
+        let revision = inner.store.revision();
+        let since = revision.saturating_sub(inner.revision_at_trim.load(Ordering::Relaxed));
+        if since < changes.max(1) {
             return;
         }
-        since.store(0, Ordering::Relaxed);
+        inner.revision_at_trim.store(revision, Ordering::Relaxed);
         let trimming = Instant::now();
         give_back_freed_memory();
         self.inner.stats.trims.fetch_add(1, Ordering::Relaxed);
