@@ -75,7 +75,7 @@ const SHRINK_AFTER: usize = 4096;
 const TRIM_AFTER_QUIET: u64 = 4096;
 /// ...and, while writes go on, by a round that leaves every table it
 /// wrote clean once this many were made. A trim takes about 2 ms.
-const TRIM_AFTER_KEYS: u64 = 64 * 1024;
+const TRIM_AFTER_CHANGES: u64 = 64 * 1024;
 
 /// Keys snapshotted from one table's dirty set, with their mark versions.
 type Snapshot = (Arc<Table>, Vec<(Key, u64)>);
@@ -226,6 +226,8 @@ impl Durability {
         }
         crate::failpoint!("writeback-before-clear");
         let saved_at = inner.store.now_ms();
+        // Whether every table written is left clean.
+        let mut settled = true;
         for (table, snapshot) in &written {
             if let Some(dirty) = table.dirty() {
                 for (k, v) in snapshot {
@@ -233,6 +235,7 @@ impl Durability {
                 }
                 dirty.last_saved_at.store(saved_at, Ordering::Release);
                 if !dirty.keys.is_empty() {
+                    settled = false;
                     let _ = dirty.since_ms.compare_exchange(
                         0,
                         now.max(1),
@@ -280,9 +283,6 @@ impl Durability {
             elapsed_us = elapsed,
             "write-back round"
         );
-        let settled = written
-            .iter()
-            .all(|(table, _)| table.dirty().is_none_or(|d| d.keys.is_empty()));
         let outcome = FlushOutcome {
             keys,
             tables: written.len(),
@@ -297,7 +297,7 @@ impl Durability {
         } else if force {
             self.give_back_after(TRIM_AFTER_QUIET);
         } else if settled {
-            self.give_back_after(TRIM_AFTER_KEYS);
+            self.give_back_after(TRIM_AFTER_CHANGES);
         }
         Ok(outcome)
     }
@@ -314,7 +314,7 @@ impl Durability {
         inner.revision_at_trim.store(revision, Ordering::Relaxed);
         let trimming = Instant::now();
         give_back_freed_memory();
-        self.inner.stats.trims.fetch_add(1, Ordering::Relaxed);
+        inner.stats.trims.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
             elapsed_us = trimming.elapsed().as_micros() as u64,
             "freed memory given back"

@@ -13,7 +13,7 @@ use serde_json::Value as Json;
 use smallvec::SmallVec;
 
 use super::spec::Pattern;
-use crate::store::string_end;
+use crate::store::{string_end, whole_number};
 
 /// The members an object pattern names, by its order; inline up to four.
 pub(super) type Found = SmallVec<[Option<Json>; 4]>;
@@ -62,18 +62,6 @@ pub(super) fn named_members(text: &[u8], names: &[(String, Pattern)]) -> Option<
             _ => return None,
         }
     }
-}
-
-/// `text` as a number when it is a non-negative integer written as
-/// serde_json writes one (no sign, no leading zero) that fits a `u64`:
-/// parsed as serde_json would, without setting up a parser.
-fn whole_number(text: &[u8]) -> Option<u64> {
-    let digits = text.iter().all(u8::is_ascii_digit);
-    let leading_zero = text.len() > 1 && text[0] == b'0';
-    if !digits || leading_zero || text.is_empty() {
-        return None;
-    }
-    std::str::from_utf8(text).ok()?.parse().ok()
 }
 
 /// Where the value that starts at `at` ends; `None` when it is not one

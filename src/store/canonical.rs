@@ -83,20 +83,13 @@ impl<'a> Scan<'a> {
     fn integer(&mut self) -> bool {
         let negative = self.eat(b'-');
         let digits_at = self.at;
-        let mut magnitude: u64 = 0;
-        while let Some(digit @ b'0'..=b'9') = self.peek() {
-            let next = magnitude
-                .checked_mul(10)
-                .and_then(|m| m.checked_add(u64::from(digit - b'0')));
-            match next {
-                Some(m) => magnitude = m,
-                None => return false,
-            }
+        while matches!(self.peek(), Some(b'0'..=b'9')) {
             self.at += 1;
         }
-        let digits = &self.text[digits_at..self.at];
-        let leading_zero = digits.len() > 1 && digits[0] == b'0';
-        if digits.is_empty() || leading_zero || matches!(self.peek(), Some(b'.' | b'e' | b'E')) {
+        let Some(magnitude) = whole_number(&self.text[digits_at..self.at]) else {
+            return false;
+        };
+        if matches!(self.peek(), Some(b'.' | b'e' | b'E')) {
             return false;
         }
         !negative || (1..=i64::MAX as u64).contains(&magnitude)
@@ -150,6 +143,17 @@ impl<'a> Scan<'a> {
             }
         }
     }
+}
+
+/// `text` as a number when it is a non-negative integer written as
+/// serde_json writes one (digits only, no leading zero) that fits a `u64`.
+pub(crate) fn whole_number(text: &[u8]) -> Option<u64> {
+    let digits = !text.is_empty() && text.iter().all(u8::is_ascii_digit);
+    let leading_zero = text.len() > 1 && text[0] == b'0';
+    if !digits || leading_zero {
+        return None;
+    }
+    std::str::from_utf8(text).ok()?.parse().ok()
 }
 
 /// Appends `s` as a JSON string. Most keys need no escapes, and then the

@@ -59,10 +59,11 @@ struct Candidate {
 
 impl Candidate {
     fn of(key: &Key, slot: &Slot, now: u64, clock: Stamp) -> Self {
+        let stamp = slot.last_access();
         Candidate {
             key: key.clone(),
-            stamp: slot.last_access(),
-            age: Slot::age(slot.last_access(), clock),
+            stamp,
+            age: Slot::age(stamp, clock),
             expired: slot.is_expired(now),
         }
     }

@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use dashmap::DashMap;
 
-pub(crate) use canonical::{push_json_str, string_end};
+pub(crate) use canonical::{push_json_str, string_end, whole_number};
 pub use counter::{merge_patch, CounterOp};
 pub use error::{StoreError, StoreResult};
 pub(crate) use evict::sample_one;
