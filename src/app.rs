@@ -7,19 +7,18 @@
 //! then reports ready. When the stop future completes it stops accepting,
 //! lets in-flight requests finish, writes every dirty object and fsyncs.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::Request;
 use axum::Router;
 use thiserror::Error;
 use tokio::net::TcpListener;
 
-use crate::net::GuardedListener;
+use crate::net::{ConnLimits, Connections, Server};
 use crate::store::HistoryLimits;
 
 use crate::api::{self, AppState, HttpOptions};
@@ -73,7 +72,7 @@ pub struct Parts {
 
 /// A bound, wired server, ready to run.
 pub struct App {
-    listener: GuardedListener,
+    server: Server,
     router: api::front::Front<Router>,
     state: AppState,
     shutdown_timeout: Duration,
@@ -171,15 +170,38 @@ impl App {
             ),
             None => None,
         };
+        if config.idle_timeout_ms < config.header_timeout_ms {
+            return Err(AppError::Config(format!(
+                "--idle-timeout-ms ({}) must be at least --header-timeout-ms ({})",
+                config.idle_timeout_ms, config.header_timeout_ms
+            )));
+        }
+        let fd_limit = crate::net::raise_fd_limit();
+        let reserve = crate::net::FD_RESERVE + config.cluster_pool_size as u64;
+        let wanted = usize::try_from(config.max_connections).unwrap_or(usize::MAX);
+        let max_connections = crate::net::fd_budget(wanted, fd_limit, reserve);
+        if max_connections < wanted {
+            tracing::info!(
+                max_connections,
+                fd_limit,
+                "--max-connections lowered to what the open-file limit allows"
+            );
+        }
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| AppError::Bind {
                 addr: config.listen,
                 source,
             })?;
-        let listener = GuardedListener::new(
+        let connections = Arc::new(Connections::new(ConnLimits {
+            max_connections,
+            header_timeout: Duration::from_millis(config.header_timeout_ms),
+            idle_timeout: Duration::from_millis(config.idle_timeout_ms),
+        }));
+        let server = Server::new(
             listener,
-            Duration::from_millis(config.write_stall_ms.max(1)),
+            connections.clone(),
+            Duration::from_millis(config.write_stall_ms),
         );
         store.set_watch_limits(HistoryLimits {
             max_events: usize::try_from(config.watch_history).unwrap_or(usize::MAX),
@@ -206,12 +228,22 @@ impl App {
             )
             .with_max_select_scan(usize::try_from(config.max_select_scan).unwrap_or(usize::MAX))
             .with_max_import_bytes(usize::try_from(config.max_import_bytes).unwrap_or(usize::MAX))
-            .with_watch_heartbeat(Duration::from_millis(config.watch_heartbeat_ms)),
+            .with_watch_heartbeat(Duration::from_millis(config.watch_heartbeat_ms))
+            .with_max_long_requests(
+                config
+                    .max_long_requests
+                    .and_then(|n| usize::try_from(n).ok())
+                    .unwrap_or_else(crate::api::default_long_slots),
+            )
+            .with_max_response_bytes(
+                usize::try_from(config.max_response_bytes).unwrap_or(usize::MAX),
+            ),
             request_ids: std::sync::atomic::AtomicU64::new(0),
             cluster,
             idempotency: crate::api::idempotency::Idempotency::new(
                 config.idempotency_ttl_secs.saturating_mul(1000),
             ),
+            connections,
         });
         let router = api::build(
             state.clone(),
@@ -221,7 +253,7 @@ impl App {
             },
         );
         Ok(App {
-            listener,
+            server,
             router,
             state,
             shutdown_timeout: Duration::from_secs(config.shutdown_timeout_secs),
@@ -234,7 +266,7 @@ impl App {
     /// # Errors
     /// The OS error if the socket has no local address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        self.server.local_addr()
     }
 
     /// The store behind the server (for embedding and tests).
@@ -274,14 +306,7 @@ impl App {
             tracing::info!("stop requested: draining in-flight requests");
             let _ = stopping_tx.send(());
         };
-        let mut server = tokio::spawn(
-            axum::serve(
-                self.listener,
-                axum::ServiceExt::<Request>::into_make_service(self.router),
-            )
-            .with_graceful_shutdown(signal)
-            .into_future(),
-        );
+        let mut server = tokio::spawn(self.server.serve(self.router, signal));
         tracing::info!(%addr, "larder listening; loading persistent tables");
 
         let recovered = {
@@ -350,8 +375,7 @@ impl App {
             } => None,
         };
         match drained {
-            Some(Ok(Ok(()))) => {}
-            Some(Ok(Err(e))) => tracing::error!(error = %e, "server error while serving"),
+            Some(Ok(())) => {}
             Some(Err(e)) => tracing::error!(error = %e, "server task failed"),
             None => {
                 tracing::error!(

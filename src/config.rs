@@ -120,6 +120,20 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_select_scan: u64,
 
+    /// Scans, selects, exports and imports that run at once; more wait in
+    /// line until their deadline, then get 503. Default: the number of
+    /// cores.
+    #[arg(long, env = "LARDER_MAX_LONG_REQUESTS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_long_requests: Option<u64>,
+
+    /// Largest select or scan page, in bytes of JSON text: the result that
+    /// would cross it starts the next page, and a single result over it is
+    /// 422 `result_too_large`. Also bounds a multi-get's answer.
+    #[arg(long, env = "LARDER_MAX_RESPONSE_BYTES", default_value_t = 8 << 20,
+          value_parser = clap::value_parser!(u64).range(4096..))]
+    pub max_response_bytes: u64,
+
     /// Largest import stream accepted, in bytes (imports are not bound by
     /// `--max-body-bytes`).
     #[arg(long, env = "LARDER_MAX_IMPORT_BYTES", default_value_t = 1 << 30)]
@@ -150,6 +164,29 @@ pub struct Config {
     /// buffers for good.
     #[arg(long, env = "LARDER_WRITE_STALL_MS", default_value_t = 60_000)]
     pub write_stall_ms: u64,
+
+    /// Most client connections open at once (lowered at start to what the
+    /// open-file limit allows, after a reserve of 128 descriptors for data
+    /// files and the cluster pool). At the cap, the connection that has
+    /// waited longest for a complete request head (else the one idle
+    /// longest) is closed to make room; when every connection is busy the
+    /// new one is closed at once.
+    #[arg(long, env = "LARDER_MAX_CONNECTIONS", default_value_t = 8192,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+
+    /// Longest wait for a connection's request head, in milliseconds,
+    /// from its accept or from the first byte after an idle spell; the
+    /// connection is closed past it.
+    #[arg(long, env = "LARDER_HEADER_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_timeout_ms: u64,
+
+    /// Longest a keep-alive connection may stay idle between requests, in
+    /// milliseconds; at least `--header-timeout-ms`.
+    #[arg(long, env = "LARDER_IDLE_TIMEOUT_MS", default_value_t = 60_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout_ms: u64,
 
     /// Longest a request may take, in milliseconds, before it is answered
     /// 503 `unavailable`.
@@ -233,10 +270,15 @@ impl std::fmt::Debug for Config {
             .field("max_select_scan", &self.max_select_scan)
             .field("idempotency_ttl_secs", &self.idempotency_ttl_secs)
             .field("max_import_bytes", &self.max_import_bytes)
+            .field("max_long_requests", &self.max_long_requests)
+            .field("max_response_bytes", &self.max_response_bytes)
             .field("watch_history", &self.watch_history)
             .field("watch_history_bytes", &self.watch_history_bytes)
             .field("watch_heartbeat_ms", &self.watch_heartbeat_ms)
             .field("write_stall_ms", &self.write_stall_ms)
+            .field("max_connections", &self.max_connections)
+            .field("header_timeout_ms", &self.header_timeout_ms)
+            .field("idle_timeout_ms", &self.idle_timeout_ms)
             .field("request_timeout_ms", &self.request_timeout_ms)
             .field("max_concurrent_requests", &self.max_concurrent_requests)
             .field("access_log", &self.access_log)

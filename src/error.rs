@@ -41,6 +41,9 @@ pub enum ApiError {
     RouteNotFound,
     /// 405 `method_not_allowed`.
     MethodNotAllowed,
+    /// 408 `request_timeout`: the request's body did not arrive before its
+    /// deadline; nothing was applied.
+    RequestTimeout,
     /// 409 `table_exists`.
     TableExists(String),
     /// 409 `not_a_counter`.
@@ -51,6 +54,17 @@ pub enum ApiError {
     WrongTableType(String),
     /// 409 `overflow`: a counter would leave the i64 range.
     Overflow,
+    /// 422 `result_too_large`: one select or scan result alone is over
+    /// `--max-response-bytes` (or a multi-get's answer is); the error names
+    /// the key and carries the cursor that continues past it.
+    ResultTooLarge {
+        /// The key whose result is too large.
+        key: String,
+        /// Where to continue after it (`None`: it was the last).
+        next_cursor: Option<String>,
+        /// The limit, in bytes.
+        limit: usize,
+    },
     /// 409 `idempotency_in_flight`: a retry while the first request with
     /// its `Idempotency-Key` is still running.
     IdempotencyInFlight,
@@ -92,6 +106,14 @@ pub struct ErrorDetail {
     /// Human-readable explanation.
     #[schema(example = "key not found")]
     pub message: String,
+    /// `result_too_large` only: the key whose result is over the limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// `result_too_large` only: the cursor that continues past that key
+    /// (null when it was the last).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub next_cursor: Option<Option<String>>,
 }
 
 impl ApiError {
@@ -105,9 +127,10 @@ impl ApiError {
             Forbidden(_) => StatusCode::FORBIDDEN,
             TableNotFound(_) | KeyNotFound | RouteNotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             TableExists(_) | NotACounter(_) | NotAnObject | WrongTableType(_) | Overflow
             | IdempotencyInFlight => StatusCode::CONFLICT,
-            IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            IdempotencyKeyReused | ResultTooLarge { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             OriginError(_) => StatusCode::BAD_GATEWAY,
@@ -134,6 +157,7 @@ impl ApiError {
             KeyNotFound => "key_not_found",
             RouteNotFound => "not_found",
             MethodNotAllowed => "method_not_allowed",
+            RequestTimeout => "request_timeout",
             TableExists(_) => "table_exists",
             NotACounter(_) => "not_a_counter",
             NotAnObject => "not_an_object",
@@ -141,6 +165,7 @@ impl ApiError {
             Overflow => "overflow",
             IdempotencyInFlight => "idempotency_in_flight",
             IdempotencyKeyReused => "idempotency_key_reused",
+            ResultTooLarge { .. } => "result_too_large",
             PreconditionFailed(_) => "precondition_failed",
             PayloadTooLarge(_) => "payload_too_large",
             OriginError(_) => "origin_error",
@@ -165,6 +190,9 @@ impl ApiError {
             KeyNotFound => "key not found".into(),
             RouteNotFound => "no such route".into(),
             MethodNotAllowed => "method not allowed on this route".into(),
+            RequestTimeout => {
+                "the request body did not arrive in time; nothing was applied".into()
+            }
             TableExists(t) => format!("table '{t}' already exists"),
             NotACounter(m) => m.clone(),
             NotAnObject => "the stored value is not a JSON object".into(),
@@ -177,6 +205,18 @@ impl ApiError {
                 "this Idempotency-Key was used for a different request (method, path or body)"
                     .into()
             }
+            ResultTooLarge {
+                key,
+                limit,
+                next_cursor,
+            } => format!(
+                "the answer would pass the {limit}-byte limit (--max-response-bytes) at key {key:?}{}",
+                if next_cursor.is_some() {
+                    "; continue after it with next_cursor"
+                } else {
+                    ""
+                }
+            ),
             PreconditionFailed(m) => m.clone(),
             PayloadTooLarge(n) => format!("request body exceeds {n} bytes"),
             OriginError(m) => format!("origin failed: {m}"),
@@ -220,10 +260,18 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let (key, next_cursor) = match &self {
+            ApiError::ResultTooLarge {
+                key, next_cursor, ..
+            } => (Some(key.clone()), Some(next_cursor.clone())),
+            _ => (None, None),
+        };
         let body = ErrorBody {
             error: ErrorDetail {
                 code: self.code().to_owned(),
                 message: self.message(),
+                key,
+                next_cursor,
             },
         };
         let bytes = serde_json::to_vec(&body).unwrap_or_default();

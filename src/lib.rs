@@ -34,9 +34,13 @@
 //!   write-back and group commit, recovery, and the versioned on-disk format.
 //! - [`clock`]: time behind a trait so expiry is testable without sleeping.
 //! - [`histogram`]: fixed-bucket latency histograms for the metrics.
+//! - [`json`]: JSON text as larder accepts it from clients (no repeated
+//!   member names).
 //! - [`net`]: the listener, whose connections close when a client stops
 //!   taking the bytes of its response.
 //! - [`stripe`]: per-thread copies of values every request updates.
+//! - [`pace`]: the rhythm of long work: yield every few milliseconds,
+//!   stop before the deadline.
 
 #![warn(missing_docs)]
 
@@ -59,8 +63,10 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod histogram;
+pub mod json;
 pub mod net;
 pub mod ops;
+pub mod pace;
 pub mod persist;
 pub mod select;
 pub mod store;

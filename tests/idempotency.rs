@@ -87,6 +87,44 @@ async fn failures_are_not_remembered_and_reads_ignore_the_key() {
 }
 
 #[tokio::test]
+async fn entries_named_like_routes_are_writes_like_any_other() {
+    let app = spawn_app().await;
+    app.table("t", "set").await;
+    for key in [
+        "lookup",
+        "select",
+        "select_count",
+        "import",
+        "export",
+        "watch",
+    ] {
+        let path = format!("/v1/tables/t/entries/{key}/counter");
+        for attempt in 0..3 {
+            let r = send_keyed(
+                &app,
+                Method::POST,
+                &path,
+                r#"{"default":0}"#,
+                &format!("k-{key}"),
+            )
+            .await;
+            assert_eq!(r.status, 200, "{path}: {}", r.text);
+            assert_eq!(r.body["value"], 1, "{path}: applied once");
+            assert_eq!(
+                r.header("idempotent-replayed").is_some(),
+                attempt > 0,
+                "{path}"
+            );
+        }
+        let put = format!("/v1/tables/t/entries/{key}");
+        let first = send_keyed(&app, Method::PUT, &put, "7", &format!("p-{key}")).await;
+        let again = send_keyed(&app, Method::PUT, &put, "7", &format!("p-{key}")).await;
+        assert_eq!(again.header("idempotent-replayed"), Some("true"), "{put}");
+        assert_eq!(again.header("etag"), first.header("etag"), "{put}");
+    }
+}
+
+#[tokio::test]
 async fn keys_are_scoped_to_the_principal_and_the_table() {
     let app = spawn_with(|c| c.tokens = Some("alice:token-alice-1,bob:token-bob-1".into())).await;
     for t in ["one", "two"] {

@@ -374,3 +374,80 @@ async fn hostile_inputs_get_4xx_and_change_nothing() {
     let tables = app.send(Method::GET, "/v1/tables", None, &[]).await;
     assert_eq!(tables.body["tables"].as_array().unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn a_repeated_member_anywhere_in_a_body_is_invalid_json() {
+    let app = app_with_data().await;
+    let cases: [(Method, &str, &str); 7] = [
+        (
+            Method::POST,
+            "/v1/tables",
+            r#"{"name":"t","type":"set","access":"private","access":"public"}"#,
+        ),
+        (Method::PUT, "/v1/tables/s/entries/k", r#"{"v":1,"v":2}"#),
+        (
+            Method::PUT,
+            "/v1/tables/s/entries/k",
+            r#"{"a":[{"x":1,"y":2,"x":3}]}"#,
+        ),
+        (Method::PATCH, "/v1/tables/s/entries/k", r#"{"v":2,"v":3}"#),
+        (
+            Method::POST,
+            "/v1/tables/s/entries",
+            r#"[{"key":"n","value":{"a":1,"a":1}}]"#,
+        ),
+        (
+            Method::POST,
+            "/v1/tables/s/entries/c/counter",
+            r#"{"incr":1,"incr":5,"default":0}"#,
+        ),
+        (
+            Method::POST,
+            "/v1/tables/s/select",
+            r#"{"match":{"key":"$k","key":"$j"}}"#,
+        ),
+    ];
+    for (method, path, body) in cases {
+        let reply = app
+            .send(method.clone(), path, Some(body.as_bytes().to_vec()), &[])
+            .await;
+        reply.assert_error(400, "invalid_json");
+        assert!(reply.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("appears twice"));
+    }
+    assert_unchanged(&app).await;
+    assert_eq!(app.get("s", "c").await.status, 404);
+}
+
+#[tokio::test]
+async fn a_repeated_member_in_an_import_line_is_invalid_import() {
+    let app = app_with_data().await;
+    let export = app
+        .client
+        .get(app.url("/v1/tables/s/export"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let object_line = export.lines().nth(1).unwrap();
+    let doubled = object_line.replacen("{\"key\"", "{\"key\":\"x\",\"key\"", 1);
+    let stream = export.replacen(object_line, &doubled, 1);
+    let reply = app
+        .send(
+            Method::POST,
+            "/v1/tables/import?name=copy",
+            Some(stream.into_bytes()),
+            &[],
+        )
+        .await;
+    reply.assert_error(400, "invalid_import");
+    assert!(reply.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("line 2:"));
+    assert_unchanged(&app).await;
+}

@@ -168,6 +168,11 @@ async fn v1_and_readyz_answer_503_until_recovery_is_done() {
         request_ids: Default::default(),
         cluster: None,
         idempotency: larder::api::idempotency::Idempotency::new(60_000),
+        connections: std::sync::Arc::new(larder::net::Connections::new(larder::net::ConnLimits {
+            max_connections: 16,
+            header_timeout: std::time::Duration::from_secs(10),
+            idle_timeout: std::time::Duration::from_secs(60),
+        })),
     });
     let router = larder::api::build(
         state,

@@ -170,7 +170,7 @@ macro_rules! api_routes {
 /// Direct handlers by route index (as [`RouteLabels`] numbers routes) and
 /// method.
 ///
-/// [`RouteLabels`]: super::front::RouteLabels
+/// [`RouteLabels`]: super::routes::RouteLabels
 #[derive(Default)]
 pub struct DirectTable {
     by_route: Vec<[Option<DirectFn>; METHODS]>,

@@ -15,6 +15,7 @@
 //! Requests without a body pass straight through, untouched.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -31,14 +32,43 @@ use http_body_util::BodyExt;
 /// that a slow sender cannot hold a task.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(1);
 
-/// Where a request body that was dropped before its end is put back.
-type Leftover = Arc<Mutex<Option<Body>>>;
+/// What a watched body shares with the front service.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Where the body is put back when dropped before its end.
+    leftover: Mutex<Option<Body>>,
+    /// The whole body has been read.
+    complete: AtomicBool,
+}
 
 /// A request whose body is being watched for a remainder left unread.
 #[derive(Debug)]
 pub struct Watched {
-    leftover: Leftover,
+    shared: Arc<Shared>,
     declared: Option<u64>,
+}
+
+impl Watched {
+    /// The `Content-Length` the request declared, if any.
+    pub fn declared(&self) -> Option<u64> {
+        self.declared
+    }
+
+    /// A view of how far the body has been read.
+    pub fn progress(&self) -> Progress {
+        Progress(self.shared.clone())
+    }
+}
+
+/// Whether a request's body has been read to its end.
+#[derive(Debug, Clone)]
+pub struct Progress(Arc<Shared>);
+
+impl Progress {
+    /// The whole body has been read.
+    pub fn complete(&self) -> bool {
+        self.0.complete.load(Ordering::Acquire)
+    }
 }
 
 /// Lets `req` through unchanged when it has no body; otherwise swaps its
@@ -54,15 +84,15 @@ pub fn watch(req: Request) -> (Request, Option<Watched>) {
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let leftover: Leftover = Arc::default();
+    let shared: Arc<Shared> = Arc::default();
     let (parts, body) = req.into_parts();
     let tracked = Body::new(Tracked {
         inner: Some(body),
-        leftover: leftover.clone(),
+        shared: shared.clone(),
     });
     (
         Request::from_parts(parts, tracked),
-        Some(Watched { leftover, declared }),
+        Some(Watched { shared, declared }),
     )
 }
 
@@ -71,11 +101,16 @@ pub fn watch(req: Request) -> (Request, Option<Watched>) {
 /// when the remainder is larger or arrives too slowly.
 pub async fn finish(watched: Watched, resp: &mut Response, limit: usize) {
     let rest = watched
+        .shared
         .leftover
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .take();
-    if let Some(rest) = rest {
+    let closing = resp
+        .headers()
+        .get(header::CONNECTION)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+    if let Some(rest) = rest.filter(|_| !closing) {
         let too_big = watched.declared.is_some_and(|n| n > 2 * limit as u64);
         if too_big || !drain(rest, limit).await {
             resp.headers_mut()
@@ -111,7 +146,7 @@ async fn drain(mut body: Body, limit: usize) -> bool {
 /// [`finish`] instead of discarding it.
 struct Tracked {
     inner: Option<Body>,
-    leftover: Leftover,
+    shared: Arc<Shared>,
 }
 
 impl http_body::Body for Tracked {
@@ -125,10 +160,20 @@ impl http_body::Body for Tracked {
         let Some(inner) = self.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        let polled = Pin::new(inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            // Finished, or broken (the connection is gone either way).
-            self.inner = None;
+        let polled = Pin::new(&mut *inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => {
+                self.shared.complete.store(true, Ordering::Release);
+                self.inner = None;
+            }
+            // Broken: the connection is gone.
+            Poll::Ready(Some(Err(_))) => self.inner = None,
+            // A body of known length says it is complete once its last
+            // bytes are out, without a final poll.
+            Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => {
+                self.shared.complete.store(true, Ordering::Release);
+            }
+            _ => {}
         }
         polled
     }
@@ -149,7 +194,11 @@ impl Drop for Tracked {
         use http_body::Body as _;
         if let Some(rest) = self.inner.take() {
             if !rest.is_end_stream() {
-                *self.leftover.lock().unwrap_or_else(PoisonError::into_inner) = Some(rest);
+                *self
+                    .shared
+                    .leftover
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(rest);
             }
         }
     }

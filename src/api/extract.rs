@@ -93,23 +93,29 @@ pub async fn next_data(
     Ok(None)
 }
 
-/// Parses JSON text into `T`, telling syntax errors (`invalid_json`) from
+/// Parses JSON text into `T`, telling malformed text (`invalid_json`:
+/// a syntax error, or an object that repeats a member name) from
 /// well-formed JSON of the wrong shape (`invalid_argument`).
 ///
 /// # Errors
 /// [`ApiError::InvalidJson`] or [`ApiError::InvalidArgument`].
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        if e.classify() != serde_json::error::Category::Data {
-            return ApiError::InvalidJson(e.to_string());
+    let malformed = |e: serde_json::Error| ApiError::InvalidJson(e.to_string());
+    match serde_json::from_slice(bytes) {
+        Ok(parsed) => {
+            // `T` may have kept the last of repeated members.
+            crate::json::check_unique_members(bytes).map_err(malformed)?;
+            Ok(parsed)
         }
-        // serde reports a type mismatch as soon as it sees one, even when the
-        // text goes on to be malformed: check the syntax before blaming shape.
-        match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
-            Err(syntax) => ApiError::InvalidJson(syntax.to_string()),
-            Ok(_) => ApiError::InvalidArgument(e.to_string()),
-        }
-    })
+        Err(e) if e.classify() != serde_json::error::Category::Data => Err(malformed(e)),
+        // serde reports a type mismatch as soon as it sees one, even when
+        // the text goes on to be malformed: check the text before blaming
+        // its shape.
+        Err(e) => match crate::json::check_unique_members(bytes) {
+            Err(bad) => Err(malformed(bad)),
+            Ok(()) => Err(ApiError::InvalidArgument(e.to_string())),
+        },
+    }
 }
 
 impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
@@ -127,11 +133,11 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
 /// # Errors
 /// [`ApiError::InvalidJson`] or [`ApiError::InvalidArgument`].
 ///
-/// Text that is an object is read straight into `T`; only when that fails
-/// is it read as a map first and `T` taken from the map, which is what
-/// decides the outcome then (a repeated member, which `T` refuses, is the
-/// last one in a map) and gives the error. Both ways read the same `T`
-/// from any object `T` accepts, and the direct one skips building a tree.
+/// Text that is an object is read straight into `T` (and checked for
+/// repeated members); only when that fails is it read as a map first and
+/// `T` taken from the map, which gives the error. Both ways read the same
+/// `T` from any object `T` accepts, and the direct one skips building a
+/// tree.
 pub fn parse_object<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let starts_an_object = bytes
         .iter()
@@ -139,6 +145,8 @@ pub fn parse_object<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         .is_some_and(|&b| b == b'{');
     if starts_an_object {
         if let Ok(direct) = serde_json::from_slice(bytes) {
+            crate::json::check_unique_members(bytes)
+                .map_err(|e| ApiError::InvalidJson(e.to_string()))?;
             return Ok(direct);
         }
     }
@@ -360,11 +368,10 @@ mod tests {
         use crate::store::CounterOp;
         let op: CounterOp = parse_object(br#" {"incr": 5, "default": 0} "#).expect("an object");
         assert_eq!((op.incr, op.default), (5, Some(0)));
-        // A repeated member: the map keeps the last, as before.
-        let op: CounterOp = parse_object(br#"{"incr":1,"incr":7}"#).expect("a repeated member");
-        assert_eq!(op.incr, 7);
         for (text, code) in [
-            (&br#"[3]"#[..], "invalid_argument"),
+            (&br#"{"incr":1,"incr":7}"#[..], "invalid_json"),
+            (br#"{"incr":1,"x":{"a":1,"a":2}}"#, "invalid_json"),
+            (br#"[3]"#, "invalid_argument"),
             (br#"{"incr":"x"}"#, "invalid_argument"),
             (br#"{"nope":1}"#, "invalid_argument"),
             (br#"{"incr":1"#, "invalid_json"),

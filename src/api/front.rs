@@ -21,7 +21,13 @@
 //! 2. More than `--max-concurrent-requests` in flight: 503 with
 //!    `Retry-After` (probes are exempt, so overload never looks like death).
 //! 3. `/v1` and `/metrics` without a valid token: 401.
-//! 4. The handler, abandoned with 503 after `--request-timeout-ms`.
+//! 4. A declared `Content-Length` over the route's body limit: 413.
+//!
+//! An answer from 1 to 4 comes before any of the body is read; a
+//! connection with a body on its way is then closed, not drained.
+//! 5. The handler, under the request's deadline (see [`with_deadline`]):
+//!    408 for a body that has not arrived in time, 503 for a read that ran
+//!    out of time; a write whose body is in is never abandoned.
 
 use std::cell::Cell;
 use std::convert::Infallible;
@@ -40,6 +46,7 @@ use tracing::Level;
 
 use super::auth::Principal;
 use super::direct::{DirectTable, Served};
+use super::routes::{RouteClass, RouteLabels};
 use super::AppState;
 use crate::error::{ApiError, InternalDetail};
 
@@ -47,118 +54,40 @@ use crate::error::{ApiError, InternalDetail};
 /// made from a per-process counter otherwise, and returned on the response.
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// What a handler can learn of the request it serves, besides the request.
+struct Scope {
+    /// The caller, until a handler takes it.
+    caller: Cell<Option<Principal>>,
+    /// When the request's time is up (`--request-timeout-ms` after it
+    /// arrived).
+    deadline: Instant,
+    /// When long work should stop to answer in time.
+    stop_at: Instant,
+}
+
 tokio::task_local! {
-    /// The caller of the request this task serves, until a handler takes it.
-    static CALLER: Cell<Option<Principal>>;
+    /// The request this task serves.
+    static SCOPE: Scope;
 }
 
 /// Takes the caller of the request being served: `None` outside a request,
 /// when authentication failed on a route that does not need it, or when it
 /// was already taken.
 pub fn caller() -> Option<Principal> {
-    CALLER.try_with(Cell::take).ok().flatten()
+    SCOPE.try_with(|s| s.caller.take()).ok().flatten()
 }
 
-/// Route patterns as the router knows them (`/v1/tables/{table}`), for
-/// labelling metrics and logs.
-#[derive(Debug)]
-pub struct RouteLabels {
-    matcher: matchit::Router<u16>,
-    /// The routes with the [`ENTRY_ROUTE`] shape, by the static text after
-    /// the key.
-    entry_routes: Vec<(Box<str>, u16)>,
-    /// Patterns by index; the last is `unmatched`.
-    names: Vec<Box<str>>,
-    /// The index of `unmatched`.
-    unmatched: u16,
+/// When the request being served must be answered: long work stops a
+/// little before it with what it has and a cursor. `None` outside a
+/// request.
+pub fn deadline() -> Option<Instant> {
+    SCOPE.try_with(|s| s.deadline).ok()
 }
 
-/// The label of a request that matched no route.
-const UNMATCHED: &str = "unmatched";
-
-/// The fixed parts of `/v1/tables/{table}/entries/{key}`, the pattern most
-/// requests match (with or without a static tail after the key):
-/// [`RouteLabels::find`] recognizes these without the general matcher.
-const ENTRY_ROUTE: [&str; 2] = ["/v1/tables/", "/entries/"];
-
-impl RouteLabels {
-    /// A matcher of `patterns`, which use axum's syntax. A pattern the
-    /// matcher refuses (a conflict) is left out: its requests are
-    /// labelled `unmatched`.
-    pub fn new<'a>(patterns: impl IntoIterator<Item = &'a str>) -> Self {
-        let mut matcher = matchit::Router::new();
-        let mut names: Vec<Box<str>> = Vec::new();
-        let mut entry_routes = Vec::new();
-        for pattern in patterns {
-            let Ok(index) = u16::try_from(names.len()) else {
-                break;
-            };
-            match matcher.insert(pattern, index) {
-                Ok(()) => names.push(pattern.into()),
-                Err(e) => {
-                    tracing::warn!(pattern, error = %e, "route left out of metrics labels");
-                    continue;
-                }
-            }
-            let [tables, entries] = ENTRY_ROUTE;
-            let tail = pattern
-                .strip_prefix(tables)
-                .and_then(|p| p.strip_prefix("{table}"))
-                .and_then(|p| p.strip_prefix(entries))
-                .and_then(|p| p.strip_prefix("{key}"));
-            if let Some(tail) =
-                tail.filter(|t| t.is_empty() || (t.starts_with('/') && !t.contains('{')))
-            {
-                entry_routes.push((tail.into(), index));
-            }
-        }
-        // The loop stops while `names.len()` still fits in u16.
-        let unmatched = u16::try_from(names.len()).unwrap_or(u16::MAX);
-        names.push(UNMATCHED.into());
-        RouteLabels {
-            matcher,
-            names,
-            entry_routes,
-            unmatched,
-        }
-    }
-
-    /// The index of the route `path` matches.
-    fn find(&self, path: &str) -> u16 {
-        if let Some(index) = self.entry_route(path) {
-            return index;
-        }
-        self.matcher.at(path).map_or(self.unmatched, |m| *m.value)
-    }
-
-    /// The route of `path` if it is one of the entry routes, found by
-    /// comparing the fixed parts: a quarter of what the general matcher
-    /// costs on the routes that take most requests. `None` sends the path
-    /// to the general matcher (a test checks both agree).
-    fn entry_route(&self, path: &str) -> Option<u16> {
-        let [tables, entries] = ENTRY_ROUTE;
-        let slash = |s: &str| s.bytes().position(|b| b == b'/');
-        let rest = path.strip_prefix(tables)?;
-        let (table, rest) = rest.split_at(slash(rest)?);
-        let rest = rest.strip_prefix(entries)?;
-        let (key, tail) = rest.split_at(slash(rest).unwrap_or(rest.len()));
-        if table.is_empty() || key.is_empty() {
-            return None;
-        }
-        let (_, index) = self.entry_routes.iter().find(|(t, _)| **t == *tail)?;
-        Some(*index)
-    }
-
-    /// The index of the route with pattern `pattern`, if it has one.
-    pub fn index_of(&self, pattern: &str) -> Option<u16> {
-        let at = self.names.iter().position(|n| **n == *pattern)?;
-        u16::try_from(at).ok().filter(|&i| i != self.unmatched)
-    }
-
-    /// The pattern of route `index`, or `unmatched`.
-    fn name(&self, index: u16) -> &str {
-        self.names.get(usize::from(index)).map_or(UNMATCHED, |n| n)
-    }
+/// The pace of long work in the request being served: yield every few
+/// milliseconds, stop early enough to answer before the deadline.
+pub fn pace() -> crate::pace::Pace {
+    crate::pace::Pace::new(SCOPE.try_with(|s| s.stop_at).ok())
 }
 
 /// What [`Front`] shares between requests.
@@ -243,23 +172,49 @@ where
         };
         let route_index = shared.routes.find(req.uri().path());
         let method = req.method().clone();
+        let class = shared.routes.class(route_index, &method);
         let debug = tracing::enabled!(Level::DEBUG);
         let log = shared.access_log || debug;
 
         let (req, watched) = super::drain::watch(req);
-        let (counted, principal, served) = match admit(&shared, &req) {
+        let admitted = admit(&shared, &req).and_then(|(counted, principal)| {
+            let limit = shared.state.limits.body_limit(class);
+            match watched.as_ref().and_then(|w| w.declared()) {
+                Some(declared) if declared > limit as u64 => {
+                    if counted {
+                        shared.state.limits.leave();
+                    }
+                    Err(ApiError::PayloadTooLarge(limit))
+                }
+                _ => Ok((counted, principal)),
+            }
+        });
+        let (counted, principal, served) = match admitted {
             Err(refused) => {
-                // The body is never read: dropping the request leaves all
-                // of it over for the drain.
+                // Refused before the body was read: it is never read, and
+                // a connection with a body on its way is closed rather
+                // than drained (so no `100 Continue` is sent either).
                 drop(req);
-                let answer: Served = Box::pin(std::future::ready(refused.into_response()));
+                let mut answer = refused.into_response();
+                if watched.is_some() {
+                    close_after(&mut answer);
+                }
+                let answer: Served = Box::pin(std::future::ready(answer));
                 (false, None, answer)
             }
             Ok((counted, principal)) => {
                 let name = log
                     .then(|| principal.as_ref().map(|p| p.name.clone()))
                     .flatten();
-                let served = self.serve(req, route_index, principal, &id, &method, debug);
+                let body = watched.as_ref().map(super::drain::Watched::progress);
+                let request = Admission {
+                    route_index,
+                    class,
+                    principal,
+                    deadline: started + state.limits.timeout,
+                    body,
+                };
+                let served = self.serve(req, request, &id, &method, debug);
                 (counted, name, served)
             }
         };
@@ -289,22 +244,38 @@ where
     }
 }
 
+/// Marks an answer as the last on its connection.
+fn close_after(resp: &mut Response) {
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+}
+
+/// What is known of an admitted request before its handler runs.
+struct Admission {
+    route_index: u16,
+    class: RouteClass,
+    principal: Option<Principal>,
+    deadline: Instant,
+    /// How far its body has been read; `None` when it has none.
+    body: Option<super::drain::Progress>,
+}
+
 impl<S> Front<S>
 where
     S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
-    /// Hands an admitted request to the router, under its deadline and
+    /// Hands an admitted request to its handler, under its deadline and
     /// with its caller in reach of the handler.
     fn serve(
         &mut self,
         req: Request,
-        route_index: u16,
-        principal: Option<Principal>,
+        request: Admission,
         id: &HeaderValue,
         method: &Method,
         debug: bool,
     ) -> Served {
+        let route_index = request.route_index;
         let route = self.shared.routes.name(route_index);
         let span = if debug {
             tracing::debug_span!(
@@ -312,37 +283,55 @@ where
                 method = %method,
                 route,
                 id = id.to_str().unwrap_or("-"),
-                principal = principal.as_ref().map_or("-", |p| &*p.name),
+                principal = request.principal.as_ref().map_or("-", |p| &*p.name),
             )
         } else {
             tracing::Span::none()
         };
-        let timeout = self.shared.state.limits.timeout;
-        let Some(key) = super::idempotency::applies(&req) else {
+        let limits = Deadline {
+            at: request.deadline,
+            body: request.body,
+            changes: request.class.changes(),
+        };
+        let scope = Scope {
+            caller: Cell::new(request.principal),
+            deadline: request.deadline,
+            stop_at: crate::pace::stop_before(request.deadline, self.shared.state.limits.timeout),
+        };
+        let long = request.class.long.then_some(request.deadline);
+        let Some(key) = super::idempotency::applies(&req, request.class) else {
             let handler = {
                 let _entered = span.enter();
-                dispatch(&self.shared, &mut self.inner, route_index, req)
+                match long {
+                    None => dispatch(&self.shared, &mut self.inner, route_index, req),
+                    Some(deadline) => {
+                        dispatch_long(&self.shared, &self.inner, route_index, req, deadline)
+                    }
+                }
             };
-            return Box::pin(
-                CALLER.scope(Cell::new(principal), with_deadline(handler, timeout, span)),
-            );
+            return Box::pin(SCOPE.scope(scope, with_deadline(handler, limits, span)));
         };
         // A task of its own: if the client goes away, the write and its
         // record still complete, so the key is neither left in flight nor
-        // applied again by the retry.
+        // applied again by the retry. Its body is read under the same
+        // deadline as any other.
         let mut inner = self.inner.clone();
         let shared = self.shared.clone();
-        let who = principal.as_ref().map(|p| p.name.clone());
-        let task = tokio::spawn(async move {
-            super::idempotency::serve(&shared.state, req, who, key, |req| {
-                let handler = {
-                    let _entered = span.enter();
-                    dispatch(&shared, &mut inner, route_index, req)
-                };
-                CALLER.scope(Cell::new(principal), with_deadline(handler, timeout, span))
-            })
-            .await
+        let who = scope.caller.take().map(|p| {
+            let name = p.name.clone();
+            scope.caller.set(Some(p));
+            name
         });
+        let task = tokio::spawn(SCOPE.scope(scope, async move {
+            let served = super::idempotency::serve(&shared.state, req, who, key, |req| {
+                let _entered = span.enter();
+                match long {
+                    None => dispatch(&shared, &mut inner, route_index, req),
+                    Some(deadline) => dispatch_long(&shared, &inner, route_index, req, deadline),
+                }
+            });
+            with_deadline(served, limits, tracing::Span::none()).await
+        }));
         Box::pin(async move {
             match task.await {
                 Ok(resp) => resp,
@@ -370,6 +359,33 @@ where
             Ok(resp) => resp,
             Err(never) => match never {},
         }
+    })
+}
+
+/// [`dispatch`] for long work: first waits for a slot of
+/// `--max-long-requests` (503 when none comes free by `deadline`), held
+/// until the answer's body is sent whole (an export streams long after
+/// its handler returned).
+fn dispatch_long<S>(
+    shared: &Arc<Shared>,
+    inner: &S,
+    route_index: u16,
+    req: Request,
+    deadline: Instant,
+) -> Served
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let shared = shared.clone();
+    let mut inner = inner.clone();
+    Box::pin(async move {
+        let slot = match shared.state.limits.long_slot(deadline).await {
+            Ok(slot) => slot,
+            Err(e) => return e.into_response(),
+        };
+        let resp = dispatch(&shared, &mut inner, route_index, req).await;
+        resp.map(|body| axum::body::Body::new(crate::net::Guarded::new(body, slot)))
     })
 }
 
@@ -460,28 +476,60 @@ fn admit(shared: &Shared, req: &Request) -> Result<(bool, Option<Principal>), Ap
     }
 }
 
-/// Runs the handler; after `timeout` it is dropped and answered 503. The
-/// timer is armed only if the handler does not finish on its first poll, so
-/// a request served from memory never touches the timer wheel.
-async fn with_deadline<F>(handler: F, timeout: Duration, span: tracing::Span) -> Response
+/// What a request's deadline does when it passes.
+struct Deadline {
+    at: Instant,
+    /// How far the body has been read (`None`: no body).
+    body: Option<super::drain::Progress>,
+    /// The request may change data: once its body is in, its handler is
+    /// never abandoned.
+    changes: bool,
+}
+
+/// Runs the handler under its deadline. When the deadline passes: a body
+/// still on its way gets 408 and the connection closes (nothing was
+/// applied, since no handler acts before its body is in); a write or
+/// manage request whose body is in is never abandoned, and answers late
+/// if it must (it may have begun to apply); a read is dropped and answered
+/// 503 (long reads stop before the deadline by themselves). The timer is
+/// armed only if the handler does not finish on its first poll, so a
+/// request served from memory never touches the timer wheel.
+async fn with_deadline<F>(handler: F, deadline: Deadline, span: tracing::Span) -> Response
 where
     F: Future<Output = Response>,
 {
     let mut handler = std::pin::pin!(handler);
     let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let mut patient = false;
     std::future::poll_fn(|cx| {
         let _entered = span.enter();
         if let Poll::Ready(resp) = handler.as_mut().poll(cx) {
             return Poll::Ready(resp);
         }
-        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(
-                ApiError::Unavailable("the request took too long and was abandoned".into())
-                    .into_response(),
-            ),
-            Poll::Pending => Poll::Pending,
+        if patient {
+            return Poll::Pending;
         }
+        let timer = timer.get_or_insert_with(|| {
+            Box::pin(tokio::time::sleep_until(tokio::time::Instant::from_std(
+                deadline.at,
+            )))
+        });
+        if timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        if deadline.body.as_ref().is_some_and(|b| !b.complete()) {
+            let mut resp = ApiError::RequestTimeout.into_response();
+            close_after(&mut resp);
+            return Poll::Ready(resp);
+        }
+        if deadline.changes {
+            patient = true;
+            return Poll::Pending;
+        }
+        Poll::Ready(
+            ApiError::Unavailable("the request took too long and was abandoned".into())
+                .into_response(),
+        )
     })
     .await
 }
@@ -505,83 +553,5 @@ fn log_request(
         tracing::info!(%method, route, id, principal, status, latency_us, "request");
     } else {
         tracing::debug!(%method, route, id, principal, status, latency_us, "request");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn routes_are_labelled_by_their_pattern() {
-        let routes = RouteLabels::new(["/v1/tables/{table}", "/v1/tables/{table}/entries/{key}"]);
-        let label = |path| routes.name(routes.find(path));
-        assert_eq!(label("/v1/tables/t"), "/v1/tables/{table}");
-        assert_eq!(
-            label("/v1/tables/t/entries/k%2F1"),
-            "/v1/tables/{table}/entries/{key}"
-        );
-        assert_eq!(label("/nope"), UNMATCHED);
-        assert_ne!(routes.find("/v1/tables/t"), routes.find("/nope"));
-    }
-
-    fn served_routes() -> RouteLabels {
-        crate::api::route_labels(&crate::api::openapi())
-    }
-
-    #[test]
-    fn entry_routes_take_the_quick_way() {
-        let routes = served_routes();
-        assert_eq!(routes.entry_routes.len(), 4, "{:?}", routes.entry_routes);
-        for (path, pattern) in [
-            ("/v1/tables/t/entries/k", "/v1/tables/{table}/entries/{key}"),
-            (
-                "/v1/tables/t/entries/k/counter",
-                "/v1/tables/{table}/entries/{key}/counter",
-            ),
-            (
-                "/v1/tables/t/entries/k/take",
-                "/v1/tables/{table}/entries/{key}/take",
-            ),
-        ] {
-            let index = routes.entry_route(path).expect("an entry route");
-            assert_eq!(routes.name(index), pattern);
-        }
-    }
-
-    proptest::proptest! {
-        /// The quick way never disagrees with the general matcher.
-        #[test]
-        fn the_quick_way_agrees_with_the_matcher(segments in proptest::collection::vec(
-            proptest::sample::select(vec![
-                "", "v1", "tables", "t", "import", "entries", "k", "counter", "take",
-                "delete_object", "select", "k%2F1", "docs", "x",
-            ]),
-            0..9,
-        )) {
-            let routes = served_routes();
-            let mut path = String::new();
-            for s in &segments {
-                path.push('/');
-                path.push_str(s);
-            }
-            let quick = routes.entry_route(&path);
-            let general = routes.matcher.at(&path).map(|m| *m.value).ok();
-            if quick.is_some() {
-                proptest::prop_assert_eq!(quick, general, "{}", path);
-            }
-        }
-
-        /// The same, on paths that start the way entry routes do.
-        #[test]
-        fn the_quick_way_agrees_under_entries(table in "(import|t|)", key in "(k|entries|)", tail in "(/counter|/take|/delete_object|/x|/counter/x|/|)") {
-            let routes = served_routes();
-            let path = format!("/v1/tables/{table}/entries/{key}{tail}");
-            let quick = routes.entry_route(&path);
-            let general = routes.matcher.at(&path).map(|m| *m.value).ok();
-            if quick.is_some() {
-                proptest::prop_assert_eq!(quick, general, "{}", path);
-            }
-        }
     }
 }

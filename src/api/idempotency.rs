@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::respond::hex;
+use super::routes::RouteClass;
 use super::AppState;
 use crate::error::ApiError;
 use crate::persist::Durability;
@@ -86,22 +87,19 @@ fn sha256(parts: &[&[u8]]) -> String {
     hex(&h.finalize())
 }
 
-/// The `Idempotency-Key` of a request it applies to: a write under `/v1/`
-/// that can change something (select, select_count and lookup only read;
-/// an import, all or nothing and refused for an existing name, is not
-/// buffered for a record).
-pub fn applies(req: &Request) -> Option<HeaderValue> {
-    // Cheapest first: reads end at the method, writes without the header
+/// The `Idempotency-Key` of a request it applies to: one that may change
+/// something (a write or a manage operation, by its route), under `/v1/`.
+/// Imports are left out: their bodies are streams up to
+/// `--max-import-bytes`, not buffered for a record (a retried import of an
+/// existing name is 409 anyway, never applied twice).
+pub fn applies(req: &Request, class: RouteClass) -> Option<HeaderValue> {
+    // Cheapest first: reads end at their class, writes without the header
     // (nearly all) at one header lookup.
-    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+    if !class.changes() || class.import {
         return None;
     }
     let key = req.headers().get(&IDEMPOTENCY_KEY)?;
-    let path = req.uri().path();
-    let reads_or_imports = ["/select", "/select_count", "/lookup", "/import"]
-        .iter()
-        .any(|end| path.ends_with(end));
-    (path.starts_with("/v1/") && !reads_or_imports).then(|| key.clone())
+    req.uri().path().starts_with("/v1/").then(|| key.clone())
 }
 
 /// The table a `/v1/tables/{t}/…` path names ("" for `/v1/tables`).

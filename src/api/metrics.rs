@@ -416,6 +416,54 @@ fn write_server(out: &mut String, state: &AppState) {
         "Sync-mode writes made durable; divide by rounds for writes per fsync.",
         s.sync_tickets.load(Relaxed),
     );
+    let (running, slots, shed) = state.limits.long_stats();
+    single(
+        out,
+        "larder_long_requests_running",
+        "gauge",
+        "Scans, selects, exports and imports running now.",
+        running as u64,
+    );
+    single(
+        out,
+        "larder_long_requests_max",
+        "gauge",
+        "Slots for long requests (--max-long-requests).",
+        slots as u64,
+    );
+    single(
+        out,
+        "larder_long_requests_shed_total",
+        "counter",
+        "Long requests answered 503 after waiting for a slot until their deadline.",
+        shed,
+    );
+    let conns = state.connections.stats();
+    single(
+        out,
+        "larder_connections_open",
+        "gauge",
+        "Client connections being served.",
+        conns.open as u64,
+    );
+    single(
+        out,
+        "larder_connections_max",
+        "gauge",
+        "The connection cap (--max-connections, lowered to the open-file limit).",
+        conns.max as u64,
+    );
+    out.push_str(
+        "# HELP larder_connections_closed_total Connections the server closed, by reason.\n",
+    );
+    out.push_str("# TYPE larder_connections_closed_total counter\n");
+    for (reason, n) in crate::net::CloseReason::ALL.iter().zip(conns.closed) {
+        let _ = writeln!(
+            out,
+            "larder_connections_closed_total{{reason=\"{}\"}} {n}",
+            reason.label()
+        );
+    }
     single(
         out,
         "larder_memory_trims_total",

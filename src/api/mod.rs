@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod origin;
 pub mod respond;
+pub mod routes;
 pub mod select;
 pub mod service;
 pub mod tables;
@@ -81,6 +82,8 @@ pub struct Services {
     pub request_ids: AtomicU64,
     /// Remembered answers of writes sent with `Idempotency-Key`.
     pub idempotency: idempotency::Idempotency,
+    /// The open client connections, for `/metrics`.
+    pub connections: Arc<crate::net::Connections>,
 }
 
 /// Limits on requests, from the configuration.
@@ -102,6 +105,14 @@ pub struct Limits {
     pub max_import_bytes: usize,
     /// Longest a change stream stays silent before it sends a comment.
     pub watch_heartbeat: Duration,
+    /// Slots for long work (scans, selects, exports, imports).
+    long: Arc<tokio::sync::Semaphore>,
+    /// How many slots `long` has.
+    max_long: usize,
+    /// Long requests sent away with 503 after waiting for a slot.
+    long_shed: AtomicU64,
+    /// Largest select or scan page, in bytes.
+    pub max_response_bytes: usize,
 }
 
 impl Limits {
@@ -122,7 +133,60 @@ impl Limits {
             max_select_scan: 1_000_000,
             max_import_bytes: 1 << 30,
             watch_heartbeat: Duration::from_secs(15),
+            long: Arc::new(tokio::sync::Semaphore::new(default_long_slots())),
+            max_long: default_long_slots(),
+            long_shed: AtomicU64::new(0),
+            max_response_bytes: 8 << 20,
         }
+    }
+
+    /// The same limits with `n` slots for long work.
+    pub fn with_max_long_requests(self, n: usize) -> Self {
+        let n = n.max(1);
+        Limits {
+            long: Arc::new(tokio::sync::Semaphore::new(n)),
+            max_long: n,
+            ..self
+        }
+    }
+
+    /// The same limits with select and scan pages of at most `n` bytes.
+    pub fn with_max_response_bytes(self, n: usize) -> Self {
+        Limits {
+            max_response_bytes: n.max(4096),
+            ..self
+        }
+    }
+
+    /// Waits for a slot of long work until `deadline`.
+    ///
+    /// # Errors
+    /// [`ApiError::Unavailable`] when none came free in time.
+    pub async fn long_slot(
+        &self,
+        deadline: std::time::Instant,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        let wait = self.long.clone().acquire_owned();
+        match tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), wait).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => {
+                self.long_shed.fetch_add(1, Ordering::Relaxed);
+                Err(ApiError::Unavailable(format!(
+                    "{} scans, selects, exports or imports are running (--max-long-requests); retry shortly",
+                    self.max_long
+                )))
+            }
+        }
+    }
+
+    /// Long requests running now, the slots, and how many were sent away.
+    pub fn long_stats(&self) -> (usize, usize, u64) {
+        let running = self.max_long - self.long.available_permits().min(self.max_long);
+        (
+            running,
+            self.max_long,
+            self.long_shed.load(Ordering::Relaxed),
+        )
     }
 
     /// The same limits with change streams sending a comment after `d`
@@ -159,6 +223,15 @@ impl Limits {
         }
         self.leave();
         false
+    }
+
+    /// The largest body a request of `class` may send.
+    pub fn body_limit(&self, class: routes::RouteClass) -> usize {
+        if class.import {
+            self.max_import_bytes
+        } else {
+            self.max_body_bytes
+        }
     }
 
     /// Counts a request admitted by [`Limits::try_enter`] out.
@@ -293,6 +366,11 @@ impl Services {
     }
 }
 
+/// The default of `--max-long-requests`: one per core.
+pub fn default_long_slots() -> usize {
+    std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
+}
+
 /// Runs blocking catalog or durable-tier work off the async workers.
 async fn run_blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
@@ -359,9 +437,14 @@ pub fn build(state: AppState, opts: &HttpOptions) -> front::Front<Router> {
 
 /// Labels for every route [`build`] serves: the documented paths of `spec`
 /// and the docs.
-pub(crate) fn route_labels(spec: &utoipa::openapi::OpenApi) -> front::RouteLabels {
+pub(crate) fn route_labels(spec: &utoipa::openapi::OpenApi) -> routes::RouteLabels {
     let documented = spec.paths.paths.keys().map(String::as_str);
-    front::RouteLabels::new(documented.chain(["/openapi.json", "/docs", "/docs/", "/docs/{*rest}"]))
+    routes::RouteLabels::new(documented.chain([
+        "/openapi.json",
+        "/docs",
+        "/docs/",
+        "/docs/{*rest}",
+    ]))
 }
 
 #[cfg(test)]

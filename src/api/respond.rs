@@ -93,14 +93,23 @@ pub fn entry_body(key: &str, entry: &Entry) -> Vec<u8> {
     buf
 }
 
-/// `{"entries":[{"key":k,"value":v}…],"next_cursor":c}`.
-pub fn scan_body(page: &ScanPage) -> Vec<u8> {
+/// `{"entries":[{"key":k,"value":v}…],"next_cursor":c}`, at most
+/// `max_bytes` long: the item that would cross it ends the page there,
+/// with a cursor that resumes at it.
+///
+/// # Errors
+/// [`ApiError::ResultTooLarge`] when the first item alone crosses it.
+pub fn scan_body(page: &ScanPage, max_bytes: usize) -> Result<Vec<u8>, ApiError> {
+    const ROOM: usize = 2200;
+    let limit = max_bytes.saturating_sub(ROOM);
     // Sized for the whole page up front: keys, values and the punctuation
     // around each item (keys that need escaping may still grow it).
     let size: usize = page.items.iter().map(|(k, v)| k.len() + v.len() + 24).sum();
-    let mut buf = Vec::with_capacity(64 + size);
+    let mut buf = Vec::with_capacity((64 + size).min(max_bytes));
     buf.extend_from_slice(b"{\"entries\":[");
+    let mut next_cursor = page.next_cursor.clone();
     for (i, (key, value)) in page.items.iter().enumerate() {
+        let mark = buf.len();
         if i > 0 {
             buf.push(b',');
         }
@@ -109,9 +118,21 @@ pub fn scan_body(page: &ScanPage) -> Vec<u8> {
         buf.extend_from_slice(b",\"value\":");
         buf.extend_from_slice(value.as_bytes());
         buf.push(b'}');
+        if buf.len() > limit {
+            if i == 0 {
+                return Err(ApiError::ResultTooLarge {
+                    key: key.to_string(),
+                    next_cursor: page.cursor_after(0).map(|c| c.encode()),
+                    limit: max_bytes,
+                });
+            }
+            buf.truncate(mark);
+            next_cursor = page.cursor_after(i - 1);
+            break;
+        }
     }
-    end_page(&mut buf, page.next_cursor.as_ref());
-    buf
+    end_page(&mut buf, next_cursor.as_ref());
+    Ok(buf)
 }
 
 /// `{"results":[r…],"next_cursor":c}`: `results` is the results' JSON texts

@@ -218,6 +218,11 @@ async fn run(
             ..common.scan
         },
         budget: state.limits.max_select_scan,
+        max_bytes: state
+            .limits
+            .max_response_bytes
+            .saturating_sub(select::ENVELOPE_BYTES),
+        pace: super::front::pace(),
     };
     select::select(table, &common.spec, walk).await
 }
@@ -452,6 +457,12 @@ pub async fn lookup_many(
     out.extend_from_slice(b"{\"entries\":[");
     let mut missing = Vec::new();
     let mut first = true;
+    // The answer may not pass the page limit: a thousand keys of large
+    // values would otherwise be one buffer of gigabytes.
+    let limit = state
+        .limits
+        .max_response_bytes
+        .saturating_sub(select::ENVELOPE_BYTES);
     for key in unique {
         match table.lookup(&key, ReadFrom::Nearest).await? {
             Some(entry) => {
@@ -460,6 +471,13 @@ pub async fn lookup_many(
                 }
                 first = false;
                 out.extend_from_slice(&respond::entry_body(&key, &entry));
+                if out.len() > limit {
+                    return Err(ApiError::ResultTooLarge {
+                        key,
+                        next_cursor: None,
+                        limit: state.limits.max_response_bytes,
+                    });
+                }
             }
             None => missing.push(key),
         }

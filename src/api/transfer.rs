@@ -431,8 +431,13 @@ impl Reader {
             }
         };
         let first_line = self.n;
-        let mut head: Map<String, Json> = serde_json::from_slice(&first)
-            .map_err(|e| bad(first_line, format!("not a table's create body: {e}")))?;
+        let not_a_head =
+            |e: &dyn std::fmt::Display| bad(first_line, format!("not a table's create body: {e}"));
+        let mut head: Map<String, Json> = match crate::json::parse_value(&first) {
+            Ok(Json::Object(head)) => head,
+            Ok(_) => return Err(not_a_head(&"not an object")),
+            Err(e) => return Err(not_a_head(&e)),
+        };
         if let Some(name) = rename {
             head.insert("name".into(), Json::String(name));
         }
@@ -451,7 +456,7 @@ impl Reader {
                 return Err(bad(n, "the stream ends before its trailer"));
             };
             let parsed: Json =
-                serde_json::from_slice(&line).map_err(|e| bad(n, format!("not JSON: {e}")))?;
+                crate::json::parse_value(&line).map_err(|e| bad(n, format!("not JSON: {e}")))?;
             if parsed.get("count").is_some() {
                 let t: Trailer = serde_json::from_value(parsed)
                     .map_err(|e| bad(n, format!("not a trailer: {e}")))?;

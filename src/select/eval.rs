@@ -98,21 +98,34 @@ impl<'a> Object<'a> {
     }
 }
 
+/// What running a specification on one object gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Yielded {
+    /// The object does not match; nothing was appended.
+    NoMatch,
+    /// The object's result was appended.
+    Result,
+    /// The object matches, but its result would take `out` past the limit;
+    /// nothing was appended.
+    TooLarge,
+}
+
 impl MatchSpec {
-    /// Appends what `object` yields, as JSON text, to `out`; `false` (and
-    /// nothing appended) when it does not match.
-    pub fn run(&self, object: &Object<'_>, out: &mut Vec<u8>) -> bool {
+    /// Appends what `object` yields, as JSON text, to `out`, unless that
+    /// would make `out` longer than `limit` bytes. The result is written as
+    /// it is built and abandoned as soon as it crosses the limit, so a
+    /// template that repeats a large binding costs at most `limit` bytes.
+    pub fn run(&self, object: &Object<'_>, out: &mut Vec<u8>, limit: usize) -> Yielded {
         let Some(binds) = self.accept(object) else {
-            return false;
+            return Yielded::NoMatch;
         };
-        match &self.ret {
-            Template::Object => object.whole_text(out),
-            // Writing a JSON value into a Vec cannot fail.
-            t => {
-                let _ = serde_json::to_writer(&mut *out, &self.render(t, &binds, object));
-            }
+        let mark = out.len();
+        if self.write(&self.ret, &binds, object, out, limit) && out.len() <= limit {
+            Yielded::Result
+        } else {
+            out.truncate(mark);
+            Yielded::TooLarge
         }
-        true
     }
 
     /// Whether `object` matches (for counting and deleting).
@@ -149,31 +162,61 @@ impl MatchSpec {
         guard_holds.then_some(binds)
     }
 
-    fn render(&self, t: &Template, binds: &[Option<&Json>], object: &Object<'_>) -> Json {
+    /// Writes template `t` as JSON text: the text serde_json would print
+    /// for the tree the template stands for (member names come sorted, as
+    /// from the map they were parsed from). False as soon as `out` is past
+    /// `limit`, leaving the rest unwritten.
+    fn write(
+        &self,
+        t: &Template,
+        binds: &[Option<&Json>],
+        object: &Object<'_>,
+        out: &mut Vec<u8>,
+        limit: usize,
+    ) -> bool {
+        // Writing JSON into a Vec cannot fail.
+        let json = |out: &mut Vec<u8>, v: &Json| {
+            let _ = serde_json::to_writer(&mut *out, v);
+        };
         match t {
-            Template::Object => object.whole().clone(),
+            Template::Object => object.whole_text(out),
             Template::Bindings => {
                 let mut m = Map::new();
                 for (name, v) in self.names.iter().zip(binds) {
                     m.insert(name.clone(), v.cloned().unwrap_or(Json::Null));
                 }
-                Json::Object(m)
+                json(out, &Json::Object(m));
             }
-            Template::Var(n) => binds[*n].cloned().unwrap_or(Json::Null),
-            Template::Const(c) => c.clone(),
-            Template::Array(items) => Json::Array(
-                items
-                    .iter()
-                    .map(|i| self.render(i, binds, object))
-                    .collect(),
-            ),
-            Template::Map(members) => Json::Object(
-                members
-                    .iter()
-                    .map(|(k, v)| (k.clone(), self.render(v, binds, object)))
-                    .collect(),
-            ),
+            Template::Var(n) => json(out, binds[*n].unwrap_or(&Json::Null)),
+            Template::Const(c) => json(out, c),
+            Template::Array(items) => {
+                out.push(b'[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    if !self.write(item, binds, object, out, limit) {
+                        return false;
+                    }
+                }
+                out.push(b']');
+            }
+            Template::Map(members) => {
+                out.push(b'{');
+                for (i, (name, item)) in members.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    crate::store::push_json_str(out, name);
+                    out.push(b':');
+                    if !self.write(item, binds, object, out, limit) {
+                        return false;
+                    }
+                }
+                out.push(b'}');
+            }
         }
+        out.len() <= limit
     }
 }
 
@@ -503,10 +546,38 @@ mod tests {
     fn run(s: &MatchSpec, key: &str, value: Json) -> Option<Json> {
         let text = serde_json::to_vec(&value).unwrap();
         let mut out = Vec::new();
-        let got = s.run(&Object::new(key, &text), &mut out);
+        let got = s.run(&Object::new(key, &text), &mut out, usize::MAX) == Yielded::Result;
         assert_eq!(got, s.matches(&Object::new(key, &text)));
         assert_eq!(got, !out.is_empty());
         got.then(|| serde_json::from_slice(&out).expect("results are JSON"))
+    }
+
+    #[test]
+    fn a_result_past_the_limit_is_abandoned_as_it_grows() {
+        let s = spec(
+            json!({"value": "$v"}),
+            None,
+            Some(json!({"a": ["$_", "$_", "$_", "$v"], "b": 1})),
+        );
+        let value = json!({"x": "y".repeat(1000)});
+        let text = serde_json::to_vec(&value).unwrap();
+        let object = Object::new("k", &text);
+        let mut out = b"[prefix]".to_vec();
+        assert_eq!(s.run(&object, &mut out, 2000), Yielded::TooLarge);
+        assert_eq!(out, b"[prefix]", "nothing appended");
+        assert_eq!(s.run(&object, &mut out, 10_000), Yielded::Result);
+        let written: Json = serde_json::from_slice(&out[8..]).unwrap();
+        let whole = json!({"key": "k", "value": value});
+        assert_eq!(
+            written,
+            json!({"a": [whole, whole, whole, value], "b": 1}),
+            "the same text a tree would print"
+        );
+        let mut out = Vec::new();
+        assert_eq!(
+            s.run(&Object::new("k", b"1"), &mut out, 10),
+            Yielded::TooLarge
+        );
     }
 
     #[test]

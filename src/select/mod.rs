@@ -8,5 +8,5 @@ mod run;
 mod spec;
 
 pub use eval::{compare, Object};
-pub use run::{select, SelectMode, Selected, Walk};
+pub use run::{select, SelectMode, Selected, Walk, ENVELOPE_BYTES};
 pub use spec::{MatchSpec, SpecError};

@@ -4,10 +4,11 @@
 //! object examined. Built on [`TableOps::scan`], so it works alike on local
 //! and cluster tables and shares the cursor contract of scans.
 
-use super::eval::Object;
+use super::eval::{Object, Yielded};
 use super::spec::MatchSpec;
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult};
 use crate::ops::{ReadFrom, TableOps};
+use crate::pace::Pace;
 use crate::store::{Cursor, Objects, ScanRequest, TableType};
 
 /// Objects one scan page of a select examines at most.
@@ -42,19 +43,50 @@ pub struct Selected {
 /// Most bytes reserved for a page's results ahead of them.
 const RESERVE_BYTES: usize = 1 << 20;
 
+/// Room kept in a page's byte limit for the envelope around its results
+/// (`{"results":[`, `],"next_cursor":…}` with a cursor of a 1 KiB key).
+pub const ENVELOPE_BYTES: usize = 2200;
+
+/// Objects examined between two looks at the clock.
+const STEP: usize = 256;
+
+/// What adding one object's result did.
+enum Pushed {
+    /// It does not match.
+    No,
+    /// Its result was added.
+    Added,
+    /// Its result does not fit in what is left of the page.
+    Full,
+}
+
 impl Selected {
-    /// Adds what `object` yields under `spec`, if it matches. After the
-    /// first result, room for `expected` more of its size is reserved (up
-    /// to [`RESERVE_BYTES`]), so the buffer is not grown and copied again
-    /// and again, and the response can be built in it.
-    fn push_result(&mut self, spec: &MatchSpec, object: &Object<'_>, expected: usize) -> bool {
+    /// Adds what `object` yields under `spec`, if it matches and its result
+    /// fits in `limit` bytes of results. After the first result, room for
+    /// `expected` more of its size is reserved (up to [`RESERVE_BYTES`]),
+    /// so the buffer is not grown and copied again and again, and the
+    /// response can be built in it.
+    fn push_result(
+        &mut self,
+        spec: &MatchSpec,
+        object: &Object<'_>,
+        expected: usize,
+        limit: usize,
+    ) -> Pushed {
         let mark = self.results.len();
         if mark > 0 {
             self.results.push(b',');
         }
-        if !spec.run(object, &mut self.results) {
-            self.results.truncate(mark);
-            return false;
+        match spec.run(object, &mut self.results, limit) {
+            Yielded::Result => {}
+            Yielded::NoMatch => {
+                self.results.truncate(mark);
+                return Pushed::No;
+            }
+            Yielded::TooLarge => {
+                self.results.truncate(mark);
+                return Pushed::Full;
+            }
         }
         self.count += 1;
         if self.count == 1 {
@@ -62,9 +94,9 @@ impl Selected {
             // for the response's envelope around them.
             let each = self.results.len() + 1;
             let room = each.saturating_mul(expected) / 4 * 5 + 96;
-            self.results.reserve(room.min(RESERVE_BYTES));
+            self.results.reserve(room.min(RESERVE_BYTES).min(limit));
         }
-        true
+        Pushed::Added
     }
 }
 
@@ -78,13 +110,27 @@ pub struct Walk {
     pub scan: ScanRequest,
     /// Most objects to examine (`--max-select-scan`).
     pub budget: usize,
+    /// Most bytes of results in one page (`--max-response-bytes` less the
+    /// envelope).
+    pub max_bytes: usize,
+    /// When to yield and when to stop.
+    pub pace: Pace,
 }
 
-/// Runs `spec` over `table`.
+/// Runs `spec` over `table`. Stops at the result limit, the scan budget,
+/// the byte limit or the deadline, whichever comes first, with a cursor
+/// that resumes right after the last object examined; gives its worker
+/// back every few milliseconds.
 ///
 /// # Errors
-/// What the table's scan, lookup or delete returns.
-pub async fn select(table: &impl TableOps, spec: &MatchSpec, walk: Walk) -> ApiResult<Selected> {
+/// What the table's scan, lookup or delete returns;
+/// [`ApiError::ResultTooLarge`] when the first result of a page alone is
+/// over the byte limit.
+pub async fn select(
+    table: &impl TableOps,
+    spec: &MatchSpec,
+    mut walk: Walk,
+) -> ApiResult<Selected> {
     let kind = table.meta().kind();
     if let Some(key) = spec.literal_key() {
         if kind.is_single() && walk.scan.cursor.is_none() {
@@ -110,16 +156,42 @@ pub async fn select(table: &impl TableOps, spec: &MatchSpec, walk: Walk) -> ApiR
         req.limit = page_len.min(walk.budget.saturating_sub(examined)).max(1);
         page_len = (page_len * 2).min(PAGE);
         let page = table.scan(&req, ReadFrom::Primary).await?;
-        examined += page.items.len();
+        // Where to resume if this page stops before its first object.
+        let before_page = req.cursor.clone();
+        let resume_before = |i: usize| {
+            if i == 0 {
+                before_page.clone()
+            } else {
+                page.cursor_after(i - 1)
+            }
+        };
         for (i, (key, value)) in page.items.iter().enumerate() {
+            if i > 0 && i % STEP == 0 && !walk.pace.tick().await {
+                out.next_cursor = resume_before(i);
+                return Ok(out);
+            }
+            examined += 1;
             if !ordered && !walk.scan.admits(key) {
                 continue;
             }
             let object = Object::new(key, value.as_bytes());
             match walk.mode {
                 SelectMode::Results { limit } => {
-                    if !out.push_result(spec, &object, limit.min(PAGE).saturating_sub(1)) {
-                        continue;
+                    let expected = limit.min(PAGE).saturating_sub(1);
+                    match out.push_result(spec, &object, expected, walk.max_bytes) {
+                        Pushed::No => continue,
+                        Pushed::Added => {}
+                        Pushed::Full if out.count == 0 => {
+                            return Err(ApiError::ResultTooLarge {
+                                key: key.to_string(),
+                                next_cursor: page.cursor_after(i).map(|c| c.encode()),
+                                limit: walk.max_bytes,
+                            });
+                        }
+                        Pushed::Full => {
+                            out.next_cursor = resume_before(i);
+                            return Ok(out);
+                        }
                     }
                     if out.count >= limit as u64 {
                         let last = i + 1 == page.items.len();
@@ -147,7 +219,7 @@ pub async fn select(table: &impl TableOps, spec: &MatchSpec, walk: Walk) -> ApiR
             None => return Ok(out),
             Some(c) => req.cursor = Some(c),
         }
-        if examined >= walk.budget {
+        if examined >= walk.budget || !walk.pace.tick().await {
             out.next_cursor = req.cursor;
             return Ok(out);
         }
@@ -174,7 +246,13 @@ async fn select_key(
     let object = Object::new(key, value.as_bytes());
     match walk.mode {
         SelectMode::Results { .. } => {
-            out.push_result(spec, &object, 0);
+            if let Pushed::Full = out.push_result(spec, &object, 0, walk.max_bytes) {
+                return Err(ApiError::ResultTooLarge {
+                    key: key.to_owned(),
+                    next_cursor: None,
+                    limit: walk.max_bytes,
+                });
+            }
         }
         SelectMode::Count => out.count = u64::from(spec.matches(&object)),
         SelectMode::Delete => {

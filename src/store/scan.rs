@@ -27,6 +27,12 @@ use super::value::{Key, Value, MAX_KEY_BYTES};
 
 /// Largest page a scan may ask for.
 pub const MAX_SCAN_LIMIT: usize = 10_000;
+
+/// Entries a hashed scan examines in one call before it stops at the end
+/// of a shard, with a cursor at the next shard's start: a prefix that
+/// matches little would otherwise walk the whole table in one call. Its
+/// caller decides whether to go on (after letting other tasks run).
+pub const SCAN_STEP: usize = 16_384;
 /// Page size when the request names none.
 pub const DEFAULT_SCAN_LIMIT: usize = 100;
 
@@ -287,8 +293,16 @@ impl Table {
             .as_ref()
             .map_or(0, |c| map.determine_shard(c.hash as usize));
         let mut page = ScanPage::default();
+        let mut examined = 0usize;
         for shard in first_shard..map.shards().len() {
+            if examined >= SCAN_STEP && page.items.len() < req.limit {
+                if let Some(start) = self.shard_start(shard) {
+                    page.next_cursor = Some(start);
+                    return page;
+                }
+            }
             let guard = map.shards()[shard].read();
+            examined += guard.len();
             // Positions after the cursor, smallest first, as
             // (hash, key, slot, first object seq to return).
             let mut found: Vec<(u64, &Key, &Slot, u64)> = Vec::new();
@@ -361,6 +375,28 @@ impl Table {
         }
         page.next_cursor = None;
         page
+    }
+}
+
+impl Table {
+    /// A cursor that resumes at the start of shard `shard`: the smallest
+    /// hash that falls in it, and no key (every key is longer). `None` if
+    /// the map spreads hashes over shards some other way than this expects.
+    fn shard_start(&self, shard: usize) -> Option<Cursor> {
+        let map = self.map();
+        let shards = map.shards().len();
+        if !shards.is_power_of_two() || shard >= shards {
+            return None;
+        }
+        // The map keeps the top 7 bits for its own use and takes the shard
+        // from the next log2(shards) bits.
+        let shift = usize::BITS - shards.trailing_zeros();
+        let hash = (shard << shift) >> 7;
+        (map.determine_shard(hash) == shard).then(|| Cursor {
+            hash: hash as u64,
+            seq: 0,
+            key: String::new(),
+        })
     }
 }
 

@@ -51,15 +51,18 @@ impl Value {
         Self::from_canonical(&bytes)
     }
 
-    /// Parses and canonicalizes JSON text.
+    /// Parses and canonicalizes JSON text. An object with a repeated
+    /// member name is refused (see [`crate::json`]); canonical text cannot
+    /// hold one, its names being in strictly increasing order.
     ///
     /// # Errors
-    /// The serde_json error when `text` is not one JSON value.
+    /// The serde_json error when `text` is not one JSON value, or repeats
+    /// a member name.
     pub fn parse(text: &[u8]) -> Result<Self, serde_json::Error> {
         if super::canonical::is_canonical(text) {
             return Ok(Self::from_canonical(text));
         }
-        let v: serde_json::Value = serde_json::from_slice(text)?;
+        let v = crate::json::parse_value(text)?;
         Ok(Self::from_json(&v))
     }
 

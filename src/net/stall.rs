@@ -1,5 +1,4 @@
-//! The listening socket, with connections that give up on readers that
-//! stop reading.
+//! Connections that give up on readers that stop reading.
 //!
 //! A response the client does not read fills the socket buffers, then the
 //! server's; after that its connection makes no progress and would hold
@@ -9,74 +8,12 @@
 //! connection whose writes go through pays one branch per write.
 
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, Sleep};
-
-/// A TCP listener whose connections are [`StallGuard`]s.
-#[derive(Debug)]
-pub struct GuardedListener {
-    inner: TcpListener,
-    stall: Duration,
-}
-
-impl GuardedListener {
-    /// Wraps `inner`; writes stalled for `stall` fail.
-    pub fn new(inner: TcpListener, stall: Duration) -> Self {
-        GuardedListener { inner, stall }
-    }
-
-    /// The address bound.
-    ///
-    /// # Errors
-    /// The OS error if the socket has no local address.
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.inner.local_addr()
-    }
-}
-
-impl axum::serve::Listener for GuardedListener {
-    type Io = StallGuard<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            match self.inner.accept().await {
-                Ok((stream, addr)) => {
-                    // Answers are small and sent whole: do not hold them back.
-                    let _ = stream.set_nodelay(true);
-                    return (StallGuard::new(stream, self.stall), addr);
-                }
-                Err(e) if is_connection_error(&e) => {}
-                Err(e) => {
-                    // Out of file descriptors, most likely: wait rather
-                    // than spin, as the connections in flight free some.
-                    tracing::error!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
-}
-
-/// Errors about one connection that went away before it was accepted.
-fn is_connection_error(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-    )
-}
 
 /// A stream whose writes fail once they have waited `limit` without any
 /// progress.
