@@ -206,3 +206,13 @@ async fn a_descriptor_limited_server_serves_a_good_client_beside_1100_tricklers(
         .expect("larder_connections_max");
     assert!(max < 1024.0, "the cap follows the descriptor limit: {max}");
 }
+
+#[tokio::test]
+async fn a_body_past_64_kib_is_no_head_and_is_served() {
+    let app = spawn_with(|c| c.max_body_bytes = 1 << 20).await;
+    app.table("t", "set").await;
+    let value = serde_json::json!({"pad": "x".repeat(300 * 1024)});
+    let r = app.put("t", "big", value.clone()).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(app.get("t", "big").await.body["value"], value);
+}

@@ -174,6 +174,11 @@ impl Conn {
         }
     }
 
+    /// Whether the connection is waiting for a request head.
+    pub fn waiting_for_head(&self) -> bool {
+        self.phase.load(Ordering::Relaxed) == HEAD
+    }
+
     /// How many requests have started on this connection: the number of
     /// the next one to start.
     pub fn requests_started(&self) -> u64 {

@@ -394,9 +394,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Observed<S> {
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             self.conn.on_read();
+            // Bytes read while a request is served are its body (or a
+            // pipelined head, which hyper's buffer bounds).
             let request = self.conn.requests_started();
             let this = &mut *self;
-            if this.head.over_limit(&buf.filled()[before..], request) {
+            if this.conn.waiting_for_head()
+                && this.head.over_limit(&buf.filled()[before..], request)
+            {
                 // hyper never sees these bytes: the stream ends for it
                 // once the answer is out.
                 buf.set_filled(before);

@@ -293,6 +293,9 @@ impl Durability {
         }
         let _round = self.round_guard();
         self.inner.engine.remove_table(table.name())?;
+        self.inner
+            .engine
+            .remove_meta(&writeback::cleared_key(table.name()))?;
         self.inner.engine.flush()
     }
 

@@ -44,6 +44,13 @@ impl Durability {
                 .store
                 .create_table(spec)
                 .map_err(|e| PersistError::Corrupt(format!("table '{name}': {e}")))?;
+            // A clear saved as one mark: records at or below it are gone.
+            let cleared = inner
+                .engine
+                .get_meta(&super::writeback::cleared_key(&name))?
+                .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                .map_or(0, u64::from_be_bytes);
+            max_version = max_version.max(cleared);
             let (mut keys, mut expired) = (0u64, Vec::new());
             inner.engine.for_each(&name, &mut |k, v| {
                 let key = std::str::from_utf8(k).map_err(|_| {
@@ -53,7 +60,7 @@ impl Durability {
                     PersistError::Corrupt(format!("table '{name}', key '{key}': {e}"))
                 })?;
                 max_version = max_version.max(slot.version);
-                if slot.is_expired(now) {
+                if slot.version <= cleared || slot.is_expired(now) {
                     expired.push((k.to_vec(), None));
                 } else {
                     table.load_slot(key, slot);

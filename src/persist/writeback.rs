@@ -77,6 +77,13 @@ const TRIM_AFTER_QUIET: u64 = 4096;
 /// wrote clean once this many were made. A trim takes about 2 ms.
 const TRIM_AFTER_CHANGES: u64 = 64 * 1024;
 
+/// The metadata key of a table's clear mark: the revision of its latest
+/// saved clear. Records at or below it are gone (recovery skips and
+/// removes them).
+pub(super) fn cleared_key(table: &str) -> String {
+    format!("cleared/{table}")
+}
+
 /// Keys snapshotted from one table's dirty set, with their mark versions.
 type Snapshot = (Arc<Table>, Vec<(Key, u64)>);
 
@@ -143,6 +150,8 @@ impl Durability {
         let target = inner.next_ticket.load(Ordering::Acquire);
         let now = inner.store.now_ms();
         let mut written: Vec<Snapshot> = Vec::new();
+        // Tables whose clear mark this round saves, with the mark.
+        let mut clears: Vec<(Arc<Table>, u64)> = Vec::new();
         let mut keys = 0;
         let mut unflushed = 0;
         let mut shrunk = false;
@@ -156,13 +165,26 @@ impl Durability {
             // Reset before the snapshot: a mark made from here on sets it
             // again, so no change can be left dirty with no due time.
             dirty.since_ms.store(0, Ordering::Release);
+            let cleared = dirty.cleared_at.load(Ordering::Acquire);
             let mut snapshot: Vec<(Key, u64)> = dirty
                 .keys
                 .iter()
                 .map(|e| (e.key().clone(), *e.value()))
                 .collect();
-            if snapshot.is_empty() {
+            if snapshot.is_empty() && cleared == 0 {
                 continue;
+            }
+            if cleared != 0 {
+                // Before the keys written after it: every stored record
+                // at or below the mark is gone from here on.
+                let marked = inner
+                    .engine
+                    .put_meta(&cleared_key(table.name()), &cleared.to_be_bytes());
+                if let Err(e) = marked {
+                    self.round_failed(target, &written, Some((&table, dirty)), now);
+                    return Err(e);
+                }
+                clears.push((table.clone(), cleared));
             }
             // In key order, as the engine's tree stores them: in the dirty
             // set's hash order a big round touches pages at random and,
@@ -200,14 +222,14 @@ impl Durability {
         let waiting = target > inner.progress.borrow().durable;
         // Idempotency records written since the last flush need one too.
         let records = inner.records_dirty.swap(false, Ordering::AcqRel);
-        if keys == 0 && !waiting && !records {
+        if keys == 0 && clears.is_empty() && !waiting && !records {
             let revision = inner.store.revision();
             if inner.revision_at_idle.swap(revision, Ordering::Relaxed) == revision {
                 self.give_back_after(TRIM_AFTER_QUIET);
             }
             return Ok(FlushOutcome::default());
         }
-        let flushed = if keys > 0 || records {
+        let flushed = if keys > 0 || records || !clears.is_empty() {
             inner
                 .engine
                 .put_meta("revision", &inner.store.revision().to_be_bytes())
@@ -225,6 +247,16 @@ impl Durability {
             return Err(e);
         }
         crate::failpoint!("writeback-before-clear");
+        for (table, cleared) in &clears {
+            if let Some(dirty) = table.dirty() {
+                let _ = dirty.cleared_at.compare_exchange(
+                    *cleared,
+                    0,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                );
+            }
+        }
         let saved_at = inner.store.now_ms();
         // Whether every table written is left clean.
         let mut settled = true;

@@ -166,7 +166,7 @@ pub async fn select(
             }
         };
         for (i, (key, value)) in page.items.iter().enumerate() {
-            if i > 0 && i % STEP == 0 && !walk.pace.tick().await {
+            if i > 0 && i % STEP == 0 && !step(&mut walk.pace).await {
                 out.next_cursor = resume_before(i);
                 return Ok(out);
             }
@@ -219,11 +219,18 @@ pub async fn select(
             None => return Ok(out),
             Some(c) => req.cursor = Some(c),
         }
-        if examined >= walk.budget || !walk.pace.tick().await {
+        if examined >= walk.budget || !step(&mut walk.pace).await {
             out.next_cursor = req.cursor;
             return Ok(out);
         }
     }
+}
+
+/// Between two steps of a walk: [`Pace::tick`], with a failpoint that
+/// tests use to make steps slow.
+async fn step(pace: &mut Pace) -> bool {
+    crate::failpoint!("select-step");
+    pace.tick().await
 }
 
 /// A select whose pattern names one key, on a set type: one lookup.

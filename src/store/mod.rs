@@ -77,6 +77,49 @@ pub(crate) struct Shared {
     pub watch_limits: Mutex<HistoryLimits>,
     /// Every hub made, so that stopping the server can end every watch.
     pub hubs: Mutex<Vec<std::sync::Weak<Hub>>>,
+    /// Hands what cleared tables held to the reclaimer thread, which frees
+    /// it; made on the first clear.
+    reclaimer: Mutex<Option<std::sync::mpsc::Sender<ReclaimJob>>>,
+}
+
+/// Freeing what a clear took out of a table.
+pub(crate) type ReclaimJob = Box<dyn FnOnce() + Send>;
+
+impl Shared {
+    /// Frees `job`'s memory on the reclaimer thread, started on first use
+    /// (it ends when the store is dropped); frees it here if no thread can
+    /// be started.
+    pub(crate) fn reclaim(&self, job: ReclaimJob) {
+        let mut sender = self
+            .reclaimer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let job = match sender.as_ref() {
+            Some(tx) => match tx.send(job) {
+                Ok(()) => return,
+                Err(std::sync::mpsc::SendError(job)) => job,
+            },
+            None => job,
+        };
+        let (tx, rx) = std::sync::mpsc::channel::<ReclaimJob>();
+        let started = std::thread::Builder::new()
+            .name("larder-reclaim".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            });
+        match started {
+            Ok(_) => match tx.send(job) {
+                Ok(()) => *sender = Some(tx),
+                Err(std::sync::mpsc::SendError(job)) => job(),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the reclaimer thread; freeing in line");
+                job();
+            }
+        }
+    }
 }
 
 /// Handle to all tables. Cloning is shallow.
@@ -103,6 +146,7 @@ impl Store {
                 expiry: ExpiryWake::default(),
                 watch_limits: Mutex::new(HistoryLimits::default()),
                 hubs: Mutex::new(Vec::new()),
+                reclaimer: Mutex::new(None),
             }),
         }
     }

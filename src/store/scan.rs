@@ -255,6 +255,7 @@ impl Table {
             Box::new(range)
         };
         let mut page = ScanPage::default();
+        let mut skipped = 0usize;
         for entry in keys {
             let Ok(key) = std::str::from_utf8(entry.value()) else {
                 continue;
@@ -267,6 +268,18 @@ impl Table {
                     _ => None,
                 })
             else {
+                // Expired, or left in the index by a clear and not yet
+                // reclaimed: such keys can be many, so after a while stop
+                // past this one and let the caller decide to go on.
+                skipped += 1;
+                if skipped >= SCAN_STEP {
+                    page.next_cursor = Some(Cursor {
+                        hash: 0,
+                        seq: 0,
+                        key: key.to_owned(),
+                    });
+                    break;
+                }
                 continue;
             };
             if page.items.len() == req.limit {

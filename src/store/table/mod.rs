@@ -194,11 +194,25 @@ pub struct Dirty {
     pub since_ms: AtomicU64,
     /// Unix ms of the last completed write-back; 0 before the first.
     pub last_saved_at: AtomicU64,
+    /// The revision of the latest clear not yet saved, 0 when none: every
+    /// stored record at or below it is gone.
+    pub cleared_at: AtomicU64,
 }
 
 impl Dirty {
     fn mark(&self, key: &str, version: u64, now: u64) {
         self.keys.insert(Key::from(key), version);
+        self.due_from(now);
+    }
+
+    /// A clear at `revision`: one mark for the durable tier instead of a
+    /// removal per key.
+    fn cleared(&self, revision: u64, now: u64) {
+        self.cleared_at.fetch_max(revision, Ordering::AcqRel);
+        self.due_from(now);
+    }
+
+    fn due_from(&self, now: u64) {
         let _ = self
             .since_ms
             .compare_exchange(0, now.max(1), Ordering::AcqRel, Ordering::Relaxed);

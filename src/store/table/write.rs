@@ -202,42 +202,70 @@ impl Table {
         }
     }
 
-    /// `delete_all_objects`: empties the table in one step, as ETS does: with
-    /// every shard locked, so no reader sees it half empty and no write
-    /// lands between the first shard and the last.
-    pub fn clear(&self) {
-        let now = self.now();
-        // Every shard write-locked, as `lock_all_shards` does, but with guards
-        // whose map this loop drains.
+    /// `delete_all_objects`: empties the table in one step, as ETS does:
+    /// with every shard locked, so no reader sees it half empty and no
+    /// write lands between the first shard and the last.
+    ///
+    /// The step costs the same whatever the table holds: each shard's
+    /// contents are swapped for an empty map and handed to the store's
+    /// reclaimer, which frees them in the background, with the ordered-index
+    /// and deadline entries they leave behind (scans and the sweeper skip
+    /// such entries until then). Their bytes stay counted in the server's
+    /// memory until they are freed. One revision, one `clear` event, and
+    /// for a durable table one "cleared" mark that the durable tier saves
+    /// instead of a removal per key.
+    pub fn clear(self: &Arc<Self>) {
         let mut shards: Vec<_> = self.map.shards().iter().map(|s| s.write()).collect();
-        // After the shard locks, as every writer takes them.
-        let change = self.hub.get().map(|_| self.begin_change());
-        let mut removed = 0usize;
-        for shard in &mut shards {
-            for (key, slot) in shard.drain() {
-                let slot = slot.into_inner();
-                if let Some(index) = &self.index {
-                    index.remove(key.as_bytes());
-                }
-                if self.dirty.is_some() {
-                    let version = self.next_version();
-                    self.mark_dirty(&key, version);
-                }
-                self.track_deadline(&key, slot.expires_at, 0);
-                let why = if slot.is_expired(now) {
-                    Removal::Expired
-                } else {
-                    Removal::Deleted
-                };
-                self.account_removed(&key, &slot, why);
-                removed += 1;
+        let emptied = shards.iter().any(|s| !s.is_empty());
+        // After the shard locks, as every writer takes them. A clear that
+        // removes nothing changes nothing (its bucket arrays still go).
+        let change = emptied.then(|| self.begin_change());
+        let contents: Vec<_> = shards
+            .iter_mut()
+            .map(|s| std::mem::take(&mut **s))
+            .collect();
+        let objects = self.size.swap(0, Ordering::Relaxed).max(0) as u64;
+        let bytes = self.memory.swap(0, Ordering::Relaxed);
+        self.stats.deletes.fetch_add(objects, Ordering::Relaxed);
+        if let Some(change) = change {
+            if let Some(dirty) = &self.dirty {
+                dirty.cleared(change.revision, self.now());
             }
-        }
-        if let Some(change) = change.filter(|_| removed > 0) {
             change.publish_table(ChangeKind::Clear);
         }
         drop(shards);
-        // Give the emptied bucket arrays back, as ETS frees a cleared table.
-        self.map.shrink_to_fit();
+        let table = self.clone();
+        self.shared.reclaim(Box::new(move || {
+            for shard in contents {
+                for (key, slot) in shard.into_iter() {
+                    table.forget_cleared(&key, &slot.into_inner());
+                }
+            }
+            table.shared.memory.fetch_sub(bytes, Ordering::Relaxed);
+        }));
+    }
+
+    /// After a clear: drops the index and deadline entries of `key`, which
+    /// the cleared `slot` held, unless the key has been stored again and
+    /// uses them itself. Under the key's shard lock, as the index rules ask.
+    pub(crate) fn forget_cleared(&self, key: &Key, slot: &Slot) {
+        if self.index.is_none() && slot.expires_at == 0 {
+            return;
+        }
+        match self.map.entry(key.clone()) {
+            MapEntry::Vacant(_) => {
+                if let Some(index) = &self.index {
+                    index.remove(key.as_bytes());
+                }
+                if slot.expires_at != 0 {
+                    self.deadlines.remove(&(slot.expires_at, key.clone()));
+                }
+            }
+            MapEntry::Occupied(o) => {
+                if slot.expires_at != 0 && o.get().expires_at != slot.expires_at {
+                    self.deadlines.remove(&(slot.expires_at, key.clone()));
+                }
+            }
+        }
     }
 }
