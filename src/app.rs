@@ -77,6 +77,8 @@ pub struct App {
     state: AppState,
     shutdown_timeout: Duration,
     run_sweeper: bool,
+    /// How long a table keeps its watch history without watchers.
+    watch_retention: Duration,
 }
 
 impl App {
@@ -206,10 +208,11 @@ impl App {
         store.set_watch_limits(HistoryLimits {
             max_events: usize::try_from(config.watch_history).unwrap_or(usize::MAX),
             max_bytes: usize::try_from(config.watch_history_bytes).unwrap_or(usize::MAX),
-            ..HistoryLimits::default()
+            idle_keep: Duration::from_millis(config.watch_history_retention_ms),
         });
         let metrics = crate::api::metrics::Metrics::new();
         durability.set_round_histogram(metrics.writeback_histogram());
+        let memory = store.memory().clone();
         let state = AppState::new(crate::api::Services {
             store,
             ready: Arc::new(AtomicBool::new(false)),
@@ -242,6 +245,8 @@ impl App {
             cluster,
             idempotency: crate::api::idempotency::Idempotency::new(
                 config.idempotency_ttl_secs.saturating_mul(1000),
+                usize::try_from(config.idempotency_max_bytes).unwrap_or(usize::MAX),
+                memory,
             ),
             connections,
         });
@@ -258,6 +263,7 @@ impl App {
             state,
             shutdown_timeout: Duration::from_secs(config.shutdown_timeout_secs),
             run_sweeper: config.run_sweeper,
+            watch_retention: Duration::from_millis(config.watch_history_retention_ms),
         })
     }
 
@@ -349,6 +355,20 @@ impl App {
                 }
             })
         };
+        // Frees the histories of tables nobody watches any more, within a
+        // fifth of the retention time after it ends (at most a second).
+        let retirer = {
+            let store = self.state.store.clone();
+            let every =
+                (self.watch_retention / 5).clamp(Duration::from_millis(10), Duration::from_secs(1));
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    store.retire_idle_watches();
+                }
+            })
+        };
         let (sweeper_stop, sweeper_stopped) = tokio::sync::oneshot::channel::<()>();
         let sweeper = {
             let store = self.state.store.clone();
@@ -388,6 +408,7 @@ impl App {
         ready.store(false, Ordering::Release);
         let _ = sweeper_stop.send(());
         purger.abort();
+        retirer.abort();
         if let Err(e) = sweeper.await {
             tracing::error!(error = %e, "the sweeper task failed");
         }

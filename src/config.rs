@@ -144,6 +144,14 @@ pub struct Config {
     #[arg(long, env = "LARDER_IDEMPOTENCY_TTL_SECS", default_value_t = 86_400)]
     pub idempotency_ttl_secs: u64,
 
+    /// Most bytes of memory the answers remembered for `Idempotency-Key`
+    /// may hold (answers included). Only writes to memory-only tables keep
+    /// their answers in memory; past this the oldest expire early. Records
+    /// of durable tables stay on disk (or in PostgreSQL) and are read from
+    /// there on a retry.
+    #[arg(long, env = "LARDER_IDEMPOTENCY_MAX_BYTES", default_value_t = 64 << 20)]
+    pub idempotency_max_bytes: u64,
+
     /// Changes each watched table keeps for watchers that resume or fall
     /// behind (`Last-Event-ID`, `since`).
     #[arg(long, env = "LARDER_WATCH_HISTORY", default_value_t = 10_000)]
@@ -152,6 +160,17 @@ pub struct Config {
     /// Most bytes of keys and values each watched table's history keeps.
     #[arg(long, env = "LARDER_WATCH_HISTORY_BYTES", default_value_t = 64 << 20)]
     pub watch_history_bytes: u64,
+
+    /// How long a table keeps its change history after its last watcher
+    /// left (a watcher leaves when its connection closes), in
+    /// milliseconds, so that a client that lost its connection can resume;
+    /// the history is freed after it.
+    #[arg(
+        long,
+        env = "LARDER_WATCH_HISTORY_RETENTION_MS",
+        default_value_t = 60_000
+    )]
+    pub watch_history_retention_ms: u64,
 
     /// Longest a change stream stays silent, in milliseconds, before it
     /// sends a comment line.
@@ -269,11 +288,16 @@ impl std::fmt::Debug for Config {
             .field("max_tables", &self.max_tables)
             .field("max_select_scan", &self.max_select_scan)
             .field("idempotency_ttl_secs", &self.idempotency_ttl_secs)
+            .field("idempotency_max_bytes", &self.idempotency_max_bytes)
             .field("max_import_bytes", &self.max_import_bytes)
             .field("max_long_requests", &self.max_long_requests)
             .field("max_response_bytes", &self.max_response_bytes)
             .field("watch_history", &self.watch_history)
             .field("watch_history_bytes", &self.watch_history_bytes)
+            .field(
+                "watch_history_retention_ms",
+                &self.watch_history_retention_ms,
+            )
             .field("watch_heartbeat_ms", &self.watch_heartbeat_ms)
             .field("write_stall_ms", &self.write_stall_ms)
             .field("max_connections", &self.max_connections)

@@ -36,8 +36,10 @@
 //! - [`histogram`]: fixed-bucket latency histograms for the metrics.
 //! - [`json`]: JSON text as larder accepts it from clients (no repeated
 //!   member names).
-//! - [`net`]: the listener, whose connections close when a client stops
-//!   taking the bytes of its response.
+//! - [`net`]: the listener and its connections: the accept loop, the
+//!   connection cap, header and idle timeouts, the 64 KiB head limit, and
+//!   connections that close when a client stops taking the bytes of its
+//!   response.
 //! - [`stripe`]: per-thread copies of values every request updates.
 //! - [`pace`]: the rhythm of long work: yield every few milliseconds,
 //!   stop before the deadline.

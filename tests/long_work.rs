@@ -212,3 +212,67 @@ async fn a_select_out_of_time_answers_what_it_has_and_resumes() {
     }
     assert_eq!(seen.len(), n / 2, "every even number exactly once");
 }
+
+/// The server process's resident memory, from /proc.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+#[tokio::test]
+async fn huge_templates_cost_the_process_no_more_than_the_page_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::child::ChildServer::start(dir.path()).await;
+    let client = reqwest::Client::new();
+    let base = server.base.clone();
+    client
+        .post(format!("{base}/v1/tables"))
+        .json(&json!({"name": "t"}))
+        .send()
+        .await
+        .unwrap();
+    let r = client
+        .put(format!("{base}/v1/tables/t/entries/big"))
+        .json(&json!({"pad": "q".repeat(30_000)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let pid = server.child.id();
+    let before = rss_bytes(pid);
+    let spec = json!({"return": vec![json!("$_"); 900]});
+    let mut peak = before;
+    for _ in 0..3 {
+        let mut running = Vec::new();
+        for _ in 0..4 {
+            let client = client.clone();
+            let url = format!("{base}/v1/tables/t/select");
+            let spec = spec.clone();
+            running.push(tokio::spawn(async move {
+                let r = client.post(url).json(&spec).send().await.unwrap();
+                let status = r.status();
+                let body: Value = r.json().await.unwrap();
+                (status, body)
+            }));
+        }
+        for r in running {
+            let (status, body) = r.await.unwrap();
+            assert_eq!(status, 422, "{body}");
+            assert_eq!(body["error"]["code"], "result_too_large");
+        }
+        peak = peak.max(rss_bytes(pid));
+    }
+    // Each request stops at the 8 MiB page limit: four at once may hold
+    // four such buffers, never the 27 MB each result would take.
+    let grown = peak.saturating_sub(before);
+    assert!(
+        grown < 48 << 20,
+        "RSS grew by {} MB under 12 huge selects",
+        grown >> 20
+    );
+}

@@ -111,7 +111,11 @@ async fn metrics_report_requests_tables_and_write_back() {
     assert!(value(&s, "larder_writeback_rounds_total", &[]).unwrap() >= 1.0);
     assert_eq!(value(&s, "larder_sync_writes_total", &[]), Some(1.0));
     assert!(value(&s, "larder_writeback_round_duration_seconds", &[]).unwrap() >= 1.0);
-    assert!(value(&s, "larder_memory_bytes", &[]).unwrap() > 0.0);
+    assert!(value(&s, "larder_memory_bytes", &[("kind", "tables")]).unwrap() > 0.0);
+    assert_eq!(
+        value(&s, "larder_memory_bytes", &[("kind", "watch")]),
+        Some(0.0)
+    );
     assert_eq!(value(&s, "larder_tables", &[]), Some(3.0));
 
     // Expirations are counted once swept.

@@ -167,7 +167,11 @@ async fn v1_and_readyz_answer_503_until_recovery_is_done() {
         limits: larder::api::Limits::new(16, std::time::Duration::from_secs(5), 10, 1024),
         request_ids: Default::default(),
         cluster: None,
-        idempotency: larder::api::idempotency::Idempotency::new(60_000),
+        idempotency: larder::api::idempotency::Idempotency::new(
+            60_000,
+            1 << 20,
+            std::sync::Arc::default(),
+        ),
         connections: std::sync::Arc::new(larder::net::Connections::new(larder::net::ConnLimits {
             max_connections: 16,
             header_timeout: std::time::Duration::from_secs(10),

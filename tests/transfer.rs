@@ -324,3 +324,67 @@ async fn a_whole_server_export_restores_all_or_nothing() {
     assert_eq!(fourth.get_table("a_set").await.status, 404);
     assert_eq!(fourth.get_table("b_bag").await.status, 404);
 }
+
+#[tokio::test]
+async fn an_import_line_over_the_body_limit_is_invalid_import() {
+    let app = common::spawn_with(|c| c.max_body_bytes = 64 * 1024).await;
+    app.table("t", "set").await;
+    app.put("t", "a", json!("x".repeat(1000))).await;
+    let stream = export(&app, "t").await;
+    // Under the limit, line by line, it imports.
+    assert_eq!(import(&app, &stream, "?name=copy").await.status, 201);
+    // A line of 100 KiB is refused, naming it, and nothing is created.
+    let long = format!(
+        "{{\"key\":\"b\",\"value\":\"{}\",\"expires_at_ms\":null}}",
+        "y".repeat(100 * 1024)
+    );
+    let lines: Vec<&str> = stream.lines().collect();
+    let bad = format!("{}\n{long}\n{}\n", lines[0], lines[2]);
+    let r = import(&app, &bad, "?name=refused").await;
+    r.assert_error(400, "invalid_import");
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("line 2: the line is longer than 65536 bytes"),
+        "{}",
+        r.text
+    );
+    app.get_table("refused")
+        .await
+        .assert_error(404, "table_not_found");
+}
+
+#[tokio::test]
+async fn an_import_past_the_memory_limit_is_refused_and_gives_its_memory_back() {
+    let app = common::spawn_with(|c| {
+        c.max_memory_bytes = 8 << 20;
+        c.max_body_bytes = 1 << 20;
+    })
+    .await;
+    app.table("t", "set").await;
+    let pad = "z".repeat(100_000);
+    for i in 0..30 {
+        app.put("t", &format!("k{i}"), json!(pad)).await;
+    }
+    let stream = export(&app, "t").await;
+    let before = app.metric("larder_memory_bytes{kind=\"tables\"}").await;
+    // The copy would need another 3 MB: it fits once...
+    assert_eq!(import(&app, &stream, "?name=one").await.status, 201);
+    // ...and not a second time: the staged objects count as they arrive.
+    let r = import(&app, &stream, "?name=two").await;
+    r.assert_error(507, "memory_limit");
+    app.get_table("two")
+        .await
+        .assert_error(404, "table_not_found");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let now = app.metric("larder_memory_bytes{kind=\"tables\"}").await;
+        // The table "one" holds about what "t" holds.
+        if now < before * 2.0 + 200_000.0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{now} vs {before}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -562,3 +562,57 @@ async fn a_thousand_idle_watchers_cost_bounded_memory() {
     );
     drop((first, streams));
 }
+
+#[tokio::test]
+async fn a_stream_is_revoked_when_its_principal_loses_read_access() {
+    let app = spawn_with(|c| {
+        c.tokens = Some("alice:alice-token-0001,bob:bob-token-00002".into());
+    })
+    .await;
+    let alice = |req: reqwest::RequestBuilder| req.bearer_auth("alice-token-0001");
+    let r = alice(app.client.post(app.url("/v1/tables")))
+        .json(&json!({"name": "p", "access": "private"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let resp = alice(app.client.get(watch_url(&app, "p", "")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp;
+    let r = alice(app.client.post(app.url("/v1/tables/p/give_away")))
+        .json(&json!({"to": "bob"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let given = std::time::Instant::now();
+    let mut text = String::new();
+    loop {
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(5), body.chunk())
+            .await
+            .expect("the stream said something within 5 s")
+            .unwrap();
+        match chunk {
+            Some(bytes) => text.push_str(&String::from_utf8_lossy(&bytes)),
+            None => break,
+        }
+    }
+    assert!(
+        text.contains("event: revoked\ndata: {}\n\n"),
+        "the stream ended with {text:?}"
+    );
+    let took = given.elapsed();
+    assert!(
+        took < std::time::Duration::from_millis(1500),
+        "revoked after {took:?}"
+    );
+    // Alice's reads are refused as her stream was.
+    let r = alice(app.client.get(app.entry_url("p", "k")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+}

@@ -298,6 +298,18 @@ impl Report {
                 selects.export_objects_per_sec,
                 selects.export_rss_growth_bytes as f64 / 1e6
             );
+            let h = &selects.health;
+            println!(
+                "/healthz under {} heavy selects ({} answered): p50 {:.2} ms, p99 {:.2} ms (target < {:.0} ms) {}, max {:.2} ms over {} probes",
+                h.selects,
+                h.selects_answered,
+                h.p50_ms,
+                h.p99_ms,
+                h.target_p99_ms,
+                mark(h.met),
+                h.max_ms,
+                h.probes
+            );
         }
         if let Some(watch) = &self.watch {
             print_pairs("watch row", &watch.rows);

@@ -8,7 +8,10 @@
 //! - `select_count` with a guard over a table of 100,000 objects, as
 //!   objects examined per second;
 //! - an export of the big table: objects per second, and how much the
-//!   server's resident memory grew while it streamed.
+//!   server's resident memory grew while it streamed;
+//! - `/healthz` latency (p50, p99) while one heavy select per core walks
+//!   the big table: long work yields, so other requests still get served
+//!   (target p99 under 50 ms).
 
 use std::path::Path;
 use std::time::Instant;
@@ -34,6 +37,94 @@ pub struct SelectReport {
     pub export_objects_per_sec: f64,
     /// Growth of the server's resident memory over the export, bytes.
     pub export_rss_growth_bytes: i64,
+    /// `/healthz` while heavy selects run on the big table.
+    pub health: HealthUnderLoad,
+}
+
+/// How `/healthz` answers while as many heavy selects as there are cores
+/// walk the big table: the latency a probe (or any other request) sees
+/// when long work fills the server.
+#[derive(Debug, Serialize)]
+pub struct HealthUnderLoad {
+    /// Heavy selects running at once.
+    pub selects: usize,
+    /// Selects answered during the measurement (each walks the table from
+    /// its cursor until its deadline or its end).
+    pub selects_answered: u64,
+    /// Probes sent, one after another.
+    pub probes: usize,
+    /// Probe latencies, milliseconds.
+    pub p50_ms: f64,
+    /// Probe latencies, milliseconds.
+    pub p99_ms: f64,
+    /// Probe latencies, milliseconds.
+    pub max_ms: f64,
+    /// The target for p99.
+    pub target_p99_ms: f64,
+    /// Whether p99 met it.
+    pub met: bool,
+}
+
+/// `/healthz` latency, probe after probe for `duration`, while one heavy
+/// select per core runs against the big table in a loop.
+fn health_under_selects(
+    addr: std::net::SocketAddr,
+    duration: std::time::Duration,
+) -> HealthUnderLoad {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let selects = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicU64::new(0));
+    // A guard that costs something on every object and matches none: each
+    // request walks as far as its deadline lets it, then resumes.
+    let body = br#"{"match":{"value":{"n":"$n","v":"$v"}},"where":["andalso",["is_integer","$n"],[">",["*","$n",3],-1],["==",["size","$v"],1],["<","$n",0]],"limit":10000}"#;
+    let workers: Vec<_> = (0..selects)
+        .map(|_| {
+            let (stop, answered) = (stop.clone(), answered.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let (status, text) = http(addr, "POST", "/v1/tables/big/select", body);
+                    if status != 200 {
+                        fail(&format!(
+                            "heavy select: {status} {}",
+                            String::from_utf8_lossy(&text)
+                        ));
+                    }
+                    answered.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    // Let the selects get going first.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let mut latencies = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < duration || latencies.len() < 100 {
+        let t = Instant::now();
+        let (status, _) = http(addr, "GET", "/healthz", b"");
+        if status != 200 {
+            fail(&format!("/healthz answered {status} under load"));
+        }
+        latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.join();
+    }
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+    let p99 = at(0.99);
+    HealthUnderLoad {
+        selects,
+        selects_answered: answered.load(Ordering::Relaxed),
+        probes: latencies.len(),
+        p50_ms: at(0.5),
+        p99_ms: p99,
+        max_ms: latencies.last().copied().unwrap_or(0.0),
+        target_p99_ms: 50.0,
+        met: p99 < 50.0,
+    }
 }
 
 /// Runs the rows against `larder` (a server of its own).
@@ -121,6 +212,9 @@ pub fn run(opts: &Options, larder: &Proc, scripts: &Path) -> SelectReport {
     let count_objects_per_sec =
         count_objects as f64 * f64::from(requests) / started.elapsed().as_secs_f64();
 
+    eprintln!("/healthz while heavy selects run on {big} objects…");
+    let health = health_under_selects(addr, d.max(std::time::Duration::from_secs(2)));
+
     eprintln!("export of {big} objects…");
     let before = larder.rss() as i64;
     let started = Instant::now();
@@ -145,5 +239,6 @@ pub fn run(opts: &Options, larder: &Proc, scripts: &Path) -> SelectReport {
         export_objects: big,
         export_objects_per_sec: big as f64 / took,
         export_rss_growth_bytes: after - before,
+        health,
     }
 }

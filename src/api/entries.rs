@@ -504,7 +504,10 @@ pub async fn insert_entries(
 /// only `prefix` and promise no order. Every type pages with `next_cursor`
 /// (null exactly when the scan is complete), and a scan running while the
 /// table changes returns every entry that lived throughout it exactly once.
-/// Cursors stay valid while the server runs.
+/// Cursors stay valid while the server runs. A page may hold fewer entries
+/// than `limit` (even none) with a non-null cursor: it ends before
+/// `--max-response-bytes` of JSON, and a walk over many entries that do not
+/// match gives its worker back and stops before the request deadline.
 #[utoipa::path(
     get,
     path = "/v1/tables/{table}/entries",
@@ -512,6 +515,7 @@ pub async fn insert_entries(
     params(("table" = String, Path, description = "Table name"), ScanParams),
     responses(
         (status = 200, description = "One page", body = ScanResult),
+        (status = 422, description = "result_too_large: the page's first entry alone is over --max-response-bytes; error.key names it and error.next_cursor continues past it", body = ErrorBody),
         (status = 400, description = "Bad parameters (range options on a hashed table, limit out of range, bad cursor)", body = ErrorBody),
         (status = 403, description = "Not allowed to read the table", body = ErrorBody),
         (status = 404, description = "No such table", body = ErrorBody),
@@ -567,7 +571,10 @@ pub async fn scan_entries(
 
 /// Delete every object.
 ///
-/// ETS `delete_all_objects/1`: empties the table, keeping its settings.
+/// ETS `delete_all_objects/1`: empties the table, keeping its settings, in
+/// one step whatever it holds (one revision, one `clear` event; the
+/// objects are freed in the background, and a durable table saves one
+/// "cleared" mark rather than a removal per key).
 #[utoipa::path(
     delete,
     path = "/v1/tables/{table}/entries",

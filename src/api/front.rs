@@ -63,6 +63,8 @@ struct Scope {
     deadline: Instant,
     /// When long work should stop to answer in time.
     stop_at: Instant,
+    /// Where response bodies are counted.
+    memory: Arc<crate::store::MemoryUse>,
 }
 
 tokio::task_local! {
@@ -292,11 +294,13 @@ where
             at: request.deadline,
             body: request.body,
             changes: request.class.changes(),
+            bounded: !request.class.import,
         };
         let scope = Scope {
             caller: Cell::new(request.principal),
             deadline: request.deadline,
             stop_at: crate::pace::stop_before(request.deadline, self.shared.state.limits.timeout),
+            memory: self.shared.state.store.memory().clone(),
         };
         let long = request.class.long.then_some(request.deadline);
         let Some(key) = super::idempotency::applies(&req, request.class) else {
@@ -427,6 +431,51 @@ fn finish(shared: &Shared, mut resp: Response, f: Finished<'_>) -> Response {
     resp
 }
 
+/// Bodies at least this long are counted in the server's memory (kind
+/// `responses`) until sent: pages of scans and selects, multi-gets, export
+/// chunks. Shorter ones are bounded by the request count and not worth an
+/// allocation and two atomic adds each.
+const COUNTED_BODY_BYTES: usize = 16 * 1024;
+
+/// A response body's bytes, counted in the server's memory (kind
+/// `responses`) until the last reference to them is dropped, which is when
+/// hyper has written them: the count follows the bytes themselves, not the
+/// body that handed them over.
+pub fn counted(body: Vec<u8>) -> bytes::Bytes {
+    if body.len() < COUNTED_BODY_BYTES {
+        return body.into();
+    }
+    match SCOPE.try_with(|s| s.memory.clone()) {
+        Ok(memory) => counted_in(&memory, body),
+        Err(_) => body.into(),
+    }
+}
+
+/// [`counted`] in `memory`, outside a request's task (a streaming body).
+pub fn counted_in(memory: &Arc<crate::store::MemoryUse>, body: Vec<u8>) -> bytes::Bytes {
+    if body.len() < COUNTED_BODY_BYTES {
+        return body.into();
+    }
+    let held = crate::store::Held::new(
+        memory.clone(),
+        crate::store::MemoryKind::Responses,
+        body.len(),
+    );
+    bytes::Bytes::from_owner(CountedBytes { body, _held: held })
+}
+
+/// Bytes that give their count back when dropped.
+struct CountedBytes {
+    body: Vec<u8>,
+    _held: crate::store::Held,
+}
+
+impl AsRef<[u8]> for CountedBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.body
+    }
+}
+
 /// A HEAD answer keeps the length its body would have had and sends no
 /// body. The router does this for the routes it serves; handlers called
 /// directly get it here (on a router answer it changes nothing).
@@ -484,6 +533,9 @@ struct Deadline {
     /// The request may change data: once its body is in, its handler is
     /// never abandoned.
     changes: bool,
+    /// False for imports, which streams of any length feed: they are
+    /// bounded by their own limits, not the deadline.
+    bounded: bool,
 }
 
 /// Runs the handler under its deadline. When the deadline passes: a body
@@ -500,7 +552,7 @@ where
 {
     let mut handler = std::pin::pin!(handler);
     let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
-    let mut patient = false;
+    let mut patient = !deadline.bounded;
     std::future::poll_fn(|cx| {
         let _entered = span.enter();
         if let Poll::Ready(resp) = handler.as_mut().poll(cx) {

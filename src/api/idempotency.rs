@@ -13,8 +13,10 @@
 //! answered too). Only 2xx answers are remembered: a failed request changed
 //! nothing, so its retry runs afresh.
 
+use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -30,7 +32,7 @@ use super::routes::RouteClass;
 use super::AppState;
 use crate::error::ApiError;
 use crate::persist::Durability;
-use crate::store::Persistence;
+use crate::store::{MemoryKind, MemoryUse, Persistence};
 
 /// The request header that names a write for retries.
 pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -44,18 +46,58 @@ const RECORD_PREFIX: &str = "idempotency/";
 const MAX_KEY_BYTES: usize = 128;
 
 /// The remembered answers of one server.
+///
+/// # Memory
+/// Only the answers to writes on memory-only tables live here (they have
+/// no other home), with the claims of requests in flight. They are counted
+/// in the server's memory (kind `idempotency`) and capped at
+/// `--idempotency-max-bytes`: past it the oldest expire early (counted in
+/// `evicted`). Records of durable tables live in the durable tier alone
+/// (the local engine, or PostgreSQL) and are read from there on a retry,
+/// so a client that sends fresh keys to a durable table grows its disk,
+/// not the server's memory.
 #[derive(Debug)]
 pub struct Idempotency {
     records: DashMap<String, Slot>,
     ttl_ms: u64,
+    /// Memory records, oldest first, as `(id, stamp)`: the eviction order.
+    /// Entries whose record is gone are skipped (and dropped by purges).
+    order: Mutex<VecDeque<(String, u64)>>,
+    /// Stamps records, so a queue entry names one record, not its id.
+    stamps: AtomicU64,
+    /// Bytes of the records in `records`.
+    bytes: AtomicUsize,
+    max_bytes: usize,
+    memory: Arc<MemoryUse>,
+    /// Records of memory tables expired early to stay under `max_bytes`.
+    evicted: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
 enum Slot {
     /// The first request is running.
     InFlight { fingerprint: String },
-    /// Its answer.
-    Done(Arc<Record>),
+    /// Its answer, with its place in the eviction order and its size.
+    Done {
+        record: Arc<Record>,
+        stamp: u64,
+        bytes: usize,
+    },
+}
+
+/// Bytes a slot holds besides its strings: the map entry, the `Arc`, the
+/// queue entry.
+const SLOT_OVERHEAD: usize = 160;
+
+impl Record {
+    fn footprint(&self, id: &str) -> usize {
+        SLOT_OVERHEAD
+            + id.len() * 2
+            + self.fingerprint.len()
+            + self.body.len()
+            + self.etag.as_ref().map_or(0, String::len)
+            + self.content_type.as_ref().map_or(0, String::len)
+    }
 }
 
 /// A remembered answer.
@@ -112,15 +154,86 @@ fn table_of(path: &str) -> String {
 }
 
 impl Idempotency {
-    /// An empty set of records kept for `ttl_ms`.
-    pub fn new(ttl_ms: u64) -> Self {
+    /// An empty set of records kept for `ttl_ms`, holding at most
+    /// `max_bytes` of memory records, counted in `memory`.
+    pub fn new(ttl_ms: u64, max_bytes: usize, memory: Arc<MemoryUse>) -> Self {
         Idempotency {
             records: DashMap::new(),
             ttl_ms,
+            order: Mutex::new(VecDeque::new()),
+            stamps: AtomicU64::new(0),
+            bytes: AtomicUsize::new(0),
+            max_bytes,
+            memory,
+            evicted: AtomicU64::new(0),
         }
     }
 
-    /// Loads the records saved on local disk, dropping expired ones.
+    /// Bytes of memory records held now, and how many expired early.
+    pub fn stats(&self) -> (usize, u64) {
+        (
+            self.bytes.load(Ordering::Relaxed),
+            self.evicted.load(Ordering::Relaxed),
+        )
+    }
+
+    fn count(&self, delta: isize) {
+        if delta >= 0 {
+            self.bytes
+                .fetch_add(delta.unsigned_abs(), Ordering::Relaxed);
+        } else {
+            self.bytes
+                .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+        }
+        self.memory.add(MemoryKind::Idempotency, delta as i64);
+    }
+
+    /// Remembers a memory table's answer, then expires the oldest records
+    /// until the cap holds again.
+    fn remember(&self, id: String, record: Arc<Record>) {
+        let bytes = record.footprint(&id);
+        let stamp = self.stamps.fetch_add(1, Ordering::Relaxed);
+        self.count(bytes as isize);
+        if let Some(Slot::Done { bytes: old, .. }) = self.records.insert(
+            id.clone(),
+            Slot::Done {
+                record,
+                stamp,
+                bytes,
+            },
+        ) {
+            self.count(-(old as isize));
+        }
+        let mut order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
+        order.push_back((id, stamp));
+        while self.bytes.load(Ordering::Relaxed) > self.max_bytes {
+            let Some((oldest, stamp)) = order.pop_front() else {
+                break;
+            };
+            if self.forget(&oldest, |s| s == stamp) {
+                self.evicted.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Removes the record `id` if `which` accepts its stamp; true if it did.
+    fn forget(&self, id: &str, which: impl Fn(u64) -> bool) -> bool {
+        let removed = self.records.remove_if(
+            id,
+            |_, s| matches!(s, Slot::Done { stamp, .. } if which(*stamp)),
+        );
+        match removed {
+            Some((_, Slot::Done { bytes, .. })) => {
+                self.count(-(bytes as isize));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// At start: removes the expired records from local disk and counts
+    /// the others. Nothing is loaded into memory: a retry reads its record
+    /// from disk when it needs it.
     ///
     /// # Errors
     /// What the engine says.
@@ -129,38 +242,58 @@ impl Idempotency {
         durability: &Durability,
         now: u64,
     ) -> Result<usize, crate::persist::PersistError> {
-        let mut loaded = 0;
-        for (key, bytes) in durability.records(RECORD_PREFIX)? {
-            let Some(id) = key.strip_prefix(RECORD_PREFIX) else {
-                continue;
-            };
-            match serde_json::from_slice::<Record>(&bytes) {
-                Ok(r) if r.expires_at >= now => {
-                    self.records.insert(id.to_owned(), Slot::Done(Arc::new(r)));
-                    loaded += 1;
-                }
-                _ => durability.remove_record(&key)?,
+        let mut kept = 0;
+        let mut expired = Vec::new();
+        durability.for_each_record(RECORD_PREFIX, &mut |key, bytes| {
+            match serde_json::from_slice::<Record>(bytes) {
+                Ok(r) if r.expires_at >= now => kept += 1,
+                _ => expired.push(key.to_owned()),
             }
+            Ok(())
+        })?;
+        for key in expired {
+            durability.remove_record(&key)?;
         }
-        Ok(loaded)
+        Ok(kept)
     }
 
     /// Forgets expired records, in memory and on local disk.
     pub fn purge(&self, durability: &Durability, now: u64) {
-        let expired: Vec<String> = self
+        let expired: Vec<(String, u64)> = self
             .records
             .iter()
-            .filter(|e| matches!(e.value(), Slot::Done(r) if r.expires_at < now))
-            .map(|e| e.key().clone())
-            .collect();
-        for id in expired {
-            let removed = self
-                .records
-                .remove_if(&id, |_, s| matches!(s, Slot::Done(r) if r.expires_at < now));
-            if removed.is_some() {
-                if let Err(e) = durability.remove_record(&format!("{RECORD_PREFIX}{id}")) {
-                    tracing::warn!(error = %e, "could not remove an expired idempotency record");
+            .filter_map(|e| match e.value() {
+                Slot::Done { record, stamp, .. } if record.expires_at < now => {
+                    Some((e.key().clone(), *stamp))
                 }
+                _ => None,
+            })
+            .collect();
+        for (id, stamp) in expired {
+            self.forget(&id, |s| s == stamp);
+        }
+        // The eviction order loses the entries whose record is gone.
+        self.order
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|(id, stamp)| {
+                self.records
+                    .get(id)
+                    .is_some_and(|s| matches!(*s, Slot::Done { stamp: t, .. } if t == *stamp))
+            });
+        let mut on_disk = Vec::new();
+        let walked = durability.for_each_record(RECORD_PREFIX, &mut |key, bytes| {
+            if serde_json::from_slice::<Record>(bytes).map_or(true, |r| r.expires_at < now) {
+                on_disk.push(key.to_owned());
+            }
+            Ok(())
+        });
+        if let Err(e) = walked {
+            tracing::warn!(error = %e, "could not read idempotency records to purge");
+        }
+        for key in on_disk {
+            if let Err(e) = durability.remove_record(&key) {
+                tracing::warn!(error = %e, "could not remove an expired idempotency record");
             }
         }
     }
@@ -222,10 +355,14 @@ where
     let now = state.store.now_ms();
 
     // Claim the key, or answer from what holds it.
+    let idempotency = &state.idempotency;
     match records.entry(id.clone()) {
         MapEntry::Occupied(mut held) => match held.get() {
-            Slot::Done(r) if r.expires_at >= now => return replay(r, &fingerprint),
-            Slot::Done(_) => {
+            Slot::Done { record, .. } if record.expires_at >= now => {
+                return replay(record, &fingerprint)
+            }
+            Slot::Done { bytes, .. } => {
+                idempotency.count(-(*bytes as isize));
                 held.insert(Slot::InFlight {
                     fingerprint: fingerprint.clone(),
                 });
@@ -250,22 +387,11 @@ where
         id: id.clone(),
         fingerprint: fingerprint.clone(),
     };
-    // A cluster table's record may have been made on another node.
-    if matches!(tier, Tier::Cluster) {
-        let stored = match &state.cluster {
-            Some(c) => c.load_record(&id).await,
-            None => Ok(None),
-        };
-        match stored {
-            Ok(Some(text)) => {
-                if let Ok(r) = serde_json::from_str::<Record>(&text) {
-                    let r = Arc::new(r);
-                    records.insert(id, Slot::Done(r.clone()));
-                    return replay(&r, &fingerprint);
-                }
-            }
-            Ok(None) => {}
-            Err(e) => return Err(e),
+    // A durable table's records live in its tier only (on a cluster, a
+    // record may have been made on another node).
+    if let Some(stored) = stored_record(state, &tier, &id).await? {
+        if stored.expires_at >= now {
+            return replay(&stored, &fingerprint);
         }
     }
 
@@ -311,8 +437,32 @@ where
         expires_at: now.saturating_add(state.idempotency.ttl_ms),
     });
     save(state, &tier, &id, &record).await?;
-    records.insert(id, Slot::Done(record));
+    if matches!(tier, Tier::Memory) {
+        // Replaces the claim: the answer has no other home.
+        idempotency.remember(id, record);
+    }
+    drop(claim);
     Ok(Response::from_parts(parts, Body::from(bytes)))
+}
+
+/// The record `id` as a durable tier keeps it, if any.
+async fn stored_record(
+    state: &AppState,
+    tier: &Tier,
+    id: &str,
+) -> Result<Option<Record>, ApiError> {
+    let text = match tier {
+        Tier::Memory => return Ok(None),
+        Tier::Local { .. } => state
+            .durability
+            .record(&format!("{RECORD_PREFIX}{id}"))
+            .map_err(|e| ApiError::Internal(format!("reading an idempotency record: {e}")))?,
+        Tier::Cluster => match &state.cluster {
+            Some(c) => c.load_record(id).await?.map(String::into_bytes),
+            None => None,
+        },
+    };
+    Ok(text.and_then(|t| serde_json::from_slice(&t).ok()))
 }
 
 /// A request's claim on its key: dropped while still in flight (the answer

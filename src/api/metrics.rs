@@ -380,12 +380,23 @@ fn write_server(out: &mut String, state: &AppState) {
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
         );
     };
+    let memory = state.store.memory();
+    out.push_str("# HELP larder_memory_bytes Estimated bytes held for clients, by kind; their sum is what --max-memory-bytes limits.\n");
+    out.push_str("# TYPE larder_memory_bytes gauge\n");
+    for kind in crate::store::MemoryKind::ALL {
+        let _ = writeln!(
+            out,
+            "larder_memory_bytes{{kind=\"{}\"}} {}",
+            kind.label(),
+            memory.of(kind)
+        );
+    }
     single(
         out,
-        "larder_memory_bytes",
+        "larder_memory_limit_bytes",
         "gauge",
-        "Estimated bytes held by all tables.",
-        state.store.memory_bytes(),
+        "The server-wide memory limit (--max-memory-bytes); 0 for none.",
+        memory.limit(),
     );
     single(
         out,
@@ -415,6 +426,14 @@ fn write_server(out: &mut String, state: &AppState) {
         "counter",
         "Sync-mode writes made durable; divide by rounds for writes per fsync.",
         s.sync_tickets.load(Relaxed),
+    );
+    let (_, evicted) = state.idempotency.stats();
+    single(
+        out,
+        "larder_idempotency_evicted_total",
+        "counter",
+        "Remembered answers of memory tables expired early to stay under --idempotency-max-bytes.",
+        evicted,
     );
     let (running, slots, shed) = state.limits.long_stats();
     single(

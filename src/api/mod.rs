@@ -303,15 +303,25 @@ impl Services {
             }
             return Ok(TableHandle::Cluster(cluster.create_table(spec).await?));
         }
+        self.adopt_table(self.store.detached_table(spec)?).await
+    }
+
+    /// Takes a table made outside the catalog (see
+    /// [`Store::adopt_table_with`]; an import fills one unseen) into it:
+    /// durable definition first, then visible.
+    ///
+    /// # Errors
+    /// As [`Self::create_table`].
+    pub async fn adopt_table(&self, table: Arc<Table>) -> Result<TableHandle<'_>, ApiError> {
         if let Some(cluster) = &self.cluster {
-            if cluster.has_table(&spec.name).await? {
-                return Err(ApiError::TableExists(spec.name));
+            if cluster.has_table(table.name()).await? {
+                return Err(ApiError::TableExists(table.name().to_owned()));
             }
         }
         let (store, durability) = (self.store.clone(), self.durability.clone());
         let limit = self.limits.max_tables;
         let table = run_blocking(move || {
-            store.create_table_with(spec, limit, |t| {
+            store.adopt_table_with(table, limit, |t| {
                 durability.create_table(t).map_err(storage_failed)
             })
         })

@@ -23,12 +23,32 @@ Two values are identical (for `bag` and `delete_object`) when their canonical te
 Numbers outside the 64-bit integer range are kept as IEEE doubles, as JavaScript would.\n\n\
 ETags are entry versions, unique across the server; `If-Match` and `If-None-Match` make writes \
 conditional. Versions increase with every write of any key, a rolled-back bulk insert included.\n\n\
-Connections stay usable after an early answer: a request refused before its body was read \
-(401, 403, 404, 405, 413, 503) has the rest of its body read and discarded, up to the body limit; \
-past that, or for a body that arrives too slowly, the answer carries `Connection: close`. Every \
-answer carries `x-request-id`: the client's own, when it sent one.\n\n\
-Idempotent retries: every write (PUT, PATCH, DELETE and POST, except `select`, `select_count` and \
-`lookup`, which change nothing) may carry `Idempotency-Key: <1-128 printable ASCII>`. The first \
+Connections stay usable after most early answers: a request answered by a handler before its \
+body was read (403, 404, 405, 503) has the rest of its body read and discarded, up to the body \
+limit; past that, or for a body that arrives too slowly, the answer carries `Connection: close`. \
+A request refused before any of its body was read (401, a declared `Content-Length` over the \
+limit: 413, before any `100 Continue`) closes the connection instead. Every answer carries \
+`x-request-id`: the client's own, when it sent one.\n\n\
+Bounds: no client can exhaust the server's memory, descriptors or workers. Connections are capped \
+(`--max-connections`; at the cap the one waiting longest for a request head, else the longest idle, \
+is closed to make room); a request head must arrive within `--header-timeout-ms` (10 s) and be at \
+most 64 KiB (431 `headers_too_large`); idle keep-alive connections close after \
+`--idle-timeout-ms` (60 s). `--request-timeout-ms` is each request's deadline: a body not in by \
+then gets 408 `request_timeout` (nothing applied); a read not answered by then 503; a write \
+whose body is in is never abandoned. Scans, selects, exports and imports are long work: at most \
+`--max-long-requests` run at once (others wait until their deadline, then 503), they give their \
+worker thread back every few milliseconds, and scans and selects stop before the deadline with \
+what they found and a cursor. A select or scan page is at most `--max-response-bytes` (8 MiB) of \
+JSON: the result that would cross it starts the next page, and a single result over it is 422 \
+`result_too_large`, naming its key, with a `next_cursor` past it (a multi-get over it is 422 \
+too). `delete_all_objects` is one step whatever the table holds. Watch history, idempotency \
+records and response bodies in flight count toward `--max-memory-bytes` with the tables. A watch \
+stream whose principal loses read access gets `event: revoked` and ends. Bodies whose objects \
+repeat a member name are 400 `invalid_json`. Imports are bound by `--max-import-bytes` and \
+`--max-body-bytes` per line, not by the deadline.\n\n\
+Idempotent retries: every write and manage operation (decided by route and method: PUT, PATCH, \
+DELETE and POST, except `select`, `select_count` and `lookup`, which change nothing, and imports, \
+whose streams are not buffered) may carry `Idempotency-Key: <1-128 printable ASCII>`. The first \
 request with a key is applied and its 2xx answer remembered for `--idempotency-ttl-secs` (default \
 one day), per principal and table; a retry with the same key, method, path and body gets that \
 answer (status, body, `ETag`) with `Idempotent-Replayed: true` and applies nothing. The same key \
@@ -99,7 +119,15 @@ fn error_example(code: &str) -> Option<serde_json::Value> {
         "404" => ("key_not_found", "key not found"),
         "409" => ("not_a_counter", "the stored value is not a 64-bit integer"),
         "412" => ("precondition_failed", "the entry changed or is absent"),
+        "408" => (
+            "request_timeout",
+            "the request body did not arrive in time; nothing was applied",
+        ),
         "413" => ("payload_too_large", "request body exceeds 1048576 bytes"),
+        "422" => (
+            "result_too_large",
+            "the answer would pass the 8388608-byte limit (--max-response-bytes) at key \"big\"; continue after it with next_cursor",
+        ),
         "502" => ("origin_error", "origin failed: origin answered 500"),
         "503" => ("unavailable", "too many requests in flight; retry shortly"),
         "504" => ("origin_timeout", "origin did not answer in time"),
@@ -169,6 +197,10 @@ fn common(path: &str, op: &mut Operation, is_head: bool) {
         );
         if op.request_body.is_some() {
             add("413", "Body larger than --max-body-bytes");
+            add(
+                "408",
+                "The body did not arrive before the request deadline (--request-timeout-ms); nothing was applied",
+            );
         }
     } else if path == "/metrics" {
         add(

@@ -20,7 +20,7 @@ pub const MISS: &str = "MISS";
 
 /// A response with a JSON body.
 pub fn json(status: StatusCode, body: Vec<u8>) -> Response {
-    let mut resp = Response::new(Body::from(body));
+    let mut resp = Response::new(Body::from(super::front::counted(body)));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

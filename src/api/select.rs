@@ -279,6 +279,7 @@ async fn count_or_delete(
     request_body = SelectBody,
     responses(
         (status = 200, description = "One page of results", body = SelectResult),
+        (status = 422, description = "result_too_large: the page's first result alone is over --max-response-bytes; error.key names it and error.next_cursor continues past it", body = ErrorBody),
         (status = 400, description = "invalid_match_spec (the message names the offending part), or a bad range, limit or cursor", body = ErrorBody),
         (status = 403, description = "Not allowed to read the table", body = ErrorBody),
         (status = 404, description = "No such table", body = ErrorBody),
@@ -414,6 +415,7 @@ pub async fn select_delete(
     request_body = LookupBody,
     responses(
         (status = 200, description = "Entries found and keys missing", body = LookupResult),
+        (status = 422, description = "result_too_large: the entries found are over --max-response-bytes together; ask for fewer keys", body = ErrorBody),
         (status = 400, description = "Not 1 to 1000 valid keys", body = ErrorBody),
         (status = 403, description = "Not allowed to read the table", body = ErrorBody),
         (status = 404, description = "No such table", body = ErrorBody),

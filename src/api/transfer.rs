@@ -7,10 +7,13 @@
 
 use super::direct::ApiRoutes;
 use crate::api_routes;
+use std::sync::Arc;
+
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::Response;
+use bytes::BytesMut;
 use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 use sha2::{Digest, Sha256};
@@ -23,7 +26,7 @@ use super::tables::{info_response, spec_from_body};
 use super::AppState;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::ops::{ReadFrom, TableOps};
-use crate::store::{Cursor, Expiry, ScanRequest, Value};
+use crate::store::{Cursor, Expiry, Persistence, ScanRequest, Table, Value};
 
 /// Routes for export and import.
 pub fn router() -> ApiRoutes {
@@ -44,9 +47,15 @@ const NDJSON: &str = "application/x-ndjson";
 enum Phase {
     /// Between tables: the next one's first line comes next.
     Next,
-    Objects(Option<Cursor>),
+    /// The object lines: the rows of the page read last, then the page at
+    /// the cursor, if there is one.
+    Objects,
     Trailer,
 }
+
+/// Most bytes of object lines in one chunk of an export (a single longer
+/// line goes alone): bounds what one export holds at a time.
+const CHUNK_BYTES: usize = 256 * 1024;
 
 /// An export in progress: what the stream needs between pages.
 struct Export {
@@ -59,6 +68,10 @@ struct Export {
     phase: Phase,
     hasher: Sha256,
     count: u64,
+    /// Objects of the page read last that are not sent yet.
+    rows: std::collections::VecDeque<(crate::store::Key, Value, u64)>,
+    /// Where the next page starts; `None` when the last page was read.
+    cursor: Option<Cursor>,
 }
 
 /// The create body of a table, as an export's first line.
@@ -88,6 +101,8 @@ impl Export {
             phase: Phase::Next,
             hasher: Sha256::new(),
             count: 0,
+            rows: std::collections::VecDeque::new(),
+            cursor: None,
         }
     }
 
@@ -106,15 +121,17 @@ impl Export {
                 self.table = name;
                 self.hasher = Sha256::new();
                 self.count = 0;
-                self.phase = Phase::Objects(None);
+                self.rows.clear();
+                self.cursor = Some(Cursor::start());
+                self.phase = Phase::Objects;
                 break header;
             },
-            Phase::Objects(cursor) => self.page(cursor).await.map(|(chunk, next)| {
-                self.phase = match next {
-                    Some(c) => Phase::Objects(Some(c)),
-                    None => Phase::Trailer,
+            Phase::Objects => self.page().await.inspect(|_| {
+                self.phase = if self.rows.is_empty() && self.cursor.is_none() {
+                    Phase::Trailer
+                } else {
+                    Phase::Objects
                 };
-                chunk
             }),
             Phase::Trailer => {
                 let sha = hex(&std::mem::take(&mut self.hasher).finalize());
@@ -122,7 +139,10 @@ impl Export {
             }
         };
         match chunk {
-            Ok(bytes) => Some((Ok(Bytes::from(bytes)), self)),
+            Ok(bytes) => {
+                let bytes = super::front::counted_in(self.state.store.memory(), bytes);
+                Some((Ok(bytes), self))
+            }
             Err(e) => {
                 tracing::warn!(table = %self.table, error = %e, "export cut short");
                 self.queue.clear();
@@ -131,34 +151,48 @@ impl Export {
         }
     }
 
-    /// One page of object lines, and where the next starts.
-    async fn page(&mut self, cursor: Option<Cursor>) -> ApiResult<(Vec<u8>, Option<Cursor>)> {
-        let table = self
-            .state
-            .table_for(&self.table, &self.who, Op::Read)
-            .await?;
-        let req = ScanRequest {
-            limit: PAGE,
-            cursor,
-            ..ScanRequest::default()
-        };
-        let page = table.scan(&req, ReadFrom::Primary).await?;
-        let mut out =
-            Vec::with_capacity(page.items.iter().map(|(k, v)| k.len() + v.len() + 48).sum());
-        for (i, (key, value)) in page.items.iter().enumerate() {
+    /// One chunk of object lines: at most [`CHUNK_BYTES`] (or one line)
+    /// from the rows of the page read last, reading the next page first
+    /// when none are left. Empty when a page had nothing to send.
+    async fn page(&mut self) -> ApiResult<Vec<u8>> {
+        if self.rows.is_empty() {
+            let table = self
+                .state
+                .table_for(&self.table, &self.who, Op::Read)
+                .await?;
+            let req = ScanRequest {
+                limit: PAGE,
+                cursor: self.cursor.take().filter(|c| *c != Cursor::start()),
+                ..ScanRequest::default()
+            };
+            let page = table.scan(&req, ReadFrom::Primary).await?;
+            self.cursor = page.next_cursor;
+            let deadlines = page.deadlines.iter().copied();
+            self.rows = page
+                .items
+                .into_iter()
+                .zip(deadlines)
+                .map(|((k, v), d)| (k, v, d))
+                .collect();
+        }
+        let mut out = Vec::new();
+        while let Some((key, value, deadline)) = self.rows.front() {
+            if !out.is_empty() && out.len() + key.len() + value.len() + 48 > CHUNK_BYTES {
+                break;
+            }
             let start = out.len();
             out.extend_from_slice(b"{\"key\":");
             push_str(&mut out, key);
             out.extend_from_slice(b",\"value\":");
             out.extend_from_slice(value.as_bytes());
             out.extend_from_slice(b",\"expires_at_ms\":");
-            let deadline = page.deadlines.get(i).copied().filter(|ms| *ms != 0);
-            push_opt_u64(&mut out, deadline);
+            push_opt_u64(&mut out, Some(*deadline).filter(|ms| *ms != 0));
             out.extend_from_slice(b"}\n");
             self.hasher.update(&out[start..]);
             self.count += 1;
+            self.rows.pop_front();
         }
-        Ok((out, page.next_cursor))
+        Ok(out)
     }
 }
 
@@ -254,28 +288,56 @@ fn bad(line: usize, why: impl std::fmt::Display) -> ApiError {
     ApiError::InvalidImport(format!("line {line}: {why}"))
 }
 
-/// Splits a body into lines, refusing more than `limit` bytes in all.
+/// Splits a body into lines, refusing more than `limit` bytes in all and
+/// any line longer than `max_line`. Each byte is looked at once, however
+/// the lines are cut into pieces on the wire.
 struct Lines {
     body: Body,
-    buf: Vec<u8>,
+    buf: BytesMut,
+    /// Bytes at the front of `buf` known to hold no line feed.
+    scanned: usize,
     read: usize,
     limit: usize,
+    max_line: usize,
     ended: bool,
+    /// Bytes looked at for line feeds so far: the body's length at most,
+    /// whatever its pieces (a test holds it to that).
+    looked: usize,
 }
 
 impl Lines {
     /// The next line without its `\n`; a last line without one is returned
-    /// as it is.
-    async fn next(&mut self) -> ApiResult<Option<Vec<u8>>> {
+    /// as it is. `n` is the line's number, for the error of one too long.
+    async fn next(&mut self, n: usize) -> ApiResult<Option<Bytes>> {
+        let too_long = || {
+            bad(
+                n,
+                format!(
+                    "the line is longer than {} bytes (--max-body-bytes)",
+                    self.max_line
+                ),
+            )
+        };
         loop {
-            if let Some(at) = self.buf.iter().position(|b| *b == b'\n') {
-                let rest = self.buf.split_off(at + 1);
-                let mut line = std::mem::replace(&mut self.buf, rest);
-                line.pop();
-                return Ok(Some(line));
+            let found = self.buf[self.scanned..].iter().position(|b| *b == b'\n');
+            self.looked += found.map_or(self.buf.len() - self.scanned, |at| at + 1);
+            if let Some(at) = found {
+                let end = self.scanned + at;
+                if end > self.max_line {
+                    return Err(too_long());
+                }
+                let mut line = self.buf.split_to(end + 1);
+                self.scanned = 0;
+                line.truncate(end);
+                return Ok(Some(line.freeze()));
+            }
+            self.scanned = self.buf.len();
+            if self.buf.len() > self.max_line {
+                return Err(too_long());
             }
             if self.ended {
-                return Ok((!self.buf.is_empty()).then(|| std::mem::take(&mut self.buf)));
+                self.scanned = 0;
+                return Ok((!self.buf.is_empty()).then(|| self.buf.split().freeze()));
             }
             match next_data(&mut self.body, &mut self.read, self.limit).await? {
                 None => self.ended = true,
@@ -316,11 +378,15 @@ pub async fn import_table(
     QueryParams(params): QueryParams<ImportParams>,
     body: Body,
 ) -> ApiResult<Response> {
-    let mut reader = Reader::new(body, state.limits.max_import_bytes);
+    let mut reader = Reader::new(
+        body,
+        state.limits.max_import_bytes,
+        state.limits.max_body_bytes,
+    );
     let Some(section) = reader.section(&state, &who, params.name).await? else {
         return Err(bad(1, "the stream is empty"));
     };
-    if let Some(extra) = reader.lines.next().await? {
+    if let Some(extra) = reader.lines.next(reader.n + 1).await? {
         if !extra.iter().all(u8::is_ascii_whitespace) {
             return Err(bad(reader.n + 1, "nothing may follow the trailer"));
         }
@@ -357,7 +423,11 @@ pub async fn import_all(
     who: Principal,
     body: Body,
 ) -> ApiResult<Response> {
-    let mut reader = Reader::new(body, state.limits.max_import_bytes);
+    let mut reader = Reader::new(
+        body,
+        state.limits.max_import_bytes,
+        state.limits.max_body_bytes,
+    );
     let mut sections = Vec::new();
     while let Some(section) = reader.section(&state, &who, None).await? {
         if sections
@@ -384,12 +454,56 @@ pub async fn import_all(
     super::respond::serialized(StatusCode::CREATED, &super::tables::TableList { tables })
 }
 
-/// One verified table of an import stream.
+/// One verified table of an import stream, its objects staged in a table
+/// no lookup finds.
 struct Section {
     spec: crate::store::TableSpec,
-    items: Vec<(String, Value, Expiry)>,
+    staged: Staged,
     /// Its first line's number, for messages.
     first_line: usize,
+}
+
+/// Objects of an import inserted this many at a time into their staging
+/// table (or fewer, once they reach [`IMPORT_BATCH_BYTES`]).
+const IMPORT_BATCH: usize = 1000;
+/// Bytes of keys and values after which a staging batch is inserted.
+const IMPORT_BATCH_BYTES: usize = 1 << 20;
+
+/// A table an import fills before anyone can see it: counted in the
+/// server's memory like any table (so `--max-memory-bytes` bounds an
+/// import), and emptied when the import fails.
+struct Staged(Option<Arc<Table>>);
+
+impl Staged {
+    fn table(&self) -> ApiResult<&Arc<Table>> {
+        self.0
+            .as_ref()
+            .ok_or_else(|| ApiError::Internal("an import's staging table is gone".into()))
+    }
+
+    /// Inserts one batch, all or nothing.
+    fn insert(&self, batch: Vec<(String, Value, Expiry)>) -> ApiResult<()> {
+        if !batch.is_empty() {
+            self.table()?.insert_many(batch)?;
+        }
+        Ok(())
+    }
+
+    /// The staged table, which from now on is someone else's to keep or
+    /// empty.
+    fn take(mut self) -> ApiResult<Arc<Table>> {
+        self.0
+            .take()
+            .ok_or_else(|| ApiError::Internal("an import's staging table is gone".into()))
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if let Some(table) = self.0.take() {
+            table.clear();
+        }
+    }
 }
 
 /// Reads tables from an import stream, counting lines.
@@ -400,14 +514,17 @@ struct Reader {
 }
 
 impl Reader {
-    fn new(body: Body, limit: usize) -> Self {
+    fn new(body: Body, limit: usize, max_line: usize) -> Self {
         Reader {
             lines: Lines {
                 body,
-                buf: Vec::new(),
+                buf: BytesMut::new(),
+                scanned: 0,
                 read: 0,
                 limit,
+                max_line,
                 ended: false,
+                looked: 0,
             },
             n: 0,
         }
@@ -422,7 +539,7 @@ impl Reader {
         rename: Option<String>,
     ) -> ApiResult<Option<Section>> {
         let first = loop {
-            let Some(line) = self.lines.next().await? else {
+            let Some(line) = self.lines.next(self.n + 1).await? else {
                 return Ok(None);
             };
             self.n += 1;
@@ -445,14 +562,19 @@ impl Reader {
             ApiError::InvalidArgument(m) | ApiError::InvalidName(m) => bad(first_line, m),
             other => other,
         })?;
+        let staged = Staged(Some(state.store.detached_table(spec.clone())?));
         let mut hasher = Sha256::new();
-        let mut items = Vec::new();
+        let mut batch = Vec::with_capacity(IMPORT_BATCH);
+        let mut batch_bytes = 0;
         let mut count = 0u64;
         let now = state.store.now_ms();
+        // Imports are not bound by the request deadline, only by their
+        // limits; they still give the worker back between batches.
+        let mut pace = crate::pace::Pace::new(None);
         let trailer = loop {
             self.n += 1;
             let n = self.n;
-            let Some(line) = self.lines.next().await? else {
+            let Some(line) = self.lines.next(n).await? else {
                 return Err(bad(n, "the stream ends before its trailer"));
             };
             let parsed: Json =
@@ -471,11 +593,19 @@ impl Reader {
             match object.expires_at_ms {
                 // Expired already: counted in the checksum, not restored.
                 Some(at) if at <= now => {}
-                deadline => items.push((
-                    key,
-                    Value::from_json(&object.value),
-                    Expiry::At(deadline.unwrap_or(0)),
-                )),
+                deadline => {
+                    let value = Value::from_json(&object.value);
+                    batch_bytes += key.len() + value.len();
+                    batch.push((key, value, Expiry::At(deadline.unwrap_or(0))));
+                }
+            }
+            if batch.len() >= IMPORT_BATCH || batch_bytes >= IMPORT_BATCH_BYTES {
+                staged.insert(std::mem::replace(
+                    &mut batch,
+                    Vec::with_capacity(IMPORT_BATCH),
+                ))?;
+                batch_bytes = 0;
+                pace.tick().await;
             }
         };
         if trailer.count != count {
@@ -490,9 +620,10 @@ impl Reader {
         if trailer.sha256 != hex(&hasher.finalize()) {
             return Err(bad(self.n, "the checksum does not match the object lines"));
         }
+        staged.insert(batch)?;
         Ok(Some(Section {
             spec,
-            items,
+            staged,
             first_line,
         }))
     }
@@ -510,31 +641,48 @@ async fn refuse_taken(state: &AppState, who: &Principal, names: &[String]) -> Ap
     Ok(())
 }
 
-/// Creates the sections' tables and inserts their objects, all or nothing:
-/// on any failure every table made here is dropped again.
+/// Makes the sections' tables visible, all or nothing: on any failure
+/// every table made here is dropped again. A local table is its staging
+/// table, taken into the catalog as it is (on a `sync` table the answer
+/// waits until its objects are on disk); a cluster table is created and
+/// filled from the staging table page by page.
 async fn restore(
     state: &AppState,
     sections: Vec<Section>,
 ) -> ApiResult<Vec<crate::ops::TableHandle<'_>>> {
     let mut created = Vec::with_capacity(sections.len());
     let mut failed = None;
+    let mut sync = false;
     for section in sections {
-        let table = match state.create_table(section.spec).await {
-            Ok(t) => t,
-            Err(e) => {
-                failed = Some(e);
-                break;
+        let made = if section.spec.settings.persistence == Persistence::Cluster {
+            copy_into_cluster(state, section, &mut created).await
+        } else {
+            sync |= section.spec.settings.persistence == Persistence::Sync;
+            match section.staged.take() {
+                Ok(staged) => match state.adopt_table(staged.clone()).await {
+                    Ok(t) => {
+                        created.push(t);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        // Nobody else will: give its memory back.
+                        staged.clear();
+                        Err(e)
+                    }
+                },
+                Err(e) => Err(e),
             }
         };
-        let inserted = if section.items.is_empty() {
-            Ok(0)
-        } else {
-            table.insert_many(section.items).await
-        };
-        created.push(table);
-        if let Err(e) = inserted {
+        if let Err(e) = made {
             failed = Some(e);
             break;
+        }
+    }
+    if failed.is_none() && sync {
+        if let Err(e) = state.durability.wait_durable(false).await {
+            failed = Some(ApiError::Unavailable(format!(
+                "could not make the import durable: {e}"
+            )));
         }
     }
     let Some(e) = failed else {
@@ -546,4 +694,91 @@ async fn restore(
         }
     }
     Err(e)
+}
+
+/// Creates a section's cluster table (pushed to `created` at once, so a
+/// failure drops it) and inserts the staged objects, a page at a time.
+async fn copy_into_cluster<'a>(
+    state: &'a AppState,
+    section: Section,
+    created: &mut Vec<crate::ops::TableHandle<'a>>,
+) -> ApiResult<()> {
+    let table = state.create_table(section.spec).await?;
+    created.push(table);
+    let Some(table) = created.last() else {
+        return Ok(());
+    };
+    let staged = section.staged.table()?;
+    let mut req = ScanRequest {
+        limit: IMPORT_BATCH,
+        ..ScanRequest::default()
+    };
+    loop {
+        let page = staged.scan(&req)?;
+        let items: Vec<(String, Value, Expiry)> = page
+            .items
+            .into_iter()
+            .zip(page.deadlines)
+            .map(|((k, v), d)| (k.to_string(), v, Expiry::At(d)))
+            .collect();
+        if !items.is_empty() {
+            table.insert_many(items).await?;
+        }
+        match page.next_cursor {
+            Some(c) => req.cursor = Some(c),
+            None => return Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A body of `pieces`, arriving one at a time.
+    fn body(pieces: Vec<Vec<u8>>) -> Body {
+        let stream = futures_util::stream::iter(
+            pieces
+                .into_iter()
+                .map(|p| Ok::<_, std::io::Error>(Bytes::from(p))),
+        );
+        Body::from_stream(stream)
+    }
+
+    #[tokio::test]
+    async fn lines_are_split_looking_at_each_byte_once() {
+        let long = 8 << 20;
+        let mut text = vec![b'a'; long];
+        text.extend_from_slice(b"\nshort\n\nlast");
+        let total = text.len();
+        let pieces: Vec<Vec<u8>> = text.chunks(4096).map(<[u8]>::to_vec).collect();
+        let mut reader = Reader::new(body(pieces), usize::MAX, usize::MAX);
+        let lines = &mut reader.lines;
+        assert_eq!(lines.next(1).await.unwrap().unwrap().len(), long);
+        assert_eq!(&lines.next(2).await.unwrap().unwrap()[..], b"short");
+        assert_eq!(&lines.next(3).await.unwrap().unwrap()[..], b"");
+        assert_eq!(&lines.next(4).await.unwrap().unwrap()[..], b"last");
+        assert!(lines.next(5).await.unwrap().is_none());
+        assert!(
+            lines.looked <= total,
+            "looked at {} bytes of {total}",
+            lines.looked
+        );
+    }
+
+    #[tokio::test]
+    async fn a_line_past_the_limit_is_refused_before_it_is_all_read() {
+        let pieces: Vec<Vec<u8>> = (0..100).map(|_| vec![b'b'; 1024]).collect();
+        let mut reader = Reader::new(body(pieces), usize::MAX, 10 * 1024);
+        let err = reader.lines.next(7).await.expect_err("too long");
+        assert!(
+            err.message().starts_with("line 7: the line is longer"),
+            "{err}"
+        );
+        assert!(
+            reader.lines.read < 20 * 1024,
+            "stopped after {}",
+            reader.lines.read
+        );
+    }
 }

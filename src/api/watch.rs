@@ -7,6 +7,7 @@
 //! history gets `lagged` and ends; an idle one sends a comment at least
 //! every heartbeat interval.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +22,7 @@ use serde::Deserialize;
 use tokio::time::Instant;
 use utoipa::IntoParams;
 
-use super::auth::{Op, Principal};
+use super::auth::{authorize, Op, Principal};
 use super::extract::{checked_key, QueryParams, TablePath};
 use super::respond::push_str;
 use super::AppState;
@@ -48,6 +49,18 @@ const HEARTBEAT: &[u8] = b": keep-alive\n\n";
 
 /// The event that ends a stream that fell behind.
 const LAGGED: &[u8] = b"event: lagged\ndata: {}\n\n";
+
+/// The event that ends a stream whose principal may no longer read the
+/// table.
+const REVOKED: &[u8] = b"event: revoked\ndata: {}\n\n";
+
+/// Most bytes of events in one chunk of a stream (a single larger event
+/// goes alone): bounds what each stream copies at a time.
+const CHUNK_BYTES: usize = 256 * 1024;
+
+/// How often a stream checks that its principal may still read the table
+/// (a give-away can take a private table from it).
+const ACCESS_CHECK: Duration = Duration::from_millis(250);
 
 /// Query of a watch.
 #[derive(Debug, Default, Deserialize, IntoParams)]
@@ -100,8 +113,10 @@ impl Filter {
 /// Resume with `Last-Event-ID` (or `since=`): every change after that
 /// revision is replayed from the table's history (`--watch-history`
 /// changes, and at most `--watch-history-bytes`). A table keeps a history
-/// while it is watched and for 60 s after its last watcher left; a watch
-/// after that starts a new one. When it no longer reaches back that far
+/// while it is watched and for `--watch-history-retention-ms` (60 s) after
+/// its last watcher left (a watcher leaves when its connection closes);
+/// then the history is freed and a watch after that starts a new one. The
+/// history counts toward `--max-memory-bytes`. When it no longer reaches back that far
 /// (or the revision is ahead of the table), the first event is `reset`
 /// with the current revision: re-read the table with a scan, then follow
 /// the live changes. A stream that falls behind by more than the history
@@ -109,7 +124,9 @@ impl Filter {
 /// no bytes for `--write-stall-ms` is closed. A `:` comment is sent when
 /// nothing else was for `--watch-heartbeat-ms` (15 s). While changes keep
 /// coming, a stream sends at most every 5 ms, with everything since. Needs
-/// read access. On cluster tables a watch on any node gets the changes of
+/// read access, re-checked while the stream runs: when its principal loses
+/// it (a `give_away` of a private table), the stream sends `event: revoked`
+/// (`{}`, no id) within a second and ends. On cluster tables a watch on any node gets the changes of
 /// every node from the change log, in revision order, a few poll intervals
 /// after their commit; each node keeps its own history, and a node answers
 /// 503 until it has read the log far enough to start a watch.
@@ -170,6 +187,10 @@ pub async fn watch(
         heartbeat: state.limits.watch_heartbeat,
         last_sent: Instant::now(),
         done: false,
+        table: table.meta().clone(),
+        who,
+        next_check: Instant::now() + ACCESS_CHECK,
+        pending: VecDeque::new(),
     };
     let stream = futures_util::stream::unfold(feed, Feed::next);
     let mut resp = Response::new(Body::from_stream(stream));
@@ -193,8 +214,17 @@ struct Feed {
     heartbeat: Duration,
     /// When the stream last sent anything, for the heartbeat.
     last_sent: Instant,
-    /// The stream sent its last event (`drop`, `lagged`).
+    /// The stream sent its last event (`drop`, `lagged`, `revoked`).
     done: bool,
+    /// The table watched, whose owner and access the stream re-checks.
+    table: Arc<crate::store::Table>,
+    /// Who opened the stream.
+    who: Principal,
+    /// When to check access next.
+    next_check: Instant,
+    /// Changes read from the history and not yet sent (past a chunk's
+    /// size).
+    pending: VecDeque<Arc<Change>>,
 }
 
 impl Feed {
@@ -208,32 +238,50 @@ impl Feed {
             return Some(self.send(first));
         }
         loop {
+            if self.access_lost() {
+                self.done = true;
+                return Some(self.send(Bytes::from_static(REVOKED)));
+            }
             let since = self.last_sent.elapsed();
             if since < LINGER {
                 tokio::time::sleep(LINGER - since).await;
             }
-            let batch = match self.watcher.read(BATCH) {
-                Read::Changes(batch) => batch,
-                Read::Lagged => {
-                    self.done = true;
-                    return Some(self.send(Bytes::from_static(LAGGED)));
+            let batch = if self.pending.is_empty() {
+                match self.watcher.read(BATCH) {
+                    Read::Changes(batch) => batch.into(),
+                    Read::Lagged => {
+                        self.done = true;
+                        return Some(self.send(Bytes::from_static(LAGGED)));
+                    }
+                    Read::Closed => return None,
                 }
-                Read::Closed => return None,
+            } else {
+                std::mem::take(&mut self.pending)
             };
             if batch.is_empty() {
-                let due = self.last_sent + self.heartbeat;
-                if tokio::time::timeout_at(due, self.watcher.changed())
-                    .await
-                    .is_err()
-                {
+                let heartbeat = self.last_sent + self.heartbeat;
+                let due = heartbeat.min(self.next_check);
+                let woke = tokio::time::timeout_at(due, self.watcher.changed()).await;
+                if woke.is_err() && Instant::now() >= heartbeat {
                     return Some(self.send(Bytes::from_static(HEARTBEAT)));
                 }
                 continue;
             }
-            if let Some(chunk) = self.encode(&batch) {
+            if let Some(chunk) = self.encode(batch) {
                 return Some(self.send(chunk));
             }
         }
+    }
+
+    /// Whether the stream's principal lost read access (checked every
+    /// [`ACCESS_CHECK`]).
+    fn access_lost(&mut self) -> bool {
+        let now = Instant::now();
+        if now < self.next_check {
+            return false;
+        }
+        self.next_check = now + ACCESS_CHECK;
+        authorize(&self.table, &self.who, Op::Read).is_err()
     }
 
     fn send(mut self, chunk: Bytes) -> (Result<Bytes, Infallible>, Feed) {
@@ -241,17 +289,31 @@ impl Feed {
         (Ok(chunk), self)
     }
 
-    /// The frames of the changes this stream admits, in one chunk; `None`
-    /// when it admits none of them. Stops after a `drop`.
-    fn encode(&mut self, batch: &[Arc<Change>]) -> Option<Bytes> {
+    /// The frames of the changes this stream admits, in one chunk of at
+    /// most [`CHUNK_BYTES`] (or one frame); `None` when it admits none of
+    /// them. Changes past the chunk wait in `pending`. Stops after a
+    /// `drop`.
+    fn encode(&mut self, mut batch: VecDeque<Arc<Change>>) -> Option<Bytes> {
         let mut frames: Vec<Bytes> = Vec::new();
-        for c in batch.iter().filter(|c| self.filter.admits(c)) {
-            frames.push(c.encoded.get_or_init(|| frame(c)).clone());
+        let mut bytes = 0;
+        while let Some(c) = batch.pop_front() {
+            if !self.filter.admits(&c) {
+                continue;
+            }
+            let f = c.encoded.get_or_init(|| frame(&c)).clone();
+            if !frames.is_empty() && bytes + f.len() > CHUNK_BYTES {
+                batch.push_front(c);
+                break;
+            }
+            bytes += f.len();
+            frames.push(f);
             if c.kind == ChangeKind::Drop {
                 self.done = true;
+                batch.clear();
                 break;
             }
         }
+        self.pending = batch;
         match frames.len() {
             0 => None,
             // One event: the shared frame itself, no copy.

@@ -36,6 +36,9 @@ pub type Change = (Vec<u8>, Option<Vec<u8>>);
 /// A visitor of stored `(key, record)` pairs; its error stops the walk.
 pub type Visitor<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), PersistError> + 'a;
 
+/// A visitor of metadata `(key, value)` pairs; its error stops the walk.
+pub type MetaVisitor<'a> = dyn FnMut(&str, &[u8]) -> Result<(), PersistError> + 'a;
+
 /// Wraps the durable engine when the server is built, for example to record
 /// every write and flush it receives.
 pub type EngineWrapper =
@@ -64,6 +67,18 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// [`PersistError::Engine`].
     fn metas(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, PersistError>;
+    /// Calls `f` with every metadata value whose key starts with `prefix`,
+    /// one at a time (by default from [`Engine::metas`]; engines that can
+    /// walk without collecting everything first should).
+    ///
+    /// # Errors
+    /// [`PersistError::Engine`], or what `f` returns.
+    fn for_each_meta(&self, prefix: &str, f: &mut MetaVisitor<'_>) -> Result<(), PersistError> {
+        for (k, v) in self.metas(prefix)? {
+            f(&k, &v)?;
+        }
+        Ok(())
+    }
     /// Every stored table definition as `(name, bytes)`.
     ///
     /// # Errors
@@ -386,6 +401,14 @@ impl Engine for SledEngine {
                 Ok((String::from_utf8_lossy(&k).into_owned(), v.to_vec()))
             })
             .collect()
+    }
+
+    fn for_each_meta(&self, prefix: &str, f: &mut MetaVisitor<'_>) -> Result<(), PersistError> {
+        for kv in self.meta.scan_prefix(prefix) {
+            let (k, v) = kv.map_err(io)?;
+            f(&String::from_utf8_lossy(&k), &v)?;
+        }
+        Ok(())
     }
 
     fn table_defs(&self) -> Result<Vec<(String, Vec<u8>)>, PersistError> {

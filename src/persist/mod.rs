@@ -34,7 +34,8 @@ use tokio::sync::watch;
 
 pub use codec::{decode_slot, encode_body, encode_slot, StoredTable, FORMAT_VERSION, RECORD_V2};
 pub use engine::{
-    Change, Engine, EngineWrapper, SledEngine, Visitor, DEFAULT_SLED_CACHE_BYTES, LOCK_FILE,
+    Change, Engine, EngineWrapper, MetaVisitor, SledEngine, Visitor, DEFAULT_SLED_CACHE_BYTES,
+    LOCK_FILE,
 };
 pub use migrate::{migrate, Migration, MIGRATIONS};
 pub use recovery::RecoveryReport;
@@ -320,12 +321,25 @@ impl Durability {
         Ok(())
     }
 
-    /// Every idempotency record stored under keys starting with `prefix`.
+    /// The idempotency record stored under `key`, if any.
     ///
     /// # Errors
     /// [`PersistError::Engine`].
-    pub fn records(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, PersistError> {
-        self.inner.engine.metas(prefix)
+    pub fn record(&self, key: &str) -> Result<Option<Vec<u8>>, PersistError> {
+        self.inner.engine.get_meta(key)
+    }
+
+    /// Calls `f` with every idempotency record stored under keys starting
+    /// with `prefix`, one at a time.
+    ///
+    /// # Errors
+    /// [`PersistError::Engine`], or what `f` returns.
+    pub fn for_each_record(
+        &self,
+        prefix: &str,
+        f: &mut MetaVisitor<'_>,
+    ) -> Result<(), PersistError> {
+        self.inner.engine.for_each_meta(prefix, f)
     }
 
     /// Waits for any write-back round in flight, and keeps the next one

@@ -22,6 +22,7 @@ mod counter;
 mod error;
 mod evict;
 mod expiry;
+mod memory;
 mod scan;
 mod slot;
 mod table;
@@ -29,7 +30,7 @@ mod types;
 mod value;
 mod watch;
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use dashmap::DashMap;
@@ -40,6 +41,7 @@ pub use error::{StoreError, StoreResult};
 pub(crate) use evict::sample_one;
 pub use evict::EVICTION_SAMPLES;
 pub use expiry::{ExpiryWake, IDLE_SWEEP, SWEEP_BUDGET};
+pub use memory::{Held, MemoryKind, MemoryUse};
 pub use scan::{Cursor, ScanPage, ScanRequest, DEFAULT_SCAN_LIMIT, MAX_SCAN_LIMIT};
 pub use slot::{Entry, Object, Objects, ObjectsMut, ObjectsRef, Slot, Stamp};
 pub use table::{Counter, Dirty, Precondition, Stats, Table, TableSpec, Written, SHARDS};
@@ -67,10 +69,9 @@ pub(crate) struct Shared {
     /// Last version handed out; versions are unique across the store, so an
     /// ETag never matches an entry of a dropped and re-created table.
     pub revision: AtomicU64,
-    /// Estimated bytes held by all tables.
-    pub memory: AtomicI64,
-    /// Server-wide limit on `memory`; 0 for none.
-    pub memory_limit: AtomicU64,
+    /// Bytes held for clients, tables' among them, and the server-wide
+    /// limit on their sum.
+    pub memory: Arc<MemoryUse>,
     /// Wakes the sweeper when a write sets an earlier deadline.
     pub expiry: ExpiryWake,
     /// How much history each watched table keeps.
@@ -86,6 +87,14 @@ pub(crate) struct Shared {
 pub(crate) type ReclaimJob = Box<dyn FnOnce() + Send>;
 
 impl Shared {
+    /// The hubs of the tables that still have one, those of dropped tables
+    /// left out as the list is looked at.
+    pub(crate) fn hubs(&self) -> MutexGuard<'_, Vec<std::sync::Weak<Hub>>> {
+        let mut hubs = self.hubs.lock().unwrap_or_else(PoisonError::into_inner);
+        hubs.retain(|h| h.strong_count() > 0);
+        hubs
+    }
+
     /// Frees `job`'s memory on the reclaimer thread, started on first use
     /// (it ends when the store is dropped); frees it here if no thread can
     /// be started.
@@ -141,8 +150,7 @@ impl Store {
             shared: Arc::new(Shared {
                 clock,
                 revision: AtomicU64::new(0),
-                memory: AtomicI64::new(0),
-                memory_limit: AtomicU64::new(0),
+                memory: Arc::default(),
                 expiry: ExpiryWake::default(),
                 watch_limits: Mutex::new(HistoryLimits::default()),
                 hubs: Mutex::new(Vec::new()),
@@ -184,15 +192,35 @@ impl Store {
         make_durable: impl FnOnce(&Arc<Table>) -> Result<(), E>,
     ) -> Result<Arc<Table>, E> {
         let spec = spec.validated()?;
+        self.adopt_table_with(
+            Arc::new(Table::new(spec, self.shared.clone())),
+            limit,
+            make_durable,
+        )
+    }
+
+    /// Takes `table`, made by [`Store::detached_table`] (an import fills
+    /// one before anyone can see it), into the catalog if fewer than
+    /// `limit` tables exist and its name is free, running `make_durable`
+    /// before anyone can see it; it appears only if that succeeds.
+    ///
+    /// # Errors
+    /// [`StoreError::TableExists`], [`StoreError::TableLimit`], or what
+    /// `make_durable` returns.
+    pub fn adopt_table_with<E: From<StoreError>>(
+        &self,
+        table: Arc<Table>,
+        limit: usize,
+        make_durable: impl FnOnce(&Arc<Table>) -> Result<(), E>,
+    ) -> Result<Arc<Table>, E> {
         let _catalog = self.catalog();
-        if self.tables.contains_key(spec.name.as_str()) {
-            return Err(StoreError::TableExists(spec.name).into());
+        if self.tables.contains_key(table.name()) {
+            return Err(StoreError::TableExists(table.name().to_owned()).into());
         }
         if self.tables.len() >= limit {
             return Err(StoreError::TableLimit(limit).into());
         }
         crate::failpoint!("create-after-limit-check");
-        let table = Arc::new(Table::new(spec, self.shared.clone()));
         crate::failpoint!("create-before-durable");
         make_durable(&table)?;
         self.tables.insert(table.name().into(), table.clone());
@@ -223,12 +251,12 @@ impl Store {
         // still holding the table may touch it, but it is no longer reachable.
         self.shared
             .memory
-            .fetch_sub(table.tracked_bytes(), Ordering::Relaxed);
+            .add(MemoryKind::Tables, -table.tracked_bytes());
         crate::failpoint!("drop-before-disk");
         if let Err(e) = remove_durably(table) {
             self.shared
                 .memory
-                .fetch_add(table.tracked_bytes(), Ordering::Relaxed);
+                .add(MemoryKind::Tables, table.tracked_bytes());
             self.tables.insert(name.into(), table.clone());
             return Err(e);
         }
@@ -297,12 +325,18 @@ impl Store {
     /// writes that would grow memory fail with `memory_limit`, except in
     /// `lru` tables, which evict instead.
     pub fn set_memory_limit(&self, bytes: u64) {
-        self.shared.memory_limit.store(bytes, Ordering::Relaxed);
+        self.shared.memory.set_limit(bytes);
+    }
+
+    /// The server's one memory accounting, for the layers that hold
+    /// memory for clients besides the tables.
+    pub fn memory(&self) -> &Arc<MemoryUse> {
+        &self.shared.memory
     }
 
     /// Estimated bytes held by all tables.
     pub fn memory_bytes(&self) -> u64 {
-        self.shared.memory.load(Ordering::Relaxed).max(0) as u64
+        self.shared.memory.of(MemoryKind::Tables)
     }
 
     /// The last version handed out.
@@ -350,6 +384,18 @@ impl Store {
         for hub in hubs.iter().filter_map(std::sync::Weak::upgrade) {
             hub.close();
         }
+    }
+
+    /// Frees the history of every hub nobody has watched for its
+    /// retention time (see [`Hub::retire_if_idle`]); returns how many.
+    pub fn retire_idle_watches(&self) -> usize {
+        let hubs: Vec<Arc<Hub>> = self
+            .shared
+            .hubs()
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        hubs.iter().filter(|h| h.retire_if_idle()).count()
     }
 
     /// How many tables exist.

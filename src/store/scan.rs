@@ -48,6 +48,16 @@ pub struct Cursor {
 }
 
 impl Cursor {
+    /// The position before everything: a scan from it starts at the
+    /// beginning.
+    pub fn start() -> Self {
+        Cursor {
+            hash: 0,
+            seq: 0,
+            key: String::new(),
+        }
+    }
+
     /// Opaque, URL-safe text for `next_cursor`.
     pub fn encode(&self) -> String {
         const HEX: &[u8; 16] = b"0123456789abcdef";

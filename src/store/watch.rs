@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
+use super::memory::{MemoryKind, MemoryUse};
 use super::value::{Key, Value};
 
 /// What happened to a key, or to the table.
@@ -126,6 +127,8 @@ impl Default for HistoryLimits {
 #[derive(Debug)]
 pub struct Hub {
     log: Mutex<Log>,
+    /// Where the history's bytes are counted (kind `watch`).
+    memory: Arc<MemoryUse>,
     wake: Notify,
     limits: HistoryLimits,
     /// Watchers alive now.
@@ -184,7 +187,13 @@ impl Hub {
     /// A hub whose history begins after `revision`: changes of the table
     /// up to it are not (and never will be) in the history.
     pub fn new(revision: u64, limits: HistoryLimits) -> Self {
+        Self::counted(revision, limits, Arc::default())
+    }
+
+    /// Like [`Hub::new`], counting its history's bytes in `memory`.
+    pub fn counted(revision: u64, limits: HistoryLimits, memory: Arc<MemoryUse>) -> Self {
         Hub {
+            memory,
             log: Mutex::new(Log {
                 changes: VecDeque::new(),
                 first: 0,
@@ -285,14 +294,50 @@ impl Hub {
     pub fn join_quiet(&self, revision: u64) {
         if self.dormant.load(Ordering::Acquire) {
             let mut log = self.lock();
-            log.first += log.changes.len() as u64;
-            log.changes.clear();
-            log.bytes = 0;
+            self.forget(&mut log);
             log.covers_after = revision;
             log.head = log.head.max(revision);
             self.dormant.store(false, Ordering::Release);
         }
         self.watchers.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Empties the history, giving its bytes back.
+    fn forget(&self, log: &mut Log) {
+        log.first += log.changes.len() as u64;
+        log.changes = VecDeque::new();
+        self.memory.add(MemoryKind::Watch, -(log.bytes as i64));
+        log.bytes = 0;
+    }
+
+    /// Frees the history of a hub nobody has watched for `idle_keep`: it
+    /// goes dormant at once, rather than when a writer next looks. True
+    /// when it did.
+    pub fn retire_if_idle(&self) -> bool {
+        if self.watchers.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        // A writer may have found the hub idle first and made it dormant
+        // without freeing anything.
+        if !self.dormant.load(Ordering::Acquire) {
+            let idle = self.idle_since_ms.load(Ordering::Acquire);
+            if self.age_ms() < idle.saturating_add(self.limits.idle_keep.as_millis() as u64) {
+                return false;
+            }
+        }
+        let mut log = self.lock();
+        // A watcher may have joined since the look above.
+        if self.watchers.load(Ordering::Acquire) > 0 || log.changes.is_empty() {
+            return false;
+        }
+        self.dormant.store(true, Ordering::Release);
+        self.forget(&mut log);
+        true
+    }
+
+    /// Bytes the history holds now.
+    pub fn history_bytes(&self) -> usize {
+        self.lock().bytes
     }
 
     /// Ends every watch: after what they have not read, they end.
@@ -360,11 +405,13 @@ impl Recording<'_> {
         let Some(log) = self.log.as_deref_mut() else {
             return;
         };
-        if log.closed {
+        // A dormant hub records nothing: its next watcher starts afresh.
+        if log.closed || self.hub.dormant.load(Ordering::Acquire) {
             return;
         }
         self.pushed = true;
         log.head = log.head.max(change.revision);
+        let mut grown = change.bytes() as i64;
         log.bytes += change.bytes();
         log.changes.push_back(Arc::new(change));
         while log.changes.len() > self.hub.limits.max_events
@@ -372,10 +419,12 @@ impl Recording<'_> {
         {
             if let Some(old) = log.changes.pop_front() {
                 log.bytes -= old.bytes();
+                grown -= old.bytes() as i64;
                 log.covers_after = old.revision;
                 log.first += 1;
             }
         }
+        self.hub.memory.add(MemoryKind::Watch, grown);
     }
 }
 
@@ -388,6 +437,16 @@ impl Drop for Recording<'_> {
         if self.pushed {
             self.hub.wake.notify_waiters();
         }
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        let bytes = self
+            .log
+            .get_mut()
+            .map_or_else(|e| e.into_inner().bytes, |l| l.bytes);
+        self.memory.add(MemoryKind::Watch, -(bytes as i64));
     }
 }
 

@@ -47,7 +47,7 @@ impl Table {
 
     pub(super) fn add_memory(&self, delta: i64) {
         self.memory.fetch_add(delta, Ordering::Relaxed);
-        self.shared.memory.fetch_add(delta, Ordering::Relaxed);
+        self.shared.memory.add(MemoryKind::Tables, delta);
     }
 
     /// Checks that growing by `delta` bytes fits the server-wide memory
@@ -56,21 +56,15 @@ impl Table {
     /// # Errors
     /// [`StoreError::MemoryLimit`].
     pub(super) fn admit(&self, delta: i64) -> StoreResult<()> {
-        let limit = self.shared.memory_limit.load(Ordering::Relaxed);
-        if delta <= 0 || limit == 0 || self.eviction() == Eviction::Lru {
+        if delta <= 0 || self.eviction() == Eviction::Lru || self.shared.memory.fits(delta as u64) {
             return Ok(());
         }
-        let used = self.shared.memory.load(Ordering::Relaxed).max(0) as u64;
-        if used.saturating_add(delta as u64) > limit {
-            return Err(StoreError::MemoryLimit);
-        }
-        Ok(())
+        Err(StoreError::MemoryLimit)
     }
 
     /// Whether the server is over its memory limit.
     pub(crate) fn over_memory(&self) -> bool {
-        let limit = self.shared.memory_limit.load(Ordering::Relaxed);
-        limit != 0 && self.shared.memory.load(Ordering::Relaxed).max(0) as u64 > limit
+        self.shared.memory.over()
     }
 
     /// Stores a new key. The caller has reserved its objects with [`Self::grow`].

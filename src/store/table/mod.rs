@@ -35,6 +35,7 @@ use super::slot::{
 use super::types::{Access, Eviction, Expiry, Origin, Persistence, TableSettings, TableType};
 use super::value::{Key, Value};
 use super::watch::{Change, ChangeKind, Hub, Recording, Start};
+use super::MemoryKind;
 use super::Shared;
 use crate::stripe::Striped;
 

@@ -125,18 +125,11 @@ impl Table {
                     .watch_limits
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner);
-                let hub = Arc::new(Hub::new(origin(), limits));
+                let hub = Arc::new(Hub::counted(origin(), limits, self.shared.memory.clone()));
                 hub.join_quiet(0);
                 let _ = self.hub.set(hub.clone());
                 drop(shards);
-                let mut hubs = self
-                    .shared
-                    .hubs
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                // Hubs of dropped tables leave the list as new ones come.
-                hubs.retain(|h| h.strong_count() > 0);
-                hubs.push(Arc::downgrade(&hub));
+                self.shared.hubs().push(Arc::downgrade(&hub));
                 hub
             }
         };

@@ -241,7 +241,7 @@ impl Table {
                     table.forget_cleared(&key, &slot.into_inner());
                 }
             }
-            table.shared.memory.fetch_sub(bytes, Ordering::Relaxed);
+            table.shared.memory.add(MemoryKind::Tables, -bytes);
         }));
     }
 
@@ -252,8 +252,17 @@ impl Table {
         if self.index.is_none() && slot.expires_at == 0 {
             return;
         }
-        match self.map.entry(key.clone()) {
-            MapEntry::Vacant(_) => {
+        // The shard's lock by hand rather than through `entry`, which
+        // would give the emptied shard a bucket array to hold a vacancy.
+        let hash = self.map.hash_usize(key);
+        let shard = self.map.shards()[self.map.determine_shard(hash)].write();
+        let stored = shard
+            .find(hash as u64, |(k, _)| k == key)
+            // SAFETY: the bucket was just found under the write lock held
+            // here, which keeps it in place until `shard` is dropped.
+            .map(|bucket| unsafe { bucket.as_ref().1.get().expires_at });
+        match stored {
+            None => {
                 if let Some(index) = &self.index {
                     index.remove(key.as_bytes());
                 }
@@ -261,11 +270,12 @@ impl Table {
                     self.deadlines.remove(&(slot.expires_at, key.clone()));
                 }
             }
-            MapEntry::Occupied(o) => {
-                if slot.expires_at != 0 && o.get().expires_at != slot.expires_at {
+            Some(deadline) => {
+                if slot.expires_at != 0 && deadline != slot.expires_at {
                     self.deadlines.remove(&(slot.expires_at, key.clone()));
                 }
             }
         }
+        drop(shard);
     }
 }
