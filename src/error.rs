@@ -84,6 +84,9 @@ pub enum ApiError {
     TableFull(u64),
     /// 507 `memory_limit`.
     MemoryLimit,
+    /// 507 `storage_full`: the data directory's disk is full; the write was
+    /// not applied (or was undone).
+    StorageFull,
     /// 507 `table_limit`: the server holds `--max-tables` tables.
     TableLimit(usize),
     /// 500 `internal`: a bug or an I/O failure; details go to the log only.
@@ -136,7 +139,9 @@ impl ApiError {
             OriginError(_) => StatusCode::BAD_GATEWAY,
             OriginTimeout => StatusCode::GATEWAY_TIMEOUT,
             Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            TableFull(_) | MemoryLimit | TableLimit(_) => StatusCode::INSUFFICIENT_STORAGE,
+            TableFull(_) | MemoryLimit | TableLimit(_) | StorageFull => {
+                StatusCode::INSUFFICIENT_STORAGE
+            }
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -173,6 +178,7 @@ impl ApiError {
             Unavailable(_) => "unavailable",
             TableFull(_) => "table_full",
             MemoryLimit => "memory_limit",
+            StorageFull => "storage_full",
             TableLimit(_) => "table_limit",
             Internal(_) => "internal",
         }
@@ -224,6 +230,9 @@ impl ApiError {
             Unavailable(m) => m.clone(),
             TableFull(n) => format!("table is full ({n} entries) and does not evict"),
             MemoryLimit => "server memory limit reached".into(),
+            StorageFull => {
+                "the disk of the data directory is full; the write was not applied".into()
+            }
             TableLimit(n) => format!("the server already holds its limit of {n} tables"),
             // Internal details go to the log, never to the client.
             Internal(_) => "internal error".into(),

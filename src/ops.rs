@@ -17,8 +17,8 @@ use crate::cluster::ClusterTable;
 use crate::error::{ApiError, ApiResult};
 use crate::persist::Durability;
 use crate::store::{
-    CounterOp, Entry, Expiry, Persistence, Precondition, ScanPage, ScanRequest, Table, Value,
-    Written,
+    CounterOp, Entry, Expiry, Persistence, Precondition, ScanPage, ScanRequest, StoreResult, Table,
+    Value, Written,
 };
 
 /// Table-wide figures of table info that only the table's tier can give.
@@ -147,17 +147,55 @@ impl<'a> LocalTable<'a> {
         LocalTable { table, durability }
     }
 
-    /// Returns once a change just applied is as durable as the table
-    /// promises: at once for `none` and `periodic`, after an fsync shared
-    /// with concurrent writers for `sync`.
-    async fn durable(&self) -> ApiResult<()> {
-        if self.table.persistence() != Persistence::Sync || crate::persist::defer_wait() {
-            return Ok(());
+    /// Applies a write as the table's durability asks: refused (503, 507
+    /// on a full disk) while the durable tier does not take writes after a
+    /// failed round; on a `sync` table under the tier's gate, with the
+    /// ticket to wait for before answering.
+    fn apply<T>(
+        &self,
+        apply: impl FnOnce() -> StoreResult<T>,
+    ) -> ApiResult<(StoreResult<T>, Option<u64>)> {
+        match self.table.persistence() {
+            Persistence::Sync => {
+                let write = self.durability.sync_write().map_err(not_durable)?;
+                let outcome = apply();
+                Ok((outcome, Some(write.ticket())))
+            }
+            Persistence::Periodic => {
+                self.durability.accepting().map_err(not_durable)?;
+                Ok((apply(), None))
+            }
+            Persistence::None | Persistence::Cluster => Ok((apply(), None)),
         }
-        self.durability
-            .wait_durable(false)
-            .await
-            .map_err(|e| ApiError::Unavailable(format!("could not make the write durable: {e}")))
+    }
+
+    /// The outcome of a write, answered once what it changed or looked at
+    /// is as durable as the table promises: on a `sync` table every answer
+    /// waits for its ticket (a delete of an absent key depends on the
+    /// removal that made it absent; a 412 on the version it saw), whatever
+    /// the outcome, unless the caller took the wait over
+    /// ([`crate::persist::deferring`]).
+    async fn settled<T>(&self, applied: ApiResult<(StoreResult<T>, Option<u64>)>) -> ApiResult<T> {
+        let (outcome, ticket) = applied?;
+        if let Some(ticket) = ticket {
+            if !crate::persist::defer_ticket(ticket) {
+                self.durability
+                    .wait_ticket(ticket)
+                    .await
+                    .map_err(not_durable)?;
+            }
+        }
+        Ok(outcome?)
+    }
+}
+
+/// What a write that did not reach disk answers: 507 `storage_full` on a
+/// full disk, else 503.
+pub fn not_durable(e: crate::persist::PersistError) -> ApiError {
+    if e.is_disk_full() {
+        ApiError::StorageFull
+    } else {
+        ApiError::Unavailable(format!("could not make the write durable: {e}"))
     }
 }
 
@@ -181,38 +219,28 @@ impl TableOps for LocalTable<'_> {
         ttl_ms: Option<u64>,
         pre: &Precondition,
     ) -> ApiResult<Written> {
-        let written = self.table.insert(key, value, ttl_ms, pre)?;
-        self.durable().await?;
-        Ok(written)
+        self.settled(self.apply(|| self.table.insert(key, value, ttl_ms, pre)))
+            .await
     }
 
     async fn insert_many(&self, items: Vec<(String, Value, Expiry)>) -> ApiResult<usize> {
-        let inserted = self.table.insert_many(items)?;
-        self.durable().await?;
-        Ok(inserted)
+        self.settled(self.apply(|| self.table.insert_many(items)))
+            .await
     }
 
     async fn delete(&self, key: &str, pre: &Precondition) -> ApiResult<()> {
-        if self.table.delete(key, pre)? {
-            self.durable().await?;
-        }
-        Ok(())
+        self.settled(self.apply(|| self.table.delete(key, pre)))
+            .await
+            .map(|_| ())
     }
 
     async fn delete_object(&self, key: &str, value: &Value) -> ApiResult<u64> {
-        let removed = self.table.delete_object(key, value);
-        if removed > 0 {
-            self.durable().await?;
-        }
-        Ok(removed as u64)
+        self.settled(self.apply(|| Ok(self.table.delete_object(key, value) as u64)))
+            .await
     }
 
     async fn take(&self, key: &str) -> ApiResult<Option<Entry>> {
-        let taken = self.table.take(key);
-        if taken.is_some() {
-            self.durable().await?;
-        }
-        Ok(taken)
+        self.settled(self.apply(|| Ok(self.table.take(key)))).await
     }
 
     async fn merge(
@@ -221,15 +249,13 @@ impl TableOps for LocalTable<'_> {
         patch: &serde_json::Value,
         pre: &Precondition,
     ) -> ApiResult<Entry> {
-        let entry = self.table.merge(key, patch, pre)?;
-        self.durable().await?;
-        Ok(entry)
+        self.settled(self.apply(|| self.table.merge(key, patch, pre)))
+            .await
     }
 
     async fn update_counter(&self, key: &str, op: &CounterOp) -> ApiResult<i64> {
-        let value = self.table.update_counter(key, op)?;
-        self.durable().await?;
-        Ok(value)
+        self.settled(self.apply(|| self.table.update_counter(key, op)))
+            .await
     }
 
     async fn scan(&self, req: &ScanRequest, _from: ReadFrom) -> ApiResult<ScanPage> {
@@ -237,8 +263,11 @@ impl TableOps for LocalTable<'_> {
     }
 
     async fn clear(&self) -> ApiResult<()> {
-        self.table.clear();
-        self.durable().await
+        self.settled(self.apply(|| {
+            self.table.clear();
+            Ok(())
+        }))
+        .await
     }
 
     async fn sync(&self) -> ApiResult<()> {

@@ -345,3 +345,228 @@ async fn the_kernel_sees_an_fdatasync_before_every_sync_acknowledgement() {
         );
     }
 }
+
+/// One syscall of an `strace -f -ttt -T -y` log, as the ordering proof
+/// reads it.
+#[derive(Debug)]
+enum Call {
+    /// Bytes written to the file `path` (the call started at `at`).
+    Wrote { at: f64, path: String },
+    /// `fdatasync`/`fsync` of `path` returned 0 at `done`.
+    Synced { done: f64, path: String },
+    /// A request line came in on a socket.
+    Request { at: f64, line: String },
+    /// A response began to go out on a socket.
+    Response { at: f64, status: u16 },
+}
+
+/// The path in `call`'s first argument, as `-y` prints it: `5</dir/db>`.
+fn fd_path(call: &str) -> Option<String> {
+    let open = call.find('<')?;
+    let close = call[open..].find('>')? + open;
+    Some(call[open + 1..close].to_owned())
+}
+
+fn parse_calls(text: &str) -> Vec<Call> {
+    // A call another thread interrupts is split in two lines: `NAME(args
+    // <unfinished ...>` when it starts and `<... NAME resumed>...) = R` when
+    // it returns. Starts wait here, by pid, for their ends.
+    let mut started: std::collections::HashMap<String, (f64, String)> = Default::default();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some((pid, rest)) = line.trim_start().split_once(' ') else {
+            continue;
+        };
+        let Some((ts, call)) = rest.trim_start().split_once(' ') else {
+            continue;
+        };
+        let Ok(at) = ts.parse::<f64>() else { continue };
+        let (at, call) = if call.contains("<unfinished") {
+            started.insert(pid.to_owned(), (at, call.to_owned()));
+            continue;
+        } else if call.starts_with("<...") {
+            match started.remove(pid) {
+                // The start's time and arguments, the end's result.
+                Some((began, first)) => {
+                    let result = call.split_once(')').map_or("", |(_, r)| r);
+                    (began, format!("{first}){result}"))
+                }
+                None => continue,
+            }
+        } else {
+            (at, call.to_owned())
+        };
+        let call = call.as_str();
+        let took = call
+            .rsplit_once('<')
+            .and_then(|(_, d)| d.strip_suffix('>'))
+            .and_then(|d| d.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        let name = call.split('(').next().unwrap_or("");
+        let response = || {
+            let at_http = call.find("\"HTTP/1.1 ")?;
+            call[at_http + 10..].get(..3)?.parse::<u16>().ok()
+        };
+        match name {
+            "pwrite64" | "pwritev" | "pwritev2" | "write" | "writev" => {
+                if let Some(status) = response() {
+                    out.push(Call::Response { at, status });
+                } else if let Some(path) = fd_path(call).filter(|p| p.starts_with('/')) {
+                    out.push(Call::Wrote { at, path });
+                }
+            }
+            "sendto" | "sendmsg" => {
+                if let Some(status) = response() {
+                    out.push(Call::Response { at, status });
+                }
+            }
+            "fdatasync" | "fsync" if call.contains(" = 0 ") => {
+                if let Some(path) = fd_path(call) {
+                    out.push(Call::Synced {
+                        done: at + took,
+                        path,
+                    });
+                }
+            }
+            "read" | "recvfrom" | "recvmsg" => {
+                if let Some(start) = call.find("\"PUT ") {
+                    let line = call[start + 1..].split("\\r\\n").next().unwrap_or("");
+                    out.push(Call::Request {
+                        at,
+                        line: line.to_owned(),
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Seen from the kernel: for each acknowledged `sync` PUT (small values in
+/// the log, large ones in blob files), a write of the file that holds it
+/// came after the request arrived, an fsync of that same file came after
+/// the write, and the response went out after the fsync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kernel_sees_write_then_fsync_of_that_file_then_the_answer() {
+    let strace_found = std::process::Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !strace_found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "strace is required in CI (.ci/run installs it)"
+        );
+        eprintln!("SKIPPED: strace is not installed (.ci/run installs it)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("trace");
+    let trace_arg = trace.to_str().unwrap().to_owned();
+    let mut server = common::child::ChildServer::start_under(
+        &dir.path().join("data"),
+        &[],
+        &[
+            "strace",
+            "-f",
+            "-qq",
+            "-y",
+            "-e",
+            "signal=none",
+            "-ttt",
+            "-T",
+            "-s",
+            "48",
+            "-e",
+            "trace=pwrite64,pwritev,write,writev,fdatasync,fsync,sendto,sendmsg,read,recvfrom,recvmsg",
+            "-o",
+            &trace_arg,
+        ],
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let created = http
+        .post(format!("{}/v1/tables", server.base))
+        .body(json!({"name": "s", "persistence": "sync"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    // Small values go to sled's log; values past its blob threshold to
+    // files of their own.
+    let big = "b".repeat(300_000);
+    let mut sent = Vec::new();
+    for i in 0..12 {
+        let key = format!("k{i:02}");
+        let value = if i % 3 == 2 {
+            json!({"big": big})
+        } else {
+            json!(i)
+        };
+        let r = http
+            .put(server.entry_url("s", &key))
+            .body(value.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        sent.push(key);
+    }
+    let tracer = server.child.id();
+    let children = std::fs::read_to_string(format!("/proc/{tracer}/task/{tracer}/children"))
+        .expect("the tracer's child");
+    let pid = children
+        .split_whitespace()
+        .next()
+        .expect("one child")
+        .to_owned();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    server.child.wait().unwrap();
+
+    let calls = parse_calls(&std::fs::read_to_string(&trace).unwrap());
+    let mut blob_files = 0;
+    for key in &sent {
+        let wanted = format!("PUT /v1/tables/s/entries/{key} ");
+        let arrived = calls
+            .iter()
+            .find_map(|c| match c {
+                Call::Request { at, line } if line.starts_with(&wanted) => Some(*at),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("the request for {key} was not traced"));
+        let answered = calls
+            .iter()
+            .find_map(|c| match c {
+                Call::Response { at, status: 201 } if *at > arrived => Some(*at),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no 201 for {key} after its request"));
+        // Some file written after the request and synced after that write,
+        // both before the answer.
+        let proved = calls.iter().any(|w| match w {
+            Call::Wrote { at, path } if *at > arrived && *at < answered => calls.iter().any(|s| {
+                matches!(s, Call::Synced { done, path: p }
+                        if p == path && *done > *at && *done < answered)
+            }),
+            _ => false,
+        });
+        assert!(
+            proved,
+            "{key}: no write then fsync of the same file between its request and its answer"
+        );
+        let via_blob = calls.iter().any(|w| match w {
+            Call::Wrote { at, path } if *at > arrived && *at < answered => path.contains("blobs"),
+            _ => false,
+        });
+        blob_files += usize::from(via_blob);
+    }
+    assert!(
+        blob_files >= 3,
+        "large values went through blob files ({blob_files})"
+    );
+}

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::child::ChildServer;
-use common::recording::{change_flushed_before, flushed_before, meta_flushed_before};
+use common::recording::{change_flushed_before, flushed_before, record_with_change_flushed_before};
 use common::{spawn_app, spawn_with, Reply, TestApp};
 use reqwest::Method;
 use serde_json::json;
@@ -318,8 +318,8 @@ async fn keyed_sync_writes_and_select_deletes_cost_one_flush() {
             "keyed write {i} was answered before its change was flushed"
         );
         assert!(
-            meta_flushed_before(&events, "idempotency/", answered).is_some(),
-            "keyed write {i} was answered before its record was flushed"
+            record_with_change_flushed_before(&events, "s", "n", answered).is_some(),
+            "keyed write {i} was answered before its record was flushed in the batch of its change"
         );
     }
     for i in 0..10 {

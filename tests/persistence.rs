@@ -381,7 +381,7 @@ async fn a_big_round_writes_in_key_order_and_flushes_part_way() {
         .filter(|e| match e {
             Event::Write { seq, table, .. } => *seq > before && table == "p",
             Event::Flushed { began, .. } => *began > before,
-            Event::Meta { .. } => false,
+            Event::Meta { .. } | Event::Record { .. } => false,
         })
         .collect();
     let keys: Vec<&str> = round

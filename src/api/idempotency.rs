@@ -144,6 +144,18 @@ pub fn applies(req: &Request, class: RouteClass) -> Option<HeaderValue> {
     req.uri().path().starts_with("/v1/").then(|| key.clone())
 }
 
+/// The key of a `/v1/tables/{t}/entries/{key}[/…]` path: the key a write
+/// on an entry route changes.
+fn entry_key(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/v1/tables/")?;
+    let (_, rest) = rest.split_once("/entries/")?;
+    let raw = rest.split('/').next().filter(|k| !k.is_empty())?;
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .ok()
+        .map(|k| k.into_owned())
+}
+
 /// The table a `/v1/tables/{t}/…` path names ("" for `/v1/tables`).
 fn table_of(path: &str) -> String {
     let rest = path.strip_prefix("/v1/tables/").unwrap_or("");
@@ -296,6 +308,21 @@ impl Idempotency {
                 tracing::warn!(error = %e, "could not remove an expired idempotency record");
             }
         }
+        let mut with_tables = Vec::new();
+        let walked = durability.for_each_table_record(&mut |table, key, bytes| {
+            if serde_json::from_slice::<Record>(bytes).map_or(true, |r| r.expires_at < now) {
+                with_tables.push((table.to_owned(), key.to_vec()));
+            }
+            Ok(())
+        });
+        if let Err(e) = walked {
+            tracing::warn!(error = %e, "could not read idempotency records to purge");
+        }
+        for (table, key) in with_tables {
+            if let Err(e) = durability.remove_table_record(&table, &key) {
+                tracing::warn!(error = %e, "could not remove an expired idempotency record");
+            }
+        }
     }
 }
 
@@ -389,27 +416,31 @@ where
     };
     // A durable table's records live in its tier only (on a cluster, a
     // record may have been made on another node).
-    if let Some(stored) = stored_record(state, &tier, &id).await? {
+    if let Some(stored) = stored_record(state, &tier, &table, &id).await? {
         if stored.expires_at >= now {
             return replay(&stored, &fingerprint);
         }
     }
 
+    let anchor = entry_key(parts.uri.path());
     let request = Request::from_parts(parts, Body::from(body));
-    // On a sync table the write's own wait is deferred to `save`, so that
-    // one round makes the write and its record durable. (A round started
-    // meanwhile by another writer may still save the change first: see the
-    // README on what a crash in between costs.)
+    // On a local durable table the change and its record go to disk in the
+    // same batch of the same round: no round may take the change before
+    // the record is attached (the gate), and on a sync table the write's
+    // own wait is deferred until then.
+    let gate = match tier {
+        Tier::Local { .. } => Some(state.durability.record_gate().await),
+        _ => None,
+    };
     let (resp, owed) = match tier {
         Tier::Local { sync: true } => crate::persist::deferring(run(request)).await,
-        _ => (run(request).await, false),
+        _ => (run(request).await, None),
     };
     if !resp.status().is_success() {
         // Not remembered: a retry may run afresh at once.
+        drop(gate);
         drop(claim);
-        if owed {
-            durable(state).await?;
-        }
+        durable(state, owed).await?;
         return Ok(resp);
     }
     let (parts, body) = resp.into_parts();
@@ -436,7 +467,12 @@ where
         body: String::from_utf8_lossy(&bytes).into_owned(),
         expires_at: now.saturating_add(state.idempotency.ttl_ms),
     });
-    save(state, &tier, &id, &record).await?;
+    save(state, &tier, &table, anchor.as_deref(), &id, &record, owed).await?;
+    drop(gate);
+    // The write's own wait, deferred to here. The round that makes its
+    // ticket durable snapshot the change and the record together (the
+    // gate), so one wait covers both.
+    durable(state, owed).await?;
     if matches!(tier, Tier::Memory) {
         // Replaces the claim: the answer has no other home.
         idempotency.remember(id, record);
@@ -449,14 +485,25 @@ where
 async fn stored_record(
     state: &AppState,
     tier: &Tier,
+    table: &str,
     id: &str,
 ) -> Result<Option<Record>, ApiError> {
     let text = match tier {
         Tier::Memory => return Ok(None),
-        Tier::Local { .. } => state
-            .durability
-            .record(&format!("{RECORD_PREFIX}{id}"))
-            .map_err(|e| ApiError::Internal(format!("reading an idempotency record: {e}")))?,
+        Tier::Local { .. } => {
+            let read = |e: crate::persist::PersistError| {
+                ApiError::Internal(format!("reading an idempotency record: {e}"))
+            };
+            match state.durability.table_record(table, id).map_err(read)? {
+                Some(found) => Some(found),
+                // Where builds before records moved in with their tables'
+                // data kept them.
+                None => state
+                    .durability
+                    .record(&format!("{RECORD_PREFIX}{id}"))
+                    .map_err(read)?,
+            }
+        }
         Tier::Cluster => match &state.cluster {
             Some(c) => c.load_record(id).await?.map(String::into_bytes),
             None => None,
@@ -495,19 +542,25 @@ fn tier_of(state: &AppState, table: &str) -> Tier {
     }
 }
 
-async fn save(state: &AppState, tier: &Tier, id: &str, record: &Record) -> Result<(), ApiError> {
+async fn save(
+    state: &AppState,
+    tier: &Tier,
+    table: &str,
+    anchor: Option<&str>,
+    id: &str,
+    record: &Record,
+    ticket: Option<u64>,
+) -> Result<(), ApiError> {
     let json = serde_json::to_string(record).map_err(|e| ApiError::Internal(e.to_string()))?;
     match tier {
         Tier::Memory => Ok(()),
-        Tier::Local { sync } => {
-            let put = state
+        Tier::Local { .. } => {
+            // Not attached when the change's round already failed (it was
+            // undone); the wait on its ticket then says so.
+            state
                 .durability
-                .put_record(&format!("{RECORD_PREFIX}{id}"), json.as_bytes());
-            if *sync {
-                // Also the write's own wait, deferred to here.
-                durable(state).await?;
-            }
-            put.map_err(|e| ApiError::Internal(format!("storing an idempotency record: {e}")))
+                .attach_record(table, anchor, id, json.into_bytes(), ticket);
+            Ok(())
         }
         Tier::Cluster => match &state.cluster {
             Some(c) => c.save_record(id, &json, record.expires_at).await,
@@ -516,13 +569,16 @@ async fn save(state: &AppState, tier: &Tier, id: &str, record: &Record) -> Resul
     }
 }
 
-/// Waits until the request's changes are on disk.
-async fn durable(state: &AppState) -> Result<(), ApiError> {
-    state
-        .durability
-        .wait_durable(false)
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("could not make the write durable: {e}")))
+/// Waits until the request's changes (all up to `ticket`) are on disk.
+async fn durable(state: &AppState, ticket: Option<u64>) -> Result<(), ApiError> {
+    match ticket {
+        Some(ticket) => state
+            .durability
+            .wait_ticket(ticket)
+            .await
+            .map_err(crate::ops::not_durable),
+        None => Ok(()),
+    }
 }
 
 /// The remembered answer, or 422 when the key was used for another request.

@@ -247,10 +247,12 @@ async fn count_or_delete(
     // Deletes on a sync table wait for the disk once, together, before the
     // answer, rather than once each.
     let (found, owed) = crate::persist::deferring(run(state, &table, common, mode, false)).await;
-    if owed {
-        state.durability.wait_durable(false).await.map_err(|e| {
-            ApiError::Unavailable(format!("could not make the deletes durable: {e}"))
-        })?;
+    if let Some(ticket) = owed {
+        state
+            .durability
+            .wait_ticket(ticket)
+            .await
+            .map_err(crate::ops::not_durable)?;
     }
     let found = found?;
     Ok((found.count, found.next_cursor.map(|c| c.encode())))

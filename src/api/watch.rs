@@ -191,6 +191,9 @@ pub async fn watch(
         who,
         next_check: Instant::now() + ACCESS_CHECK,
         pending: VecDeque::new(),
+        durable: (table.meta().persistence() == crate::store::Persistence::Sync)
+            .then(|| state.durability.clone()),
+        store: state.store.clone(),
     };
     let stream = futures_util::stream::unfold(feed, Feed::next);
     let mut resp = Response::new(Body::from_stream(stream));
@@ -225,6 +228,11 @@ struct Feed {
     /// Changes read from the history and not yet sent (past a chunk's
     /// size).
     pending: VecDeque<Arc<Change>>,
+    /// For a `sync` table: changes are sent only once durable, as an
+    /// acknowledgement would be.
+    durable: Option<crate::persist::Durability>,
+    /// For the revision of a `reset`.
+    store: crate::store::Store,
 }
 
 impl Feed {
@@ -248,7 +256,16 @@ impl Feed {
             }
             let batch = if self.pending.is_empty() {
                 match self.watcher.read(BATCH) {
-                    Read::Changes(batch) => batch.into(),
+                    Read::Changes(batch) => {
+                        if !batch.is_empty() && !self.made_durable().await {
+                            // The round that was to save them failed, and
+                            // they may have been undone: the watcher must
+                            // re-read rather than trust them.
+                            let reset = reset_frame(self.store.revision());
+                            return Some(self.send(reset));
+                        }
+                        batch.into()
+                    }
                     Read::Lagged => {
                         self.done = true;
                         return Some(self.send(Bytes::from_static(LAGGED)));
@@ -270,6 +287,16 @@ impl Feed {
             if let Some(chunk) = self.encode(batch) {
                 return Some(self.send(chunk));
             }
+        }
+    }
+
+    /// Waits, on a `sync` table, until every change read so far is on
+    /// disk (one group-commit ticket, shared with the table's writers);
+    /// false when the round failed.
+    async fn made_durable(&self) -> bool {
+        match &self.durable {
+            None => true,
+            Some(d) => d.wait_durable(false).await.is_ok(),
         }
     }
 

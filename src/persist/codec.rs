@@ -22,7 +22,7 @@ use super::PersistError;
 use crate::store::{Object, Objects, ObjectsRef, Slot, TableSettings, TableSpec, Value};
 
 /// The data directory format this build writes.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// First byte of a format-2 record.
 pub const RECORD_V2: u8 = 2;
 

@@ -109,6 +109,47 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// [`PersistError::Engine`], or what `f` returns.
     fn for_each(&self, table: &str, f: &mut Visitor<'_>) -> Result<(), PersistError>;
+    /// The record stored under `key` in a table's data, if any.
+    ///
+    /// # Errors
+    /// [`PersistError::Engine`].
+    fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, PersistError> {
+        let mut found = None;
+        self.for_each_prefixed(table, key, &mut |k, v| {
+            if k == key {
+                found = Some(v.to_vec());
+            }
+            Ok(())
+        })?;
+        Ok(found)
+    }
+    /// Calls `f` with every `(key, record)` of a table whose key starts
+    /// with `prefix` (by default a walk of the whole table; engines that
+    /// keep keys in order should seek).
+    ///
+    /// # Errors
+    /// [`PersistError::Engine`], or what `f` returns.
+    fn for_each_prefixed(
+        &self,
+        table: &str,
+        prefix: &[u8],
+        f: &mut Visitor<'_>,
+    ) -> Result<(), PersistError> {
+        self.for_each(table, &mut |k, v| {
+            if k.starts_with(prefix) {
+                f(k, v)?;
+            }
+            Ok(())
+        })
+    }
+    /// Gets ready to write again after a failure (an engine whose errors
+    /// stick until it is reopened reopens here); by default nothing.
+    ///
+    /// # Errors
+    /// [`PersistError::Engine`].
+    fn reopen(&self) -> Result<(), PersistError> {
+        Ok(())
+    }
     /// Makes everything written so far durable: when it returns, the data
     /// has been through `fdatasync`/`fsync`, not only handed to the OS.
     ///
@@ -464,6 +505,23 @@ impl Engine for SledEngine {
 
     fn for_each(&self, table: &str, f: &mut Visitor<'_>) -> Result<(), PersistError> {
         for kv in self.data(table)?.iter() {
+            let (k, v) = kv.map_err(io)?;
+            f(&k, &v)?;
+        }
+        Ok(())
+    }
+
+    fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, PersistError> {
+        Ok(self.data(table)?.get(key).map_err(io)?.map(|v| v.to_vec()))
+    }
+
+    fn for_each_prefixed(
+        &self,
+        table: &str,
+        prefix: &[u8],
+        f: &mut Visitor<'_>,
+    ) -> Result<(), PersistError> {
+        for kv in self.data(table)?.scan_prefix(prefix) {
             let (k, v) = kv.map_err(io)?;
             f(&k, &v)?;
         }

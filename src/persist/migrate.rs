@@ -21,9 +21,11 @@ pub struct Migration {
 
 #[path = "../../migrations/v0001_to_v0002.rs"]
 mod v0001_to_v0002;
+#[path = "../../migrations/v0002_to_v0003.rs"]
+mod v0002_to_v0003;
 
 /// Every step, oldest first.
-pub const MIGRATIONS: &[Migration] = &[v0001_to_v0002::MIGRATION];
+pub const MIGRATIONS: &[Migration] = &[v0001_to_v0002::MIGRATION, v0002_to_v0003::MIGRATION];
 
 const VERSION_KEY: &str = "format_version";
 

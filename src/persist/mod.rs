@@ -80,7 +80,39 @@ pub enum PersistError {
     /// The persister has stopped.
     #[error("the durable tier is stopping")]
     Stopped,
+    /// A write-back round failed to reach disk: the changes it held on
+    /// `sync` tables were undone, and writes to durable tables are refused
+    /// until the disk takes writes again.
+    #[error("the disk did not take the write{}; it was undone", if *.full { " (the disk is full)" } else { "" })]
+    Failed {
+        /// The disk was full.
+        full: bool,
+    },
 }
+
+impl PersistError {
+    /// Whether the error is a full disk (`ENOSPC`).
+    pub fn is_disk_full(&self) -> bool {
+        let io = match self {
+            PersistError::Engine(sled::Error::Io(e)) => e,
+            PersistError::File { source, .. } => source,
+            PersistError::Failed { full } => return *full,
+            _ => return false,
+        };
+        io.kind() == std::io::ErrorKind::StorageFull || io.raw_os_error() == Some(28)
+    }
+}
+
+/// The disk takes writes.
+const HEALTHY: u8 = 0;
+/// The last round failed; writes to durable tables are refused.
+const FAILED: u8 = 1;
+/// The last round failed on a full disk.
+const FULL: u8 = 2;
+
+/// The metadata key of the revision lease: no revision above it has been
+/// handed out (see the store's `lease` module).
+pub(crate) const LEASE_KEY: &str = "revision_lease";
 
 /// How far sync-mode tickets have got: every ticket up to `durable` is on
 /// disk; every ticket up to `failed` (and past `durable`) saw its round fail.
@@ -88,30 +120,53 @@ pub enum PersistError {
 struct Progress {
     durable: u64,
     failed: u64,
+    /// The last failure was a full disk.
+    full: bool,
 }
 
 tokio::task_local! {
-    /// Set while a request's caller takes over its `sync` waits.
-    static DEFERRED: std::cell::Cell<bool>;
+    /// Set while a request's caller takes over its `sync` waits: the last
+    /// ticket owed.
+    static DEFERRED: std::cell::Cell<Option<u64>>;
 }
 
-/// Runs `work` with its `sync` waits deferred to the caller, who must call
-/// [`Durability::wait_durable`] before answering when the second value is
-/// true. An idempotent write uses this to make its change and its record
-/// durable in one round; `select_delete` to wait once for all its deletes.
-pub async fn deferring<F: std::future::Future>(work: F) -> (F::Output, bool) {
+/// Runs `work` with its `sync` waits deferred to the caller, who must wait
+/// for the ticket returned (with [`Durability::wait_ticket`]) before
+/// answering. An idempotent write uses this to make its change and its
+/// record durable in one round; `select_delete` to wait once for all its
+/// deletes.
+pub async fn deferring<F: std::future::Future>(work: F) -> (F::Output, Option<u64>) {
     DEFERRED
-        .scope(std::cell::Cell::new(false), async move {
+        .scope(std::cell::Cell::new(None), async move {
             let out = work.await;
             (out, DEFERRED.with(std::cell::Cell::get))
         })
         .await
 }
 
-/// Inside [`deferring`], notes that a `sync` wait is owed and returns true;
+/// Inside [`deferring`], notes that `ticket` is owed and returns true;
 /// elsewhere returns false and the caller waits itself.
-pub fn defer_wait() -> bool {
-    DEFERRED.try_with(|d| d.set(true)).is_ok()
+pub fn defer_ticket(ticket: u64) -> bool {
+    DEFERRED
+        .try_with(|d| d.set(Some(d.get().map_or(ticket, |t| t.max(ticket)))))
+        .is_ok()
+}
+
+/// A write to a `sync` table being applied: while it lives, no failed
+/// round can undo changes and fail tickets, so the write's change and its
+/// ticket fall on the same side of any failure.
+#[derive(Debug)]
+pub struct SyncWrite<'a> {
+    durability: &'a Durability,
+    _gate: std::sync::RwLockReadGuard<'a, ()>,
+}
+
+impl SyncWrite<'_> {
+    /// The ticket of the change just applied: wait for it (or defer it)
+    /// before answering.
+    pub fn ticket(self) -> u64 {
+        self.durability.take_ticket(false)
+    }
 }
 
 /// Handle to the durable tier. Cloning is shallow.
@@ -150,7 +205,55 @@ struct Inner {
     /// stored definition, so a round never writes a dropped table's keys
     /// into the data space of a table re-created under the same name.
     round_lock: Mutex<()>,
+    /// Held while a new revision lease is stored.
+    lease_move: Mutex<()>,
+    /// Held (shared) by a `sync` write from before its change until it has
+    /// its ticket, and (exclusively) by a failed round while it undoes
+    /// changes and fails tickets.
+    sync_gate: std::sync::RwLock<()>,
+    /// 0 while the disk takes writes; [`FAILED`] or [`FULL`] after a round
+    /// failed, until a probe write succeeds again.
+    health: std::sync::atomic::AtomicU8,
+    /// Held (shared) by a keyed write from before its change until its
+    /// idempotency record is attached, and (exclusively) by a round while
+    /// it snapshots what to write: a round sees a keyed change together
+    /// with its record, or neither.
+    record_gate: tokio::sync::RwLock<()>,
+    /// Idempotency records waiting for the round that writes their table,
+    /// by table name.
+    pending_records: Mutex<std::collections::HashMap<String, Vec<PendingRecord>>>,
 }
+
+/// An idempotency record on its way to disk with the change it answers.
+#[derive(Debug)]
+pub(crate) struct PendingRecord {
+    /// The key the change wrote: the record goes into the same atomic
+    /// batch as it. `None` (or a key not written in the round) puts it in
+    /// a batch after the table's others.
+    pub anchor: Option<Vec<u8>>,
+    /// Its key in the table's data ([`record_key`]).
+    pub key: Vec<u8>,
+    pub bytes: Vec<u8>,
+}
+
+impl PendingRecord {
+    fn footprint(&self) -> i64 {
+        (self.key.len() + self.bytes.len() + self.anchor.as_ref().map_or(0, Vec::len) + 64) as i64
+    }
+}
+
+/// A visitor of stored idempotency records, `(table, key, record)`; its
+/// error stops the walk.
+pub type RecordVisitor<'a> = dyn FnMut(&str, &[u8], &[u8]) -> Result<(), PersistError> + 'a;
+
+/// Where a table's idempotency record `id` is kept in its data: after a
+/// NUL byte, which no entry key has, so recovery and scans tell them apart.
+pub fn record_key(id: &str) -> Vec<u8> {
+    [RECORD_KEY_PREFIX, id.as_bytes()].concat()
+}
+
+/// What every idempotency record's key in a table's data starts with.
+pub const RECORD_KEY_PREFIX: &[u8] = b"\0i/";
 
 #[derive(Debug, Default)]
 struct WakeFlags {
@@ -191,7 +294,7 @@ impl Durability {
             engine = wrap(engine);
         }
         migrate(engine.as_ref())?;
-        Ok(Durability {
+        let durability = Durability {
             inner: Arc::new(Inner {
                 engine,
                 store,
@@ -207,8 +310,30 @@ impl Durability {
                 stats: FlushStats::default(),
                 round_histogram: std::sync::OnceLock::new(),
                 round_lock: Mutex::new(()),
+                lease_move: Mutex::new(()),
+                sync_gate: std::sync::RwLock::new(()),
+                health: std::sync::atomic::AtomicU8::new(HEALTHY),
+                record_gate: tokio::sync::RwLock::new(()),
+                pending_records: Mutex::new(std::collections::HashMap::new()),
             }),
-        })
+        };
+        // The store asks for a new lease through the persister (a weak
+        // handle: the store must not keep the durable tier alive).
+        let weak = Arc::downgrade(&durability.inner);
+        durability
+            .inner
+            .store
+            .on_revision_lease_low(Box::new(move |now| {
+                if let Some(inner) = weak.upgrade() {
+                    let durability = Durability { inner };
+                    if !now {
+                        durability.wake(false);
+                    } else if let Err(e) = durability.move_lease() {
+                        tracing::error!(error = %e, "could not store a new revision lease");
+                    }
+                }
+            }));
+        Ok(durability)
     }
 
     /// The data directory.
@@ -224,6 +349,36 @@ impl Durability {
     /// Round and write counters.
     pub fn stats(&self) -> &FlushStats {
         &self.inner.stats
+    }
+
+    /// Stores a revision lease one block past the store's revision, then
+    /// lets the store hand out revisions up to it. Run at recovery, before
+    /// any write, and by the persister whenever the store asks.
+    ///
+    /// # Errors
+    /// [`PersistError::Engine`]: the old lease stays, and writers past it
+    /// wait.
+    pub fn move_lease(&self) -> Result<(), PersistError> {
+        let inner = &self.inner;
+        // One move at a time: a writer past the lease and the persister
+        // may both ask.
+        let _moving = inner
+            .lease_move
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !inner.store.revision_lease_wanted() && inner.store.revision_lease() != u64::MAX {
+            return Ok(());
+        }
+        let current = inner.store.revision_lease();
+        let lease = inner
+            .store
+            .revision()
+            .saturating_add(crate::store::LEASE_BLOCK)
+            .max(if current == u64::MAX { 0 } else { current });
+        inner.engine.put_meta(LEASE_KEY, &lease.to_be_bytes())?;
+        inner.engine.flush()?;
+        inner.store.set_revision_lease(lease);
+        Ok(())
     }
 
     /// Stores a new persistent table's definition durably, after removing
@@ -321,6 +476,158 @@ impl Durability {
         Ok(())
     }
 
+    /// Whether writes to durable tables may be applied now: after a round
+    /// failed to reach disk they are refused until a probe write succeeds.
+    ///
+    /// # Errors
+    /// [`PersistError::Failed`].
+    pub fn accepting(&self) -> Result<(), PersistError> {
+        match self.inner.health.load(Ordering::Acquire) {
+            HEALTHY => Ok(()),
+            state => Err(PersistError::Failed {
+                full: state == FULL,
+            }),
+        }
+    }
+
+    /// Holds off the next round's snapshot until the guard is dropped: a
+    /// keyed write takes it before it applies its change and drops it once
+    /// its record is attached ([`Durability::attach_record`]), so no round
+    /// makes the change durable without the record.
+    pub async fn record_gate(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.inner.record_gate.read().await
+    }
+
+    /// Queues the idempotency record `id` of a write to `table` for the
+    /// round that writes the table's changes: in the same atomic batch as
+    /// the key `anchor` (the key the write changed), so a crash keeps both
+    /// or neither. Counted in the server's memory until written.
+    /// A change waiting for `ticket` whose round already failed was undone:
+    /// its record is dropped (false), under the gate that failed rounds
+    /// take, so a record is never written for an undone change.
+    pub fn attach_record(
+        &self,
+        table: &str,
+        anchor: Option<&str>,
+        id: &str,
+        bytes: Vec<u8>,
+        ticket: Option<u64>,
+    ) -> bool {
+        let _gate = self
+            .inner
+            .sync_gate
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(ticket) = ticket {
+            let p = *self.inner.progress.borrow();
+            if p.durable < ticket && p.failed >= ticket {
+                return false;
+            }
+        }
+        let record = PendingRecord {
+            anchor: anchor.map(|a| a.as_bytes().to_vec()),
+            key: record_key(id),
+            bytes,
+        };
+        self.inner
+            .store
+            .memory()
+            .add(crate::store::MemoryKind::Idempotency, record.footprint());
+        self.inner
+            .pending_records
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(table.to_owned())
+            .or_default()
+            .push(record);
+        true
+    }
+
+    /// The idempotency records waiting for `table`'s next round, taken.
+    pub(crate) fn take_records(&self, table: &str) -> Vec<PendingRecord> {
+        let taken = self
+            .inner
+            .pending_records
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(table)
+            .unwrap_or_default();
+        let bytes: i64 = taken.iter().map(PendingRecord::footprint).sum();
+        self.inner
+            .store
+            .memory()
+            .add(crate::store::MemoryKind::Idempotency, -bytes);
+        taken
+    }
+
+    /// Puts records of a failed round back, for the next one.
+    pub(crate) fn return_records(&self, table: &str, records: Vec<PendingRecord>) {
+        if records.is_empty() {
+            return;
+        }
+        let bytes: i64 = records.iter().map(PendingRecord::footprint).sum();
+        self.inner
+            .store
+            .memory()
+            .add(crate::store::MemoryKind::Idempotency, bytes);
+        let mut pending = self
+            .inner
+            .pending_records
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let queue = pending.entry(table.to_owned()).or_default();
+        let later = std::mem::replace(queue, records);
+        queue.extend(later);
+    }
+
+    /// The idempotency record `id` of a write to `table`: queued for the
+    /// next round, or stored with the table's data.
+    ///
+    /// # Errors
+    /// [`PersistError::Engine`].
+    pub fn table_record(&self, table: &str, id: &str) -> Result<Option<Vec<u8>>, PersistError> {
+        let key = record_key(id);
+        let queued = self
+            .inner
+            .pending_records
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(table)
+            .and_then(|q| {
+                q.iter()
+                    .rev()
+                    .find(|r| r.key == key)
+                    .map(|r| r.bytes.clone())
+            });
+        match queued {
+            Some(bytes) => Ok(Some(bytes)),
+            None => self.inner.engine.get(table, &key),
+        }
+    }
+
+    /// Calls `f` with `(table, key, record)` for every idempotency record
+    /// stored with a durable table's data.
+    ///
+    /// # Errors
+    /// [`PersistError::Engine`], or what `f` returns.
+    pub fn for_each_table_record(&self, f: &mut RecordVisitor<'_>) -> Result<(), PersistError> {
+        for table in self.inner.store.persistent_tables() {
+            let name = table.name();
+            self.inner
+                .engine
+                .for_each_prefixed(name, RECORD_KEY_PREFIX, &mut |k, v| f(name, k, v))?;
+        }
+        Ok(())
+    }
+
+    /// Removes a stored idempotency record of a table's.
+    ///
+    /// # Errors
+    /// [`PersistError::Engine`].
+    pub fn remove_table_record(&self, table: &str, key: &[u8]) -> Result<(), PersistError> {
+        self.inner.engine.write(table, vec![(key.to_vec(), None)])
+    }
+
     /// The idempotency record stored under `key`, if any.
     ///
     /// # Errors
@@ -360,8 +667,49 @@ impl Durability {
     pub async fn wait_durable(&self, force: bool) -> Result<(), PersistError> {
         // The change is already in memory and marked dirty; a round that
         // reads this ticket counter afterwards will include it.
+        let ticket = self.take_ticket(force);
+        self.wait_ticket(ticket).await
+    }
+
+    /// Starts a write to a `sync` table: refused while the disk does not
+    /// take writes; otherwise apply the change, then take its ticket from
+    /// the guard.
+    ///
+    /// # Errors
+    /// [`PersistError::Failed`].
+    pub fn sync_write(&self) -> Result<SyncWrite<'_>, PersistError> {
+        let gate = self
+            .inner
+            .sync_gate
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.accepting()?;
+        Ok(SyncWrite {
+            durability: self,
+            _gate: gate,
+        })
+    }
+
+    /// A ticket for everything applied (and every record attached) so
+    /// far, and a round woken for it: wait for it with
+    /// [`Durability::wait_ticket`].
+    pub fn ticket(&self) -> u64 {
+        self.take_ticket(false)
+    }
+
+    /// A ticket for everything applied so far, and a round woken for it.
+    fn take_ticket(&self, force: bool) -> u64 {
         let ticket = self.inner.next_ticket.fetch_add(1, Ordering::AcqRel) + 1;
         self.wake(force);
+        ticket
+    }
+
+    /// Waits until a round has made `ticket` durable.
+    ///
+    /// # Errors
+    /// [`PersistError::Failed`] when its round failed (its change was
+    /// undone), [`PersistError::Stopped`].
+    pub async fn wait_ticket(&self, ticket: u64) -> Result<(), PersistError> {
         let mut rx = self.inner.progress.subscribe();
         let seen = rx
             .wait_for(|p| p.durable >= ticket || p.failed >= ticket)
@@ -370,9 +718,7 @@ impl Durability {
         if seen.durable >= ticket {
             Ok(())
         } else {
-            Err(PersistError::Round(
-                "the write-back round failed; the change is kept in memory and retried".into(),
-            ))
+            Err(PersistError::Failed { full: seen.full })
         }
     }
 

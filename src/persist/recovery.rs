@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::time::Instant;
 
 use super::codec::{decode_slot, StoredTable};
-use super::{Durability, PersistError};
+use super::{Durability, PersistError, LEASE_KEY};
 
 /// What recovery loaded.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -53,6 +53,11 @@ impl Durability {
             max_version = max_version.max(cleared);
             let (mut keys, mut expired) = (0u64, Vec::new());
             inner.engine.for_each(&name, &mut |k, v| {
+                // Idempotency records live beside the entries (see
+                // `record_key`); they are read when a retry asks.
+                if k.starts_with(super::RECORD_KEY_PREFIX) {
+                    return Ok(());
+                }
                 let key = std::str::from_utf8(k).map_err(|_| {
                     PersistError::Corrupt(format!("table '{name}': key is not UTF-8"))
                 })?;
@@ -85,7 +90,17 @@ impl Durability {
             }
         }
         inner.engine.flush()?;
-        inner.store.observe_revision(max_version);
+        // Past the stored lease: revisions handed out before a crash may
+        // have reached it without reaching disk.
+        let leased = inner
+            .engine
+            .get_meta(LEASE_KEY)?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map(u64::from_be_bytes);
+        inner
+            .store
+            .observe_revision(max_version.max(leased.map_or(0, |l| l.saturating_add(1))));
+        self.move_lease()?;
         report.millis = started.elapsed().as_millis() as u64;
         tracing::info!(
             tables = report.tables,

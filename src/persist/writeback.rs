@@ -11,8 +11,9 @@ use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::codec::encode_slot;
+use super::engine::Change;
 use super::{Durability, PersistError};
-use crate::store::{Dirty, Key, Persistence, Table};
+use crate::store::{Dirty, Key, Persistence, Slot, Table};
 
 /// Longest the persister sleeps when nothing is dirty.
 const IDLE_WAKE: Duration = Duration::from_millis(1000);
@@ -84,8 +85,26 @@ pub(super) fn cleared_key(table: &str) -> String {
     format!("cleared/{table}")
 }
 
-/// Keys snapshotted from one table's dirty set, with their mark versions.
-type Snapshot = (Arc<Table>, Vec<(Key, u64)>);
+/// What a round wrote for one table: keys snapshotted from its dirty set
+/// with their mark versions, (`sync` tables only) the state each was
+/// written as, and the idempotency records written with them (returned to
+/// the queue if the round's flush fails).
+struct Snapshot {
+    table: Arc<Table>,
+    keys: Vec<(Key, u64)>,
+    as_written: Vec<Option<Slot>>,
+    records: Vec<super::PendingRecord>,
+}
+
+/// What a round writes for one table, taken under the record gate.
+struct Plan {
+    table: Arc<Table>,
+    /// The clear mark to save first, 0 for none.
+    cleared: u64,
+    snapshot: Vec<(Key, u64)>,
+    /// Idempotency records, each to go with the key its change wrote.
+    records: Vec<super::PendingRecord>,
+}
 
 /// Counters of write-back activity. `sync_tickets / rounds` is the average
 /// number of sync writes that shared one fsync.
@@ -155,73 +174,101 @@ impl Durability {
         let mut keys = 0;
         let mut unflushed = 0;
         let mut shrunk = false;
-        for table in inner.store.persistent_tables() {
+        // What to write, taken while no keyed write is between its change
+        // and its record (the record gate), so each change comes with its
+        // idempotency record or before it.
+        let mut plans: Vec<Plan> = Vec::new();
+        let mut wrote_records = false;
+        {
+            let _gate = inner.record_gate.blocking_write();
+            for table in inner.store.persistent_tables() {
+                let Some(dirty) = table.dirty() else {
+                    continue;
+                };
+                if !force && !due(&table, dirty, now) {
+                    continue;
+                }
+                // Reset before the snapshot: a mark made from here on sets
+                // it again, so no change can be left dirty with no due time.
+                dirty.since_ms.store(0, Ordering::Release);
+                let cleared = dirty.cleared_at.load(Ordering::Acquire);
+                let snapshot: Vec<(Key, u64)> = dirty
+                    .keys
+                    .iter()
+                    .map(|e| (e.key().clone(), *e.value()))
+                    .collect();
+                let records = self.take_records(table.name());
+                if snapshot.is_empty() && cleared == 0 && records.is_empty() {
+                    continue;
+                }
+                plans.push(Plan {
+                    table,
+                    cleared,
+                    snapshot,
+                    records,
+                });
+            }
+        }
+        crate::failpoint!("writeback-after-snapshot");
+        let mut plans = plans.into_iter();
+        while let Some(plan) = plans.next() {
+            let Plan {
+                table,
+                cleared,
+                mut snapshot,
+                records,
+            } = plan;
             let Some(dirty) = table.dirty() else {
                 continue;
             };
-            if !force && !due(&table, dirty, now) {
-                continue;
-            }
-            // Reset before the snapshot: a mark made from here on sets it
-            // again, so no change can be left dirty with no due time.
-            dirty.since_ms.store(0, Ordering::Release);
-            let cleared = dirty.cleared_at.load(Ordering::Acquire);
-            let mut snapshot: Vec<(Key, u64)> = dirty
-                .keys
-                .iter()
-                .map(|e| (e.key().clone(), *e.value()))
-                .collect();
-            if snapshot.is_empty() && cleared == 0 {
-                continue;
-            }
-            if cleared != 0 {
-                // Before the keys written after it: every stored record
-                // at or below the mark is gone from here on.
-                let marked = inner
-                    .engine
-                    .put_meta(&cleared_key(table.name()), &cleared.to_be_bytes());
-                if let Err(e) = marked {
-                    self.round_failed(target, &written, Some((&table, dirty)), now);
-                    return Err(e);
-                }
-                clears.push((table.clone(), cleared));
-            }
             // In key order, as the engine's tree stores them: in the dirty
             // set's hash order a big round touches pages at random and,
             // with a small page cache, reads evicted ones back again and
             // again.
             snapshot.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            crate::failpoint!("writeback-after-snapshot");
-            // In batches: keys are independent and the round's one flush
-            // covers them all, while sled's memory grows with the size of a
-            // batch (see WRITE_BATCH).
-            for chunk in snapshot.chunks(WRITE_BATCH) {
-                let changes = chunk
-                    .iter()
-                    .map(|(k, _)| {
-                        let record = table.live_slot(k).map(|slot| encode_slot(&slot));
-                        (k.as_bytes().to_vec(), record)
-                    })
-                    .collect();
-                let mut wrote = inner.engine.write(table.name(), changes);
-                unflushed += chunk.len();
-                if wrote.is_ok() && unflushed >= FLUSH_EVERY {
-                    // Nothing is released here: only the round's last flush
-                    // acknowledges anything.
-                    wrote = inner.engine.flush();
-                    unflushed = 0;
-                }
-                if let Err(e) = wrote {
-                    self.round_failed(target, &written, Some((&table, dirty)), now);
+            wrote_records |= !records.is_empty();
+            let mut as_written = Vec::new();
+            let wrote = self.write_table(
+                &table,
+                cleared,
+                &snapshot,
+                records,
+                &mut unflushed,
+                &mut as_written,
+            );
+            let records = match wrote {
+                Ok(records) => records,
+                Err((e, unwritten)) => {
+                    self.requeue_or_erase(&table, unwritten);
+                    for later in plans {
+                        self.return_records(later.table.name(), later.records);
+                        if let Some(d) = later.table.dirty() {
+                            let _ = d.since_ms.compare_exchange(
+                                0,
+                                now.max(1),
+                                Ordering::AcqRel,
+                                Ordering::Relaxed,
+                            );
+                        }
+                    }
+                    self.round_failed(&written, Some((&table, dirty)), now, &e);
                     return Err(e);
                 }
+            };
+            if cleared != 0 {
+                clears.push((table.clone(), cleared));
             }
             keys += snapshot.len();
-            written.push((table, snapshot));
+            written.push(Snapshot {
+                table,
+                keys: snapshot,
+                as_written,
+                records,
+            });
         }
         let waiting = target > inner.progress.borrow().durable;
         // Idempotency records written since the last flush need one too.
-        let records = inner.records_dirty.swap(false, Ordering::AcqRel);
+        let records = inner.records_dirty.swap(false, Ordering::AcqRel) || wrote_records;
         if keys == 0 && clears.is_empty() && !waiting && !records {
             let revision = inner.store.revision();
             if inner.revision_at_idle.swap(revision, Ordering::Relaxed) == revision {
@@ -243,7 +290,11 @@ impl Durability {
             if records {
                 inner.records_dirty.store(true, Ordering::Release);
             }
-            self.round_failed(target, &written, None, now);
+            for done in &mut written {
+                let records = std::mem::take(&mut done.records);
+                self.requeue_or_erase(&done.table, records);
+            }
+            self.round_failed(&written, None, now, &e);
             return Err(e);
         }
         crate::failpoint!("writeback-before-clear");
@@ -260,10 +311,12 @@ impl Durability {
         let saved_at = inner.store.now_ms();
         // Whether every table written is left clean.
         let mut settled = true;
-        for (table, snapshot) in &written {
+        for done in &written {
+            let (table, snapshot) = (&done.table, &done.keys);
             if let Some(dirty) = table.dirty() {
+                let mut slots = done.as_written.iter().cloned();
                 for (k, v) in snapshot {
-                    dirty.keys.remove_if(k, |_, current| current == v);
+                    table.saved(k, *v, slots.next().flatten());
                 }
                 dirty.last_saved_at.store(saved_at, Ordering::Release);
                 if !dirty.keys.is_empty() {
@@ -299,7 +352,7 @@ impl Durability {
         if let Some(h) = inner.round_histogram.get() {
             h.record(started.elapsed());
         }
-        for (table, _) in &written {
+        for Snapshot { table, .. } in &written {
             if table.persistence() == Persistence::Periodic {
                 let bound = table.auto_save_ms().unwrap_or(1000);
                 if elapsed / 1000 > bound / 2 {
@@ -334,6 +387,102 @@ impl Durability {
         Ok(outcome)
     }
 
+    /// The idempotency records of a round that failed: a periodic table's
+    /// go back in the queue (their changes stay dirty and are written
+    /// again); a sync table's changes are undone, so their records are
+    /// erased from the engine, where the failed round may have put them
+    /// and a later flush would otherwise make them durable.
+    fn requeue_or_erase(&self, table: &Table, records: Vec<super::PendingRecord>) {
+        if table.persistence() != Persistence::Sync {
+            self.return_records(table.name(), records);
+            return;
+        }
+        if records.is_empty() {
+            return;
+        }
+        let erase = records.into_iter().map(|r| (r.key, None)).collect();
+        if let Err(e) = self.inner.engine.write(table.name(), erase) {
+            tracing::error!(error = %e, table = table.name(), "could not erase the records of undone writes");
+        }
+    }
+
+    /// Writes one table's share of a round: its clear mark, then its keys
+    /// in batches of [`WRITE_BATCH`], each with the idempotency records
+    /// whose change wrote one of its keys (one atomic batch: both or
+    /// neither reach disk), then the records whose key is in no batch.
+    /// On failure, the records not yet written come back with the error.
+    fn write_table(
+        &self,
+        table: &Table,
+        cleared: u64,
+        snapshot: &[(Key, u64)],
+        records: Vec<super::PendingRecord>,
+        unflushed: &mut usize,
+        as_written: &mut Vec<Option<Slot>>,
+    ) -> Result<Vec<super::PendingRecord>, (PersistError, Vec<super::PendingRecord>)> {
+        // A sync table's changes can be undone to what was last written.
+        let keep = table.persistence() == Persistence::Sync;
+        let engine = &self.inner.engine;
+        if cleared != 0 {
+            // Before the keys written after it: every stored record at or
+            // below the mark is gone from here on.
+            if let Err(e) = engine.put_meta(&cleared_key(table.name()), &cleared.to_be_bytes()) {
+                return Err((e, records));
+            }
+        }
+        // Each record to the batch holding its key, the rest to the end.
+        let chunks = snapshot.chunks(WRITE_BATCH).len();
+        let mut by_chunk: Vec<Vec<super::PendingRecord>> = Vec::new();
+        by_chunk.resize_with(chunks + 1, Vec::new);
+        for record in records {
+            let at = record
+                .anchor
+                .as_deref()
+                .and_then(|a| snapshot.binary_search_by(|(k, _)| k.as_bytes().cmp(a)).ok())
+                .map_or(chunks, |i| i / WRITE_BATCH);
+            by_chunk[at].push(record);
+        }
+        let mut batches = by_chunk.into_iter();
+        let mut chunk_keys = snapshot.chunks(WRITE_BATCH);
+        let mut done = Vec::new();
+        while let Some(records) = batches.next() {
+            let keys = chunk_keys.next().unwrap_or_default();
+            let mut changes: Vec<Change> = keys
+                .iter()
+                .map(|(k, _)| {
+                    let slot = table.live_slot(k);
+                    let record = slot.as_ref().map(encode_slot);
+                    if keep {
+                        as_written.push(slot);
+                    }
+                    (k.as_bytes().to_vec(), record)
+                })
+                .collect();
+            for r in &records {
+                changes.push((r.key.clone(), Some(r.bytes.clone())));
+            }
+            if changes.is_empty() {
+                continue;
+            }
+            let mut wrote = engine.write(table.name(), changes);
+            *unflushed += keys.len();
+            if wrote.is_ok() && *unflushed >= FLUSH_EVERY {
+                // Nothing is released here: only the round's last flush
+                // acknowledges anything.
+                wrote = engine.flush();
+                *unflushed = 0;
+            }
+            if let Err(e) = wrote {
+                let mut unwritten = done;
+                unwritten.extend(records);
+                unwritten.extend(batches.flatten());
+                return Err((e, unwritten));
+            }
+            done.extend(records);
+        }
+        Ok(done)
+    }
+
     /// Gives freed memory back to the OS if the store made at least
     /// `changes` changes since the last time.
     fn give_back_after(&self, changes: u64) {
@@ -353,18 +502,24 @@ impl Durability {
         );
     }
 
-    /// After a failed round: keep every key dirty and due, and tell the
-    /// waiting tickets.
+    /// After a failed round: keep every key dirty and due; refuse writes
+    /// to durable tables until the disk takes writes again; put every
+    /// unsaved change of a `sync` table back as it was saved (their
+    /// idempotency records go too) and fail every ticket handed out, all
+    /// while no `sync` write is between its change and its ticket. So no
+    /// request is told a change failed that a later request can see, and
+    /// none is told it succeeded that was undone. Periodic tables keep
+    /// their changes: their next round writes them.
     fn round_failed(
         &self,
-        target: u64,
         written: &[Snapshot],
         current: Option<(&Arc<Table>, &Dirty)>,
         now: u64,
+        error: &PersistError,
     ) {
         let dirties = written
             .iter()
-            .filter_map(|(t, _)| t.dirty())
+            .filter_map(|w| w.table.dirty())
             .chain(current.map(|(_, d)| d));
         for dirty in dirties {
             let _ =
@@ -372,9 +527,61 @@ impl Durability {
                     .since_ms
                     .compare_exchange(0, now.max(1), Ordering::AcqRel, Ordering::Relaxed);
         }
-        self.inner
-            .progress
-            .send_modify(|p| p.failed = p.failed.max(target));
+        let inner = &self.inner;
+        let full = error.is_disk_full();
+        let _gate = inner
+            .sync_gate
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        inner.health.store(
+            if full { super::FULL } else { super::FAILED },
+            Ordering::Release,
+        );
+        let mut undone = 0;
+        for table in inner.store.persistent_tables() {
+            if table.persistence() == Persistence::Sync {
+                undone += table.undo_unsaved();
+                drop(self.take_records(table.name()));
+            }
+        }
+        let handed_out = inner.next_ticket.load(Ordering::Acquire);
+        inner.progress.send_modify(|p| {
+            p.failed = p.failed.max(handed_out);
+            p.full = full;
+        });
+        tracing::error!(error = %error, full, undone, "a write-back round failed: sync changes undone, writes refused until the disk takes them");
+    }
+
+    /// While writes are refused after a failed round: tries the disk with
+    /// one small write and a flush (reopening the engine first where it
+    /// can), and takes writes again once that works. True when it did.
+    fn probe(&self) -> bool {
+        let inner = &self.inner;
+        if inner.health.load(Ordering::Acquire) == super::HEALTHY {
+            return true;
+        }
+        let now = inner.store.now_ms();
+        let tried = inner
+            .engine
+            .reopen()
+            .and_then(|()| inner.engine.put_meta("probe", &now.to_be_bytes()))
+            .and_then(|()| inner.engine.flush());
+        match tried {
+            Ok(()) => {
+                inner.health.store(super::HEALTHY, Ordering::Release);
+                tracing::info!("the disk takes writes again: durable writes resume");
+                self.wake(true);
+                true
+            }
+            Err(e) => {
+                let full = e.is_disk_full();
+                inner.health.store(
+                    if full { super::FULL } else { super::FAILED },
+                    Ordering::Release,
+                );
+                false
+            }
+        }
     }
 
     /// How long the persister may sleep before some table is due.
@@ -453,6 +660,15 @@ impl Durability {
             };
             if inner.stopping.load(Ordering::Acquire) {
                 return;
+            }
+            if !self.probe() {
+                std::thread::sleep(RETRY_PAUSE);
+                continue;
+            }
+            if inner.store.revision_lease_wanted() {
+                if let Err(e) = self.move_lease() {
+                    tracing::error!(error = %e, "could not store a new revision lease; retrying");
+                }
             }
             if !force {
                 self.gather_sync_writers();

@@ -22,6 +22,7 @@ mod counter;
 mod error;
 mod evict;
 mod expiry;
+mod lease;
 mod memory;
 mod scan;
 mod slot;
@@ -41,6 +42,7 @@ pub use error::{StoreError, StoreResult};
 pub(crate) use evict::sample_one;
 pub use evict::EVICTION_SAMPLES;
 pub use expiry::{ExpiryWake, IDLE_SWEEP, SWEEP_BUDGET};
+pub use lease::LEASE_BLOCK;
 pub use memory::{Held, MemoryKind, MemoryUse};
 pub use scan::{Cursor, ScanPage, ScanRequest, DEFAULT_SCAN_LIMIT, MAX_SCAN_LIMIT};
 pub use slot::{Entry, Object, Objects, ObjectsMut, ObjectsRef, Slot, Stamp};
@@ -69,6 +71,8 @@ pub(crate) struct Shared {
     /// Last version handed out; versions are unique across the store, so an
     /// ETag never matches an entry of a dropped and re-created table.
     pub revision: AtomicU64,
+    /// How far `revision` may go before the durable tier stores more.
+    pub lease: lease::Lease,
     /// Bytes held for clients, tables' among them, and the server-wide
     /// limit on their sum.
     pub memory: Arc<MemoryUse>,
@@ -150,6 +154,7 @@ impl Store {
             shared: Arc::new(Shared {
                 clock,
                 revision: AtomicU64::new(0),
+                lease: lease::Lease::unlimited(),
                 memory: Arc::default(),
                 expiry: ExpiryWake::default(),
                 watch_limits: Mutex::new(HistoryLimits::default()),
@@ -350,6 +355,29 @@ impl Store {
     /// an ETag issued before a restart never matches a different entry after.
     pub fn observe_revision(&self, seen: u64) {
         self.shared.revision.fetch_max(seen, Ordering::AcqRel);
+    }
+
+    /// How far revisions may go now (see the `lease` module).
+    pub fn revision_lease(&self) -> u64 {
+        self.shared.lease.limit()
+    }
+
+    /// Lets revisions go up to `limit`, which the durable tier has stored.
+    pub fn set_revision_lease(&self, limit: u64) {
+        self.shared.lease.set(limit);
+    }
+
+    /// What to call when the revisions handed out near the lease: the
+    /// durable tier then stores a higher one and calls
+    /// [`Store::set_revision_lease`], soon (`false`) or before returning
+    /// (`true`, when a writer is past the lease).
+    pub fn on_revision_lease_low(&self, ask: Box<dyn Fn(bool) + Send + Sync>) {
+        self.shared.lease.on_low(ask);
+    }
+
+    /// Whether the lease needs moving.
+    pub fn revision_lease_wanted(&self) -> bool {
+        self.shared.lease.wanted()
     }
 
     /// Tables with a durable tier.

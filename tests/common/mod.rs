@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod child;
+pub mod faults;
 pub mod gate;
 pub mod model;
 pub mod pg;

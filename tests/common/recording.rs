@@ -22,11 +22,18 @@ pub enum Event {
         key: String,
         value: Option<serde_json::Value>,
         at: Instant,
+        /// The engine call that wrote it (its sequence number at entry).
+        batch: u64,
     },
     /// A flush returned successfully; `began` is its sequence number at entry.
     Flushed { began: u64, seq: u64, at: Instant },
-    /// A value put into the metadata space (idempotency records live there).
+    /// A value put into the metadata space (clear marks, the revision
+    /// lease, records of table creates and drops).
     Meta { seq: u64, key: String },
+    /// An idempotency record written into a table's data space, in the
+    /// engine call (`batch`, the sequence number at its entry) that wrote
+    /// it with its change.
+    Record { seq: u64, table: String, batch: u64 },
 }
 
 /// The shared log. Every event and every [`Recorder::mark`] takes the next
@@ -120,25 +127,38 @@ impl Engine for Recording {
         self.inner.data_spaces()
     }
     fn write(&self, table: &str, changes: Vec<Change>) -> Result<(), PersistError> {
-        let described: Vec<(String, Option<serde_json::Value>)> = changes
+        // Idempotency records (keys after a NUL byte) are not entries.
+        let described: Vec<Option<(String, Option<serde_json::Value>)>> = changes
             .iter()
             .map(|(k, r)| {
-                (
-                    String::from_utf8(k.clone()).unwrap(),
-                    r.as_deref().map(record_value),
-                )
+                (k.first() != Some(&0)).then(|| {
+                    (
+                        String::from_utf8(k.clone()).unwrap(),
+                        r.as_deref().map(record_value),
+                    )
+                })
             })
             .collect();
         let at = Instant::now();
+        let batch = self.rec.mark();
         self.inner.write(table, changes)?;
         let mut events = self.rec.events.lock().unwrap();
-        for (key, value) in described {
-            events.push(Event::Write {
-                seq: self.rec.mark(),
-                table: table.to_owned(),
-                key,
-                value,
-                at,
+        for described in described {
+            let seq = self.rec.mark();
+            events.push(match described {
+                Some((key, value)) => Event::Write {
+                    seq,
+                    table: table.to_owned(),
+                    key,
+                    value,
+                    at,
+                    batch,
+                },
+                None => Event::Record {
+                    seq,
+                    table: table.to_owned(),
+                    batch,
+                },
             });
         }
         Ok(())
@@ -211,4 +231,32 @@ fn flush_between(events: &[Event], written: u64, before: u64) -> Option<(u64, In
         Event::Flushed { began, seq, at } if *began > written && *seq < before => Some((*seq, *at)),
         _ => None,
     })
+}
+
+/// The last idempotency record written into `table` before `before`, in
+/// the same engine call as a write of `key`, and a flush that began after
+/// that call and completed before `before`: the change and its record
+/// reached disk together.
+pub fn record_with_change_flushed_before(
+    events: &[Event],
+    table: &str,
+    key: &str,
+    before: u64,
+) -> Option<(u64, Instant)> {
+    let (seq, batch) = events.iter().rev().find_map(|e| match e {
+        Event::Record {
+            seq,
+            table: t,
+            batch,
+        } if *seq < before && t == table => Some((*seq, *batch)),
+        _ => None,
+    })?;
+    let with_change = events.iter().any(|e| {
+        matches!(e, Event::Write { table: t, key: k, batch: b, .. }
+            if t == table && k == key && *b == batch)
+    });
+    if !with_change {
+        return None;
+    }
+    flush_between(events, seq, before)
 }

@@ -69,6 +69,7 @@ impl Table {
 
     /// Stores a new key. The caller has reserved its objects with [`Self::grow`].
     pub(super) fn insert_vacant(&self, v: VacantEntry<'_, Key, Slot>, slot: Slot) {
+        self.note_saved(v.key(), None);
         self.mark_dirty(v.key(), slot.version);
         self.stats
             .inserts
@@ -94,6 +95,7 @@ impl Table {
         f: impl FnOnce(&mut Slot),
     ) {
         let key_len = o.key().len();
+        self.note_saved(o.key(), Some(o.get()));
         let before = o.get().footprint(key_len) as i64;
         let deadline_before = o.get().expires_at;
         f(o.get_mut());
@@ -102,6 +104,14 @@ impl Table {
         let after = o.get().footprint(key_len) as i64;
         self.add_memory(after - before);
         self.mark_dirty(o.key(), o.get().version);
+    }
+
+    /// Notes the state of `key` before a change, for undoing the change if
+    /// it never reaches disk (`sync` tables); under the key's shard lock.
+    pub(super) fn note_saved(&self, key: &str, before: Option<&Slot>) {
+        if let Some(dirty) = &self.dirty {
+            dirty.note_saved(key, before);
+        }
     }
 
     /// Records a change for the durable tier; call under the key's shard lock.
@@ -144,6 +154,7 @@ impl Table {
         value: Option<Value>,
     ) -> (Key, Slot) {
         let change = self.begin_removal();
+        self.note_saved(o.key(), Some(o.get()));
         if let Some(index) = &self.index {
             index.remove(o.key().as_bytes());
         }

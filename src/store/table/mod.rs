@@ -198,9 +198,31 @@ pub struct Dirty {
     /// The revision of the latest clear not yet saved, 0 when none: every
     /// stored record at or below it is gone.
     pub cleared_at: AtomicU64,
+    /// `sync` tables only: each dirty key's state as last saved (`None`:
+    /// absent), so that the changes of a round that fails to reach disk
+    /// can be undone. Changed under the key's shard lock.
+    pub saved: Option<DashMap<Key, Option<Slot>>>,
 }
 
 impl Dirty {
+    /// Bookkeeping for a table of `persistence`.
+    fn for_table(persistence: Persistence) -> Self {
+        Dirty {
+            saved: (persistence == Persistence::Sync).then(DashMap::new),
+            ..Dirty::default()
+        }
+    }
+
+    /// Notes `before` as the last saved state of `key` if the key was clean
+    /// (a dirty key's saved state is already noted). Under its shard lock.
+    fn note_saved(&self, key: &str, before: Option<&Slot>) {
+        if let Some(saved) = &self.saved {
+            if !saved.contains_key(key) {
+                saved.insert(Key::from(key), before.cloned());
+            }
+        }
+    }
+
     fn mark(&self, key: &str, version: u64, now: u64) {
         self.keys.insert(Key::from(key), version);
         self.due_from(now);
@@ -303,7 +325,7 @@ impl Table {
                 .settings
                 .persistence
                 .is_local_durable()
-                .then(Dirty::default),
+                .then(|| Dirty::for_table(spec.settings.persistence)),
             deadlines: SkipSet::new(),
             hub: OnceLock::new(),
             dropped: Mutex::new(false),
@@ -492,7 +514,9 @@ impl Table {
     }
 
     fn next_version(&self) -> u64 {
-        self.shared.revision.fetch_add(1, Ordering::Relaxed) + 1
+        let version = self.shared.revision.fetch_add(1, Ordering::Relaxed) + 1;
+        self.shared.lease.check(version);
+        version
     }
 
     /// The deadline for a write that names `ttl_ms` (or none) at `now`.

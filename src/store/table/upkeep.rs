@@ -45,6 +45,84 @@ impl Table {
         self.dirty.as_ref()
     }
 
+    /// After a round saved `key` as `written` (its state when the round
+    /// read it) for the change `version`: the key is clean if nothing
+    /// changed it since; otherwise `written` is now its saved state. Under
+    /// the key's shard lock, so no change slips between the two.
+    pub fn saved(&self, key: &Key, version: u64, written: Option<Slot>) {
+        let Some(dirty) = &self.dirty else {
+            return;
+        };
+        let Some(saved) = &dirty.saved else {
+            dirty.keys.remove_if(key, |_, current| *current == version);
+            return;
+        };
+        let hash = self.map.hash_usize(key);
+        let _shard = self.map.shards()[self.map.determine_shard(hash)].write();
+        if dirty
+            .keys
+            .remove_if(key, |_, current| *current == version)
+            .is_some()
+        {
+            saved.remove(key);
+        } else {
+            saved.insert(key.clone(), written);
+        }
+    }
+
+    /// After a round of a `sync` table failed to reach disk: puts every
+    /// key changed since its last save back as it was saved, with every
+    /// shard locked, so that no request sees an unsaved change once its
+    /// writer has been told it failed. The keys stay dirty: the next round
+    /// writes their saved state again, over whatever the failed one left.
+    /// No event is sent (watchers of a `sync` table are sent a `reset`).
+    /// Returns how many keys were put back.
+    pub fn undo_unsaved(&self) -> usize {
+        let Some(saved) = self.dirty.as_ref().and_then(|d| d.saved.as_ref()) else {
+            return 0;
+        };
+        let mut shards: Vec<_> = self.map.shards().iter().map(|s| s.write()).collect();
+        let now = self.now();
+        let keys: Vec<(Key, Option<Slot>)> = saved
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
+        for (key, before) in &keys {
+            // The shard locks are held: reach the key's bucket directly.
+            let hash = self.map.hash_usize(key);
+            let table = &mut *shards[self.map.determine_shard(hash)];
+            let current = table
+                .find(hash as u64, |(k, _)| k == key)
+                // SAFETY: the bucket was just found in this table, under its
+                // write lock, and nothing else touched the table since.
+                .map(|b| unsafe { table.remove(b).0 });
+            if let Some((k, slot)) = current {
+                let slot = slot.into_inner();
+                if let Some(index) = &self.index {
+                    index.remove(k.as_bytes());
+                }
+                self.track_deadline(&k, slot.expires_at, 0);
+                self.shrink(slot.objects().count());
+                self.add_memory(-self.cost(k.len(), &slot));
+            }
+            if let Some(before) = before.clone().filter(|b| !b.is_expired(now)) {
+                if let Some(index) = &self.index {
+                    index.insert(key.as_bytes().into());
+                }
+                self.track_deadline(key, 0, before.expires_at);
+                self.size
+                    .fetch_add(before.objects().count() as i64, Ordering::Relaxed);
+                self.add_memory(self.cost(key.len(), &before));
+                table.insert(
+                    hash as u64,
+                    (key.clone(), dashmap::SharedValue::new(before)),
+                    |(k, _)| self.map.hash_usize(k) as u64,
+                );
+            }
+        }
+        keys.len()
+    }
+
     /// Objects changed in memory and not yet on disk (0 for memory tables).
     pub fn dirty_count(&self) -> u64 {
         self.dirty.as_ref().map_or(0, |d| d.keys.len() as u64)
