@@ -274,3 +274,125 @@ async fn a_watch_resumed_across_a_sigkill_never_gets_an_id_twice() {
     }
     let _: Value = json!(null);
 }
+
+/// A real full disk: the data directory on an 16 MiB tmpfs, filled up by
+/// a file beside it. Writes to a `sync` table then get 507 and are not
+/// visible; once the file is removed, writes resume without a restart.
+/// Needs root (to mount); says so loudly when it cannot, and fails in CI.
+#[tokio::test]
+async fn a_real_full_disk_is_507_and_writes_resume_when_space_is_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(&mnt)
+        .output();
+    if !mounted.as_ref().is_ok_and(|o| o.status.success()) {
+        let why = match &mounted {
+            Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            std::env::var_os("LARDER_TEST_REQUIRE_MOUNT").is_none(),
+            "cannot mount a tmpfs for the full-disk test (LARDER_TEST_REQUIRE_MOUNT is set): {why}"
+        );
+        eprintln!(
+            "SKIPPED LOUDLY: cannot mount a tmpfs for the full-disk test (needs root): {why}"
+        );
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let server = ChildServer::start(&mnt.join("data")).await;
+    let client = reqwest::Client::new();
+    let r = client
+        .post(format!("{}/v1/tables", server.base))
+        .json(&json!({"name": "s", "persistence": "sync"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(
+        client
+            .put(server.entry_url("s", "before"))
+            .body("1")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+    // Fill the disk, leaving a little room.
+    let filler = mnt.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let value = json!({"pad": "f".repeat(200_000)});
+    let mut refused = None;
+    for i in 0..200 {
+        let key = format!("k{i}");
+        let r = client
+            .put(server.entry_url("s", &key))
+            .body(value.to_string())
+            .send()
+            .await
+            .unwrap();
+        match r.status().as_u16() {
+            201 => continue,
+            507 => {
+                let body: Value = r.json().await.unwrap();
+                assert_eq!(body["error"]["code"], "storage_full", "{body}");
+                refused = Some(key);
+                break;
+            }
+            other => panic!("{key}: {other} {}", r.text().await.unwrap()),
+        }
+    }
+    let refused = refused.expect("the disk filled up");
+    let r = client
+        .get(server.entry_url("s", &refused))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "the refused write is not visible");
+    let r = client
+        .get(server.entry_url("s", "before"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "reads go on");
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = client
+            .put(server.entry_url("s", &refused))
+            .body(value.to_string())
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 201 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "writes did not resume once the disk had room: {}\n{}",
+            r.status(),
+            server.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(server);
+}

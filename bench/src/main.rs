@@ -290,6 +290,25 @@ fn main() {
     }
     drop(ceiling);
 
+    // Exactly-once retries on a sync table cost the record and its check:
+    // keyed PUTs (a fresh key each) against plain ones, same table, same
+    // server, alternating.
+    let keyed_sync = chosen("sync PUT with Idempotency-Key").then(|| {
+        let v = value100();
+        let plain = Workload::new("PUT", "/v1/tables/sync/entries/%K", Some(&v), opts.keys)
+            .save(&scripts, "sync-put-plain");
+        let keyed = Workload::keyed("PUT", "/v1/tables/sync/entries/%K", Some(&v), opts.keys)
+            .save(&scripts, "sync-put-keyed");
+        let mut row =
+            report::PairRow::new("sync PUT with Idempotency-Key", "sync PUT without", 0.90);
+        row.alternate(
+            opts.rounds,
+            || wrk::run(addr, Some(&plain), "/", c, d).rps,
+            || (wrk::run(addr, Some(&keyed), "/", c, d), 1.0),
+        );
+        row
+    });
+
     let peers = match procs::start_webdis(dir.path()).filter(|_| opts.only.is_none()) {
         Some(webdis) => peer_rows(&opts, addr, &webdis.http, &scripts),
         None => {
@@ -341,6 +360,7 @@ fn main() {
         scripted,
         Sections {
             rows,
+            keyed_sync,
             peers,
             selects,
             watch,

@@ -181,6 +181,8 @@ pub struct Report {
     pub generator_scripted_rps: f64,
     pub generator_ok: bool,
     pub rows: Vec<Row>,
+    /// Keyed sync PUTs against plain ones on the same server.
+    pub keyed_sync: Option<PairRow>,
     pub peers: Vec<PeerRow>,
     pub selects: Option<SelectReport>,
     pub watch: Option<WatchReport>,
@@ -191,6 +193,7 @@ pub struct Report {
 /// The measured sections of a run.
 pub struct Sections {
     pub rows: Vec<Row>,
+    pub keyed_sync: Option<PairRow>,
     pub peers: Vec<PeerRow>,
     pub selects: Option<SelectReport>,
     pub watch: Option<WatchReport>,
@@ -207,6 +210,7 @@ impl Report {
     pub fn new(opts: &Options, fixed: Run, scripted: Run, sections: Sections) -> Report {
         let Sections {
             rows,
+            keyed_sync,
             peers,
             selects,
             watch,
@@ -222,6 +226,7 @@ impl Report {
             generator_scripted_rps: scripted.rps,
             generator_ok: scripted.rps >= 0.9 * fixed.rps,
             rows,
+            keyed_sync,
             peers,
             selects,
             watch,
@@ -285,6 +290,9 @@ impl Report {
                     mark(p.met)
                 );
             }
+        }
+        if let Some(keyed) = &self.keyed_sync {
+            print_pairs("idempotency row", std::slice::from_ref(keyed));
         }
         if let Some(selects) = &self.selects {
             print_pairs("select row", &selects.rows);

@@ -83,6 +83,23 @@ end
         Workload { script }
     }
 
+    /// Like [`Workload::new`], with a fresh `Idempotency-Key` on every
+    /// request (never a replay: each key is used once).
+    pub fn keyed(method: &str, path: &str, body: Option<&str>, keys: usize) -> Workload {
+        let plain = Workload::new(method, path, body, keys);
+        let script = plain
+            .script
+            .replace(
+                "request = function()",
+                "local sent = 0\nlocal run = tostring(os.time()) .. \"-\" .. tostring(math.random(1, 1000000000))\nrequest = function()\n  sent = sent + 1",
+            )
+            .replace(
+                "return wrk.format(method, p, nil, b)",
+                "return wrk.format(method, p, {[\"Idempotency-Key\"] = run .. \"-\" .. sent}, b)",
+            );
+        Workload { script }
+    }
+
     /// Writes the script into `dir` under `name`.
     pub fn save(&self, dir: &Path, name: &str) -> PathBuf {
         let file = dir.join(format!("{name}.lua"));

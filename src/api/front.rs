@@ -326,7 +326,9 @@ where
             scope.caller.set(Some(p));
             name
         });
-        let task = tokio::spawn(SCOPE.scope(scope, async move {
+        // Boxed: the task is moved into the runtime by pointer, not by its
+        // (large) state.
+        let task = tokio::spawn(Box::pin(SCOPE.scope(scope, async move {
             let served = super::idempotency::serve(&shared.state, req, who, key, |req| {
                 let _entered = span.enter();
                 match long {
@@ -335,7 +337,7 @@ where
                 }
             });
             with_deadline(served, limits, tracing::Span::none()).await
-        }));
+        })));
         Box::pin(async move {
             match task.await {
                 Ok(resp) => resp,

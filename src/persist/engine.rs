@@ -142,6 +142,16 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
             Ok(())
         })
     }
+    /// Whether the disk has room for `bytes` more (with whatever the engine
+    /// keeps in reserve); checked before every write, so that a full disk
+    /// refuses a round up front rather than failing the engine part-way.
+    ///
+    /// # Errors
+    /// [`PersistError::File`] with `ENOSPC`.
+    fn has_room(&self, bytes: usize) -> Result<(), PersistError> {
+        let _ = bytes;
+        Ok(())
+    }
     /// Gets ready to write again after a failure (an engine whose errors
     /// stick until it is reopened reopens here); by default nothing.
     ///
@@ -161,12 +171,19 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
 /// [`Engine`] on a sled database.
 #[derive(Debug)]
 pub struct SledEngine {
-    db: sled::Db,
-    meta: sled::Tree,
-    tables: sled::Tree,
+    sled: Sled,
+    dir: std::path::PathBuf,
     syncer: DirSyncer,
     /// Held (locked) for the engine's life; see "The lock file".
     _lock: std::fs::File,
+}
+
+/// A sled database and the trees every call uses.
+#[derive(Debug)]
+struct Sled {
+    db: sled::Db,
+    meta: sled::Tree,
+    tables: sled::Tree,
 }
 
 const DATA_PREFIX: &str = "data/";
@@ -179,6 +196,34 @@ const DATA_PREFIX: &str = "data/";
 /// slower at 16 MiB than at 64 (18.5k and 16.2k req/s). sled's own default
 /// (1 GiB) kept a second copy of every durable table in memory.
 pub const DEFAULT_SLED_CACHE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Room kept free on the data directory's disk beyond twice what a batch
+/// writes: sled appends to its log in segments and fails for good (until
+/// the process restarts) if the disk fills under it, so writes are refused
+/// with `ENOSPC` before that can happen.
+pub const DISK_RESERVE: u64 = 4 * 1024 * 1024;
+
+/// Bytes an unprivileged process may still write on the disk of `dir`.
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        // SAFETY: statvfs writes only into the struct passed by pointer,
+        // which lives on this frame, and reads the NUL-terminated path.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        Ok(u64::MAX)
+    }
+}
 
 /// Name of the lock file in the data directory.
 pub const LOCK_FILE: &str = "larder.lock";
@@ -212,6 +257,34 @@ impl SledEngine {
     /// As [`SledEngine::open`].
     pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Self, PersistError> {
         let lock = hold_lock(dir)?;
+        let sled = open_sled(dir, cache_bytes)?;
+        let syncer = DirSyncer::new(dir);
+        // Files sled created at open (and the directory itself, if new)
+        // must survive a power cut as surely as what is later written.
+        syncer
+            .sync_all()
+            .map_err(|e| PersistError::Open(e.to_string()))?;
+        Ok(SledEngine {
+            sled,
+            dir: dir.to_owned(),
+            syncer,
+            _lock: lock,
+        })
+    }
+
+    /// Runs `f` on the database.
+    fn with<T>(&self, f: impl FnOnce(&Sled) -> Result<T, PersistError>) -> Result<T, PersistError> {
+        f(&self.sled)
+    }
+
+    fn data(&self, table: &str) -> Result<sled::Tree, PersistError> {
+        self.with(|s| s.data(table))
+    }
+}
+
+/// Opens sled in `dir` (our own lock already held).
+fn open_sled(dir: &Path, cache_bytes: u64) -> Result<Sled, PersistError> {
+    {
         // Our lock is held, so no other larder uses the directory; sled's
         // own lock can still be held for a moment by the worker threads of
         // a database this process just dropped. sled reports that only as
@@ -242,21 +315,11 @@ impl SledEngine {
         };
         let meta = db.open_tree("meta").map_err(io)?;
         let tables = db.open_tree("tables").map_err(io)?;
-        let syncer = DirSyncer::new(dir);
-        // Files sled created at open (and the directory itself, if new)
-        // must survive a power cut as surely as what is later written.
-        syncer
-            .sync_all()
-            .map_err(|e| PersistError::Open(e.to_string()))?;
-        Ok(SledEngine {
-            db,
-            meta,
-            tables,
-            syncer,
-            _lock: lock,
-        })
+        Ok(Sled { db, meta, tables })
     }
+}
 
+impl Sled {
     fn data(&self, table: &str) -> Result<sled::Tree, PersistError> {
         self.db
             .open_tree(format!("{DATA_PREFIX}{table}"))
@@ -421,31 +484,38 @@ fn sync_dir(path: &Path) -> Result<(), PersistError> {
 
 impl Engine for SledEngine {
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, PersistError> {
-        Ok(self.meta.get(key).map_err(io)?.map(|v| v.to_vec()))
+        self.with(|s| Ok(s.meta.get(key).map_err(io)?.map(|v| v.to_vec())))
     }
 
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), PersistError> {
-        self.meta.insert(key, value).map_err(io)?;
-        Ok(())
+        self.with(|s| {
+            s.meta.insert(key, value).map_err(io)?;
+            Ok(())
+        })
     }
 
     fn remove_meta(&self, key: &str) -> Result<(), PersistError> {
-        self.meta.remove(key).map_err(io)?;
-        Ok(())
+        self.with(|s| {
+            s.meta.remove(key).map_err(io)?;
+            Ok(())
+        })
     }
 
     fn metas(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, PersistError> {
-        self.meta
-            .scan_prefix(prefix)
-            .map(|kv| {
-                let (k, v) = kv.map_err(io)?;
-                Ok((String::from_utf8_lossy(&k).into_owned(), v.to_vec()))
-            })
-            .collect()
+        self.with(|s| {
+            s.meta
+                .scan_prefix(prefix)
+                .map(|kv| {
+                    let (k, v) = kv.map_err(io)?;
+                    Ok((String::from_utf8_lossy(&k).into_owned(), v.to_vec()))
+                })
+                .collect()
+        })
     }
 
     fn for_each_meta(&self, prefix: &str, f: &mut MetaVisitor<'_>) -> Result<(), PersistError> {
-        for kv in self.meta.scan_prefix(prefix) {
+        let meta = self.with(|s| Ok(s.meta.clone()))?;
+        for kv in meta.scan_prefix(prefix) {
             let (k, v) = kv.map_err(io)?;
             f(&String::from_utf8_lossy(&k), &v)?;
         }
@@ -453,34 +523,37 @@ impl Engine for SledEngine {
     }
 
     fn table_defs(&self) -> Result<Vec<(String, Vec<u8>)>, PersistError> {
-        self.tables
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv.map_err(io)?;
-                Ok((String::from_utf8_lossy(&k).into_owned(), v.to_vec()))
-            })
-            .collect()
+        self.with(|s| {
+            s.tables
+                .iter()
+                .map(|kv| {
+                    let (k, v) = kv.map_err(io)?;
+                    Ok((String::from_utf8_lossy(&k).into_owned(), v.to_vec()))
+                })
+                .collect()
+        })
     }
 
     fn put_table_def(&self, name: &str, def: &[u8]) -> Result<(), PersistError> {
-        self.tables.insert(name, def).map_err(io)?;
-        Ok(())
+        self.with(|s| {
+            s.tables.insert(name, def).map_err(io)?;
+            Ok(())
+        })
     }
 
     fn remove_table(&self, name: &str) -> Result<(), PersistError> {
         // Definition first: a crash in between leaves a data space with no
         // definition, which start-up removes, never a table that comes back.
-        self.tables.remove(name).map_err(io)?;
-        self.db
-            .drop_tree(format!("{DATA_PREFIX}{name}"))
-            .map_err(io)?;
-        Ok(())
+        self.with(|s| {
+            s.tables.remove(name).map_err(io)?;
+            s.db.drop_tree(format!("{DATA_PREFIX}{name}")).map_err(io)?;
+            Ok(())
+        })
     }
 
     fn data_spaces(&self) -> Result<Vec<String>, PersistError> {
-        Ok(self
-            .db
-            .tree_names()
+        let names = self.with(|s| Ok(s.db.tree_names()))?;
+        Ok(names
             .into_iter()
             .filter_map(|n| {
                 std::str::from_utf8(&n)
@@ -492,6 +565,11 @@ impl Engine for SledEngine {
     }
 
     fn write(&self, table: &str, changes: Vec<Change>) -> Result<(), PersistError> {
+        let bytes = changes
+            .iter()
+            .map(|(k, r)| k.len() + r.as_ref().map_or(0, Vec::len))
+            .sum();
+        self.has_room(bytes)?;
         let tree = self.data(table)?;
         let mut batch = sled::Batch::default();
         for (key, record) in changes {
@@ -528,8 +606,37 @@ impl Engine for SledEngine {
         Ok(())
     }
 
+    fn reopen(&self) -> Result<(), PersistError> {
+        // sled 0.34 cannot be reopened in place after its log failed to
+        // write: closing the database waits for that write forever, and the
+        // open database keeps the directory's lock. So the disk is kept
+        // from filling under sled instead (`has_room`, checked before every
+        // batch), and a database that failed anyway stays refused until
+        // the server restarts.
+        Ok(())
+    }
+
+    fn has_room(&self, bytes: usize) -> Result<(), PersistError> {
+        let free =
+            free_bytes(&self.dir).map_err(|e| os("cannot measure the disk of", &self.dir, e))?;
+        let needed = (bytes as u64)
+            .saturating_mul(2)
+            .saturating_add(DISK_RESERVE);
+        if free < needed {
+            return Err(os(
+                "not enough room on the disk of",
+                &self.dir,
+                std::io::Error::from_raw_os_error(libc::ENOSPC),
+            ));
+        }
+        Ok(())
+    }
+
     fn flush(&self) -> Result<(), PersistError> {
-        self.db.flush().map_err(io)?;
+        self.with(|s| {
+            s.db.flush().map_err(io)?;
+            Ok(())
+        })?;
         self.syncer.sync_after_flush()
     }
 }

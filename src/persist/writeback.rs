@@ -564,6 +564,7 @@ impl Durability {
         let tried = inner
             .engine
             .reopen()
+            .and_then(|()| inner.engine.has_room(0))
             .and_then(|()| inner.engine.put_meta("probe", &now.to_be_bytes()))
             .and_then(|()| inner.engine.flush());
         match tried {
@@ -574,11 +575,15 @@ impl Durability {
                 true
             }
             Err(e) => {
-                let full = e.is_disk_full();
+                // A database that cannot be reopened on a full disk says
+                // so only in words: keep calling it full until it opens.
+                let was_full = inner.health.load(Ordering::Acquire) == super::FULL;
+                let full = e.is_disk_full() || (was_full && matches!(e, PersistError::Open(_)));
                 inner.health.store(
                     if full { super::FULL } else { super::FAILED },
                     Ordering::Release,
                 );
+                tracing::debug!(error = %e, "the disk does not take writes yet");
                 false
             }
         }

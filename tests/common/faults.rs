@@ -89,6 +89,9 @@ impl Engine for Failing {
     ) -> Result<(), PersistError> {
         self.inner.for_each_prefixed(table, prefix, f)
     }
+    fn has_room(&self, bytes: usize) -> Result<(), PersistError> {
+        self.inner.has_room(bytes)
+    }
     fn flush(&self) -> Result<(), PersistError> {
         if self.faults.failing.load(Ordering::SeqCst) {
             self.faults.refused.fetch_add(1, Ordering::SeqCst);

@@ -166,6 +166,9 @@ impl Engine for Recording {
     fn for_each(&self, table: &str, f: &mut Visitor<'_>) -> Result<(), PersistError> {
         self.inner.for_each(table, f)
     }
+    fn has_room(&self, bytes: usize) -> Result<(), PersistError> {
+        self.inner.has_room(bytes)
+    }
     fn flush(&self) -> Result<(), PersistError> {
         let began = self.rec.mark();
         self.inner.flush()?;
