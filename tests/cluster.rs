@@ -1378,3 +1378,35 @@ async fn a_schema_2_database_is_upgraded_and_its_old_log_rows_tell_no_watcher() 
     assert_eq!((e.event.as_str(), e.key()), ("put", "k"));
     assert_eq!(e.data["value"], "new");
 }
+
+#[tokio::test]
+async fn a_node_that_missed_part_of_the_change_log_tells_its_watchers_to_reset() {
+    let Some((pg, nodes)) = cluster(2).await else {
+        return;
+    };
+    create(&nodes[0], "gap", "set").await;
+    let mut stream = cluster_watch(&nodes[1], "gap", None).await;
+    assert_eq!(nodes[0].put("gap", "a", json!(1)).await.status, 201);
+    let first = stream.events(1).await;
+    assert_eq!(first[0].event, "put");
+    let before = first[0].revision();
+    // As if the log had been pruned past where node 1 is (it was cut off
+    // for longer than the retention): it cannot know what it missed.
+    let db = pg.client("larder").await;
+    db.execute(
+        "UPDATE larder_meta SET value = CASE name \
+           WHEN 'pruned_xid' THEN pg_current_xact_id()::text::bigint ELSE 0 END \
+         WHERE name IN ('pruned_xid', 'pruned_id')",
+        &[],
+    )
+    .await
+    .expect("fake a prune");
+    let next = stream.events(1).await;
+    assert_eq!(next[0].event, "reset", "{next:?}");
+    assert!(next[0].revision() > before, "{next:?}");
+    // And it follows the live changes again.
+    assert_eq!(nodes[0].put("gap", "b", json!(2)).await.status, 201);
+    let after = stream.events(1).await;
+    assert_eq!(after[0].event, "put", "{after:?}");
+    assert!(after[0].revision() > next[0].revision());
+}

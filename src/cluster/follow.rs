@@ -22,7 +22,8 @@
 //! # Gaps
 //! The log is pruned after [`RETENTION`]. A node whose position is older
 //! than what was pruned (it was cut off for that long) cannot know what it
-//! missed: it drops every hot copy and reloads the table definitions.
+//! missed: it drops every hot copy, sends `reset` to every watcher, and
+//! reloads the table definitions.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -143,11 +144,23 @@ impl Cluster {
         );
         if at < pruned {
             tracing::warn!("this node fell behind the cluster change log; dropping its hot copies");
+            // What was missed cannot be told: every watcher gets a reset,
+            // at a version of its own (past every version any watcher was
+            // told, and before every later change), instead of a stream
+            // that silently skips changes.
+            let reset_at = client
+                .query_one("SELECT larder_next_version()", &[])
+                .await
+                .map_err(|e| super::db_error(&e))?
+                .get::<_, i64>(0)
+                .max(0) as u64;
             for t in self.tables.iter() {
                 t.forget_rows(&self.core.budget);
+                if let Some(hub) = t.meta_table().hub() {
+                    hub.publish(Change::new(reset_at, ChangeKind::Reset, None, None));
+                }
             }
             self.reload_catalog().await?;
-            // What was missed cannot be told: watchers miss it too.
             *events = Events::default();
             return Ok((pruned, false));
         }

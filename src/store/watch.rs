@@ -51,6 +51,9 @@ pub enum ChangeKind {
     Clear,
     /// The table was dropped; nothing follows.
     Drop,
+    /// Changes were missed (a cluster node fell behind the change log):
+    /// the watcher must re-read the table, then follow again.
+    Reset,
 }
 
 impl ChangeKind {
@@ -63,6 +66,7 @@ impl ChangeKind {
             ChangeKind::Evict => "evict",
             ChangeKind::Clear => "clear",
             ChangeKind::Drop => "drop",
+            ChangeKind::Reset => "reset",
         }
     }
 }
