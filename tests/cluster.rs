@@ -472,22 +472,45 @@ async fn expiry_is_counted_once_across_nodes() {
     assert_eq!(info["stats"]["expired"], json!(30));
 }
 
+/// A node in a child process, on the cluster's database, to be killed.
+async fn child_node(pg: &PgServer, dir: &std::path::Path) -> common::child::ChildServer {
+    let url = pg.url("larder");
+    common::child::ChildServer::start_with(
+        dir,
+        &[
+            ("LARDER_CLUSTER_URL", url.as_str()),
+            ("LARDER_CLUSTER_POLL_MS", "2"),
+        ],
+    )
+    .await
+}
+
+/// Kills `victim` with SIGKILL once `ready()` holds, then waits for the
+/// `writers` loading it to stop.
+async fn kill_when(
+    victim: &mut common::child::ChildServer,
+    ready: impl Fn() -> bool,
+    writers: Vec<tokio::task::JoinHandle<()>>,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready() {
+        assert!(Instant::now() < deadline, "writes too slow");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    victim.kill9();
+    for w in writers {
+        w.await.expect("writer");
+    }
+}
+
 #[tokio::test]
 async fn a_node_killed_under_write_load_loses_no_acknowledged_write() {
     let Some((_pg, nodes)) = cluster(1).await else {
         return;
     };
     create(&nodes[0], "acks", "set").await;
-    let url = _pg.url("larder");
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut victim = common::child::ChildServer::start_with(
-        dir.path(),
-        &[
-            ("LARDER_CLUSTER_URL", url.as_str()),
-            ("LARDER_CLUSTER_POLL_MS", "2"),
-        ],
-    )
-    .await;
+    let mut victim = child_node(&_pg, dir.path()).await;
     // Writers on the child record what it acknowledged, until it dies.
     let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut writers = Vec::new();
@@ -511,15 +534,7 @@ async fn a_node_killed_under_write_load_loses_no_acknowledged_write() {
         }));
     }
     // Kill once a few hundred writes were acknowledged.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while acked.lock().unwrap().len() < 300 {
-        assert!(Instant::now() < deadline, "writes too slow");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    victim.kill9();
-    for w in writers {
-        w.await.expect("writer");
-    }
+    kill_when(&mut victim, || acked.lock().unwrap().len() >= 300, writers).await;
     let acked = acked.lock().unwrap().clone();
     assert!(acked.len() >= 300);
     // Every acknowledged write reads back through the surviving node.
@@ -996,6 +1011,140 @@ async fn a_retry_sent_to_another_node_is_answered_from_the_record() {
     assert_eq!(incr(&nodes[1], "twice").await, (json!(2), false));
     let r = get_consistent(&nodes[0], "c", "n").await;
     assert_eq!(r.body["value"], 2);
+}
+
+/// A keyed increment of counter `n` in table `c` sent to `node`, retried
+/// while the key is in flight elsewhere or the database asks for a retry;
+/// its value and whether it was replayed.
+async fn keyed_incr(node: &TestApp, key: &str) -> (i64, bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let sent = node
+            .client
+            .post(format!("{}/counter", node.entry_url("c", "n")))
+            .header("idempotency-key", key)
+            .body(r#"{"default":0}"#)
+            .send()
+            .await
+            .expect("counter");
+        let r = Reply::from(sent).await;
+        match r.status.as_u16() {
+            200 => {
+                return (
+                    r.body["value"].as_i64().expect("value"),
+                    r.header("idempotent-replayed").is_some(),
+                )
+            }
+            409 | 503 => {
+                assert!(
+                    Instant::now() < deadline,
+                    "{key} never answered: {}",
+                    r.text
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            _ => panic!("{key}: {} {}", r.status, r.text),
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_same_keyed_increment_sent_to_two_nodes_at_once_applies_once() {
+    let Some((_pg, nodes)) = cluster(2).await else {
+        return;
+    };
+    create(&nodes[0], "c", "set").await;
+    let nodes = std::sync::Arc::new(nodes);
+    for round in 1..=50i64 {
+        let key = format!("round-{round}");
+        // Two requests per node, all released together.
+        let start = std::sync::Arc::new(tokio::sync::Barrier::new(4));
+        let tasks: Vec<_> = (0..4)
+            .map(|i| {
+                let (nodes, key, start) = (nodes.clone(), key.clone(), start.clone());
+                tokio::spawn(async move {
+                    start.wait().await;
+                    keyed_incr(&nodes[i % 2], &key).await
+                })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for t in tasks {
+            answers.push(t.await.expect("task"));
+        }
+        assert!(
+            answers.iter().all(|(v, _)| *v == round),
+            "round {round}: {answers:?}"
+        );
+        assert_eq!(
+            answers.iter().filter(|(_, replayed)| !replayed).count(),
+            1,
+            "round {round}: exactly one request applies: {answers:?}"
+        );
+    }
+    let r = get_consistent(&nodes[0], "c", "n").await;
+    assert_eq!(r.body["value"], 50, "{}", r.text);
+}
+
+#[tokio::test]
+async fn keyed_increments_apply_once_when_a_node_is_killed_mid_write() {
+    let Some((pg, nodes)) = cluster(1).await else {
+        return;
+    };
+    create(&nodes[0], "c", "set").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut victim = child_node(&pg, dir.path()).await;
+    // Writers send keyed increments to the child until it dies; each
+    // remembers every key it sent and the answers it got.
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let client = reqwest::Client::new();
+        let url = format!("{}/counter", victim.entry_url("c", "n"));
+        let (acked, sent) = (acked.clone(), sent.clone());
+        writers.push(tokio::spawn(async move {
+            for i in 0.. {
+                let key = format!("w{w}-{i}");
+                sent.lock().unwrap().push(key.clone());
+                let answer = client
+                    .post(&url)
+                    .header("idempotency-key", &key)
+                    .body(r#"{"default":0}"#)
+                    .send()
+                    .await;
+                let Ok(r) = answer else { return };
+                if r.status() != 200 {
+                    return;
+                }
+                let Ok(body) = r.json::<Value>().await else {
+                    return;
+                };
+                acked.lock().unwrap().push((key, body["value"].clone()));
+            }
+        }));
+    }
+    kill_when(&mut victim, || acked.lock().unwrap().len() >= 200, writers).await;
+    // Every key sent, acknowledged or cut off, is retried on the survivor.
+    let acked: std::collections::HashMap<String, Value> =
+        acked.lock().unwrap().iter().cloned().collect();
+    let sent = sent.lock().unwrap().clone();
+    let mut values = std::collections::HashSet::new();
+    for key in &sent {
+        let (value, replayed) = keyed_incr(&nodes[0], key).await;
+        if let Some(first) = acked.get(key) {
+            assert!(replayed, "{key} was applied again");
+            assert_eq!(json!(value), *first, "{key} answered differently");
+        }
+        assert!(values.insert(value), "{key}: value {value} given twice");
+    }
+    let r = get_consistent(&nodes[0], "c", "n").await;
+    assert_eq!(
+        r.body["value"],
+        json!(sent.len()),
+        "one increment per distinct key ({} acknowledged before the kill)",
+        acked.len()
+    );
 }
 
 #[tokio::test]

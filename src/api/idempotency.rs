@@ -30,6 +30,7 @@ use sha2::{Digest, Sha256};
 use super::respond::hex;
 use super::routes::RouteClass;
 use super::AppState;
+use crate::cluster::claim::{Open, Outcome};
 use crate::error::ApiError;
 use crate::persist::Durability;
 use crate::store::{MemoryKind, MemoryUse, Persistence};
@@ -432,13 +433,37 @@ where
         Tier::Local { .. } => Some(state.durability.record_gate().await),
         _ => None,
     };
-    let (resp, owed) = match tier {
-        Tier::Local { sync: true } => crate::persist::deferring(run(request)).await,
+    // On a cluster table the key is claimed in the change's own
+    // transaction, which commits with the answer (see `cluster::claim`).
+    let expires_at = now.saturating_add(state.idempotency.ttl_ms);
+    let shared = matches!(tier, Tier::Cluster)
+        .then(|| crate::cluster::claim::Claim::new(id.clone(), expires_at));
+    let (resp, owed) = match (&tier, &shared) {
+        (Tier::Local { sync: true }, _) => crate::persist::deferring(run(request)).await,
+        (Tier::Cluster, Some(shared)) => (
+            crate::cluster::claim::scope(shared.clone(), run(request)).await,
+            None,
+        ),
         _ => (run(request).await, None),
+    };
+    let open = match shared.map(|s| s.outcome()) {
+        Some(Outcome::Taken) => {
+            // Another node applied this key first and committed its answer.
+            drop(claim);
+            return match stored_record(state, &tier, &table, &id).await? {
+                Some(stored) => replay(&stored, &fingerprint),
+                None => Err(ApiError::IdempotencyInFlight),
+            };
+        }
+        Some(Outcome::Open(open)) => Some(open),
+        Some(Outcome::Unused) | None => None,
     };
     if !resp.status().is_success() {
         // Not remembered: a retry may run afresh at once.
         drop(gate);
+        if let Some(open) = open {
+            open.commit(None).await?;
+        }
         drop(claim);
         durable(state, owed).await?;
         return Ok(resp);
@@ -465,9 +490,14 @@ where
         etag: text(&header::ETAG),
         content_type: text(&header::CONTENT_TYPE),
         body: String::from_utf8_lossy(&bytes).into_owned(),
-        expires_at: now.saturating_add(state.idempotency.ttl_ms),
+        expires_at,
     });
-    save(state, &tier, &table, anchor.as_deref(), &id, &record, owed).await?;
+    let target = Target {
+        table: &table,
+        anchor: anchor.as_deref(),
+        id: &id,
+    };
+    save(state, &tier, target, &record, owed, open).await?;
     drop(gate);
     // The write's own wait, deferred to here. The round that makes its
     // ticket durable snapshot the change and the record together (the
@@ -542,14 +572,22 @@ fn tier_of(state: &AppState, table: &str) -> Tier {
     }
 }
 
+/// Where a request's answer is kept.
+struct Target<'a> {
+    table: &'a str,
+    /// The entry key the request changed, if it names one.
+    anchor: Option<&'a str>,
+    /// The hashed caller, table and key.
+    id: &'a str,
+}
+
 async fn save(
     state: &AppState,
     tier: &Tier,
-    table: &str,
-    anchor: Option<&str>,
-    id: &str,
+    Target { table, anchor, id }: Target<'_>,
     record: &Record,
     ticket: Option<u64>,
+    open: Option<Open>,
 ) -> Result<(), ApiError> {
     let json = serde_json::to_string(record).map_err(|e| ApiError::Internal(e.to_string()))?;
     match tier {
@@ -562,9 +600,12 @@ async fn save(
                 .attach_record(table, anchor, id, json.into_bytes(), ticket);
             Ok(())
         }
-        Tier::Cluster => match &state.cluster {
-            Some(c) => c.save_record(id, &json, record.expires_at).await,
-            None => Ok(()),
+        Tier::Cluster => match (open, &state.cluster) {
+            (Some(open), _) => open.commit(Some((&json, record.expires_at))).await,
+            // The request made no cluster write (a table-wide operation):
+            // its answer is stored on its own.
+            (None, Some(c)) => c.save_record(id, &json, record.expires_at).await,
+            (None, None) => Ok(()),
         },
     }
 }

@@ -54,8 +54,10 @@ one day), per principal and table; a retry with the same key, method, path and b
 answer (status, body, `ETag`) with `Idempotent-Replayed: true` and applies nothing. The same key \
 with a different request is 422 `idempotency_key_reused`; a retry while the first is still running \
 is 409 `idempotency_in_flight`; a malformed key is 400 `invalid_argument`. On `sync` tables the \
-record is on disk before the answer is sent; on cluster tables it is committed in PostgreSQL, so a \
-retry sent to another node is answered from it.",
+record is on disk before the answer is sent, in the same batch as its change; on cluster tables the \
+key is claimed in the change's own PostgreSQL transaction and the answer committed with it, so the \
+same key sent to two nodes at once applies once and a retry sent to another node is answered from \
+the record.",
         license(name = "Apache-2.0"),
     ),
     tags(

@@ -17,6 +17,7 @@
 //! - One node at a time (the holder of an advisory lock) sweeps expired
 //!   rows and prunes the log.
 
+pub mod claim;
 mod follow;
 mod hot;
 pub mod rows;
@@ -42,6 +43,11 @@ use crate::error::ApiError;
 use crate::histogram::Histogram;
 use crate::store::{Counter, Store, TableSettings, TableSpec};
 use hot::Budget;
+
+/// The longest a connection may sit idle inside a transaction before
+/// PostgreSQL ends it (a keyed write's transaction waits only for its
+/// answer to be built).
+const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(10);
 
 /// Settings of the cluster tier, from the configuration.
 #[derive(Debug, Clone)]
@@ -157,6 +163,9 @@ pub(crate) fn db_error(e: &tokio_postgres::Error) -> ApiError {
         Some(code) if *code == SqlState::FOREIGN_KEY_VIOLATION => {
             ApiError::TableNotFound(String::new())
         }
+        Some(code) if *code == SqlState::LOCK_NOT_AVAILABLE => {
+            ApiError::Unavailable("a row stayed locked by another write; retry".into())
+        }
         Some(code) if *code == SqlState::QUERY_CANCELED => {
             ApiError::Unavailable("the cluster database did not answer in time".into())
         }
@@ -215,6 +224,22 @@ impl Cluster {
         let mut pg = pg_config.clone();
         pg.connect_timeout(config.connect_timeout);
         pg.application_name("larder");
+        // A keyed write keeps its transaction open while its answer is
+        // built (see `claim`). Should the node stop answering with one
+        // open, PostgreSQL ends it rather than leave the key and rows
+        // locked: after a silent connection is found dead (keepalives), or
+        // after the transaction sat idle too long.
+        pg.keepalives(true);
+        pg.keepalives_idle(Duration::from_secs(15));
+        let idle = format!(
+            "-c idle_in_transaction_session_timeout={}",
+            IDLE_IN_TRANSACTION.as_millis()
+        );
+        let options = match pg.get_options() {
+            Some(given) if !given.is_empty() => format!("{given} {idle}"),
+            _ => idle,
+        };
+        pg.options(&options);
         let manager = Manager::from_config(
             pg,
             NoTls,

@@ -22,8 +22,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::Instant;
 
-use deadpool_postgres::Transaction;
+use deadpool_postgres::GenericClient;
 
+use super::claim;
 use super::hot::HotCopy;
 use super::rows::{self, Change, Clock, Row, Step};
 use super::sql::{
@@ -92,7 +93,7 @@ struct Delta {
 pub struct ClusterTable {
     id: i64,
     meta: Arc<Table>,
-    hot: HotCopy,
+    hot: Arc<HotCopy>,
     core: Arc<Core>,
 }
 
@@ -101,7 +102,7 @@ impl ClusterTable {
         ClusterTable {
             id,
             meta,
-            hot: HotCopy::default(),
+            hot: Arc::default(),
             core,
         }
     }
@@ -274,6 +275,9 @@ impl ClusterTable {
         keys: &[&str],
         mut op: impl FnMut(usize, Option<&Row>, Clock) -> Result<(Step, T), StoreError> + Send,
     ) -> ApiResult<Vec<(T, Option<Wrote>)>> {
+        if let Some(claim) = claim::current() {
+            return self.write_keys_claimed(&claim, keys, op).await;
+        }
         let mut client = self.core.client().await?;
         'attempt: for _ in 0..MAX_ATTEMPTS {
             let tickets: Vec<_> = keys.iter().map(|k| self.hot.ticket(k)).collect();
@@ -311,10 +315,88 @@ impl ClusterTable {
         ))
     }
 
+    /// [`write_keys`](Self::write_keys) for a keyed request: the writes
+    /// join the transaction that claims the request's key, which stays
+    /// open until the idempotency layer has stored the answer in it (see
+    /// [`claim`]). A later write of the same request joins the same
+    /// transaction; any failure rolls back the whole request.
+    async fn write_keys_claimed<T: Send>(
+        &self,
+        claim: &claim::Claim,
+        keys: &[&str],
+        mut op: impl FnMut(usize, Option<&Row>, Clock) -> Result<(Step, T), StoreError> + Send,
+    ) -> ApiResult<Vec<(T, Option<Wrote>)>> {
+        for _ in 0..MAX_ATTEMPTS {
+            let (mut tx, fresh) = match claim.take_open() {
+                Some(tx) => (tx, false),
+                None => match claim.begin(&self.core).await? {
+                    Some(tx) => (tx, true),
+                    // Replayed by the idempotency layer; this answer is
+                    // never sent.
+                    None => return Err(ApiError::IdempotencyInFlight),
+                },
+            };
+            let tickets: Vec<_> = keys.iter().map(|k| self.hot.ticket(k)).collect();
+            let mut done = Vec::with_capacity(keys.len());
+            let mut failed = None;
+            for (i, key) in keys.iter().enumerate() {
+                match self
+                    .write_key(tx.client(), key, &mut |live: Option<&Row>, clock: Clock| {
+                        op(i, live, clock)
+                    })
+                    .await
+                {
+                    Ok(one) => done.push(one),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            match failed {
+                None => {}
+                Some(Fail::Retry) if fresh => {
+                    tx.rollback().await;
+                    continue;
+                }
+                Some(Fail::Retry) => {
+                    tx.rollback().await;
+                    return Err(ApiError::Unavailable(
+                        "the request's writes conflicted with concurrent writes; retry".into(),
+                    ));
+                }
+                Some(Fail::Api(e)) => {
+                    tx.rollback().await;
+                    return Err(self.named(e));
+                }
+            }
+            let learned: Vec<_> = done
+                .iter()
+                .zip(keys.iter().zip(tickets))
+                .filter_map(|((_, wrote), (key, ticket))| {
+                    wrote
+                        .as_ref()
+                        .map(|w| ((*key).to_owned(), w.version, w.row.clone(), ticket))
+                })
+                .collect();
+            let (hot, core) = (self.hot.clone(), self.core.clone());
+            tx.after_commit(Box::new(move || {
+                for (key, version, row, ticket) in learned {
+                    hot.learn(&key, version, row, ticket, &core.budget);
+                }
+            }));
+            claim.park(tx);
+            return Ok(done);
+        }
+        Err(ApiError::Unavailable(
+            "the write kept conflicting with concurrent writes; retry".into(),
+        ))
+    }
+
     /// One key's read-modify-write inside `tx`.
     async fn write_key<T>(
         &self,
-        tx: &Transaction<'_>,
+        tx: &impl GenericClient,
         key: &str,
         op: &mut (impl FnMut(Option<&Row>, Clock) -> Result<(Step, T), StoreError> + Send),
     ) -> Result<(T, Option<Wrote>), Fail> {
@@ -401,7 +483,7 @@ impl ClusterTable {
 
     async fn delete_row(
         &self,
-        tx: &Transaction<'_>,
+        tx: &impl GenericClient,
         key: &str,
         now: i64,
         delta: &Delta,
@@ -434,7 +516,7 @@ impl ClusterTable {
     /// last place.
     async fn make_room(
         &self,
-        tx: &Transaction<'_>,
+        tx: &impl GenericClient,
         growth: i64,
         key: &str,
         now: u64,
