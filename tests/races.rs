@@ -297,3 +297,49 @@ async fn a_keyed_write_whose_client_gave_up_is_answered_on_retry() {
     assert_eq!(retry.headers()["idempotent-replayed"], "true");
     assert_eq!(app.get("c", "n").await.body["value"], 1, "applied once");
 }
+
+/// A retry that arrives while a write-back round is between taking a
+/// `periodic` table's idempotency records and writing them must still find
+/// the first answer: the record is queued or in the engine at every
+/// moment, never in neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retry_during_the_round_that_writes_its_record_is_replayed() {
+    let _x = exclusive().await;
+    let app = spawn_app().await;
+    let r = post(
+        &app,
+        "/v1/tables",
+        json!({"name": "c", "persistence": "periodic", "auto_save_ms": 3_600_000}),
+    )
+    .await;
+    assert_eq!(r.status, 201);
+    let url = format!("{}/counter", app.entry_url("c", "n"));
+    let send = || {
+        reqwest::Client::new()
+            .post(&url)
+            .header("idempotency-key", "during-the-round")
+            .body(r#"{"default":0}"#)
+            .send()
+    };
+    let first = send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    // A round takes the record and is held before writing it.
+    let mut round = Gate::pause_first("writeback-after-snapshot");
+    let sync = spawn_send(&app, Method::POST, "/v1/tables/c/sync", None);
+    round.reached().await;
+    let retry = send().await.unwrap();
+    round.release();
+    drop(round);
+    assert!(matches!(sync.await.unwrap().0, 200 | 204));
+    assert_eq!(retry.status(), 200);
+    assert_eq!(
+        retry
+            .headers()
+            .get("idempotent-replayed")
+            .map(|v| v.to_str().unwrap()),
+        Some("true"),
+        "the retry was applied again"
+    );
+    assert_eq!(app.get("c", "n").await.body["value"], 1, "applied once");
+}

@@ -225,7 +225,7 @@ struct Inner {
 }
 
 /// An idempotency record on its way to disk with the change it answers.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct PendingRecord {
     /// The key the change wrote: the record goes into the same atomic
     /// batch as it. `None` (or a key not written in the round) puts it in
@@ -543,21 +543,60 @@ impl Durability {
         true
     }
 
-    /// The idempotency records waiting for `table`'s next round, taken.
-    pub(crate) fn take_records(&self, table: &str) -> Vec<PendingRecord> {
-        let taken = self
+    /// Copies of the idempotency records waiting for `table`'s next
+    /// round. They stay queued, and so found by a retry, until the engine
+    /// holds them ([`Durability::records_written`]).
+    pub(crate) fn copy_records(&self, table: &str) -> Vec<PendingRecord> {
+        self.inner
+            .pending_records
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(table)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Unqueues the first `n` of `table`'s records: the engine holds them.
+    pub(crate) fn records_written(&self, table: &str, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let mut pending = self
+            .inner
+            .pending_records
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(queue) = pending.get_mut(table) else {
+            return;
+        };
+        let bytes: i64 = queue
+            .drain(..n.min(queue.len()))
+            .map(|r| r.footprint())
+            .sum();
+        if queue.is_empty() {
+            pending.remove(table);
+        }
+        drop(pending);
+        self.inner
+            .store
+            .memory()
+            .add(crate::store::MemoryKind::Idempotency, -bytes);
+    }
+
+    /// Drops every record queued for `table` (their changes were undone).
+    pub(crate) fn discard_records(&self, table: &str) {
+        let dropped = self
             .inner
             .pending_records
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(table)
             .unwrap_or_default();
-        let bytes: i64 = taken.iter().map(PendingRecord::footprint).sum();
+        let bytes: i64 = dropped.iter().map(PendingRecord::footprint).sum();
         self.inner
             .store
             .memory()
             .add(crate::store::MemoryKind::Idempotency, -bytes);
-        taken
     }
 
     /// Puts records of a failed round back, for the next one.

@@ -197,7 +197,7 @@ impl Durability {
                     .iter()
                     .map(|e| (e.key().clone(), *e.value()))
                     .collect();
-                let records = self.take_records(table.name());
+                let records = self.copy_records(table.name());
                 if snapshot.is_empty() && cleared == 0 && records.is_empty() {
                     continue;
                 }
@@ -237,11 +237,18 @@ impl Durability {
                 &mut as_written,
             );
             let records = match wrote {
-                Ok(records) => records,
+                Ok(records) => {
+                    self.records_written(table.name(), records.len());
+                    records
+                }
                 Err((e, unwritten)) => {
-                    self.requeue_or_erase(&table, unwritten);
+                    // Still queued; a sync table's are dropped with their
+                    // undone changes (`round_failed`), and any of them the
+                    // engine took are erased.
+                    if table.persistence() == Persistence::Sync {
+                        self.requeue_or_erase(&table, unwritten);
+                    }
                     for later in plans {
-                        self.return_records(later.table.name(), later.records);
                         if let Some(d) = later.table.dirty() {
                             let _ = d.since_ms.compare_exchange(
                                 0,
@@ -541,7 +548,7 @@ impl Durability {
         for table in inner.store.persistent_tables() {
             if table.persistence() == Persistence::Sync {
                 undone += table.undo_unsaved();
-                drop(self.take_records(table.name()));
+                self.discard_records(table.name());
             }
         }
         let handed_out = inner.next_ticket.load(Ordering::Acquire);
