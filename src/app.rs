@@ -79,6 +79,8 @@ pub struct App {
     run_sweeper: bool,
     /// How long a table keeps its watch history without watchers.
     watch_retention: Duration,
+    /// How often expired idempotency answers are purged.
+    idempotency_purge: Duration,
 }
 
 impl App {
@@ -212,6 +214,9 @@ impl App {
         });
         let metrics = crate::api::metrics::Metrics::new();
         durability.set_round_histogram(metrics.writeback_histogram());
+        durability
+            .record_filter()
+            .set_bytes(config.idempotency_filter_bytes);
         let memory = store.memory().clone();
         let state = AppState::new(crate::api::Services {
             store,
@@ -264,6 +269,7 @@ impl App {
             shutdown_timeout: Duration::from_secs(config.shutdown_timeout_secs),
             run_sweeper: config.run_sweeper,
             watch_retention: Duration::from_millis(config.watch_history_retention_ms),
+            idempotency_purge: Duration::from_millis(config.idempotency_purge_ms.max(1)),
         })
     }
 
@@ -346,12 +352,21 @@ impl App {
         let persister = durability.start().map_err(AppError::Serve)?;
         let purger = {
             let state = self.state.clone();
+            let purge_every = self.idempotency_purge;
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                let mut tick = tokio::time::interval(purge_every);
                 loop {
                     tick.tick().await;
-                    let now = state.store.now_ms();
-                    state.idempotency.purge(&state.durability, now);
+                    // It walks every stored record: off the runtime.
+                    let state = state.clone();
+                    let purged = tokio::task::spawn_blocking(move || {
+                        let now = state.store.now_ms();
+                        state.idempotency.purge(&state.durability, now);
+                    })
+                    .await;
+                    if let Err(e) = purged {
+                        tracing::error!(error = %e, "the idempotency purge failed");
+                    }
                 }
             })
         };

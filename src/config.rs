@@ -144,6 +144,11 @@ pub struct Config {
     #[arg(long, env = "LARDER_IDEMPOTENCY_TTL_SECS", default_value_t = 86_400)]
     pub idempotency_ttl_secs: u64,
 
+    /// Milliseconds between purges of expired idempotency answers (in
+    /// memory and on disk); each purge also rebuilds the record filter.
+    #[arg(long, env = "LARDER_IDEMPOTENCY_PURGE_MS", default_value_t = 60_000)]
+    pub idempotency_purge_ms: u64,
+
     /// Most bytes of memory the answers remembered for `Idempotency-Key`
     /// may hold (answers included). Only writes to memory-only tables keep
     /// their answers in memory; past this the oldest expire early. Records
@@ -151,6 +156,14 @@ pub struct Config {
     /// there on a retry.
     #[arg(long, env = "LARDER_IDEMPOTENCY_MAX_BYTES", default_value_t = 64 << 20)]
     pub idempotency_max_bytes: u64,
+
+    /// Bytes of the Bloom filter that tells a fresh `Idempotency-Key` on a
+    /// durable table without a disk lookup. Allocated at the first keyed
+    /// write to a durable table (twice this while the purge rebuilds it).
+    /// The default holds about four million records with one lookup in 500
+    /// going to disk needlessly; past that more go to disk, none is missed.
+    #[arg(long, env = "LARDER_IDEMPOTENCY_FILTER_BYTES", default_value_t = 8 << 20)]
+    pub idempotency_filter_bytes: u64,
 
     /// Changes each watched table keeps for watchers that resume or fall
     /// behind (`Last-Event-ID`, `since`).
@@ -288,7 +301,9 @@ impl std::fmt::Debug for Config {
             .field("max_tables", &self.max_tables)
             .field("max_select_scan", &self.max_select_scan)
             .field("idempotency_ttl_secs", &self.idempotency_ttl_secs)
+            .field("idempotency_purge_ms", &self.idempotency_purge_ms)
             .field("idempotency_max_bytes", &self.idempotency_max_bytes)
+            .field("idempotency_filter_bytes", &self.idempotency_filter_bytes)
             .field("max_import_bytes", &self.max_import_bytes)
             .field("max_long_requests", &self.max_long_requests)
             .field("max_response_bytes", &self.max_response_bytes)

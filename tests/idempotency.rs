@@ -345,3 +345,127 @@ async fn keyed_sync_writes_and_select_deletes_cost_one_flush() {
         );
     }
 }
+
+/// Sends `n` fresh keyed increments to counter `c/n`, then retries each;
+/// every retry must be a replay.
+async fn fresh_keys_then_retries(app: &TestApp, n: u64) {
+    let path = "/v1/tables/c/entries/n/counter";
+    for i in 0..n {
+        let r = send_keyed(
+            app,
+            Method::POST,
+            path,
+            r#"{"default":0}"#,
+            &format!("k{i}"),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(r.body["value"], json!(i + 1));
+    }
+    for i in 0..n {
+        let r = send_keyed(
+            app,
+            Method::POST,
+            path,
+            r#"{"default":0}"#,
+            &format!("k{i}"),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(r.header("idempotent-replayed"), Some("true"), "k{i}");
+        assert_eq!(r.body["value"], json!(i + 1));
+    }
+}
+
+#[tokio::test]
+async fn fresh_keys_skip_the_disk_and_stored_ones_are_found_after_a_restart() {
+    let app = spawn_app().await;
+    let r = app
+        .create_table(json!({"name": "c", "persistence": "periodic", "auto_save_ms": 50}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    fresh_keys_then_retries(&app, 200).await;
+    // Each fresh key was known to be new without a lookup; each retry was
+    // looked up (queued or on disk) and found.
+    assert!(app.metric("larder_idempotency_filter_skipped_total").await >= 200.0);
+    assert_eq!(
+        app.metric("larder_idempotency_filter_false_positives_total")
+            .await,
+        0.0
+    );
+    assert_eq!(app.metric("larder_idempotency_filter_records").await, 200.0);
+    assert_eq!(
+        app.metric("larder_idempotency_filter_bytes").await,
+        (8u64 << 20) as f64
+    );
+
+    // After a restart the filter is rebuilt from disk before any request.
+    let app = common::spawn_on(app.stop().await).await;
+    assert_eq!(app.metric("larder_idempotency_filter_records").await, 200.0);
+    for i in 0..200u64 {
+        let r = send_keyed(
+            &app,
+            Method::POST,
+            "/v1/tables/c/entries/n/counter",
+            r#"{"default":0}"#,
+            &format!("k{i}"),
+        )
+        .await;
+        assert_eq!(r.header("idempotent-replayed"), Some("true"), "k{i}");
+        assert_eq!(r.body["value"], json!(i + 1));
+    }
+    assert_eq!(app.get("c", "n").await.body["value"], 200);
+}
+
+#[tokio::test]
+async fn a_saturated_filter_sends_lookups_to_disk_and_misses_nothing() {
+    // 64 bits: full after a few dozen records.
+    let app = spawn_with(|c| c.idempotency_filter_bytes = 8).await;
+    let r = app
+        .create_table(json!({"name": "c", "persistence": "sync"}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    fresh_keys_then_retries(&app, 300).await;
+    assert_eq!(app.metric("larder_idempotency_filter_bytes").await, 8.0);
+    assert!(
+        app.metric("larder_idempotency_filter_false_positives_total")
+            .await
+            > 100.0,
+        "most fresh keys went to disk"
+    );
+    assert_eq!(app.get("c", "n").await.body["value"], 300);
+}
+
+#[tokio::test]
+async fn the_purge_forgets_expired_answers_and_rebuilds_the_filter_from_the_rest() {
+    let app = common::spawn_with_manual_clock_and(|c| {
+        c.idempotency_ttl_secs = 10;
+        c.idempotency_purge_ms = 20;
+    })
+    .await;
+    let r = app
+        .create_table(json!({"name": "c", "persistence": "sync"}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let path = "/v1/tables/c/entries/n/counter";
+    let incr = |key: &'static str| send_keyed(&app, Method::POST, path, r#"{"default":0}"#, key);
+    for key in ["old-1", "old-2", "old-3"] {
+        assert_eq!(incr(key).await.status, 200);
+    }
+    app.advance(6_000);
+    assert_eq!(incr("new").await.body["value"], 4);
+    // The three old answers expire; the new one does not.
+    app.advance(5_000);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.metric("larder_idempotency_filter_records").await != 1.0 {
+        assert!(Instant::now() < deadline, "the filter was not rebuilt");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let again = incr("new").await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(again.body["value"], 4);
+    // An expired key is a new request.
+    let fresh = incr("old-1").await;
+    assert_eq!(fresh.header("idempotent-replayed"), None);
+    assert_eq!(fresh.body["value"], 5);
+}

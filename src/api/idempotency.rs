@@ -15,7 +15,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::body::Body;
@@ -72,6 +72,9 @@ pub struct Idempotency {
     memory: Arc<MemoryUse>,
     /// Records of memory tables expired early to stay under `max_bytes`.
     evicted: AtomicU64,
+    /// Whether records written by builds that kept them apart from their
+    /// tables' data remain: only then does a retry look there too.
+    legacy: AtomicBool,
 }
 
 #[derive(Debug, Clone)]
@@ -179,6 +182,7 @@ impl Idempotency {
             max_bytes,
             memory,
             evicted: AtomicU64::new(0),
+            legacy: AtomicBool::new(false),
         }
     }
 
@@ -267,6 +271,7 @@ impl Idempotency {
         for key in expired {
             durability.remove_record(&key)?;
         }
+        self.legacy.store(kept > 0, Ordering::Release);
         Ok(kept)
     }
 
@@ -294,30 +299,49 @@ impl Idempotency {
                     .get(id)
                     .is_some_and(|s| matches!(*s, Slot::Done { stamp: t, .. } if t == *stamp))
             });
-        let mut on_disk = Vec::new();
-        let walked = durability.for_each_record(RECORD_PREFIX, &mut |key, bytes| {
-            if serde_json::from_slice::<Record>(bytes).map_or(true, |r| r.expires_at < now) {
-                on_disk.push(key.to_owned());
+        if self.legacy.load(Ordering::Acquire) {
+            let (mut on_disk, mut kept) = (Vec::new(), 0usize);
+            let walked = durability.for_each_record(RECORD_PREFIX, &mut |key, bytes| {
+                if serde_json::from_slice::<Record>(bytes).map_or(true, |r| r.expires_at < now) {
+                    on_disk.push(key.to_owned());
+                } else {
+                    kept += 1;
+                }
+                Ok(())
+            });
+            match walked {
+                Ok(()) => self.legacy.store(kept > 0, Ordering::Release),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read idempotency records to purge");
+                }
             }
-            Ok(())
-        });
-        if let Err(e) = walked {
-            tracing::warn!(error = %e, "could not read idempotency records to purge");
-        }
-        for key in on_disk {
-            if let Err(e) = durability.remove_record(&key) {
-                tracing::warn!(error = %e, "could not remove an expired idempotency record");
+            for key in on_disk {
+                if let Err(e) = durability.remove_record(&key) {
+                    tracing::warn!(error = %e, "could not remove an expired idempotency record");
+                }
             }
         }
+        // The records kept make up a fresh filter; the expired ones leave
+        // it with their removal.
+        let rebuild = durability.rebuild_record_filter();
         let mut with_tables = Vec::new();
         let walked = durability.for_each_table_record(&mut |table, key, bytes| {
             if serde_json::from_slice::<Record>(bytes).map_or(true, |r| r.expires_at < now) {
                 with_tables.push((table.to_owned(), key.to_vec()));
+            } else if let (Some(rebuild), Some(id)) = (
+                &rebuild,
+                key.strip_prefix(crate::persist::RECORD_KEY_PREFIX),
+            ) {
+                rebuild.keep(id);
             }
             Ok(())
         });
-        if let Err(e) = walked {
-            tracing::warn!(error = %e, "could not read idempotency records to purge");
+        match (walked, rebuild) {
+            (Ok(()), Some(rebuild)) => rebuild.finish(),
+            (Ok(()), None) => {}
+            (Err(e), _) => {
+                tracing::warn!(error = %e, "could not read idempotency records to purge");
+            }
         }
         for (table, key) in with_tables {
             if let Err(e) = durability.remove_table_record(&table, &key) {
@@ -528,10 +552,11 @@ async fn stored_record(
                 Some(found) => Some(found),
                 // Where builds before records moved in with their tables'
                 // data kept them.
-                None => state
+                None if state.idempotency.legacy.load(Ordering::Acquire) => state
                     .durability
                     .record(&format!("{RECORD_PREFIX}{id}"))
                     .map_err(read)?,
+                None => None,
             }
         }
         Tier::Cluster => match &state.cluster {

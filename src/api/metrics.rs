@@ -435,6 +435,36 @@ fn write_server(out: &mut String, state: &AppState) {
         "Remembered answers of memory tables expired early to stay under --idempotency-max-bytes.",
         evicted,
     );
+    let filter = state.durability.record_filter();
+    let (records, skipped, false_positives) = filter.stats();
+    single(
+        out,
+        "larder_idempotency_filter_bytes",
+        "gauge",
+        "Bytes of the idempotency record filter (see --idempotency-filter-bytes).",
+        filter.allocated_bytes(),
+    );
+    single(
+        out,
+        "larder_idempotency_filter_records",
+        "gauge",
+        "Records entered in the filter since it was last rebuilt.",
+        records,
+    );
+    single(
+        out,
+        "larder_idempotency_filter_skipped_total",
+        "counter",
+        "Keyed writes to durable tables the filter knew to be new, without a disk lookup.",
+        skipped,
+    );
+    single(
+        out,
+        "larder_idempotency_filter_false_positives_total",
+        "counter",
+        "Disk lookups the filter let through that found no record.",
+        false_positives,
+    );
     let (running, slots, shed) = state.limits.long_stats();
     single(
         out,

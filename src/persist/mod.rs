@@ -21,6 +21,7 @@
 
 mod codec;
 mod engine;
+pub mod filter;
 mod migrate;
 mod recovery;
 mod writeback;
@@ -37,6 +38,7 @@ pub use engine::{
     Change, Engine, EngineWrapper, MetaVisitor, SledEngine, Visitor, DEFAULT_SLED_CACHE_BYTES,
     LOCK_FILE,
 };
+pub use filter::{Rebuild, RecordFilter, DEFAULT_FILTER_BYTES};
 pub use migrate::{migrate, Migration, MIGRATIONS};
 pub use recovery::RecoveryReport;
 pub use writeback::{FlushOutcome, FlushStats};
@@ -222,6 +224,8 @@ struct Inner {
     /// Idempotency records waiting for the round that writes their table,
     /// by table name.
     pending_records: Mutex<std::collections::HashMap<String, Vec<PendingRecord>>>,
+    /// Which idempotency records may be stored with tables' data.
+    record_filter: RecordFilter,
 }
 
 /// An idempotency record on its way to disk with the change it answers.
@@ -315,6 +319,7 @@ impl Durability {
                 health: std::sync::atomic::AtomicU8::new(HEALTHY),
                 record_gate: tokio::sync::RwLock::new(()),
                 pending_records: Mutex::new(std::collections::HashMap::new()),
+                record_filter: RecordFilter::new(DEFAULT_FILTER_BYTES),
             }),
         };
         // The store asks for a new lease through the persister (a weak
@@ -344,6 +349,30 @@ impl Durability {
     /// Records each write-back round's duration, in seconds, here.
     pub fn set_round_histogram(&self, histogram: Arc<crate::histogram::Histogram>) {
         let _ = self.inner.round_histogram.set(histogram);
+    }
+
+    /// The filter that spares a keyed write the disk lookup of a record
+    /// that cannot exist.
+    pub fn record_filter(&self) -> &RecordFilter {
+        &self.inner.record_filter
+    }
+
+    /// Starts rebuilding the record filter, with every queued record in
+    /// the new one already (the purge adds the stored ones it keeps).
+    pub fn rebuild_record_filter(&self) -> Option<Rebuild<'_>> {
+        let rebuild = self.inner.record_filter.rebuild()?;
+        let pending = self
+            .inner
+            .pending_records
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for record in pending.values().flatten() {
+            if let Some(id) = record.key.strip_prefix(RECORD_KEY_PREFIX) {
+                rebuild.keep(id);
+            }
+        }
+        drop(pending);
+        Some(rebuild)
     }
 
     /// Round and write counters.
@@ -448,22 +477,12 @@ impl Durability {
             return Ok(());
         }
         let _round = self.round_guard();
+        self.discard_records(table.name());
         self.inner.engine.remove_table(table.name())?;
         self.inner
             .engine
             .remove_meta(&writeback::cleared_key(table.name()))?;
         self.inner.engine.flush()
-    }
-
-    /// Stores an idempotency record (durable after the next round, see
-    /// [`Durability::wait_durable`]).
-    ///
-    /// # Errors
-    /// [`PersistError::Engine`].
-    pub fn put_record(&self, key: &str, value: &[u8]) -> Result<(), PersistError> {
-        self.inner.engine.put_meta(key, value)?;
-        self.inner.records_dirty.store(true, Ordering::Release);
-        Ok(())
     }
 
     /// Removes an idempotency record.
@@ -524,6 +543,12 @@ impl Durability {
                 return false;
             }
         }
+        // A keyed drop: the table's data, where the record would go, is
+        // gone, and no round would ever take it.
+        if self.inner.store.table(table).is_err() {
+            return false;
+        }
+        self.inner.record_filter.insert(id.as_bytes());
         let record = PendingRecord {
             anchor: anchor.map(|a| a.as_bytes().to_vec()),
             key: record_key(id),
@@ -638,10 +663,18 @@ impl Durability {
                     .find(|r| r.key == key)
                     .map(|r| r.bytes.clone())
             });
-        match queued {
-            Some(bytes) => Ok(Some(bytes)),
-            None => self.inner.engine.get(table, &key),
+        if queued.is_some() {
+            return Ok(queued);
         }
+        let filter = &self.inner.record_filter;
+        if !filter.may_hold(id.as_bytes()) {
+            return Ok(None);
+        }
+        let stored = self.inner.engine.get(table, &key)?;
+        if stored.is_none() {
+            filter.false_positive();
+        }
+        Ok(stored)
     }
 
     /// Calls `f` with `(table, key, record)` for every idempotency record

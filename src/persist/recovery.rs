@@ -54,8 +54,11 @@ impl Durability {
             let (mut keys, mut expired) = (0u64, Vec::new());
             inner.engine.for_each(&name, &mut |k, v| {
                 // Idempotency records live beside the entries (see
-                // `record_key`); they are read when a retry asks.
-                if k.starts_with(super::RECORD_KEY_PREFIX) {
+                // `record_key`); they are read when a retry asks, and the
+                // filter learns which exist.
+                if let Some(id) = k.strip_prefix(super::RECORD_KEY_PREFIX) {
+                    // A retry with this key must look on disk.
+                    inner.record_filter.insert(id);
                     return Ok(());
                 }
                 let key = std::str::from_utf8(k).map_err(|_| {

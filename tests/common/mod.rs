@@ -90,7 +90,13 @@ pub async fn spawn_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
 
 /// Starts a server whose clock only moves when the test says so.
 pub async fn spawn_with_manual_clock() -> TestApp {
-    spawn_inner(|_| {}, Some(ManualClock::new(1_700_000_000_000))).await
+    spawn_with_manual_clock_and(|_| {}).await
+}
+
+/// Like [`spawn_with_manual_clock`], after `tweak` adjusts the
+/// configuration.
+pub async fn spawn_with_manual_clock_and(tweak: impl FnOnce(&mut Config)) -> TestApp {
+    spawn_inner(tweak, Some(ManualClock::new(1_700_000_000_000))).await
 }
 
 impl TestApp {
