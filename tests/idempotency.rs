@@ -346,35 +346,29 @@ async fn keyed_sync_writes_and_select_deletes_cost_one_flush() {
     }
 }
 
-/// Sends `n` fresh keyed increments to counter `c/n`, then retries each;
-/// every retry must be a replay.
+/// Keyed increments of counter `c/n` with keys `k0..kn`: `replayed`
+/// says whether each must be a replay; the i-th answers `i + 1` either way.
+async fn keyed_increments(app: &TestApp, n: u64, replayed: bool) {
+    for i in 0..n {
+        let r = send_keyed(
+            app,
+            Method::POST,
+            "/v1/tables/c/entries/n/counter",
+            r#"{"default":0}"#,
+            &format!("k{i}"),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let expected = replayed.then_some("true");
+        assert_eq!(r.header("idempotent-replayed"), expected, "k{i}");
+        assert_eq!(r.body["value"], json!(i + 1));
+    }
+}
+
+/// Sends `n` fresh keyed increments, then retries each.
 async fn fresh_keys_then_retries(app: &TestApp, n: u64) {
-    let path = "/v1/tables/c/entries/n/counter";
-    for i in 0..n {
-        let r = send_keyed(
-            app,
-            Method::POST,
-            path,
-            r#"{"default":0}"#,
-            &format!("k{i}"),
-        )
-        .await;
-        assert_eq!(r.status, 200, "{}", r.text);
-        assert_eq!(r.body["value"], json!(i + 1));
-    }
-    for i in 0..n {
-        let r = send_keyed(
-            app,
-            Method::POST,
-            path,
-            r#"{"default":0}"#,
-            &format!("k{i}"),
-        )
-        .await;
-        assert_eq!(r.status, 200, "{}", r.text);
-        assert_eq!(r.header("idempotent-replayed"), Some("true"), "k{i}");
-        assert_eq!(r.body["value"], json!(i + 1));
-    }
+    keyed_increments(app, n, false).await;
+    keyed_increments(app, n, true).await;
 }
 
 #[tokio::test]
@@ -402,18 +396,7 @@ async fn fresh_keys_skip_the_disk_and_stored_ones_are_found_after_a_restart() {
     // After a restart the filter is rebuilt from disk before any request.
     let app = common::spawn_on(app.stop().await).await;
     assert_eq!(app.metric("larder_idempotency_filter_records").await, 200.0);
-    for i in 0..200u64 {
-        let r = send_keyed(
-            &app,
-            Method::POST,
-            "/v1/tables/c/entries/n/counter",
-            r#"{"default":0}"#,
-            &format!("k{i}"),
-        )
-        .await;
-        assert_eq!(r.header("idempotent-replayed"), Some("true"), "k{i}");
-        assert_eq!(r.body["value"], json!(i + 1));
-    }
+    keyed_increments(&app, 200, true).await;
     assert_eq!(app.get("c", "n").await.body["value"], 200);
 }
 
