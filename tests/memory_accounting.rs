@@ -1,6 +1,7 @@
-//! `memory_bytes` must be honest: within 20% of the real resident growth for
-//! a million small entries. This file holds one test so that its process's
-//! resident size reflects that test alone.
+//! `memory_bytes` must be honest: within 6% of the real resident growth for
+//! a million small entries, the bound the README states (measured: `set`
+//! over-counts by about 4.5%, `ordered_set` is within 2%). This file holds
+//! one test so that its process's resident size reflects that test alone.
 
 use std::sync::Arc;
 
@@ -14,7 +15,7 @@ fn resident_bytes() -> u64 {
 }
 
 #[test]
-fn memory_accounting_is_within_20_percent_of_resident_growth() {
+fn memory_accounting_is_within_6_percent_of_resident_growth() {
     let store = Store::new(Arc::new(SystemClock));
     let mut results = Vec::new();
     for (kind, name) in [(TableType::Set, "set"), (TableType::OrderedSet, "ordered")] {
@@ -42,7 +43,7 @@ fn memory_accounting_is_within_20_percent_of_resident_growth() {
             "{name}: accounted {accounted} bytes, resident growth {grown} bytes, ratio {ratio:.3}"
         );
         assert!(
-            (0.8..=1.2).contains(&ratio),
+            (0.94..=1.06).contains(&ratio),
             "{name}: accounted {accounted}, grew {grown}"
         );
     }

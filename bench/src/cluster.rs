@@ -28,8 +28,8 @@ use larder::cluster::sql;
 use serde::Serialize;
 use tokio_postgres::NoTls;
 
+use crate::pair::PairRow;
 use crate::procs::{self, fail, http};
-use crate::report::PairRow;
 use crate::wrk::{self, Workload};
 use crate::{create, fill, fill_with, key, slug, value100, Options};
 

@@ -18,8 +18,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::pair::PairRow;
 use crate::procs::{fail, http, Proc};
-use crate::report::PairRow;
 use crate::wrk::{self, Workload};
 use crate::{create, fill_with, key, value100, Options};
 

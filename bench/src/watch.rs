@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::pair::PairRow;
 use crate::procs::{fail, metric, Proc};
-use crate::report::PairRow;
 use crate::wrk::{self, Workload};
 use crate::{create, value100, Options};
 
