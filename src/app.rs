@@ -27,6 +27,8 @@ use crate::config::Config;
 use crate::persist::Durability;
 pub use crate::persist::EngineWrapper;
 use crate::store::Store;
+use crate::tables::Tables;
+use crate::tasks::Tasks;
 
 /// Why the server could not start, or did not stop cleanly.
 #[derive(Debug, Error)]
@@ -154,6 +156,7 @@ impl App {
                 })
             }
         };
+        let tasks = Tasks::new();
         let cluster = match &config.cluster_url {
             Some(url) => Some(
                 crate::cluster::Cluster::connect(
@@ -168,6 +171,7 @@ impl App {
                         ),
                     },
                     store.clone(),
+                    tasks.clone(),
                 )
                 .await
                 .map_err(|e| AppError::Cluster(e.to_string()))?,
@@ -219,9 +223,8 @@ impl App {
             .set_bytes(config.idempotency_filter_bytes);
         let memory = store.memory().clone();
         let state = AppState::new(crate::api::Services {
-            store,
+            tables: Tables::new(store, durability, cluster, tasks, config.max_tables),
             ready: Arc::new(AtomicBool::new(false)),
-            durability,
             metrics,
             origins: crate::api::origin::Origins::new(
                 config.origin_allow.clone(),
@@ -231,7 +234,6 @@ impl App {
             limits: crate::api::Limits::new(
                 config.max_concurrent_requests,
                 Duration::from_millis(config.request_timeout_ms),
-                config.max_tables,
                 config.max_body_bytes,
             )
             .with_max_select_scan(usize::try_from(config.max_select_scan).unwrap_or(usize::MAX))
@@ -247,7 +249,6 @@ impl App {
                 usize::try_from(config.max_response_bytes).unwrap_or(usize::MAX),
             ),
             request_ids: std::sync::atomic::AtomicU64::new(0),
-            cluster,
             idempotency: crate::api::idempotency::Idempotency::new(
                 config.idempotency_ttl_secs.saturating_mul(1000),
                 usize::try_from(config.idempotency_max_bytes).unwrap_or(usize::MAX),
@@ -283,12 +284,12 @@ impl App {
 
     /// The store behind the server (for embedding and tests).
     pub fn store(&self) -> Store {
-        self.state.store.clone()
+        self.state.tables.store().clone()
     }
 
     /// The durable tier behind the server (for embedding and tests).
     pub fn durability(&self) -> Durability {
-        self.state.durability.clone()
+        self.state.tables.durability().clone()
     }
 
     /// Serves until `shutdown` completes, then stops in order: stop
@@ -305,10 +306,10 @@ impl App {
     ) -> Result<(), AppError> {
         let addr = self.local_addr().map_err(AppError::Serve)?;
         let ready = self.state.ready.clone();
-        let durability = self.state.durability.clone();
+        let durability = self.state.tables.durability().clone();
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
         let ready_on_stop = ready.clone();
-        let store_on_stop = self.state.store.clone();
+        let store_on_stop = self.state.tables.store().clone();
         let signal = async move {
             shutdown.await;
             ready_on_stop.store(false, Ordering::Release);
@@ -337,8 +338,8 @@ impl App {
                 cause,
             });
         }
-        let now = self.state.store.now_ms();
-        match self.state.idempotency.load(&durability, now) {
+        let now = self.state.tables.store().now_ms();
+        match self.state.idempotency.load(&self.state.tables, now) {
             Ok(n) if n > 0 => tracing::info!(records = n, "idempotency records loaded"),
             Ok(_) => {}
             Err(e) => {
@@ -350,54 +351,49 @@ impl App {
             }
         }
         let persister = durability.start().map_err(AppError::Serve)?;
-        let purger = {
+        let tasks = self.state.tables.tasks();
+        {
             let state = self.state.clone();
             let purge_every = self.idempotency_purge;
-            tokio::spawn(async move {
+            tasks.spawn("idempotency purger", async move {
                 let mut tick = tokio::time::interval(purge_every);
                 loop {
                     tick.tick().await;
                     // It walks every stored record: off the runtime.
                     let state = state.clone();
                     let purged = tokio::task::spawn_blocking(move || {
-                        let now = state.store.now_ms();
-                        state.idempotency.purge(&state.durability, now);
+                        let now = state.tables.store().now_ms();
+                        state.idempotency.purge(&state.tables, now);
                     })
                     .await;
                     if let Err(e) = purged {
                         tracing::error!(error = %e, "the idempotency purge failed");
                     }
                 }
-            })
-        };
+            });
+        }
         // Frees the histories of tables nobody watches any more, within a
         // fifth of the retention time after it ends (at most a second).
-        let retirer = {
-            let store = self.state.store.clone();
+        {
+            let store = self.state.tables.store().clone();
             let every =
                 (self.watch_retention / 5).clamp(Duration::from_millis(10), Duration::from_secs(1));
-            tokio::spawn(async move {
+            tasks.spawn("watch history retirer", async move {
                 let mut tick = tokio::time::interval(every);
                 loop {
                     tick.tick().await;
                     store.retire_idle_watches();
                 }
-            })
-        };
-        let (sweeper_stop, sweeper_stopped) = tokio::sync::oneshot::channel::<()>();
-        let sweeper = {
-            let store = self.state.store.clone();
-            let enabled = self.run_sweeper;
-            tokio::spawn(async move {
-                if enabled {
-                    store
-                        .run_sweeper(async {
-                            let _ = sweeper_stopped.await;
-                        })
-                        .await
-                }
-            })
-        };
+            });
+        }
+        if self.run_sweeper {
+            let store = self.state.tables.store().clone();
+            let stopping = tasks.stopping();
+            tasks.spawn(
+                "TTL sweeper",
+                async move { store.run_sweeper(stopping).await },
+            );
+        }
         ready.store(true, Ordering::Release);
         tracing::info!(%addr, "larder ready");
 
@@ -421,12 +417,9 @@ impl App {
             }
         }
         ready.store(false, Ordering::Release);
-        let _ = sweeper_stop.send(());
-        purger.abort();
-        retirer.abort();
-        if let Err(e) = sweeper.await {
-            tracing::error!(error = %e, "the sweeper task failed");
-        }
+        // Background work next: nothing may change a table once the last
+        // round has begun.
+        tasks.stop().await;
         let flushed =
             tokio::task::spawn_blocking(move || durability.shutdown(Some(persister))).await;
         match flushed {

@@ -1,37 +1,52 @@
 //! larder: Erlang ETS/DETS-style tables over HTTP/JSON.
 //!
-//! # Layout
-//! Who calls whom:
+//! # Layers
+//! Each layer calls only the layers below it (`docs/architecture.md` draws
+//! them):
 //!
 //! ```text
-//! HTTP -> api -> store            (every request)
-//!         api -> persist          (a sync write waits for its fsync; table
-//!                                  definitions are made durable)
-//!         persist -> store        (write-back reads dirty keys and values;
-//!                                  recovery loads tables)
+//! app                     wiring, start-up, the shutdown order
+//!  └─ api                 HTTP: routes, the front middleware, auth,
+//!      │                  extractors; ApiError, the only HTTP error
+//!      ├─ select          match specifications, run over any TableOps
+//!      └─ tables          the storage tier: the Tables registry (catalog,
+//!          │              handles, idempotency records, watch start,
+//!          │              readiness), LocalTable; background tasks
+//!          ├─ cluster     cluster tables in PostgreSQL, with a hot copy
+//!          ├─ persist     sled write-back, group commit, recovery
+//!          └─ ops         TableOps, the contract every tier implements;
+//!              │          OpError
+//!              └─ store   the four ETS table types in memory; the rules
+//!                         of each type (store::rules), used by both tiers
 //! ```
 //!
 //! The store never calls the durable tier: it marks what changed, and
 //! [`persist`] comes to read it. Nothing below [`api`] knows HTTP; nothing
-//! outside [`persist`] names sled.
+//! outside [`persist`] names sled, nothing outside [`cluster`] names
+//! PostgreSQL, and the API never asks which tier a table lives in.
 //!
 //! - [`config`]: the command line and environment, one documented struct.
 //! - [`app`]: opens the data directory, binds the listener, wires state and
 //!   router, recovers, runs until a stop signal and shuts down in order.
-//! - [`api`]: one module per resource (tables, entries, counters, service,
-//!   metrics); [`api::front`], the one middleware (request id, readiness,
-//!   load shedding, timeout, authentication, metrics, logs);
-//!   [`api::drain`], which keeps keep-alive connections usable after early
-//!   answers; per-table access ([`api::auth`]); the read-through miss path
-//!   ([`api::origin`]); extractors that give every malformed request the
-//!   same JSON error; and the OpenAPI document. Handlers validate, call the
-//!   store, and shape responses. [`error::ApiError`] is the only type that
-//!   becomes an error response.
+//! - [`api`]: one module per resource (tables, entries, counters, select,
+//!   transfer, watch, service, metrics); [`api::front`], the one middleware
+//!   (request id, readiness, load shedding, timeout, authentication,
+//!   metrics, logs); [`api::scope`], what a handler knows of its request;
+//!   [`api::drain`]; per-table access ([`api::auth`]); the read-through
+//!   miss path ([`api::origin`]); idempotent retries
+//!   ([`api::idempotency`]); and [`api::error::ApiError`], the only type
+//!   that becomes an error response (every lower error maps to it in one
+//!   place).
+//! - [`tables`]: the storage tier between the API and the tiers.
+//! - [`ops`]: [`ops::TableOps`] and [`ops::OpError`].
+//! - [`select`]: ETS match specifications as JSON, evaluated over pages.
+//! - [`cluster`]: tables kept in PostgreSQL and shared by every node.
 //! - [`store`]: tables of the four ETS types with their exact semantics, the
 //!   catalog of tables, TTL sweeping, LRU eviction, memory accounting and
 //!   dirty tracking; knows nothing of HTTP or disk.
 //! - [`persist`]: the durable tier (sled behind a trait, with real fsyncs),
 //!   write-back and group commit, recovery, and the versioned on-disk format.
+//! - [`tasks`]: the one supervisor of background tasks.
 //! - [`clock`]: time behind a trait so expiry is testable without sleeping.
 //! - [`histogram`]: fixed-bucket latency histograms for the metrics.
 //! - [`json`]: JSON text as larder accepts it from clients (no repeated
@@ -63,7 +78,6 @@ pub mod app;
 pub mod clock;
 pub mod cluster;
 pub mod config;
-pub mod error;
 pub mod histogram;
 pub mod json;
 pub mod net;
@@ -73,3 +87,5 @@ pub mod persist;
 pub mod select;
 pub mod store;
 pub mod stripe;
+pub mod tables;
+pub mod tasks;

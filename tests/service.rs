@@ -158,15 +158,13 @@ async fn v1_and_readyz_answer_503_until_recovery_is_done() {
     let durability = larder::persist::Durability::open(dir.path(), store.clone()).unwrap();
     let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let state = larder::api::AppState::new(larder::api::Services {
-        store,
+        tables: larder::tables::Tables::new(store, durability, None, Default::default(), 10),
         ready: ready.clone(),
-        durability,
         metrics: larder::api::metrics::Metrics::new(),
         origins: larder::api::origin::Origins::new(vec![], 1024),
         tokens: Default::default(),
-        limits: larder::api::Limits::new(16, std::time::Duration::from_secs(5), 10, 1024),
+        limits: larder::api::Limits::new(16, std::time::Duration::from_secs(5), 1024),
         request_ids: Default::default(),
-        cluster: None,
         idempotency: larder::api::idempotency::Idempotency::new(
             60_000,
             1 << 20,

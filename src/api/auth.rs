@@ -13,11 +13,9 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use axum::extract::FromRequestParts;
-use axum::http::request::Parts;
 use axum::http::HeaderValue;
 
-use crate::error::ApiError;
+use crate::api::error::ApiError;
 use crate::store::{Access, Table};
 
 /// The principal every caller is when authentication is off.
@@ -39,16 +37,6 @@ impl Principal {
             name: ANONYMOUS.into(),
             admin: true,
         }
-    }
-}
-
-impl<S: Send + Sync> FromRequestParts<S> for Principal {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(_parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        // Taken, not cloned: a handler extracts its caller once, and a clone
-        // is one more atomic pair on a name every request shares.
-        super::front::caller().ok_or(ApiError::Unauthorized)
     }
 }
 

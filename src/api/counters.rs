@@ -12,7 +12,7 @@ use super::auth::{Op, Principal};
 use super::extract::{EntryPath, OptionalJsonBody};
 use super::respond;
 use super::AppState;
-use crate::error::{ApiResult, ErrorBody};
+use crate::api::error::{ApiResult, ErrorBody};
 use crate::ops::TableOps;
 use crate::store::CounterOp;
 

@@ -15,7 +15,7 @@ use super::extract::{
 };
 use super::respond::{self, entry_body, scan_body, with_cache, with_etag, HIT, MISS};
 use super::AppState;
-use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::api::error::{ApiError, ApiResult, ErrorBody};
 use crate::ops::{ReadFrom, TableOps};
 use crate::store::{check_ttl_ms, Cursor, ScanRequest, Value, DEFAULT_SCAN_LIMIT};
 
@@ -545,7 +545,7 @@ pub async fn scan_entries(
     // A page may come in several steps (a hashed table stops each one at
     // the end of a shard after a while): the worker is given back between
     // steps, and at the deadline the page ends where it got to.
-    let mut pace = super::front::pace();
+    let mut pace = super::scope::pace();
     let mut page = table.scan(&req, from).await?;
     while page.items.len() < req.limit {
         let Some(cursor) = page.next_cursor.clone() else {

@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 
 use super::respond::{tag_list, write_precondition, TagList};
 use super::AppState;
-use crate::error::ApiError;
+use crate::api::error::ApiError;
 use crate::store::{validate_key, validate_table_name, Key, Precondition};
 
 /// A JSON body of type `T`, parsed whatever the Content-Type says.

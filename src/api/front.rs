@@ -13,8 +13,8 @@
 //! as the router.
 //!
 //! The caller's [`Principal`] reaches handlers through a task-local (see
-//! [`caller`]), not the request's extensions, whose first entry would
-//! allocate a map and a box for every request.
+//! [`caller`](super::scope::caller)), not the request's extensions, whose
+//! first entry would allocate a map and a box for every request.
 //!
 //! # Order of checks
 //! 1. `/v1` before recovery finished or after a stop began: 503.
@@ -47,50 +47,13 @@ use tracing::Level;
 use super::auth::Principal;
 use super::direct::{DirectTable, Served};
 use super::routes::{RouteClass, RouteLabels};
+use super::scope::{Scope, SCOPE};
 use super::AppState;
-use crate::error::{ApiError, InternalDetail};
+use crate::api::error::{ApiError, InternalDetail};
 
 /// The request id header: kept from the request when the client sent one,
 /// made from a per-process counter otherwise, and returned on the response.
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
-/// What a handler can learn of the request it serves, besides the request.
-struct Scope {
-    /// The caller, until a handler takes it.
-    caller: Cell<Option<Principal>>,
-    /// When the request's time is up (`--request-timeout-ms` after it
-    /// arrived).
-    deadline: Instant,
-    /// When long work should stop to answer in time.
-    stop_at: Instant,
-    /// Where response bodies are counted.
-    memory: Arc<crate::store::MemoryUse>,
-}
-
-tokio::task_local! {
-    /// The request this task serves.
-    static SCOPE: Scope;
-}
-
-/// Takes the caller of the request being served: `None` outside a request,
-/// when authentication failed on a route that does not need it, or when it
-/// was already taken.
-pub fn caller() -> Option<Principal> {
-    SCOPE.try_with(|s| s.caller.take()).ok().flatten()
-}
-
-/// When the request being served must be answered: long work stops a
-/// little before it with what it has and a cursor. `None` outside a
-/// request.
-pub fn deadline() -> Option<Instant> {
-    SCOPE.try_with(|s| s.deadline).ok()
-}
-
-/// The pace of long work in the request being served: yield every few
-/// milliseconds, stop early enough to answer before the deadline.
-pub fn pace() -> crate::pace::Pace {
-    crate::pace::Pace::new(SCOPE.try_with(|s| s.stop_at).ok())
-}
 
 /// What [`Front`] shares between requests.
 #[derive(Debug)]
@@ -300,7 +263,7 @@ where
             caller: Cell::new(request.principal),
             deadline: request.deadline,
             stop_at: crate::pace::stop_before(request.deadline, self.shared.state.limits.timeout),
-            memory: self.shared.state.store.memory().clone(),
+            memory: self.shared.state.tables.store().memory().clone(),
         };
         let long = request.class.long.then_some(request.deadline);
         let Some(key) = super::idempotency::applies(&req, request.class) else {
@@ -431,51 +394,6 @@ fn finish(shared: &Shared, mut resp: Response, f: Finished<'_>) -> Response {
     }
     resp.headers_mut().insert(REQUEST_ID.clone(), f.id);
     resp
-}
-
-/// Bodies at least this long are counted in the server's memory (kind
-/// `responses`) until sent: pages of scans and selects, multi-gets, export
-/// chunks. Shorter ones are bounded by the request count and not worth an
-/// allocation and two atomic adds each.
-const COUNTED_BODY_BYTES: usize = 16 * 1024;
-
-/// A response body's bytes, counted in the server's memory (kind
-/// `responses`) until the last reference to them is dropped, which is when
-/// hyper has written them: the count follows the bytes themselves, not the
-/// body that handed them over.
-pub fn counted(body: Vec<u8>) -> bytes::Bytes {
-    if body.len() < COUNTED_BODY_BYTES {
-        return body.into();
-    }
-    match SCOPE.try_with(|s| s.memory.clone()) {
-        Ok(memory) => counted_in(&memory, body),
-        Err(_) => body.into(),
-    }
-}
-
-/// [`counted`] in `memory`, outside a request's task (a streaming body).
-pub fn counted_in(memory: &Arc<crate::store::MemoryUse>, body: Vec<u8>) -> bytes::Bytes {
-    if body.len() < COUNTED_BODY_BYTES {
-        return body.into();
-    }
-    let held = crate::store::Held::new(
-        memory.clone(),
-        crate::store::MemoryKind::Responses,
-        body.len(),
-    );
-    bytes::Bytes::from_owner(CountedBytes { body, _held: held })
-}
-
-/// Bytes that give their count back when dropped.
-struct CountedBytes {
-    body: Vec<u8>,
-    _held: crate::store::Held,
-}
-
-impl AsRef<[u8]> for CountedBytes {
-    fn as_ref(&self) -> &[u8] {
-        &self.body
-    }
 }
 
 /// A HEAD answer keeps the length its body would have had and sends no

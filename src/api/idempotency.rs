@@ -30,18 +30,16 @@ use sha2::{Digest, Sha256};
 use super::respond::hex;
 use super::routes::RouteClass;
 use super::AppState;
-use crate::cluster::claim::{Open, Outcome};
-use crate::error::ApiError;
-use crate::persist::Durability;
-use crate::store::{MemoryKind, MemoryUse, Persistence};
+use crate::api::error::ApiError;
+use crate::ops::OpError;
+use crate::store::{MemoryKind, MemoryUse};
+use crate::tables::records::{Ran, RecordHome, RecordTarget};
+use crate::tables::Tables;
 
 /// The request header that names a write for retries.
 pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 /// The response header of an answer replayed from a record.
 pub static REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
-
-/// Where durable records are kept in the local engine's metadata.
-const RECORD_PREFIX: &str = "idempotency/";
 
 /// Longest key accepted, in bytes.
 const MAX_KEY_BYTES: usize = 128;
@@ -115,13 +113,6 @@ struct Record {
     body: String,
     /// Unix ms after which the record is forgotten.
     expires_at: u64,
-}
-
-/// How durable a table's records are.
-enum Tier {
-    Memory,
-    Local { sync: bool },
-    Cluster,
 }
 
 fn sha256(parts: &[&[u8]]) -> String {
@@ -248,36 +239,21 @@ impl Idempotency {
         }
     }
 
-    /// At start: removes the expired records from local disk and counts
-    /// the others. Nothing is loaded into memory: a retry reads its record
-    /// from disk when it needs it.
+    /// Drops the expired records where builds before records moved in
+    /// with their tables' data kept them, and notes whether any remain
+    /// (lookups then look there too). Returns how many remain.
     ///
     /// # Errors
-    /// What the engine says.
-    pub fn load(
-        &self,
-        durability: &Durability,
-        now: u64,
-    ) -> Result<usize, crate::persist::PersistError> {
-        let mut kept = 0;
-        let mut expired = Vec::new();
-        durability.for_each_record(RECORD_PREFIX, &mut |key, bytes| {
-            match serde_json::from_slice::<Record>(bytes) {
-                Ok(r) if r.expires_at >= now => kept += 1,
-                _ => expired.push(key.to_owned()),
-            }
-            Ok(())
-        })?;
-        for key in expired {
-            durability.remove_record(&key)?;
-        }
+    /// What the durable tier met reading or removing them.
+    pub fn load(&self, tables: &Tables, now: u64) -> Result<usize, OpError> {
+        let kept = tables.load_legacy_records(|bytes| expired(bytes, now))?;
         self.legacy.store(kept > 0, Ordering::Release);
         Ok(kept)
     }
 
-    /// Forgets expired records, in memory and on local disk.
-    pub fn purge(&self, durability: &Durability, now: u64) {
-        let expired: Vec<(String, u64)> = self
+    /// Forgets expired records, in memory and where the tiers keep them.
+    pub fn purge(&self, tables: &Tables, now: u64) {
+        let expired_ids: Vec<(String, u64)> = self
             .records
             .iter()
             .filter_map(|e| match e.value() {
@@ -287,7 +263,7 @@ impl Idempotency {
                 _ => None,
             })
             .collect();
-        for (id, stamp) in expired {
+        for (id, stamp) in expired_ids {
             self.forget(&id, |s| s == stamp);
         }
         // The eviction order loses the entries whose record is gone.
@@ -299,56 +275,16 @@ impl Idempotency {
                     .get(id)
                     .is_some_and(|s| matches!(*s, Slot::Done { stamp: t, .. } if t == *stamp))
             });
-        if self.legacy.load(Ordering::Acquire) {
-            let (mut on_disk, mut kept) = (Vec::new(), 0usize);
-            let walked = durability.for_each_record(RECORD_PREFIX, &mut |key, bytes| {
-                if serde_json::from_slice::<Record>(bytes).map_or(true, |r| r.expires_at < now) {
-                    on_disk.push(key.to_owned());
-                } else {
-                    kept += 1;
-                }
-                Ok(())
-            });
-            match walked {
-                Ok(()) => self.legacy.store(kept > 0, Ordering::Release),
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not read idempotency records to purge");
-                }
-            }
-            for key in on_disk {
-                if let Err(e) = durability.remove_record(&key) {
-                    tracing::warn!(error = %e, "could not remove an expired idempotency record");
-                }
-            }
-        }
-        // The records kept make up a fresh filter; the expired ones leave
-        // it with their removal.
-        let rebuild = durability.rebuild_record_filter();
-        let mut with_tables = Vec::new();
-        let walked = durability.for_each_table_record(&mut |table, key, bytes| {
-            if serde_json::from_slice::<Record>(bytes).map_or(true, |r| r.expires_at < now) {
-                with_tables.push((table.to_owned(), key.to_vec()));
-            } else if let (Some(rebuild), Some(id)) = (
-                &rebuild,
-                key.strip_prefix(crate::persist::RECORD_KEY_PREFIX),
-            ) {
-                rebuild.keep(id);
-            }
-            Ok(())
-        });
-        match (walked, rebuild) {
-            (Ok(()), Some(rebuild)) => rebuild.finish(),
-            (Ok(()), None) => {}
-            (Err(e), _) => {
-                tracing::warn!(error = %e, "could not read idempotency records to purge");
-            }
-        }
-        for (table, key) in with_tables {
-            if let Err(e) = durability.remove_table_record(&table, &key) {
-                tracing::warn!(error = %e, "could not remove an expired idempotency record");
-            }
+        let legacy = self.legacy.load(Ordering::Acquire);
+        if let Some(kept) = tables.purge_records(legacy, |bytes| expired(bytes, now)) {
+            self.legacy.store(kept > 0, Ordering::Release);
         }
     }
+}
+
+/// Whether a stored record has expired by `now` (an unreadable one has).
+fn expired(bytes: &[u8], now: u64) -> bool {
+    serde_json::from_slice::<Record>(bytes).map_or(true, |r| r.expires_at < now)
 }
 
 /// Serves a write that carries `key`: replays, refuses, or runs it through
@@ -402,9 +338,9 @@ where
         .path_and_query()
         .map_or(parts.uri.path(), |p| p.as_str());
     let fingerprint = sha256(&[parts.method.as_str().as_bytes(), target.as_bytes(), &body]);
-    let tier = tier_of(state, &table);
+    let home = state.tables.record_home(&table);
     let records = &state.idempotency.records;
-    let now = state.store.now_ms();
+    let now = state.tables.store().now_ms();
 
     // Claim the key, or answer from what holds it.
     let idempotency = &state.idempotency;
@@ -441,7 +377,7 @@ where
     };
     // A durable table's records live in its tier only (on a cluster, a
     // record may have been made on another node).
-    if let Some(stored) = stored_record(state, &tier, &table, &id).await? {
+    if let Some(stored) = stored_record(state, home, &table, &id).await? {
         if stored.expires_at >= now {
             return replay(&stored, &fingerprint);
         }
@@ -449,47 +385,24 @@ where
 
     let anchor = entry_key(parts.uri.path());
     let request = Request::from_parts(parts, Body::from(body));
-    // On a local durable table the change and its record go to disk in the
-    // same batch of the same round: no round may take the change before
-    // the record is attached (the gate), and on a sync table the write's
-    // own wait is deferred until then.
-    let gate = match tier {
-        Tier::Local { .. } => Some(state.durability.record_gate().await),
-        _ => None,
-    };
-    // On a cluster table the key is claimed in the change's own
-    // transaction, which commits with the answer (see `cluster::claim`).
     let expires_at = now.saturating_add(state.idempotency.ttl_ms);
-    let shared = matches!(tier, Tier::Cluster)
-        .then(|| crate::cluster::claim::Claim::new(id.clone(), expires_at));
-    let (resp, owed) = match (&tier, &shared) {
-        (Tier::Local { sync: true }, _) => crate::persist::deferring(run(request)).await,
-        (Tier::Cluster, Some(shared)) => (
-            crate::cluster::claim::scope(shared.clone(), run(request)).await,
-            None,
-        ),
-        _ => (run(request).await, None),
-    };
-    let open = match shared.map(|s| s.outcome()) {
-        Some(Outcome::Taken) => {
+    let mut recording = state.tables.recording(home, &id, expires_at).await;
+    let resp = match recording.run(run(request)).await {
+        Ran::Here(resp) => resp,
+        Ran::Elsewhere => {
             // Another node applied this key first and committed its answer.
             drop(claim);
-            return match stored_record(state, &tier, &table, &id).await? {
+            return match stored_record(state, home, &table, &id).await? {
                 Some(stored) => replay(&stored, &fingerprint),
                 None => Err(ApiError::IdempotencyInFlight),
             };
         }
-        Some(Outcome::Open(open)) => Some(open),
-        Some(Outcome::Unused) | None => None,
     };
     if !resp.status().is_success() {
         // Not remembered: a retry may run afresh at once.
-        drop(gate);
-        if let Some(open) = open {
-            open.commit(None).await?;
-        }
+        recording.release().await?;
         drop(claim);
-        durable(state, owed).await?;
+        recording.settle().await?;
         return Ok(resp);
     }
     let (parts, body) = resp.into_parts();
@@ -516,18 +429,14 @@ where
         body: String::from_utf8_lossy(&bytes).into_owned(),
         expires_at,
     });
-    let target = Target {
+    let json = serde_json::to_string(&*record).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let target = RecordTarget {
         table: &table,
         anchor: anchor.as_deref(),
         id: &id,
     };
-    save(state, &tier, target, &record, owed, open).await?;
-    drop(gate);
-    // The write's own wait, deferred to here. The round that makes its
-    // ticket durable snapshot the change and the record together (the
-    // gate), so one wait covers both.
-    durable(state, owed).await?;
-    if matches!(tier, Tier::Memory) {
+    recording.keep(target, &json, expires_at).await?;
+    if home == RecordHome::Memory {
         // Replaces the claim: the answer has no other home.
         idempotency.remember(id, record);
     }
@@ -535,35 +444,15 @@ where
     Ok(Response::from_parts(parts, Body::from(bytes)))
 }
 
-/// The record `id` as a durable tier keeps it, if any.
+/// The record `id` as the table's tier keeps it, if any.
 async fn stored_record(
     state: &AppState,
-    tier: &Tier,
+    home: RecordHome,
     table: &str,
     id: &str,
 ) -> Result<Option<Record>, ApiError> {
-    let text = match tier {
-        Tier::Memory => return Ok(None),
-        Tier::Local { .. } => {
-            let read = |e: crate::persist::PersistError| {
-                ApiError::Internal(format!("reading an idempotency record: {e}"))
-            };
-            match state.durability.table_record(table, id).map_err(read)? {
-                Some(found) => Some(found),
-                // Where builds before records moved in with their tables'
-                // data kept them.
-                None if state.idempotency.legacy.load(Ordering::Acquire) => state
-                    .durability
-                    .record(&format!("{RECORD_PREFIX}{id}"))
-                    .map_err(read)?,
-                None => None,
-            }
-        }
-        Tier::Cluster => match &state.cluster {
-            Some(c) => c.load_record(id).await?.map(String::into_bytes),
-            None => None,
-        },
-    };
+    let legacy = state.idempotency.legacy.load(Ordering::Acquire);
+    let text = state.tables.stored_record(home, table, id, legacy).await?;
     Ok(text.and_then(|t| serde_json::from_slice(&t).ok()))
 }
 
@@ -582,68 +471,6 @@ impl Drop for Claim<'_> {
             &self.id,
             |_, s| matches!(s, Slot::InFlight { fingerprint: f } if *f == self.fingerprint),
         );
-    }
-}
-
-fn tier_of(state: &AppState, table: &str) -> Tier {
-    match state.store.table(table) {
-        Ok(t) => match t.persistence() {
-            Persistence::Sync => Tier::Local { sync: true },
-            Persistence::Periodic => Tier::Local { sync: false },
-            _ => Tier::Memory,
-        },
-        Err(_) if state.cluster.is_some() && !table.is_empty() => Tier::Cluster,
-        Err(_) => Tier::Memory,
-    }
-}
-
-/// Where a request's answer is kept.
-struct Target<'a> {
-    table: &'a str,
-    /// The entry key the request changed, if it names one.
-    anchor: Option<&'a str>,
-    /// The hashed caller, table and key.
-    id: &'a str,
-}
-
-async fn save(
-    state: &AppState,
-    tier: &Tier,
-    Target { table, anchor, id }: Target<'_>,
-    record: &Record,
-    ticket: Option<u64>,
-    open: Option<Open>,
-) -> Result<(), ApiError> {
-    let json = serde_json::to_string(record).map_err(|e| ApiError::Internal(e.to_string()))?;
-    match tier {
-        Tier::Memory => Ok(()),
-        Tier::Local { .. } => {
-            // Not attached when the change's round already failed (it was
-            // undone); the wait on its ticket then says so.
-            state
-                .durability
-                .attach_record(table, anchor, id, json.into_bytes(), ticket);
-            Ok(())
-        }
-        Tier::Cluster => match (open, &state.cluster) {
-            (Some(open), _) => open.commit(Some((&json, record.expires_at))).await,
-            // The request made no cluster write (a table-wide operation):
-            // its answer is stored on its own.
-            (None, Some(c)) => c.save_record(id, &json, record.expires_at).await,
-            (None, None) => Ok(()),
-        },
-    }
-}
-
-/// Waits until the request's changes (all up to `ticket`) are on disk.
-async fn durable(state: &AppState, ticket: Option<u64>) -> Result<(), ApiError> {
-    match ticket {
-        Some(ticket) => state
-            .durability
-            .wait_ticket(ticket)
-            .await
-            .map_err(crate::ops::not_durable),
-        None => Ok(()),
     }
 }
 

@@ -248,16 +248,15 @@ pub fn router() -> ApiRoutes {
 pub async fn get_metrics(State(state): State<AppState>, who: Principal) -> Response {
     let mut out = state.metrics.render();
     let tables: Vec<Arc<Table>> = state
-        .store
+        .tables
+        .store()
         .tables()
         .into_iter()
         .filter(|t| authorize(t, &who, Op::Read).is_ok())
         .collect();
     write_tables(&mut out, &tables);
     write_server(&mut out, &state);
-    if let Some(cluster) = &state.cluster {
-        cluster.render_metrics(&mut out);
-    }
+    state.tables.render_metrics(&mut out);
     let mut resp = (StatusCode::OK, out).into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -380,7 +379,7 @@ fn write_server(out: &mut String, state: &AppState) {
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
         );
     };
-    let memory = state.store.memory();
+    let memory = state.tables.store().memory();
     out.push_str("# HELP larder_memory_bytes Estimated bytes held for clients, by kind; their sum is what --max-memory-bytes limits.\n");
     out.push_str("# TYPE larder_memory_bytes gauge\n");
     for kind in crate::store::MemoryKind::ALL {
@@ -403,9 +402,9 @@ fn write_server(out: &mut String, state: &AppState) {
         "larder_tables",
         "gauge",
         "Tables that exist.",
-        state.store.table_count() as u64,
+        state.tables.store().table_count() as u64,
     );
-    let s = state.durability.stats();
+    let s = state.tables.durability().stats();
     single(
         out,
         "larder_writeback_rounds_total",
@@ -435,7 +434,7 @@ fn write_server(out: &mut String, state: &AppState) {
         "Remembered answers of memory tables expired early to stay under --idempotency-max-bytes.",
         evicted,
     );
-    let filter = state.durability.record_filter();
+    let filter = state.tables.durability().record_filter();
     let (records, skipped, false_positives) = filter.stats();
     single(
         out,
@@ -464,6 +463,13 @@ fn write_server(out: &mut String, state: &AppState) {
         "counter",
         "Disk lookups the filter let through that found no record.",
         false_positives,
+    );
+    single(
+        out,
+        "larder_background_tasks",
+        "gauge",
+        "Background tasks running (sweeper, history retirer, record purger, cluster follower and sweeper).",
+        state.tables.tasks().running() as u64,
     );
     let (running, slots, shed) = state.limits.long_stats();
     single(

@@ -10,6 +10,7 @@ pub mod counters;
 pub mod direct;
 pub mod drain;
 pub mod entries;
+pub mod error;
 pub mod extract;
 pub mod front;
 pub mod idempotency;
@@ -18,6 +19,7 @@ pub mod openapi;
 pub mod origin;
 pub mod respond;
 pub mod routes;
+pub mod scope;
 pub mod select;
 pub mod service;
 pub mod tables;
@@ -32,11 +34,9 @@ use axum::Router;
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::cluster::Cluster;
-use crate::error::ApiError;
-use crate::ops::{LocalTable, TableHandle, TableOps};
-use crate::persist::Durability;
-use crate::store::{Persistence, Store, Table, TableSpec};
+use crate::api::error::ApiError;
+use crate::ops::TableOps;
+use crate::tables::{TableHandle, Tables};
 
 /// What every handler can reach. Cloning copies one pointer: axum clones
 /// the state for every layer and handler of every request, so it must cost
@@ -62,12 +62,10 @@ impl std::ops::Deref for AppState {
 /// The server's services, shared by every request through [`AppState`].
 #[derive(Debug)]
 pub struct Services {
-    /// The tables.
-    pub store: Store,
+    /// Every table, whichever tier keeps it.
+    pub tables: Tables,
     /// Set once recovery is done; cleared when a stop begins. Gates `/v1`.
     pub ready: Arc<AtomicBool>,
-    /// The durable tier.
-    pub durability: Durability,
     /// Request and write-back metrics.
     pub metrics: metrics::Metrics,
     /// Read-through fetching.
@@ -76,8 +74,6 @@ pub struct Services {
     pub tokens: Arc<auth::Tokens>,
     /// Request limits.
     pub limits: Limits,
-    /// The cluster tier, when the server runs with `--cluster-url`.
-    pub cluster: Option<Cluster>,
     /// Last request id handed out (ids count up from 1 per process).
     pub request_ids: AtomicU64,
     /// Remembered answers of writes sent with `Idempotency-Key`.
@@ -95,8 +91,6 @@ pub struct Limits {
     max_inflight: usize,
     /// Longest a request may take.
     pub timeout: Duration,
-    /// Most tables that may exist.
-    pub max_tables: usize,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
     /// Most objects one select request examines.
@@ -116,19 +110,14 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// Limits of `max_concurrent` requests, `timeout` each, `max_tables`,
-    /// and bodies of at most `max_body_bytes`.
-    pub fn new(
-        max_concurrent: usize,
-        timeout: Duration,
-        max_tables: usize,
-        max_body_bytes: usize,
-    ) -> Self {
+    /// Limits of `max_concurrent` requests, `timeout` each, and bodies of
+    /// at most `max_body_bytes`. (The table limit is the registry's:
+    /// [`crate::tables::Tables::new`].)
+    pub fn new(max_concurrent: usize, timeout: Duration, max_body_bytes: usize) -> Self {
         Limits {
             inflight: AtomicUsize::new(0),
             max_inflight: max_concurrent.max(1),
             timeout,
-            max_tables,
             max_body_bytes,
             max_select_scan: 1_000_000,
             max_import_bytes: 1 << 30,
@@ -251,148 +240,15 @@ impl Services {
         who: &auth::Principal,
         op: auth::Op,
     ) -> Result<TableHandle<'_>, ApiError> {
-        let handle = match self.store.table(name) {
-            Ok(table) => TableHandle::Local(LocalTable::new(table, &self.durability)),
-            Err(missing) => match &self.cluster {
-                Some(cluster) => TableHandle::Cluster(Box::pin(cluster.table(name)).await?),
-                None => return Err(missing.into()),
-            },
-        };
+        let handle = self.tables.find(name).await?;
         auth::authorize(handle.meta(), who, op)?;
         Ok(handle)
-    }
-
-    /// Every table, local and cluster, by name.
-    pub fn all_tables(&self) -> Vec<TableHandle<'_>> {
-        let mut all: Vec<TableHandle<'_>> = self
-            .store
-            .tables()
-            .into_iter()
-            .map(|t| TableHandle::Local(LocalTable::new(t, &self.durability)))
-            .collect();
-        if let Some(cluster) = &self.cluster {
-            all.extend(
-                cluster
-                    .tables()
-                    .into_iter()
-                    .filter(|t| self.store.table(t.name()).is_err())
-                    .map(TableHandle::Cluster),
-            );
-        }
-        all.sort_by(|a, b| a.meta().name().cmp(b.meta().name()));
-        all
-    }
-
-    /// Creates a table. A persistent table becomes visible only once its
-    /// definition is on disk, so no write to it is acknowledged earlier;
-    /// the table limit is exact under concurrent creates.
-    ///
-    /// # Errors
-    /// [`ApiError::TableExists`], [`ApiError::TableLimit`],
-    /// [`ApiError::InvalidArgument`], or [`ApiError::Internal`] when the
-    /// definition cannot be stored (nothing is created then).
-    pub async fn create_table(&self, spec: TableSpec) -> Result<TableHandle<'_>, ApiError> {
-        if spec.settings.persistence == Persistence::Cluster {
-            let Some(cluster) = &self.cluster else {
-                return Err(ApiError::InvalidArgument(
-                    "persistence \"cluster\" needs the server to run with --cluster-url (env LARDER_CLUSTER_URL)".into(),
-                ));
-            };
-            if self.store.table(&spec.name).is_ok() {
-                return Err(ApiError::TableExists(spec.name));
-            }
-            return Ok(TableHandle::Cluster(cluster.create_table(spec).await?));
-        }
-        self.adopt_table(self.store.detached_table(spec)?).await
-    }
-
-    /// Takes a table made outside the catalog (see
-    /// [`Store::adopt_table_with`]; an import fills one unseen) into it:
-    /// durable definition first, then visible.
-    ///
-    /// # Errors
-    /// As [`Self::create_table`].
-    pub async fn adopt_table(&self, table: Arc<Table>) -> Result<TableHandle<'_>, ApiError> {
-        if let Some(cluster) = &self.cluster {
-            if cluster.has_table(table.name()).await? {
-                return Err(ApiError::TableExists(table.name().to_owned()));
-            }
-        }
-        let (store, durability) = (self.store.clone(), self.durability.clone());
-        let limit = self.limits.max_tables;
-        let table = run_blocking(move || {
-            store.adopt_table_with(table, limit, |t| {
-                durability.create_table(t).map_err(storage_failed)
-            })
-        })
-        .await?;
-        // The persister plans its sleep from the tables it sees; this one is
-        // visible only now.
-        self.durability.table_added();
-        Ok(TableHandle::Local(LocalTable::new(table, &self.durability)))
-    }
-
-    /// Drops `table`, and its data on disk, unless it was dropped meanwhile.
-    /// A table of the same name can be created only after this finished.
-    ///
-    /// # Errors
-    /// [`ApiError::TableNotFound`], or [`ApiError::Internal`] when the disk
-    /// data cannot be removed (the table then stays).
-    pub async fn drop_table(&self, table: &TableHandle<'_>) -> Result<(), ApiError> {
-        let table = match (table, &self.cluster) {
-            (TableHandle::Cluster(t), Some(cluster)) => return cluster.drop_table(t).await,
-            (t, _) => t.meta().clone(),
-        };
-        let (store, durability) = (self.store.clone(), self.durability.clone());
-        run_blocking(move || {
-            store.drop_table_with(&table, |t| durability.drop_table(t).map_err(storage_failed))
-        })
-        .await
-    }
-
-    /// Changes a table's settings or owner with `apply` and stores the new
-    /// definition of a persistent table, as one step that a concurrent drop
-    /// cannot interleave with.
-    ///
-    /// # Errors
-    /// [`ApiError::TableNotFound`] when the table was dropped meanwhile,
-    /// [`ApiError::Internal`] when the write fails.
-    pub async fn redefine_table(
-        &self,
-        table: &TableHandle<'_>,
-        apply: impl FnOnce(&Table) + Send + 'static,
-    ) -> Result<(), ApiError> {
-        if let (TableHandle::Cluster(t), Some(cluster)) = (table, &self.cluster) {
-            return cluster.redefine_table(t, apply).await;
-        }
-        let (store, durability) = (self.store.clone(), self.durability.clone());
-        let table = table.meta().clone();
-        run_blocking(move || {
-            store.redefine_table(&table, apply, |t| {
-                durability.save_definition(t).map_err(storage_failed)
-            })
-        })
-        .await
     }
 }
 
 /// The default of `--max-long-requests`: one per core.
 pub fn default_long_slots() -> usize {
     std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
-}
-
-/// Runs blocking catalog or durable-tier work off the async workers.
-async fn run_blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| ApiError::Internal(format!("blocking task: {e}")))?
-}
-
-/// The durable tier failed to store a definition.
-fn storage_failed(e: crate::persist::PersistError) -> ApiError {
-    ApiError::Internal(e.to_string())
 }
 
 /// Options of the HTTP layer.

@@ -6,7 +6,7 @@ use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::openapi::{Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use crate::error::ErrorBody;
+use crate::api::error::ErrorBody;
 
 /// Title, description and tags of the published spec.
 #[derive(OpenApi)]

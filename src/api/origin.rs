@@ -21,9 +21,9 @@ use dashmap::DashMap;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tokio::sync::OnceCell;
 
-use crate::error::ApiError;
-use crate::ops::TableOps;
-use crate::store::{Entry, Origin, Precondition, Table, Value};
+use crate::api::error::ApiError;
+use crate::ops::{OpError, TableOps};
+use crate::store::{Entry, Origin, Precondition, StoreError, Table, Value};
 
 /// Characters percent-encoded when a key fills `{key}`: all but unreserved.
 const KEY_ENCODE: &AsciiSet = &NON_ALPHANUMERIC
@@ -199,7 +199,7 @@ impl Origins {
                 version: w.version,
                 ttl_ms: Some(origin.ttl_ms),
             },
-            Err(ApiError::PreconditionFailed(_)) => {
+            Err(OpError::Store(StoreError::PreconditionFailed(_))) => {
                 match table.peek(key, crate::ops::ReadFrom::Primary).await {
                     Ok(Some(stored)) => stored,
                     _ => uncached(),

@@ -10,7 +10,7 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::Response;
 use bytes::BytesMut;
 
-use crate::error::{ApiError, ApiResult};
+use crate::api::error::{ApiError, ApiResult};
 use crate::store::{Cursor, Entry, Objects, Precondition, ScanPage};
 
 /// `X-Cache` value for an answer served from memory.
@@ -20,7 +20,7 @@ pub const MISS: &str = "MISS";
 
 /// A response with a JSON body.
 pub fn json(status: StatusCode, body: Vec<u8>) -> Response {
-    let mut resp = Response::new(Body::from(super::front::counted(body)));
+    let mut resp = Response::new(Body::from(super::scope::counted(body)));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

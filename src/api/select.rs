@@ -14,7 +14,7 @@ use super::auth::{Op, Principal};
 use super::extract::{checked_key, parse_json, RawBody, TablePath};
 use super::respond;
 use super::AppState;
-use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::api::error::{ApiError, ApiResult, ErrorBody};
 use crate::ops::{ReadFrom, TableOps};
 use crate::select::{self, MatchSpec, SelectMode, Walk};
 use crate::store::{Cursor, ScanRequest, DEFAULT_SCAN_LIMIT, MAX_SCAN_LIMIT};
@@ -222,9 +222,9 @@ async fn run(
             .limits
             .max_response_bytes
             .saturating_sub(select::ENVELOPE_BYTES),
-        pace: super::front::pace(),
+        pace: super::scope::pace(),
     };
-    select::select(table, &common.spec, walk).await
+    Ok(select::select(table, &common.spec, walk).await?)
 }
 
 /// `select_count` or `select_delete`: the objects counted or deleted, and
@@ -246,14 +246,11 @@ async fn count_or_delete(
     let common = common(&map)?;
     // Deletes on a sync table wait for the disk once, together, before the
     // answer, rather than once each.
-    let (found, owed) = crate::persist::deferring(run(state, &table, common, mode, false)).await;
-    if let Some(ticket) = owed {
-        state
-            .durability
-            .wait_ticket(ticket)
-            .await
-            .map_err(crate::ops::not_durable)?;
-    }
+    let (found, settled) = state
+        .tables
+        .with_one_wait(run(state, &table, common, mode, false))
+        .await;
+    settled?;
     let found = found?;
     Ok((found.count, found.next_cursor.map(|c| c.encode())))
 }

@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 
 use super::respond;
 use super::AppState;
-use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::api::error::{ApiError, ApiResult, ErrorBody};
 
 /// Routes for the service endpoints.
 pub fn router() -> ApiRoutes {
@@ -81,10 +81,12 @@ pub async fn readyz(State(state): State<AppState>) -> ApiResult<Response> {
     if !state.ready.load(Ordering::Acquire) {
         return Err(ApiError::Unavailable("starting or stopping".into()));
     }
-    let body: &[u8] = match &state.cluster {
-        None => br#"{"status":"ready"}"#,
-        Some(c) if c.reachable() => br#"{"status":"ready","cluster":"ok"}"#,
-        Some(_) => br#"{"status":"ready","cluster":"unavailable"}"#,
-    };
-    Ok(respond::json(StatusCode::OK, body.to_vec()))
+    // One member per remote tier, named after it, after "status".
+    let mut body = String::from(r#"{"status":"ready""#);
+    for (tier, reachable) in state.tables.remote_tiers() {
+        let health = if reachable { "ok" } else { "unavailable" };
+        body.push_str(&format!(r#","{tier}":"{health}""#));
+    }
+    body.push('}');
+    Ok(respond::json(StatusCode::OK, body.into_bytes()))
 }

@@ -12,8 +12,8 @@ use super::auth::{authorize, Op, Principal};
 use super::extract::{from_object, JsonBody, JsonObject, TablePath};
 use super::respond;
 use super::AppState;
+use crate::api::error::{ApiError, ApiResult, ErrorBody};
 use crate::clock::rfc3339_ms;
-use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::ops::TableOps;
 use crate::store::{
     check_auto_save_ms, check_max_entries, check_ttl_ms, Eviction, Persistence, TableSettings,
@@ -95,7 +95,7 @@ pub fn spec_from_body(
         name,
         settings,
         owner: who.name.to_string(),
-        created_at: state.store.now_ms(),
+        created_at: state.tables.store().now_ms(),
     })
 }
 
@@ -281,7 +281,7 @@ pub async fn create_table(
     JsonBody(body): JsonBody<serde_json::Map<String, serde_json::Value>>,
 ) -> ApiResult<Response> {
     let spec = spec_from_body(&state, &who, body)?;
-    let table = state.create_table(spec).await?;
+    let table = state.tables.create(spec).await?;
     info_response(StatusCode::CREATED, &table).await
 }
 
@@ -296,7 +296,7 @@ pub async fn create_table(
 )]
 pub async fn list_tables(State(state): State<AppState>, who: Principal) -> ApiResult<Response> {
     let mut tables = Vec::new();
-    for t in state.all_tables() {
+    for t in state.tables.all() {
         if authorize(t.meta(), &who, Op::Read).is_ok() {
             tables.push(table_info(&t).await?);
         }
@@ -376,7 +376,8 @@ pub async fn patch_table(
         check_max_entries(max)?;
     }
     state
-        .redefine_table(&table, move |t| {
+        .tables
+        .redefine(&table, move |t| {
             if let Some(Some(ms)) = patch.auto_save_ms {
                 t.set_auto_save_ms(ms);
             }
@@ -418,7 +419,7 @@ pub async fn delete_table(
     TablePath(name): TablePath,
 ) -> ApiResult<Response> {
     let table = state.table_for(&name, &who, Op::Manage).await?;
-    state.drop_table(&table).await?;
+    state.tables.drop_table(&table).await?;
     state.origins.forget_table(&name);
     Ok(respond::empty(StatusCode::NO_CONTENT))
 }
@@ -487,7 +488,8 @@ pub async fn give_away(
         )));
     }
     state
-        .redefine_table(&table, move |t| t.set_owner(&body.to))
+        .tables
+        .redefine(&table, move |t| t.set_owner(&body.to))
         .await?;
     info_response(StatusCode::OK, &table).await
 }

@@ -24,7 +24,7 @@ use super::extract::{checked_key, next_data, QueryParams, TablePath};
 use super::respond::{hex, push_opt_u64, push_str};
 use super::tables::{info_response, spec_from_body};
 use super::AppState;
-use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::api::error::{ApiError, ApiResult, ErrorBody};
 use crate::ops::{ReadFrom, TableOps};
 use crate::store::{Cursor, Expiry, Persistence, ScanRequest, Table, Value};
 
@@ -140,7 +140,7 @@ impl Export {
         };
         match chunk {
             Ok(bytes) => {
-                let bytes = super::front::counted_in(self.state.store.memory(), bytes);
+                let bytes = super::scope::counted_in(self.state.tables.store().memory(), bytes);
                 Some((Ok(bytes), self))
             }
             Err(e) => {
@@ -251,7 +251,8 @@ fn ndjson(export: Export) -> Response {
 )]
 pub async fn export_all(State(state): State<AppState>, who: Principal) -> Response {
     let names: Vec<String> = state
-        .all_tables()
+        .tables
+        .all()
         .iter()
         .filter(|t| authorize(t.meta(), &who, Op::Read).is_ok())
         .map(|t| t.meta().name().to_owned())
@@ -562,12 +563,12 @@ impl Reader {
             ApiError::InvalidArgument(m) | ApiError::InvalidName(m) => bad(first_line, m),
             other => other,
         })?;
-        let staged = Staged(Some(state.store.detached_table(spec.clone())?));
+        let staged = Staged(Some(state.tables.store().detached_table(spec.clone())?));
         let mut hasher = Sha256::new();
         let mut batch = Vec::with_capacity(IMPORT_BATCH);
         let mut batch_bytes = 0;
         let mut count = 0u64;
-        let now = state.store.now_ms();
+        let now = state.tables.store().now_ms();
         // Imports are not bound by the request deadline, only by their
         // limits; they still give the worker back between batches.
         let mut pace = crate::pace::Pace::new(None);
@@ -642,93 +643,49 @@ async fn refuse_taken(state: &AppState, who: &Principal, names: &[String]) -> Ap
 }
 
 /// Makes the sections' tables visible, all or nothing: on any failure
-/// every table made here is dropped again. A local table is its staging
-/// table, taken into the catalog as it is (on a `sync` table the answer
-/// waits until its objects are on disk); a cluster table is created and
-/// filled from the staging table page by page.
+/// every table made here is dropped again. Each staged table goes to the
+/// tier its persistence names ([`crate::tables::Tables::restore`]); when a
+/// `sync` table was among them, the answer waits until its objects are on
+/// disk.
 async fn restore(
     state: &AppState,
     sections: Vec<Section>,
-) -> ApiResult<Vec<crate::ops::TableHandle<'_>>> {
+) -> ApiResult<Vec<crate::tables::TableHandle<'_>>> {
     let mut created = Vec::with_capacity(sections.len());
     let mut failed = None;
     let mut sync = false;
     for section in sections {
-        let made = if section.spec.settings.persistence == Persistence::Cluster {
-            copy_into_cluster(state, section, &mut created).await
-        } else {
-            sync |= section.spec.settings.persistence == Persistence::Sync;
-            match section.staged.take() {
-                Ok(staged) => match state.adopt_table(staged.clone()).await {
-                    Ok(t) => {
-                        created.push(t);
-                        Ok(())
-                    }
-                    Err(e) => {
-                        // Nobody else will: give its memory back.
-                        staged.clear();
-                        Err(e)
-                    }
-                },
-                Err(e) => Err(e),
-            }
+        sync |= section.spec.settings.persistence == Persistence::Sync;
+        let made = match section.staged.take() {
+            Ok(staged) => state
+                .tables
+                .restore(section.spec, staged)
+                .await
+                .map_err(ApiError::from),
+            Err(e) => Err(e),
         };
-        if let Err(e) = made {
-            failed = Some(e);
-            break;
+        match made {
+            Ok(t) => created.push(t),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
         }
     }
     if failed.is_none() && sync {
-        if let Err(e) = state.durability.wait_durable(false).await {
-            failed = Some(ApiError::Unavailable(format!(
-                "could not make the import durable: {e}"
-            )));
+        if let Err(e) = state.tables.wait_durable().await {
+            failed = Some(e.into());
         }
     }
     let Some(e) = failed else {
         return Ok(created);
     };
     for table in &created {
-        if let Err(undo) = state.drop_table(table).await {
+        if let Err(undo) = state.tables.drop_table(table).await {
             tracing::warn!(error = %undo, "a failed import left a table behind");
         }
     }
     Err(e)
-}
-
-/// Creates a section's cluster table (pushed to `created` at once, so a
-/// failure drops it) and inserts the staged objects, a page at a time.
-async fn copy_into_cluster<'a>(
-    state: &'a AppState,
-    section: Section,
-    created: &mut Vec<crate::ops::TableHandle<'a>>,
-) -> ApiResult<()> {
-    let table = state.create_table(section.spec).await?;
-    created.push(table);
-    let Some(table) = created.last() else {
-        return Ok(());
-    };
-    let staged = section.staged.table()?;
-    let mut req = ScanRequest {
-        limit: IMPORT_BATCH,
-        ..ScanRequest::default()
-    };
-    loop {
-        let page = staged.scan(&req)?;
-        let items: Vec<(String, Value, Expiry)> = page
-            .items
-            .into_iter()
-            .zip(page.deadlines)
-            .map(|((k, v), d)| (k.to_string(), v, Expiry::At(d)))
-            .collect();
-        if !items.is_empty() {
-            table.insert_many(items).await?;
-        }
-        match page.next_cursor {
-            Some(c) => req.cursor = Some(c),
-            None => return Ok(()),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -26,8 +26,8 @@ use super::auth::{authorize, Op, Principal};
 use super::extract::{checked_key, QueryParams, TablePath};
 use super::respond::push_str;
 use super::AppState;
-use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::ops::{TableHandle, TableOps};
+use crate::api::error::{ApiError, ApiResult, ErrorBody};
+use crate::ops::TableOps;
 use crate::store::{Change, ChangeKind, Read, Watcher};
 
 /// Routes for change streams.
@@ -173,13 +173,7 @@ pub async fn watch(
         None => params.since,
     };
     let table = state.table_for(&name, &who, Op::Read).await?;
-    let start = match &table {
-        TableHandle::Local(t) => {
-            let store = state.store.clone();
-            t.meta().watch(since, move || store.revision())?
-        }
-        TableHandle::Cluster(t) => t.watch(since)?,
-    };
+    let start = state.tables.watch(&table, since)?;
     let feed = Feed {
         watcher: start.watcher,
         filter,
@@ -191,9 +185,8 @@ pub async fn watch(
         who,
         next_check: Instant::now() + ACCESS_CHECK,
         pending: VecDeque::new(),
-        durable: (table.meta().persistence() == crate::store::Persistence::Sync)
-            .then(|| state.durability.clone()),
-        store: state.store.clone(),
+        durable: state.tables.settle_point(&table),
+        store: state.tables.store().clone(),
     };
     let stream = futures_util::stream::unfold(feed, Feed::next);
     let mut resp = Response::new(Body::from_stream(stream));
@@ -230,7 +223,7 @@ struct Feed {
     pending: VecDeque<Arc<Change>>,
     /// For a `sync` table: changes are sent only once durable, as an
     /// acknowledgement would be.
-    durable: Option<crate::persist::Durability>,
+    durable: crate::tables::SettlePoint,
     /// For the revision of a `reset`.
     store: crate::store::Store,
 }
@@ -294,10 +287,7 @@ impl Feed {
     /// disk (one group-commit ticket, shared with the table's writers);
     /// false when the round failed.
     async fn made_durable(&self) -> bool {
-        match &self.durable {
-            None => true,
-            Some(d) => d.wait_durable(false).await.is_ok(),
-        }
+        self.durable.settled().await
     }
 
     /// Whether the stream's principal lost read access (checked every

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::Object;
 
 use super::{db_error, Core};
-use crate::error::ApiError;
+use crate::ops::OpError;
 
 tokio::task_local! {
     static CLAIM: Arc<Claim>;
@@ -145,10 +145,10 @@ impl Claim {
     /// [`Outcome::Taken`]).
     ///
     /// # Errors
-    /// [`ApiError::IdempotencyInFlight`] when another node's open
+    /// [`OpError::IdempotencyInFlight`] when another node's open
     /// transaction held the key for [`CLAIM_WAIT`];
-    /// [`ApiError::Unavailable`] when PostgreSQL cannot be reached.
-    pub(super) async fn begin(&self, core: &Arc<Core>) -> Result<Option<Box<OpenTx>>, ApiError> {
+    /// [`OpError::Unavailable`] when PostgreSQL cannot be reached.
+    pub(super) async fn begin(&self, core: &Arc<Core>) -> Result<Option<Box<OpenTx>>, OpError> {
         let client = core.client().await?;
         let started = Instant::now();
         client
@@ -178,7 +178,7 @@ impl Claim {
             }
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
                 tx.rollback().await;
-                Err(ApiError::IdempotencyInFlight)
+                Err(OpError::IdempotencyInFlight)
             }
             Err(e) => Err(db_error(&e)),
         }
@@ -223,9 +223,9 @@ impl OpenTx {
         }
     }
 
-    async fn commit(mut self) -> Result<(), ApiError> {
+    async fn commit(mut self) -> Result<(), OpError> {
         let Some(client) = self.client.take() else {
-            return Err(ApiError::Internal("a transaction committed twice".into()));
+            return Err(OpError::Internal("a transaction committed twice".into()));
         };
         match client.batch_execute("COMMIT").await {
             Ok(()) => {
@@ -261,10 +261,10 @@ impl Open {
     /// commits together with the request's changes.
     ///
     /// # Errors
-    /// [`ApiError::Unavailable`] when the commit failed or its outcome is
+    /// [`OpError::Unavailable`] when the commit failed or its outcome is
     /// unknown: nothing is acknowledged, and a retry with the key either
     /// replays the answer or applies afresh.
-    pub async fn commit(self, record: Option<(&str, u64)>) -> Result<(), ApiError> {
+    pub async fn commit(self, record: Option<(&str, u64)>) -> Result<(), OpError> {
         let Open { id, tx } = self;
         let stored = match record {
             Some((text, expires_at)) => {

@@ -107,7 +107,7 @@ pub type Position = (i64, i64);
 impl Cluster {
     /// Where a node that has just started (with empty hot copies) begins:
     /// before every transaction that may still be running.
-    pub(super) async fn start_position(&self) -> Result<Position, crate::error::ApiError> {
+    pub(super) async fn start_position(&self) -> Result<Position, crate::ops::OpError> {
         let client = self.core.client().await?;
         let row = client
             .query_one(
@@ -126,7 +126,7 @@ impl Cluster {
         &self,
         at: Position,
         events: &mut Events,
-    ) -> Result<(Position, bool), crate::error::ApiError> {
+    ) -> Result<(Position, bool), crate::ops::OpError> {
         let client = self.core.client().await?;
         let rows = client
             .query(POLL, &[&at.0, &at.1, &BATCH])
@@ -239,7 +239,7 @@ impl Cluster {
         key: Option<&str>,
         version: u64,
         kind: i16,
-    ) -> Result<(), crate::error::ApiError> {
+    ) -> Result<(), crate::ops::OpError> {
         match (kind, key) {
             (KIND_KEY, Some(key)) => {
                 if let Some(t) = self.by_id.get(&table_id) {

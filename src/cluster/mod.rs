@@ -39,9 +39,10 @@ pub use schema::SCHEMA_VERSION;
 pub use table::ClusterTable;
 
 use crate::clock::Clock;
-use crate::error::ApiError;
 use crate::histogram::Histogram;
+use crate::ops::OpError;
 use crate::store::{Counter, Store, TableSettings, TableSpec};
+use crate::tasks::Tasks;
 use hot::Budget;
 
 /// The longest a connection may sit idle inside a transaction before
@@ -134,9 +135,9 @@ impl Core {
 
     /// A pooled connection, or 503 when PostgreSQL cannot be reached or
     /// has not been reached since start.
-    async fn client(&self) -> Result<deadpool_postgres::Object, ApiError> {
+    async fn client(&self) -> Result<deadpool_postgres::Object, OpError> {
         if !self.schema_ready.load(Ordering::Acquire) {
-            return Err(ApiError::Unavailable(
+            return Err(OpError::Unavailable(
                 "the cluster database has not been reached since this node started".into(),
             ));
         }
@@ -144,7 +145,7 @@ impl Core {
             Ok(c) => Ok(c),
             Err(e) => {
                 self.reachable.store(false, Ordering::Release);
-                Err(ApiError::Unavailable(format!(
+                Err(OpError::Unavailable(format!(
                     "the cluster database cannot be reached: {e}"
                 )))
             }
@@ -158,22 +159,22 @@ impl Core {
 }
 
 /// Maps a PostgreSQL error to the API's error.
-pub(crate) fn db_error(e: &tokio_postgres::Error) -> ApiError {
+pub(crate) fn db_error(e: &tokio_postgres::Error) -> OpError {
     match e.code() {
         Some(code) if *code == SqlState::FOREIGN_KEY_VIOLATION => {
-            ApiError::TableNotFound(String::new())
+            OpError::TableNotFound(String::new())
         }
         Some(code) if *code == SqlState::LOCK_NOT_AVAILABLE => {
-            ApiError::Unavailable("a row stayed locked by another write; retry".into())
+            OpError::Unavailable("a row stayed locked by another write; retry".into())
         }
         Some(code) if *code == SqlState::QUERY_CANCELED => {
-            ApiError::Unavailable("the cluster database did not answer in time".into())
+            OpError::Unavailable("the cluster database did not answer in time".into())
         }
         Some(code) if code.code().starts_with("08") || code.code().starts_with("57") => {
-            ApiError::Unavailable(format!("the cluster database is unavailable: {e}"))
+            OpError::Unavailable(format!("the cluster database is unavailable: {e}"))
         }
-        Some(_) => ApiError::Internal(format!("cluster database: {e}")),
-        None => ApiError::Unavailable(format!("the cluster database is unavailable: {e}")),
+        Some(_) => OpError::Internal(format!("cluster database: {e}")),
+        None => OpError::Unavailable(format!("the cluster database is unavailable: {e}")),
     }
 }
 
@@ -200,6 +201,9 @@ pub struct Cluster {
     store: Store,
     config: Arc<ClusterConfig>,
     pg_config: Arc<tokio_postgres::Config>,
+    /// Where the follower and sweeper run, stopped with the server's
+    /// other background tasks.
+    tasks: Tasks,
 }
 
 /// Table definition as `larder_tables` keeps it.
@@ -211,12 +215,16 @@ struct Definition {
 
 impl Cluster {
     /// Connects, applies the schema migrations, loads the cluster's tables
-    /// and starts following the change log.
+    /// and starts following the change log (in `tasks`).
     ///
     /// # Errors
     /// [`ClusterError`] when PostgreSQL cannot be reached or refuses the
     /// schema.
-    pub async fn connect(config: ClusterConfig, store: Store) -> Result<Self, ClusterError> {
+    pub async fn connect(
+        config: ClusterConfig,
+        store: Store,
+        tasks: Tasks,
+    ) -> Result<Self, ClusterError> {
         let pg_config: tokio_postgres::Config = config
             .url
             .parse()
@@ -275,6 +283,7 @@ impl Cluster {
             tables: Arc::new(DashMap::new()),
             by_id: Arc::new(DashMap::new()),
             store,
+            tasks,
             config: Arc::new(config),
             pg_config: Arc::new(pg_config),
         };
@@ -286,7 +295,9 @@ impl Cluster {
                     "the cluster database cannot be reached; local tables are served, \
                      cluster tables answer 503 until it can"
                 );
-                tokio::spawn(cluster.clone().start_later());
+                cluster
+                    .tasks
+                    .spawn("cluster start", cluster.clone().start_later());
             }
             Err(e) => return Err(e),
         }
@@ -313,8 +324,10 @@ impl Cluster {
         self.reload_catalog()
             .await
             .map_err(|e| ClusterError::Postgres(e.to_string()))?;
-        tokio::spawn(follow::follow(self.clone(), position));
-        tokio::spawn(follow::sweep(self.clone()));
+        self.tasks
+            .spawn("cluster follower", follow::follow(self.clone(), position));
+        self.tasks
+            .spawn("cluster sweeper", follow::sweep(self.clone()));
         Ok(())
     }
 
@@ -354,14 +367,14 @@ impl Cluster {
     /// moment ago).
     ///
     /// # Errors
-    /// [`ApiError::TableNotFound`], or [`ApiError::Unavailable`].
-    pub async fn table(&self, name: &str) -> Result<Arc<ClusterTable>, ApiError> {
+    /// [`OpError::TableNotFound`], or [`OpError::Unavailable`].
+    pub async fn table(&self, name: &str) -> Result<Arc<ClusterTable>, OpError> {
         if let Some(t) = self.tables.get(name) {
             return Ok(t.clone());
         }
         match self.load_definition_by_name(name).await? {
             Some(def) => self.register(def),
-            None => Err(ApiError::TableNotFound(name.to_owned())),
+            None => Err(OpError::TableNotFound(name.to_owned())),
         }
     }
 
@@ -369,8 +382,8 @@ impl Cluster {
     /// of table names).
     ///
     /// # Errors
-    /// [`ApiError::Unavailable`] when PostgreSQL cannot say.
-    pub async fn has_table(&self, name: &str) -> Result<bool, ApiError> {
+    /// [`OpError::Unavailable`] when PostgreSQL cannot say.
+    pub async fn has_table(&self, name: &str) -> Result<bool, OpError> {
         Ok(self.tables.contains_key(name) || self.load_definition_by_name(name).await?.is_some())
     }
 
@@ -384,8 +397,8 @@ impl Cluster {
     /// The idempotency record stored under `id`, if it has not expired.
     ///
     /// # Errors
-    /// [`ApiError::Unavailable`] when PostgreSQL cannot say.
-    pub async fn load_record(&self, id: &str) -> Result<Option<String>, ApiError> {
+    /// [`OpError::Unavailable`] when PostgreSQL cannot say.
+    pub async fn load_record(&self, id: &str) -> Result<Option<String>, OpError> {
         let client = self.core.client().await?;
         let row = client
             .query_opt(
@@ -401,13 +414,13 @@ impl Cluster {
     /// when this returns.
     ///
     /// # Errors
-    /// [`ApiError::Unavailable`] when PostgreSQL cannot be reached.
+    /// [`OpError::Unavailable`] when PostgreSQL cannot be reached.
     pub async fn save_record(
         &self,
         id: &str,
         record: &str,
         expires_at: u64,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), OpError> {
         let client = self.core.client().await?;
         client
             .execute(
@@ -428,9 +441,9 @@ impl Cluster {
     /// Creates a cluster table.
     ///
     /// # Errors
-    /// [`ApiError::TableExists`], [`ApiError::InvalidArgument`],
-    /// [`ApiError::Unavailable`].
-    pub async fn create_table(&self, spec: TableSpec) -> Result<Arc<ClusterTable>, ApiError> {
+    /// [`OpError::TableExists`], [`OpError::InvalidArgument`],
+    /// [`OpError::Unavailable`].
+    pub async fn create_table(&self, spec: TableSpec) -> Result<Arc<ClusterTable>, OpError> {
         let spec = spec.validated()?;
         let settings = settings_json(&spec.settings)?;
         let now = self.core.now_ms();
@@ -451,7 +464,7 @@ impl Cluster {
             .await
             .map_err(|e| match e.code() {
                 Some(c) if *c == SqlState::UNIQUE_VIOLATION => {
-                    ApiError::TableExists(spec.name.clone())
+                    OpError::TableExists(spec.name.clone())
                 }
                 _ => db_error(&e),
             })?;
@@ -471,9 +484,9 @@ impl Cluster {
     /// Drops a cluster table on every node.
     ///
     /// # Errors
-    /// [`ApiError::TableNotFound`] when it was dropped meanwhile,
-    /// [`ApiError::Unavailable`].
-    pub async fn drop_table(&self, table: &ClusterTable) -> Result<(), ApiError> {
+    /// [`OpError::TableNotFound`] when it was dropped meanwhile,
+    /// [`OpError::Unavailable`].
+    pub async fn drop_table(&self, table: &ClusterTable) -> Result<(), OpError> {
         let now = self.core.now_ms();
         let mut client = self.core.client().await?;
         let tx = client.transaction().await.map_err(|e| db_error(&e))?;
@@ -483,7 +496,7 @@ impl Cluster {
             .map_err(|e| db_error(&e))?;
         if gone == 0 {
             self.forget(table.id());
-            return Err(ApiError::TableNotFound(table.name().to_owned()));
+            return Err(OpError::TableNotFound(table.name().to_owned()));
         }
         let version: i64 = tx
             .query_one("SELECT larder_next_version()", &[])
@@ -501,13 +514,13 @@ impl Cluster {
     /// back as it was, so a failed request changes nothing.
     ///
     /// # Errors
-    /// [`ApiError::TableNotFound`] when it was dropped meanwhile,
-    /// [`ApiError::Unavailable`].
+    /// [`OpError::TableNotFound`] when it was dropped meanwhile,
+    /// [`OpError::Unavailable`].
     pub async fn redefine_table(
         &self,
         table: &ClusterTable,
         apply: impl FnOnce(&crate::store::Table),
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), OpError> {
         let before = table.meta_spec();
         apply(table.meta_table());
         let saved = self.save_definition(table).await;
@@ -517,7 +530,7 @@ impl Cluster {
         saved
     }
 
-    async fn save_definition(&self, table: &ClusterTable) -> Result<(), ApiError> {
+    async fn save_definition(&self, table: &ClusterTable) -> Result<(), OpError> {
         let spec = table.meta_spec();
         let settings = settings_json(&spec.settings)?;
         let now = self.core.now_ms();
@@ -533,7 +546,7 @@ impl Cluster {
             .map_err(|e| db_error(&e))?;
         let Some(row) = row else {
             self.forget(table.id());
-            return Err(ApiError::TableNotFound(table.name().to_owned()));
+            return Err(OpError::TableNotFound(table.name().to_owned()));
         };
         log_table_change(&tx, table.id(), row.get(0), follow::KIND_DEFINE, now).await?;
         tx.commit().await.map_err(|e| db_error(&e))?;
@@ -542,7 +555,7 @@ impl Cluster {
 
     /// Makes `def` known to this node, updating a table of the same id in
     /// place (so requests holding it see the new settings).
-    fn register(&self, def: Definition) -> Result<Arc<ClusterTable>, ApiError> {
+    fn register(&self, def: Definition) -> Result<Arc<ClusterTable>, OpError> {
         let name: Box<str> = def.spec.name.as_str().into();
         if let Some(existing) = self.tables.get(&name) {
             if existing.id() == def.id {
@@ -551,7 +564,7 @@ impl Cluster {
             }
         }
         let meta = self.store.detached_table(def.spec).map_err(|e| {
-            ApiError::Internal(format!("the cluster holds settings this node refuses: {e}"))
+            OpError::Internal(format!("the cluster holds settings this node refuses: {e}"))
         })?;
         let table = Arc::new(ClusterTable::new(def.id, meta, self.core.clone()));
         self.by_id.insert(def.id, table.clone());
@@ -580,7 +593,7 @@ impl Cluster {
     }
 
     /// Reads every definition and makes this node's registry match.
-    async fn reload_catalog(&self) -> Result<(), ApiError> {
+    async fn reload_catalog(&self) -> Result<(), OpError> {
         let client = self.core.client().await?;
         let rows = client
             .query(
@@ -608,11 +621,11 @@ impl Cluster {
         Ok(())
     }
 
-    async fn load_definition_by_name(&self, name: &str) -> Result<Option<Definition>, ApiError> {
+    async fn load_definition_by_name(&self, name: &str) -> Result<Option<Definition>, OpError> {
         self.load_definition("name", &name).await
     }
 
-    async fn load_definition_by_id(&self, id: i64) -> Result<Option<Definition>, ApiError> {
+    async fn load_definition_by_id(&self, id: i64) -> Result<Option<Definition>, OpError> {
         self.load_definition("id", &id).await
     }
 
@@ -621,7 +634,7 @@ impl Cluster {
         &self,
         column: &str,
         value: &(dyn tokio_postgres::types::ToSql + Sync),
-    ) -> Result<Option<Definition>, ApiError> {
+    ) -> Result<Option<Definition>, OpError> {
         let client = self.core.client().await?;
         let row = client
             .query_opt(
@@ -674,9 +687,9 @@ impl Cluster {
     }
 }
 
-fn settings_json(settings: &TableSettings) -> Result<String, ApiError> {
+fn settings_json(settings: &TableSettings) -> Result<String, OpError> {
     serde_json::to_string(settings)
-        .map_err(|e| ApiError::Internal(format!("cannot encode table settings: {e}")))
+        .map_err(|e| OpError::Internal(format!("cannot encode table settings: {e}")))
 }
 
 fn definition(row: &tokio_postgres::Row) -> Option<Definition> {
@@ -707,7 +720,7 @@ async fn log_table_change(
     version: i64,
     kind: i16,
     now: u64,
-) -> Result<(), ApiError> {
+) -> Result<(), OpError> {
     tx.execute(
         "INSERT INTO larder_changes (table_id, key, version, kind, at) VALUES ($1, NULL, $2, $3, $4)",
         &[&id, &version, &kind, &(now as i64)],

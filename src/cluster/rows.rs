@@ -5,6 +5,7 @@
 //! transaction. Nothing here talks to PostgreSQL, so the semantics can be
 //! read (and tested) on their own; they follow the local tables' exactly.
 
+use crate::store::rules;
 use crate::store::{
     merge_patch, CounterOp, Entry, Object, Objects, Precondition, StoreError, StoreResult,
     TableType, Value,
@@ -178,16 +179,13 @@ pub struct Clock {
 impl Clock {
     /// Deadline of a write that names `ttl_ms` (or none).
     pub fn deadline(&self, ttl_ms: Option<u64>) -> u64 {
-        ttl_ms
-            .or(self.default_ttl_ms)
-            .map_or(0, |ms| self.now.saturating_add(ms))
+        rules::deadline(self.now, ttl_ms, self.default_ttl_ms.unwrap_or(0))
     }
 
     /// Deadline after a read-modify-write that names no TTL: the default
     /// restarts it, else it stays.
     pub fn refreshed(&self, current: u64) -> u64 {
-        self.default_ttl_ms
-            .map_or(current, |ms| self.now.saturating_add(ms))
+        rules::refreshed_deadline(self.now, current, self.default_ttl_ms.unwrap_or(0))
     }
 }
 
@@ -232,7 +230,7 @@ pub fn insert(
             deleted: 0,
         }),
         Objects::Many(objs) => {
-            let adds = kind != TableType::Bag || !objs.iter().any(|o| o.value == value);
+            let adds = rules::insert(kind, objs, &value) == rules::Insert::Add;
             if !adds && row.expires_at == expires_at {
                 return Ok(Step::keep());
             }
@@ -316,11 +314,7 @@ pub fn counter(
     op: &CounterOp,
     clock: Clock,
 ) -> StoreResult<(Step, i64)> {
-    if !kind.is_single() {
-        return Err(StoreError::WrongTableType(
-            "counters need a set or ordered_set table",
-        ));
-    }
+    rules::single_valued(kind, rules::SingleOp::Counter)?;
     op.validate()?;
     let (current, expires_at, created) = match live {
         Some(row) => match &row.objects {
@@ -360,11 +354,7 @@ pub fn merge(
     pre: &Precondition,
     clock: Clock,
 ) -> StoreResult<Step> {
-    if !kind.is_single() {
-        return Err(StoreError::WrongTableType(
-            "merge patch needs a set or ordered_set table",
-        ));
-    }
+    rules::single_valued(kind, rules::SingleOp::Merge)?;
     let Some(row) = live else {
         pre.check_version(None)?;
         return Err(StoreError::KeyNotFound);

@@ -32,8 +32,8 @@ use super::sql::{
     SELECT_ROW, UPDATE_ROW,
 };
 use super::{db_error, retryable, Core};
-use crate::error::{ApiError, ApiResult};
 use crate::ops::{Counts, ReadFrom, TableOps};
+use crate::ops::{OpError, OpResult};
 use crate::store::{
     CounterOp, Cursor, Entry, Eviction, Expiry, Key, Objects, Precondition, ScanPage, ScanRequest,
     Start, StoreError, Table, TableSpec, TableType, Value, Written,
@@ -47,11 +47,11 @@ enum Fail {
     /// It lost a race; run it again.
     Retry,
     /// It failed for good.
-    Api(ApiError),
+    Api(OpError),
 }
 
-impl From<ApiError> for Fail {
-    fn from(e: ApiError) -> Self {
+impl From<OpError> for Fail {
+    fn from(e: OpError) -> Self {
         Fail::Api(e)
     }
 }
@@ -126,10 +126,10 @@ impl ClusterTable {
     /// log tells them: every node's changes, in revision order.
     ///
     /// # Errors
-    /// [`ApiError::Unavailable`] until this node has read the change log
-    /// far enough to know where a watch starts; [`ApiError::TableNotFound`]
+    /// [`OpError::Unavailable`] until this node has read the change log
+    /// far enough to know where a watch starts; [`OpError::TableNotFound`]
     /// when the table was dropped.
-    pub fn watch(&self, since: Option<u64>) -> ApiResult<Start> {
+    pub fn watch(&self, since: Option<u64>) -> OpResult<Start> {
         let _order = self
             .core
             .release_lock
@@ -137,7 +137,7 @@ impl ClusterTable {
             .unwrap_or_else(PoisonError::into_inner);
         let released = self.core.released.load(Ordering::Acquire);
         if released == 0 {
-            return Err(ApiError::Unavailable(
+            return Err(OpError::Unavailable(
                 "this node has not read the cluster change log yet".into(),
             ));
         }
@@ -173,9 +173,9 @@ impl ClusterTable {
 
     /// Names this table in a "table not found" from PostgreSQL (a write
     /// to a table another node dropped).
-    fn named(&self, e: ApiError) -> ApiError {
+    fn named(&self, e: OpError) -> OpError {
         match e {
-            ApiError::TableNotFound(_) => ApiError::TableNotFound(self.name().to_owned()),
+            OpError::TableNotFound(_) => OpError::TableNotFound(self.name().to_owned()),
             other => other,
         }
     }
@@ -191,10 +191,10 @@ impl ClusterTable {
         }
     }
 
-    fn row(&self, r: &tokio_postgres::Row) -> Result<Row, ApiError> {
+    fn row(&self, r: &tokio_postgres::Row) -> Result<Row, OpError> {
         let objects: String = r.get(0);
         let objects = rows::decode(self.kind(), &objects).map_err(|e| {
-            ApiError::Internal(format!("unreadable row in table '{}': {e}", self.name()))
+            OpError::Internal(format!("unreadable row in table '{}': {e}", self.name()))
         })?;
         Ok(Row {
             objects,
@@ -205,7 +205,7 @@ impl ClusterTable {
 
     /// Reads the key's row from PostgreSQL (expired or not) and tells the
     /// hot copy; returns the live entry.
-    async fn read_primary(&self, key: &str, now: u64) -> ApiResult<Option<Entry>> {
+    async fn read_primary(&self, key: &str, now: u64) -> OpResult<Option<Entry>> {
         let ticket = self.hot.ticket(key);
         let client = self.core.client().await?;
         let started = Instant::now();
@@ -235,7 +235,7 @@ impl ClusterTable {
 
     /// The key's live entry: from the hot copy when it may answer, else
     /// from PostgreSQL.
-    async fn read(&self, key: &str, from: ReadFrom) -> ApiResult<Option<Entry>> {
+    async fn read(&self, key: &str, from: ReadFrom) -> OpResult<Option<Entry>> {
         let now = self.core.now_ms();
         if from == ReadFrom::Nearest && self.core.fresh(now) {
             if let Some(entry) = self.hot.get(key, now, &self.core.budget) {
@@ -254,13 +254,13 @@ impl ClusterTable {
         &self,
         key: &str,
         mut op: impl FnMut(Option<&Row>, Clock) -> Result<(Step, T), StoreError> + Send,
-    ) -> ApiResult<(T, Option<u64>, Option<Row>)> {
+    ) -> OpResult<(T, Option<u64>, Option<Row>)> {
         let mut done = self
             .write_keys(&[key], |_, live, clock| op(live, clock))
             .await?;
         let (result, wrote) = done
             .pop()
-            .ok_or_else(|| ApiError::Internal("a one-key write returned no result".into()))?;
+            .ok_or_else(|| OpError::Internal("a one-key write returned no result".into()))?;
         Ok(match wrote {
             Some(w) => (result, Some(w.version), w.row),
             None => (result, None, None),
@@ -274,7 +274,7 @@ impl ClusterTable {
         &self,
         keys: &[&str],
         mut op: impl FnMut(usize, Option<&Row>, Clock) -> Result<(Step, T), StoreError> + Send,
-    ) -> ApiResult<Vec<(T, Option<Wrote>)>> {
+    ) -> OpResult<Vec<(T, Option<Wrote>)>> {
         if let Some(claim) = claim::current() {
             return self.write_keys_claimed(&claim, keys, op).await;
         }
@@ -310,7 +310,7 @@ impl ClusterTable {
             }
             return Ok(done);
         }
-        Err(ApiError::Unavailable(
+        Err(OpError::Unavailable(
             "the write kept conflicting with concurrent writes; retry".into(),
         ))
     }
@@ -325,7 +325,7 @@ impl ClusterTable {
         claim: &claim::Claim,
         keys: &[&str],
         mut op: impl FnMut(usize, Option<&Row>, Clock) -> Result<(Step, T), StoreError> + Send,
-    ) -> ApiResult<Vec<(T, Option<Wrote>)>> {
+    ) -> OpResult<Vec<(T, Option<Wrote>)>> {
         for _ in 0..MAX_ATTEMPTS {
             let (mut tx, fresh) = match claim.take_open() {
                 Some(tx) => (tx, false),
@@ -333,7 +333,7 @@ impl ClusterTable {
                     Some(tx) => (tx, true),
                     // Replayed by the idempotency layer; this answer is
                     // never sent.
-                    None => return Err(ApiError::IdempotencyInFlight),
+                    None => return Err(OpError::IdempotencyInFlight),
                 },
             };
             let tickets: Vec<_> = keys.iter().map(|k| self.hot.ticket(k)).collect();
@@ -361,7 +361,7 @@ impl ClusterTable {
                 }
                 Some(Fail::Retry) => {
                     tx.rollback().await;
-                    return Err(ApiError::Unavailable(
+                    return Err(OpError::Unavailable(
                         "the request's writes conflicted with concurrent writes; retry".into(),
                     ));
                 }
@@ -388,7 +388,7 @@ impl ClusterTable {
             claim.park(tx);
             return Ok(done);
         }
-        Err(ApiError::Unavailable(
+        Err(OpError::Unavailable(
             "the write kept conflicting with concurrent writes; retry".into(),
         ))
     }
@@ -538,7 +538,7 @@ impl ClusterTable {
             return Ok(());
         }
         if self.meta.eviction() != Eviction::Lru {
-            return Err(Fail::Api(ApiError::TableFull(max)));
+            return Err(Fail::Api(OpError::TableFull(max)));
         }
         let victims = tx
             .query(
@@ -574,7 +574,7 @@ impl ClusterTable {
     }
 
     /// One page of a scan, read from PostgreSQL in key order.
-    async fn scan_primary(&self, req: &ScanRequest) -> ApiResult<ScanPage> {
+    async fn scan_primary(&self, req: &ScanRequest) -> OpResult<ScanPage> {
         req.check(self.kind() == TableType::OrderedSet)?;
         let single = self.kind().is_single();
         let now = self.core.now_ms();
@@ -639,7 +639,7 @@ impl ClusterTable {
                 let text: String = r.get(1);
                 let deadline = r.get::<_, i64>(3).max(0) as u64;
                 let objects = rows::decode(self.kind(), &text).map_err(|e| {
-                    ApiError::Internal(format!("unreadable row in table '{}': {e}", self.name()))
+                    OpError::Internal(format!("unreadable row in table '{}': {e}", self.name()))
                 })?;
                 let after_seq = match &resume {
                     Some((k, seq)) if *k == key => *seq,
@@ -681,7 +681,7 @@ impl TableOps for ClusterTable {
         &self.meta
     }
 
-    async fn lookup(&self, key: &str, from: ReadFrom) -> ApiResult<Option<Entry>> {
+    async fn lookup(&self, key: &str, from: ReadFrom) -> OpResult<Option<Entry>> {
         let found = self.read(key, from).await?;
         let stat = if found.is_some() {
             &self.meta.stats.hits
@@ -692,7 +692,7 @@ impl TableOps for ClusterTable {
         Ok(found)
     }
 
-    async fn peek(&self, key: &str, from: ReadFrom) -> ApiResult<Option<Entry>> {
+    async fn peek(&self, key: &str, from: ReadFrom) -> OpResult<Option<Entry>> {
         self.read(key, from).await
     }
 
@@ -702,7 +702,7 @@ impl TableOps for ClusterTable {
         value: Value,
         ttl_ms: Option<u64>,
         pre: &Precondition,
-    ) -> ApiResult<Written> {
+    ) -> OpResult<Written> {
         let kind = self.kind();
         let (written, version, _) = self
             .write(key, |live, clock| {
@@ -721,7 +721,7 @@ impl TableOps for ClusterTable {
         })
     }
 
-    async fn insert_many(&self, items: Vec<(String, Value, Expiry)>) -> ApiResult<usize> {
+    async fn insert_many(&self, items: Vec<(String, Value, Expiry)>) -> OpResult<usize> {
         if items.is_empty() {
             return Ok(0);
         }
@@ -742,13 +742,13 @@ impl TableOps for ClusterTable {
         Ok(items.len())
     }
 
-    async fn delete(&self, key: &str, pre: &Precondition) -> ApiResult<()> {
+    async fn delete(&self, key: &str, pre: &Precondition) -> OpResult<()> {
         self.write(key, |live, _| Ok((rows::delete(live, pre)?, ())))
             .await
             .map(|_| ())
     }
 
-    async fn delete_object(&self, key: &str, value: &Value) -> ApiResult<u64> {
+    async fn delete_object(&self, key: &str, value: &Value) -> OpResult<u64> {
         self.write(key, |live, _| {
             let step = rows::delete_object(live, value);
             let removed = step.deleted;
@@ -758,7 +758,7 @@ impl TableOps for ClusterTable {
         .map(|(removed, _, _)| removed)
     }
 
-    async fn take(&self, key: &str) -> ApiResult<Option<Entry>> {
+    async fn take(&self, key: &str) -> OpResult<Option<Entry>> {
         let (taken, _, _) = self
             .write(key, |live, clock| {
                 let step = rows::delete(live, &Precondition::None)?;
@@ -773,7 +773,7 @@ impl TableOps for ClusterTable {
         key: &str,
         patch: &serde_json::Value,
         pre: &Precondition,
-    ) -> ApiResult<Entry> {
+    ) -> OpResult<Entry> {
         let kind = self.kind();
         let (now, _, row) = self
             .write(key, |live, clock| {
@@ -781,10 +781,10 @@ impl TableOps for ClusterTable {
             })
             .await?;
         row.map(|r| r.entry(now))
-            .ok_or_else(|| ApiError::Internal("a merge patch wrote no row".into()))
+            .ok_or_else(|| OpError::Internal("a merge patch wrote no row".into()))
     }
 
-    async fn update_counter(&self, key: &str, op: &CounterOp) -> ApiResult<i64> {
+    async fn update_counter(&self, key: &str, op: &CounterOp) -> OpResult<i64> {
         let kind = self.kind();
         let (n, _, _) = self
             .write(key, |live, clock| rows::counter(kind, live, op, clock))
@@ -792,11 +792,11 @@ impl TableOps for ClusterTable {
         Ok(n)
     }
 
-    async fn scan(&self, req: &ScanRequest, _from: ReadFrom) -> ApiResult<ScanPage> {
+    async fn scan(&self, req: &ScanRequest, _from: ReadFrom) -> OpResult<ScanPage> {
         self.scan_primary(req).await
     }
 
-    async fn clear(&self) -> ApiResult<()> {
+    async fn clear(&self) -> OpResult<()> {
         let now = self.core.now_ms();
         let mut client = self.core.client().await?;
         let started = Instant::now();
@@ -847,12 +847,12 @@ impl TableOps for ClusterTable {
         Ok(())
     }
 
-    async fn sync(&self) -> ApiResult<()> {
+    async fn sync(&self) -> OpResult<()> {
         // Every acknowledged write is already committed.
         Ok(())
     }
 
-    async fn counts(&self) -> ApiResult<Counts> {
+    async fn counts(&self) -> OpResult<Counts> {
         let client = self.core.client().await?;
         let started = Instant::now();
         let r = client

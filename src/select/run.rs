@@ -6,7 +6,7 @@
 
 use super::eval::{Object, Yielded};
 use super::spec::MatchSpec;
-use crate::error::{ApiError, ApiResult};
+use crate::ops::{OpError, OpResult};
 use crate::ops::{ReadFrom, TableOps};
 use crate::pace::Pace;
 use crate::store::{Cursor, Objects, ScanRequest, TableType};
@@ -124,13 +124,9 @@ pub struct Walk {
 ///
 /// # Errors
 /// What the table's scan, lookup or delete returns;
-/// [`ApiError::ResultTooLarge`] when the first result of a page alone is
+/// [`OpError::ResultTooLarge`] when the first result of a page alone is
 /// over the byte limit.
-pub async fn select(
-    table: &impl TableOps,
-    spec: &MatchSpec,
-    mut walk: Walk,
-) -> ApiResult<Selected> {
+pub async fn select(table: &impl TableOps, spec: &MatchSpec, mut walk: Walk) -> OpResult<Selected> {
     let kind = table.meta().kind();
     if let Some(key) = spec.literal_key() {
         if kind.is_single() && walk.scan.cursor.is_none() {
@@ -182,7 +178,7 @@ pub async fn select(
                         Pushed::No => continue,
                         Pushed::Added => {}
                         Pushed::Full if out.count == 0 => {
-                            return Err(ApiError::ResultTooLarge {
+                            return Err(OpError::ResultTooLarge {
                                 key: key.to_string(),
                                 next_cursor: page.cursor_after(i).map(|c| c.encode()),
                                 limit: walk.max_bytes,
@@ -239,7 +235,7 @@ async fn select_key(
     spec: &MatchSpec,
     walk: &Walk,
     key: &str,
-) -> ApiResult<Selected> {
+) -> OpResult<Selected> {
     let mut out = Selected::default();
     if !walk.scan.admits(key) {
         return Ok(out);
@@ -254,7 +250,7 @@ async fn select_key(
     match walk.mode {
         SelectMode::Results { .. } => {
             if let Pushed::Full = out.push_result(spec, &object, 0, walk.max_bytes) {
-                return Err(ApiError::ResultTooLarge {
+                return Err(OpError::ResultTooLarge {
                     key: key.to_owned(),
                     next_cursor: None,
                     limit: walk.max_bytes,

@@ -24,6 +24,7 @@ mod evict;
 mod expiry;
 mod lease;
 mod memory;
+pub mod rules;
 mod scan;
 mod slot;
 mod table;

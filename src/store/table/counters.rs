@@ -1,6 +1,7 @@
 //! Read-modify-write of one key: `update_counter` and merge patch.
 
 use super::*;
+use crate::store::rules;
 
 impl Table {
     /// `update_counter/4`: atomically adds to an integer value (or member).
@@ -22,11 +23,7 @@ impl Table {
         key: &str,
         op: &CounterOp,
     ) -> StoreResult<(i64, bool)> {
-        if !self.fixed.kind.is_single() {
-            return Err(StoreError::WrongTableType(
-                "counters need a set or ordered_set table",
-            ));
-        }
+        rules::single_valued(self.fixed.kind, rules::SingleOp::Counter)?;
         op.validate()?;
         let now = self.now();
         match self.live_entry(key, now) {
@@ -69,11 +66,7 @@ impl Table {
         patch: &serde_json::Value,
         pre: &Precondition,
     ) -> StoreResult<Entry> {
-        if !self.fixed.kind.is_single() {
-            return Err(StoreError::WrongTableType(
-                "merge patch needs a set or ordered_set table",
-            ));
-        }
+        rules::single_valued(self.fixed.kind, rules::SingleOp::Merge)?;
         let now = self.now();
         let MapEntry::Occupied(mut o) = self.live_entry(key, now) else {
             pre.check(None)?;

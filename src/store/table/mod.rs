@@ -521,22 +521,15 @@ impl Table {
 
     /// The deadline for a write that names `ttl_ms` (or none) at `now`.
     fn deadline(&self, now: u64, ttl_ms: Option<u64>) -> u64 {
-        match ttl_ms.or_else(|| {
-            let d = self.settings.default_ttl_ms.load(Ordering::Relaxed);
-            (d != 0).then_some(d)
-        }) {
-            Some(ms) => now.saturating_add(ms),
-            None => 0,
-        }
+        let default = self.settings.default_ttl_ms.load(Ordering::Relaxed);
+        super::rules::deadline(now, ttl_ms, default)
     }
 
     /// The deadline after a write that names no TTL and keeps the key
     /// (counter, merge patch): the table default restarts it, else it stays.
     fn refreshed_deadline(&self, now: u64, current: u64) -> u64 {
-        match self.settings.default_ttl_ms.load(Ordering::Relaxed) {
-            0 => current,
-            d => now.saturating_add(d),
-        }
+        let default = self.settings.default_ttl_ms.load(Ordering::Relaxed);
+        super::rules::refreshed_deadline(now, current, default)
     }
 
     fn fresh_objects(&self, value: Value, version: u64) -> Objects {

@@ -2,6 +2,7 @@
 //! `delete_all_objects`.
 
 use super::*;
+use crate::store::rules;
 
 impl Table {
     /// `insert` of one object: replaces in set types, adds in bag types
@@ -79,14 +80,13 @@ impl Table {
             }
             MapEntry::Occupied(mut o) => {
                 pre.check(Some(o.get()))?;
-                let adds = match (o.get().objects(), self.fixed.kind) {
-                    (ObjectsRef::One(_), _) => false,
-                    (ObjectsRef::Many(objs), TableType::Bag) => {
-                        !objs.iter().any(|x| x.value == value)
-                    }
-                    (ObjectsRef::Many(_), _) => true,
+                let held = match o.get().objects() {
+                    ObjectsRef::One(_) => &[][..],
+                    ObjectsRef::Many(objs) => objs,
                 };
-                if !adds && !self.fixed.kind.is_single() && o.get().expires_at == expires_at {
+                let effect = rules::insert(self.fixed.kind, held, &value);
+                let adds = effect == rules::Insert::Add;
+                if effect == rules::Insert::Keep && o.get().expires_at == expires_at {
                     return Ok(Written {
                         created: false,
                         version: o.get().version,
@@ -108,7 +108,7 @@ impl Table {
                 let version = change.revision;
                 // A bag given a value it holds only has its deadline moved:
                 // nothing a watcher sees changes.
-                let visible = adds || self.fixed.kind.is_single();
+                let visible = effect != rules::Insert::Keep;
                 let note = if visible { change.keep(&value) } else { None };
                 self.modify_occupied(&mut o, |slot| {
                     match slot.objects_mut() {

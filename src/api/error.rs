@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::ops::OpError;
 use crate::store::StoreError;
 
 /// An error as the client sees it.
@@ -263,6 +264,31 @@ impl From<StoreError> for ApiError {
             StoreError::MemoryLimit => ApiError::MemoryLimit,
             StoreError::InvalidArgument(m) => ApiError::InvalidArgument(m),
             StoreError::TableLimit(n) => ApiError::TableLimit(n),
+        }
+    }
+}
+
+impl From<OpError> for ApiError {
+    fn from(e: OpError) -> Self {
+        match e {
+            OpError::Store(e) => e.into(),
+            OpError::TableNotFound(t) => ApiError::TableNotFound(t),
+            OpError::TableExists(t) => ApiError::TableExists(t),
+            OpError::InvalidArgument(m) => ApiError::InvalidArgument(m),
+            OpError::TableFull(n) => ApiError::TableFull(n),
+            OpError::IdempotencyInFlight => ApiError::IdempotencyInFlight,
+            OpError::ResultTooLarge {
+                key,
+                next_cursor,
+                limit,
+            } => ApiError::ResultTooLarge {
+                key,
+                next_cursor,
+                limit,
+            },
+            OpError::Unavailable(m) => ApiError::Unavailable(m),
+            OpError::StorageFull => ApiError::StorageFull,
+            OpError::Internal(m) => ApiError::Internal(m),
         }
     }
 }
