@@ -4,6 +4,9 @@
 //! and the SHA-256 of the object lines. Export streams page by page, so
 //! memory stays bounded whatever the table's size; import verifies the
 //! whole stream before it creates anything.
+//!
+//! Over 600 lines: export, import and their line reader are one format,
+//! kept together so that what one writes the other verifies.
 
 use super::direct::ApiRoutes;
 use crate::api_routes;

@@ -1,5 +1,9 @@
 //! The durable tier behind a small trait, and its sled implementation.
 //!
+//! Over 600 lines because the engine's pieces are one unit: the trait, the
+//! sled engine, and the real-flush bookkeeping (blob files and directories
+//! to sync) share private state, and each step's order matters.
+//!
 //! The store and the HTTP layer never see this trait; the write-back worker
 //! and recovery use it. Another engine can be added by implementing
 //! [`Engine`] alone.

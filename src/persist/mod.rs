@@ -1,6 +1,10 @@
 //! The durable tier: sled behind [`Engine`], write-back of dirty objects, group
 //! commit for `sync` tables, recovery at start, and the versioned format.
 //!
+//! Over 600 lines: `Durability` is the tier's one handle, and its methods
+//! (tickets, gates, records, recovery) guard one set of invariants
+//! described here; the round itself lives in `writeback`.
+//!
 //! Nothing outside this module knows about sled. The store marks changed keys
 //! dirty (under the key's lock); [`Durability`] writes them out:
 //!

@@ -1,5 +1,9 @@
 //! Write-back rounds and the persister thread that runs them.
 //!
+//! Over 600 lines because a round is one sequence (snapshot, write,
+//! fsync, clear or undo, release waiters) whose steps share the round's
+//! private state; splitting it would scatter the order that makes it safe.
+//!
 //! A round ([`Durability::flush_round`]) is the one step: it reads the ticket
 //! counter, snapshots the dirty keys of every table that is due, writes their
 //! current state in one batch per table, fsyncs once, then clears each dirty

@@ -2,6 +2,9 @@
 //! variables, the guard decides, the template builds the result. A guard
 //! that cannot be evaluated (a type error, a missing member, an overflow)
 //! makes the object not match, as in ETS.
+//!
+//! Over 600 lines, 170 of them tests: the evaluator is one recursive
+//! match over the guard language, clearer whole than split by operator.
 
 use std::borrow::Cow;
 use std::cell::OnceCell;

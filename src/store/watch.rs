@@ -1,5 +1,8 @@
 //! Change feeds: what a table tells its watchers.
 //!
+//! Over 600 lines, a third of them tests: the history, its limits and
+//! the watchers share one lock and must be read together.
+//!
 //! A table gets a [`Hub`] the first time someone watches it; until then its
 //! writers pay one atomic load to see that there is none. The hub keeps the
 //! table's last changes in order (its history) and wakes watchers when a
