@@ -91,7 +91,7 @@ const POLL: &str =
 /// past the latest transaction to *finish*, so a writer whose id is newer
 /// than that is running but in neither `xmin` nor the snapshot's list, and
 /// a change of its was once skipped that way. The price is one
-/// transaction id per poll (see the README).
+/// transaction id per poll (see docs/watch.md).
 #[derive(Debug, Default)]
 pub(super) struct Events {
     /// Changes waiting, by revision.
