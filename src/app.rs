@@ -113,7 +113,7 @@ impl App {
     /// [`AppError::Bind`], [`AppError::DataDir`].
     pub async fn build_with(config: Config, parts: Parts) -> Result<App, AppError> {
         let clock = parts.clock.unwrap_or_else(|| Arc::new(SystemClock));
-        let tokens = crate::api::auth::Tokens::load(
+        let tokens = crate::api::tokens::TokenStore::load(
             config.tokens_file.as_deref(),
             config.tokens.as_deref(),
             &config.admin_principal,
@@ -352,6 +352,7 @@ impl App {
         }
         let persister = durability.start().map_err(AppError::Serve)?;
         let tasks = self.state.tables.tasks();
+        reload_on_hangup(tasks, self.state.tokens.clone());
         {
             let state = self.state.clone();
             let purge_every = self.idempotency_purge;
@@ -431,6 +432,35 @@ impl App {
             Err(e) => Err(AppError::Shutdown(e.to_string())),
         }
     }
+}
+
+/// Reloads the tokens file on each `SIGHUP`, in a background task; without
+/// this the signal's default action would end the process.
+fn reload_on_hangup(tasks: &crate::tasks::Tasks, tokens: Arc<crate::api::tokens::TokenStore>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP; tokens cannot be reloaded");
+                return;
+            }
+        };
+        tasks.spawn("reload on SIGHUP", async move {
+            while hangups.recv().await.is_some() {
+                match tokens.reload() {
+                    Ok(n) => tracing::info!(tokens = n, "SIGHUP: tokens file reloaded"),
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "SIGHUP: tokens file refused; the tokens in force stay"
+                    ),
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = (tasks, tokens);
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -92,9 +92,10 @@ pub struct Config {
     #[arg(long, env = "LARDER_ORIGIN_ALLOW", value_delimiter = ',')]
     pub origin_allow: Vec<String>,
 
-    /// File of `principal:token` lines (`#` starts a comment). With no
-    /// tokens configured, authentication is off and every caller is
-    /// `anonymous`, with full rights.
+    /// File of `principal:secret[:read]` lines, the secret being the token
+    /// or `sha256:<hex>` (`#` starts a comment); reloaded on `SIGHUP`. With
+    /// no tokens configured, authentication is off and every caller is
+    /// `anonymous`, with full rights; a file with no token is refused.
     #[arg(long, env = "LARDER_TOKENS_FILE")]
     pub tokens_file: Option<PathBuf>,
 

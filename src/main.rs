@@ -69,6 +69,12 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // A configuration the server refuses (a bad tokens file, a flag
+        // out of range) is exit 2, as for a bad command line.
+        Err(e @ larder::app::AppError::Config(_)) => {
+            tracing::error!("{e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             tracing::error!("{e}");
             ExitCode::FAILURE

@@ -142,7 +142,7 @@ where
         let log = shared.access_log || debug;
 
         let (req, watched) = super::drain::watch(req);
-        let admitted = admit(&shared, &req).and_then(|(counted, principal)| {
+        let admitted = admit(&shared, &req, class).and_then(|(counted, principal)| {
             let limit = shared.state.limits.body_limit(class);
             match watched.as_ref().and_then(|w| w.declared()) {
                 Some(declared) if declared > limit as u64 => {
@@ -413,7 +413,11 @@ fn head_answer(resp: &mut Response) {
 /// The readiness gate, the in-flight limit and authentication. On success
 /// returns whether the request was counted in flight (probes are not) and
 /// the caller, if it authenticated.
-fn admit(shared: &Shared, req: &Request) -> Result<(bool, Option<Principal>), ApiError> {
+fn admit(
+    shared: &Shared,
+    req: &Request,
+    class: RouteClass,
+) -> Result<(bool, Option<Principal>), ApiError> {
     let state = &shared.state;
     let path = req.uri().path();
     let api = path.starts_with("/v1/");
@@ -434,6 +438,17 @@ fn admit(shared: &Shared, req: &Request) -> Result<(bool, Option<Principal>), Ap
         .tokens
         .authenticate(req.headers().get(header::AUTHORIZATION))
     {
+        // A read-only token may use reads only (API.md's read, write and
+        // manage classes), whatever the table's access allows.
+        Ok(who) if who.read_only && api && class.changes() => {
+            if counted {
+                state.limits.leave();
+            }
+            Err(ApiError::Forbidden(format!(
+                "the token of principal '{}' is read-only",
+                who.name
+            )))
+        }
         Ok(who) => Ok((counted, Some(who))),
         Err(e) if needs_auth => {
             if counted {

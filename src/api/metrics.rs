@@ -471,6 +471,16 @@ fn write_server(out: &mut String, state: &AppState) {
         "Background tasks running (sweeper, history retirer, record purger, cluster follower and sweeper).",
         state.tables.tasks().running() as u64,
     );
+    let reloaded = state.tokens.last_reload().unwrap_or(true);
+    out.push_str(
+        "# HELP larder_reload_success Whether the last reload (SIGHUP) of each source succeeded (1) or was refused (0).\n\
+         # TYPE larder_reload_success gauge\n",
+    );
+    out.push_str(if reloaded {
+        "larder_reload_success{what=\"tokens\"} 1\n"
+    } else {
+        "larder_reload_success{what=\"tokens\"} 0\n"
+    });
     let (running, slots, shed) = state.limits.long_stats();
     single(
         out,

@@ -23,6 +23,7 @@ pub mod scope;
 pub mod select;
 pub mod service;
 pub mod tables;
+pub mod tokens;
 pub mod transfer;
 pub mod watch;
 
@@ -71,7 +72,7 @@ pub struct Services {
     /// Read-through fetching.
     pub origins: origin::Origins,
     /// Configured bearer tokens; empty when authentication is off.
-    pub tokens: Arc<auth::Tokens>,
+    pub tokens: Arc<tokens::TokenStore>,
     /// Request limits.
     pub limits: Limits,
     /// Last request id handed out (ids count up from 1 per process).

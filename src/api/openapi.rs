@@ -57,7 +57,13 @@ is 409 `idempotency_in_flight`; a malformed key is 400 `invalid_argument`. On `s
 record is on disk before the answer is sent, in the same batch as its change; on cluster tables the \
 key is claimed in the change's own PostgreSQL transaction and the answer committed with it, so the \
 same key sent to two nodes at once applies once and a retry sent to another node is answered from \
-the record.",
+the record.\n\n\
+Tokens: `Authorization: Bearer <token>`. The tokens file holds `principal:secret[:read]` lines, \
+the secret being the token or `sha256:<64 hex>` (its SHA-256); a principal may have several \
+tokens. A `read` token may use reads only (GET and HEAD of entries and tables, scans, `lookup`, \
+`select`, `select_count`, `watch`, `export`): anything else is 403. `SIGHUP` reloads the file: \
+removed tokens get 401 and their watch streams `event: revoked`; a file that fails to parse is \
+refused and the tokens in force stay.",
         license(name = "Apache-2.0"),
     ),
     tags(
@@ -192,6 +198,10 @@ fn common(path: &str, op: &mut Operation, is_head: bool) {
         add(
             "401",
             "Authentication is on and the bearer token is missing or unknown",
+        );
+        add(
+            "403",
+            "The principal may not do this to this table, or its token is read-only and the route is not a read",
         );
         add(
             "503",

@@ -477,7 +477,7 @@ pub async fn give_away(
 ) -> ApiResult<Response> {
     let table = state.table_for(&name, &who, Op::Manage).await?;
     let known = if state.tokens.enabled() {
-        state.tokens.knows(&body.to)
+        state.tokens.snapshot().knows(&body.to)
     } else {
         body.to == crate::api::auth::ANONYMOUS
     };

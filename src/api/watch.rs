@@ -125,8 +125,9 @@ impl Filter {
 /// nothing else was for `--watch-heartbeat-ms` (15 s). While changes keep
 /// coming, a stream sends at most every 5 ms, with everything since. Needs
 /// read access, re-checked while the stream runs: when its principal loses
-/// it (a `give_away` of a private table), the stream sends `event: revoked`
-/// (`{}`, no id) within a second and ends. On cluster tables a watch on any node gets the changes of
+/// it (a `give_away` of a private table), or when the token it was opened
+/// with is removed from the tokens file and `SIGHUP` reloads it, the stream
+/// sends `event: revoked` (`{}`, no id) within a second and ends. On cluster tables a watch on any node gets the changes of
 /// every node from the change log, in revision order, a few poll intervals
 /// after their commit; each node keeps its own history, and a node answers
 /// 503 until it has read the log far enough to start a watch.
@@ -183,6 +184,7 @@ pub async fn watch(
         done: false,
         table: table.meta().clone(),
         who,
+        tokens: state.tokens.clone(),
         next_check: Instant::now() + ACCESS_CHECK,
         pending: VecDeque::new(),
         durable: state.tables.settle_point(&table),
@@ -216,6 +218,8 @@ struct Feed {
     table: Arc<crate::store::Table>,
     /// Who opened the stream.
     who: Principal,
+    /// The tokens in force: a stream whose token was removed ends.
+    tokens: Arc<crate::api::tokens::TokenStore>,
     /// When to check access next.
     next_check: Instant,
     /// Changes read from the history and not yet sent (past a chunk's
@@ -290,15 +294,15 @@ impl Feed {
         self.durable.settled().await
     }
 
-    /// Whether the stream's principal lost read access (checked every
-    /// [`ACCESS_CHECK`]).
+    /// Whether the stream's principal lost read access, or its token was
+    /// removed (checked every [`ACCESS_CHECK`]).
     fn access_lost(&mut self) -> bool {
         let now = Instant::now();
         if now < self.next_check {
             return false;
         }
         self.next_check = now + ACCESS_CHECK;
-        authorize(&self.table, &self.who, Op::Read).is_err()
+        !self.tokens.still_valid(&self.who) || authorize(&self.table, &self.who, Op::Read).is_err()
     }
 
     fn send(mut self, chunk: Bytes) -> (Result<Bytes, Infallible>, Feed) {

@@ -8,7 +8,7 @@ use crate::store::StoreError;
 
 /// Why a table operation did not happen. Every variant means nothing was
 /// changed, except where its text says otherwise.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum OpError {
     /// A rule of the table's type or of its settings refused the
     /// operation (the store's own errors, kept whole).

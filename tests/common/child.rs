@@ -130,3 +130,14 @@ impl Drop for ChildServer {
         let _ = self.child.wait();
     }
 }
+
+impl ChildServer {
+    /// Sends `signal` (a name `kill` knows, such as `HUP`) to the server.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal}");
+    }
+}
