@@ -206,11 +206,26 @@ impl App {
             header_timeout: Duration::from_millis(config.header_timeout_ms),
             idle_timeout: Duration::from_millis(config.idle_timeout_ms),
         }));
+        let default_rate = match &config.rate_limit {
+            Some(text) => Some(
+                text.parse::<crate::api::rate::Rate>()
+                    .map_err(|e| AppError::Config(format!("--rate-limit {e}")))?,
+            ),
+            None => None,
+        };
+        let limits_anyone = default_rate.is_some() || tokens.has_rates();
         let server = Server::new(
             listener,
             connections.clone(),
             Duration::from_millis(config.write_stall_ms),
         );
+        // Anonymous callers are limited per address: requests then carry
+        // it (one allocation each, so only when a limit may apply).
+        let server = if limits_anyone {
+            server.tagging_peers()
+        } else {
+            server
+        };
         store.set_watch_limits(HistoryLimits {
             max_events: usize::try_from(config.watch_history).unwrap_or(usize::MAX),
             max_bytes: usize::try_from(config.watch_history_bytes).unwrap_or(usize::MAX),
@@ -231,6 +246,10 @@ impl App {
                 config.max_body_bytes,
             ),
             tokens: Arc::new(tokens),
+            rates: crate::api::rate::RateLimits::new(
+                default_rate,
+                usize::try_from(config.rate_limit_max_clients).unwrap_or(usize::MAX),
+            ),
             limits: crate::api::Limits::new(
                 config.max_concurrent_requests,
                 Duration::from_millis(config.request_timeout_ms),
@@ -352,7 +371,7 @@ impl App {
         }
         let persister = durability.start().map_err(AppError::Serve)?;
         let tasks = self.state.tables.tasks();
-        reload_on_hangup(tasks, self.state.tokens.clone());
+        reload_on_hangup(tasks, self.state.clone());
         {
             let state = self.state.clone();
             let purge_every = self.idempotency_purge;
@@ -436,7 +455,7 @@ impl App {
 
 /// Reloads the tokens file on each `SIGHUP`, in a background task; without
 /// this the signal's default action would end the process.
-fn reload_on_hangup(tasks: &crate::tasks::Tasks, tokens: Arc<crate::api::tokens::TokenStore>) {
+fn reload_on_hangup(tasks: &crate::tasks::Tasks, state: AppState) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -449,8 +468,12 @@ fn reload_on_hangup(tasks: &crate::tasks::Tasks, tokens: Arc<crate::api::tokens:
         };
         tasks.spawn("reload on SIGHUP", async move {
             while hangups.recv().await.is_some() {
-                match tokens.reload() {
-                    Ok(n) => tracing::info!(tokens = n, "SIGHUP: tokens file reloaded"),
+                match state.tokens.reload() {
+                    Ok(n) => {
+                        // Rates given on token lines may have changed.
+                        state.rates.reset_principals();
+                        tracing::info!(tokens = n, "SIGHUP: tokens file reloaded");
+                    }
                     Err(e) => tracing::warn!(
                         error = %e,
                         "SIGHUP: tokens file refused; the tokens in force stay"
@@ -460,7 +483,7 @@ fn reload_on_hangup(tasks: &crate::tasks::Tasks, tokens: Arc<crate::api::tokens:
         });
     }
     #[cfg(not(unix))]
-    let _ = (tasks, tokens);
+    let _ = (tasks, state);
 }
 
 /// Completes on SIGINT or SIGTERM.

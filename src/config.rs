@@ -103,6 +103,19 @@ pub struct Config {
     #[arg(long, env = "LARDER_TOKENS", hide_env_values = true)]
     pub tokens: Option<String>,
 
+    /// Requests per second each principal may make, `N` or `N/burst`
+    /// (burst defaults to N); `anonymous` callers are limited per client
+    /// address. Past it: 429 `rate_limited`. A principal's `rate=` option
+    /// in the tokens file overrides it. None by default.
+    #[arg(long, env = "LARDER_RATE_LIMIT")]
+    pub rate_limit: Option<String>,
+
+    /// Most client addresses whose rate-limit buckets are kept; a new
+    /// address is refused (429) while all are recent.
+    #[arg(long, env = "LARDER_RATE_LIMIT_MAX_CLIENTS", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub rate_limit_max_clients: u64,
+
     /// The principal that may do everything.
     #[arg(long, env = "LARDER_ADMIN_PRINCIPAL", default_value = "admin")]
     pub admin_principal: String,
@@ -297,6 +310,8 @@ impl std::fmt::Debug for Config {
             .field("origin_allow", &self.origin_allow)
             .field("tokens_file", &self.tokens_file)
             .field("tokens", &self.tokens.as_ref().map(|_| "<redacted>"))
+            .field("rate_limit", &self.rate_limit)
+            .field("rate_limit_max_clients", &self.rate_limit_max_clients)
             .field("admin_principal", &self.admin_principal)
             .field("allow_insecure_public", &self.allow_insecure_public)
             .field("max_tables", &self.max_tables)

@@ -163,6 +163,7 @@ async fn v1_and_readyz_answer_503_until_recovery_is_done() {
         metrics: larder::api::metrics::Metrics::new(),
         origins: larder::api::origin::Origins::new(vec![], 1024),
         tokens: Default::default(),
+        rates: Default::default(),
         limits: larder::api::Limits::new(16, std::time::Duration::from_secs(5), 1024),
         request_ids: Default::default(),
         idempotency: larder::api::idempotency::Idempotency::new(

@@ -28,6 +28,8 @@ pub struct Principal {
     /// authentication is off), so that a long stream can be revoked when
     /// its token is removed.
     pub token: Option<super::tokens::Digest>,
+    /// The principal's own rate limit (`rate=` on its token lines).
+    pub rate: Option<super::rate::Rate>,
 }
 
 impl Principal {
@@ -38,6 +40,7 @@ impl Principal {
             admin: true,
             read_only: false,
             token: None,
+            rate: None,
         }
     }
 }

@@ -75,6 +75,8 @@ pub enum ApiError {
     PreconditionFailed(String),
     /// 413 `payload_too_large`.
     PayloadTooLarge(usize),
+    /// 429 `rate_limited`: the caller is past its rate limit.
+    RateLimited(super::rate::RateState, u64),
     /// 502 `origin_error`.
     OriginError(String),
     /// 504 `origin_timeout`.
@@ -137,6 +139,7 @@ impl ApiError {
             IdempotencyKeyReused | ResultTooLarge { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
             OriginError(_) => StatusCode::BAD_GATEWAY,
             OriginTimeout => StatusCode::GATEWAY_TIMEOUT,
             Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -174,6 +177,7 @@ impl ApiError {
             ResultTooLarge { .. } => "result_too_large",
             PreconditionFailed(_) => "precondition_failed",
             PayloadTooLarge(_) => "payload_too_large",
+            RateLimited(..) => "rate_limited",
             OriginError(_) => "origin_error",
             OriginTimeout => "origin_timeout",
             Unavailable(_) => "unavailable",
@@ -226,6 +230,10 @@ impl ApiError {
             ),
             PreconditionFailed(m) => m.clone(),
             PayloadTooLarge(n) => format!("request body exceeds {n} bytes"),
+            RateLimited(state, retry) => format!(
+                "past the rate limit ({} requests at once); retry in {retry} s",
+                state.limit
+            ),
             OriginError(m) => format!("origin failed: {m}"),
             OriginTimeout => "origin did not answer in time".into(),
             Unavailable(m) => m.clone(),
@@ -323,6 +331,11 @@ impl IntoResponse for ApiError {
         if matches!(self, ApiError::Unavailable(_)) {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let ApiError::RateLimited(state, retry) = &self {
+            let h = resp.headers_mut();
+            h.insert(header::RETRY_AFTER, HeaderValue::from(*retry));
+            state.write_headers(h);
         }
         if matches!(self, ApiError::Unauthorized) {
             resp.headers_mut()

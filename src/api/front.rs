@@ -46,10 +46,12 @@ use tracing::Level;
 
 use super::auth::Principal;
 use super::direct::{DirectTable, Served};
+use super::rate::{RateState, Verdict};
 use super::routes::{RouteClass, RouteLabels};
 use super::scope::{Scope, SCOPE};
 use super::AppState;
 use crate::api::error::{ApiError, InternalDetail};
+use crate::net::PeerAddr;
 
 /// The request id header: kept from the request when the client sent one,
 /// made from a per-process counter otherwise, and returned on the response.
@@ -142,18 +144,19 @@ where
         let log = shared.access_log || debug;
 
         let (req, watched) = super::drain::watch(req);
-        let admitted = admit(&shared, &req, class).and_then(|(counted, principal)| {
+        let admitted = admit(&shared, &req, class).and_then(|admitted| {
             let limit = shared.state.limits.body_limit(class);
             match watched.as_ref().and_then(|w| w.declared()) {
                 Some(declared) if declared > limit as u64 => {
-                    if counted {
+                    if admitted.counted {
                         shared.state.limits.leave();
                     }
                     Err(ApiError::PayloadTooLarge(limit))
                 }
-                _ => Ok((counted, principal)),
+                _ => Ok(admitted),
             }
         });
+        let mut rate = None;
         let (counted, principal, served) = match admitted {
             Err(refused) => {
                 // Refused before the body was read: it is never read, and
@@ -167,7 +170,12 @@ where
                 let answer: Served = Box::pin(std::future::ready(answer));
                 (false, None, answer)
             }
-            Ok((counted, principal)) => {
+            Ok(Let {
+                counted,
+                principal,
+                rate: limited,
+            }) => {
+                rate = limited;
                 let name = log
                     .then(|| principal.as_ref().map(|p| p.name.clone()))
                     .flatten();
@@ -186,6 +194,9 @@ where
         let admitted = Admitted { shared, counted };
         Box::pin(async move {
             let mut resp = served.await;
+            if let Some(rate) = rate {
+                rate.write_headers(resp.headers_mut());
+            }
             let shared = &admitted.shared;
             if let Some(watched) = watched {
                 super::drain::finish(watched, &mut resp, shared.max_body_bytes).await;
@@ -413,11 +424,15 @@ fn head_answer(resp: &mut Response) {
 /// The readiness gate, the in-flight limit and authentication. On success
 /// returns whether the request was counted in flight (probes are not) and
 /// the caller, if it authenticated.
-fn admit(
-    shared: &Shared,
-    req: &Request,
-    class: RouteClass,
-) -> Result<(bool, Option<Principal>), ApiError> {
+/// A request let in: whether it counts against the in-flight limit, who
+/// sent it, and the rate-limit headers its answer carries.
+struct Let {
+    counted: bool,
+    principal: Option<Principal>,
+    rate: Option<RateState>,
+}
+
+fn admit(shared: &Shared, req: &Request, class: RouteClass) -> Result<Let, ApiError> {
     let state = &shared.state;
     let path = req.uri().path();
     let api = path.starts_with("/v1/");
@@ -449,14 +464,48 @@ fn admit(
                 who.name
             )))
         }
-        Ok(who) => Ok((counted, Some(who))),
+        // Limited after authentication (a 401 costs nobody anything) and
+        // after the in-flight check (a shed request costs no tokens).
+        Ok(who) if api => {
+            let peer = || req.extensions().get::<PeerAddr>().map(|p| p.0);
+            match state.rates.check(&who.name, who.rate, peer()) {
+                Verdict::Unlimited => Ok(Let {
+                    counted,
+                    principal: Some(who),
+                    rate: None,
+                }),
+                Verdict::Allowed(rate) => Ok(Let {
+                    counted,
+                    principal: Some(who),
+                    rate: Some(rate),
+                }),
+                Verdict::Refused {
+                    state: rate,
+                    retry_after_secs,
+                } => {
+                    if counted {
+                        state.limits.leave();
+                    }
+                    Err(ApiError::RateLimited(rate, retry_after_secs))
+                }
+            }
+        }
+        Ok(who) => Ok(Let {
+            counted,
+            principal: Some(who),
+            rate: None,
+        }),
         Err(e) if needs_auth => {
             if counted {
                 state.limits.leave();
             }
             Err(e)
         }
-        Err(_) => Ok((counted, None)),
+        Err(_) => Ok(Let {
+            counted,
+            principal: None,
+            rate: None,
+        }),
     }
 }
 

@@ -471,6 +471,28 @@ fn write_server(out: &mut String, state: &AppState) {
         "Background tasks running (sweeper, history retirer, record purger, cluster follower and sweeper).",
         state.tables.tasks().running() as u64,
     );
+    single(
+        out,
+        "larder_rate_limited_total",
+        "counter",
+        "Requests refused with 429 rate_limited.",
+        state.rates.refused(),
+    );
+    let (clients, max_clients) = state.rates.clients();
+    single(
+        out,
+        "larder_rate_limit_clients",
+        "gauge",
+        "Client addresses whose rate-limit buckets are kept (at most --rate-limit-max-clients).",
+        clients as u64,
+    );
+    single(
+        out,
+        "larder_rate_limit_max_clients",
+        "gauge",
+        "The most client addresses whose buckets may be kept (--rate-limit-max-clients).",
+        max_clients as u64,
+    );
     let reloaded = state.tokens.last_reload().unwrap_or(true);
     out.push_str(
         "# HELP larder_reload_success Whether the last reload (SIGHUP) of each source succeeded (1) or was refused (0).\n\

@@ -17,6 +17,7 @@ pub mod idempotency;
 pub mod metrics;
 pub mod openapi;
 pub mod origin;
+pub mod rate;
 pub mod respond;
 pub mod routes;
 pub mod scope;
@@ -73,6 +74,8 @@ pub struct Services {
     pub origins: origin::Origins,
     /// Configured bearer tokens; empty when authentication is off.
     pub tokens: Arc<tokens::TokenStore>,
+    /// Per-principal (and per-address) rate limits.
+    pub rates: rate::RateLimits,
     /// Request limits.
     pub limits: Limits,
     /// Last request id handed out (ids count up from 1 per process).

@@ -63,7 +63,13 @@ the secret being the token or `sha256:<64 hex>` (its SHA-256); a principal may h
 tokens. A `read` token may use reads only (GET and HEAD of entries and tables, scans, `lookup`, \
 `select`, `select_count`, `watch`, `export`): anything else is 403. `SIGHUP` reloads the file: \
 removed tokens get 401 and their watch streams `event: revoked`; a file that fails to parse is \
-refused and the tokens in force stay.",
+refused and the tokens in force stay.\n\n\
+Rate limits: with `--rate-limit N[/burst]` (or `rate=N/burst` on a principal's token lines) each \
+principal may make N requests per second on average, in bursts of up to `burst`; `anonymous` \
+callers are limited per client address. Past it: 429 `rate_limited` with `Retry-After`. Every \
+answer on a `/v1` route of a limited caller carries `RateLimit-Limit` (the burst), \
+`RateLimit-Remaining` and `RateLimit-Reset` (seconds until the bucket is full). `/healthz`, \
+`/readyz` and `/metrics` are not limited; a 401 and a request shed with 503 cost nothing.",
         license(name = "Apache-2.0"),
     ),
     tags(
@@ -136,6 +142,10 @@ fn error_example(code: &str) -> Option<serde_json::Value> {
             "result_too_large",
             "the answer would pass the 8388608-byte limit (--max-response-bytes) at key \"big\"; continue after it with next_cursor",
         ),
+        "429" => (
+            "rate_limited",
+            "past the rate limit (20 requests at once); retry in 1 s",
+        ),
         "502" => ("origin_error", "origin failed: origin answered 500"),
         "503" => ("unavailable", "too many requests in flight; retry shortly"),
         "504" => ("origin_timeout", "origin did not answer in time"),
@@ -202,6 +212,10 @@ fn common(path: &str, op: &mut Operation, is_head: bool) {
         add(
             "403",
             "The principal may not do this to this table, or its token is read-only and the route is not a read",
+        );
+        add(
+            "429",
+            "Past the caller's rate limit (--rate-limit, or rate= in the tokens file); see Retry-After",
         );
         add(
             "503",

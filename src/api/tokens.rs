@@ -14,6 +14,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use axum::http::HeaderValue;
 
 use super::auth::Principal;
+use super::rate::Rate;
 use crate::api::error::ApiError;
 
 /// A token's SHA-256: how tokens are stored, looked up and compared.
@@ -51,10 +52,11 @@ struct Line {
     name: String,
     digest: Digest,
     read_only: bool,
+    rate: Option<Rate>,
 }
 
 /// Parses `principal:secret[:option…]`, where the secret is the token
-/// itself or `sha256:<64 hex>`, and options are `read`.
+/// itself or `sha256:<64 hex>`, and options are `read` and `rate=N/burst`.
 fn parse_line(line: &str) -> Result<Line, String> {
     let Some((name, rest)) = line.split_once(':') else {
         return Err("expected principal:token or principal:sha256:<hex>".into());
@@ -84,22 +86,19 @@ fn parse_line(line: &str) -> Result<Line, String> {
         sha256(secret.as_bytes())
     };
     let mut read_only = false;
+    let mut rate = None;
     for option in parts {
         match option.trim() {
             "read" => read_only = true,
-            o if o.starts_with("rate=") => {
-                return Err(
-                    "rate= is not supported by this build: per-principal rate limits are not implemented yet"
-                        .into(),
-                )
-            }
-            _ => return Err("unknown option after the token (known: read)".into()),
+            o if o.starts_with("rate=") => rate = Some(o["rate=".len()..].parse::<Rate>()?),
+            _ => return Err("unknown option after the token (known: read, rate=N/burst)".into()),
         }
     }
     Ok(Line {
         name: name.to_owned(),
         digest,
         read_only,
+        rate,
     })
 }
 
@@ -158,6 +157,15 @@ impl Tokens {
                     "{place}: this token is already given to a principal"
                 ));
             }
+            // Every line of one principal must give the same rate.
+            if let Some(other) = by_digest.values().find(|p| *p.name == *parsed.name) {
+                if other.rate != parsed.rate {
+                    return Err(format!(
+                        "{place}: every line of principal '{}' must give the same rate= (or none)",
+                        parsed.name
+                    ));
+                }
+            }
             in_file += usize::from(n < from_file);
             by_digest.insert(
                 parsed.digest,
@@ -166,6 +174,7 @@ impl Tokens {
                     name: parsed.name.into(),
                     read_only: parsed.read_only,
                     token: Some(parsed.digest),
+                    rate: parsed.rate,
                 },
             );
         }
@@ -191,6 +200,11 @@ impl Tokens {
     /// Whether `name` is a configured principal.
     pub fn knows(&self, name: &str) -> bool {
         self.by_digest.values().any(|p| &*p.name == name)
+    }
+
+    /// Whether any token line gives its principal a rate.
+    pub fn has_rates(&self) -> bool {
+        self.by_digest.values().any(|p| p.rate.is_some())
     }
 
     /// Whether the token with this digest is still configured.
@@ -287,6 +301,11 @@ impl TokenStore {
             list,
             admin,
         ))
+    }
+
+    /// Whether any token line in force gives its principal a rate.
+    pub fn has_rates(&self) -> bool {
+        self.snapshot().has_rates()
     }
 
     /// The tokens in force now.
@@ -469,12 +488,17 @@ mod tests {
         let carol = t.authenticate(Some(&bearer("secret-of-carol"))).unwrap();
         assert_eq!((&*carol.name, carol.read_only), ("carol", true));
         assert!(t.authenticate(Some(&bearer(&digest))).is_err());
+        let rated = Tokens::load(None, Some("erin:erin-token-1:rate=5/10:read"), "admin").unwrap();
+        let erin = rated.authenticate(Some(&bearer("erin-token-1"))).unwrap();
+        assert_eq!(erin.rate.map(|r| r.to_string()).as_deref(), Some("5/10"));
+        assert!(erin.read_only && rated.has_rates() && !t.has_rates());
         assert!(t.holds(&carol.token.unwrap()));
         for bad in [
             "a:sha256:abcd",
             &format!("a:sha256:{}", "g".repeat(64)),
             "a:aaaaaaaa:write",
-            "a:aaaaaaaa:rate=5/10",
+            "a:aaaaaaaa:rate=0",
+            "a:aaaaaaaa:rate=5/10,a:bbbbbbbb:rate=5/11",
             &format!("{}:aaaaaaaa", "n".repeat(65)),
         ] {
             assert!(Tokens::load(None, Some(bad), "admin").is_err(), "{bad}");

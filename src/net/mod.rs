@@ -103,6 +103,9 @@ pub struct Server {
     listener: TcpListener,
     conns: Arc<Connections>,
     write_stall: Duration,
+    /// Whether each request carries its client's address ([`PeerAddr`]),
+    /// which costs an allocation per request: only for rate limits.
+    tag_peers: bool,
     /// A descriptor held back so that `EMFILE` never leaves the accept
     /// loop without a way to accept (and then close or serve) a client.
     reserve: Option<std::fs::File>,
@@ -116,7 +119,17 @@ impl Server {
             listener,
             conns,
             write_stall: write_stall.max(Duration::from_millis(1)),
+            tag_peers: false,
             reserve: open_reserve(),
+        }
+    }
+
+    /// The same server, giving every request its client's address as a
+    /// [`PeerAddr`] extension.
+    pub fn tagging_peers(self) -> Self {
+        Server {
+            tag_peers: true,
+            ..self
         }
     }
 
@@ -152,10 +165,10 @@ impl Server {
                 accepted = self.listener.accept() => accepted,
             };
             match accepted {
-                Ok((stream, _peer)) => self.admit(stream, &service, &tracker, &stopping),
+                Ok((stream, peer)) => self.admit(stream, peer, &service, &tracker, &stopping),
                 Err(e) if out_of_descriptors(&e) => {
-                    if let Some(stream) = self.accept_without_descriptors() {
-                        self.admit(stream, &service, &tracker, &stopping);
+                    if let Some((stream, peer)) = self.accept_without_descriptors() {
+                        self.admit(stream, peer, &service, &tracker, &stopping);
                     }
                     // Let the tasks of closed connections run and give
                     // their descriptors back before the next accept.
@@ -182,6 +195,7 @@ impl Server {
     fn admit<S>(
         &self,
         stream: TcpStream,
+        peer: SocketAddr,
         service: &S,
         tracker: &TaskTracker,
         stopping: &CancellationToken,
@@ -205,6 +219,7 @@ impl Server {
         let svc = ConnService {
             inner: service.clone(),
             conn: conn.clone(),
+            peer: self.tag_peers.then_some(PeerAddr(peer.ip())),
         };
         let stopping = stopping.clone();
         tracker.spawn(async move {
@@ -233,9 +248,9 @@ impl Server {
     /// closes a waiting or idle connection to make room for it, returning
     /// the client to serve; when every connection is busy the client is
     /// closed at once. The reserve is taken back when a descriptor is free.
-    fn accept_without_descriptors(&mut self) -> Option<TcpStream> {
+    fn accept_without_descriptors(&mut self) -> Option<(TcpStream, SocketAddr)> {
         drop(self.reserve.take());
-        let accepted = accept_now(&self.listener).ok().map(|(stream, _)| stream);
+        let accepted = accept_now(&self.listener).ok();
         let made_room = accepted.is_some() && self.conns.make_room();
         self.reserve = open_reserve();
         if accepted.is_some() && !made_room {
@@ -447,7 +462,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Observed<S> {
 struct ConnService<S> {
     inner: S,
     conn: Arc<Conn>,
+    peer: Option<PeerAddr>,
 }
+
+/// The address of the client that sent a request, when the server tags
+/// requests with it ([`Server::tagging_peers`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub std::net::IpAddr);
 
 impl<S> hyper::service::Service<hyper::Request<Incoming>> for ConnService<S>
 where
@@ -460,7 +481,11 @@ where
 
     fn call(&self, req: hyper::Request<Incoming>) -> Self::Future {
         let guard = self.conn.request_started();
-        let served = self.inner.clone().call(req.map(Body::new));
+        let mut req = req.map(Body::new);
+        if let Some(peer) = self.peer {
+            req.extensions_mut().insert(peer);
+        }
+        let served = self.inner.clone().call(req);
         Box::pin(async move {
             let resp = match served.await {
                 Ok(resp) => resp,

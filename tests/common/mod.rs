@@ -290,9 +290,16 @@ impl TestApp {
 
     /// One sample of an unlabelled metric, read from `/metrics`.
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = self
-            .client
-            .get(self.url("/metrics"))
+        self.metric_as(name, None).await
+    }
+
+    /// [`TestApp::metric`], asked with `token` when authentication is on.
+    pub async fn metric_as(&self, name: &str, token: Option<&str>) -> f64 {
+        let mut req = self.client.get(self.url("/metrics"));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        let text = req
             .send()
             .await
             .expect("metrics")

@@ -1,0 +1,403 @@
+//! Per-principal rate limits: each principal may make N requests per
+//! second on average, in bursts of up to `burst`; `anonymous` callers are
+//! limited per client IP address instead. Each bucket is a GCRA cell
+//! (governor), one atomic word checked without a lock.
+//!
+//! The limit comes from `--rate-limit N[/burst]`, or for one principal from
+//! the `rate=N/burst` option of its lines in the tokens file. Buckets are
+//! kept in maps of bounded size: one per configured principal, and at most
+//! `--rate-limit-max-clients` client addresses; a bucket unused for as long
+//! as it takes to fill again is the same as a fresh one and is dropped when
+//! room is needed. When every tracked address is recent, a new address is
+//! refused (429) rather than let past the limit.
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::{Quota, RateLimiter};
+
+/// A rate: `per_second` requests per second on average, at most `burst`
+/// at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Requests per second, on average.
+    pub per_second: NonZeroU32,
+    /// Requests that may come at once after a quiet spell.
+    pub burst: NonZeroU32,
+}
+
+impl FromStr for Rate {
+    type Err = String;
+
+    /// `N` or `N/burst`, both whole numbers from 1.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let number = |t: &str| {
+            t.trim()
+                .parse::<NonZeroU32>()
+                .map_err(|_| format!("{text:?}: a rate is N or N/burst, whole numbers from 1"))
+        };
+        let (rate, burst) = match text.split_once('/') {
+            Some((rate, burst)) => (number(rate)?, number(burst)?),
+            None => {
+                let rate = number(text)?;
+                (rate, rate)
+            }
+        };
+        Ok(Rate {
+            per_second: rate,
+            burst,
+        })
+    }
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.per_second, self.burst)
+    }
+}
+
+impl Rate {
+    fn quota(self) -> Quota {
+        Quota::per_second(self.per_second).allow_burst(self.burst)
+    }
+
+    /// How long an unused bucket takes to fill up again.
+    fn refill(self) -> Duration {
+        self.quota().burst_size_replenished_in()
+    }
+}
+
+type Limiter = RateLimiter<
+    governor::state::NotKeyed,
+    governor::state::InMemoryState,
+    DefaultClock,
+    StateInformationMiddleware,
+>;
+
+/// One caller's bucket.
+struct Bucket {
+    rate: Rate,
+    limiter: Limiter,
+    /// When it was last used, in ms since the limits were made.
+    last_used: AtomicU64,
+}
+
+/// What the `RateLimit-*` headers of an answer say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateState {
+    /// `RateLimit-Limit`: the burst.
+    pub limit: u32,
+    /// `RateLimit-Remaining`: requests left in the burst now.
+    pub remaining: u32,
+    /// `RateLimit-Reset`: seconds until the bucket is full again.
+    pub reset_secs: u64,
+}
+
+impl RateState {
+    /// Writes the `RateLimit-Limit`, `RateLimit-Remaining` and
+    /// `RateLimit-Reset` headers.
+    pub fn write_headers(&self, headers: &mut axum::http::HeaderMap) {
+        use axum::http::{HeaderName, HeaderValue};
+        static LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+        static REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+        static RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+        headers.insert(LIMIT.clone(), HeaderValue::from(self.limit));
+        headers.insert(REMAINING.clone(), HeaderValue::from(self.remaining));
+        headers.insert(RESET.clone(), HeaderValue::from(self.reset_secs));
+    }
+}
+
+/// The outcome of one request's check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// No limit applies to this caller.
+    Unlimited,
+    /// Allowed; the answer carries these headers.
+    Allowed(RateState),
+    /// Refused with 429: retry after `retry_after_secs`.
+    Refused {
+        /// The headers of the refusal.
+        state: RateState,
+        /// `Retry-After`, in whole seconds (at least 1).
+        retry_after_secs: u64,
+    },
+}
+
+/// The rate limits of one server.
+pub struct RateLimits {
+    default: Option<Rate>,
+    principals: DashMap<Arc<str>, Arc<Bucket>>,
+    clients: DashMap<IpAddr, Arc<Bucket>>,
+    max_clients: usize,
+    /// When the client map was last pruned, in ms since `epoch`.
+    pruned_at: AtomicU64,
+    epoch: Instant,
+    refused: AtomicU64,
+}
+
+impl std::fmt::Debug for RateLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimits")
+            .field("default", &self.default)
+            .field("principals", &self.principals.len())
+            .field("clients", &self.clients.len())
+            .finish()
+    }
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        RateLimits::new(None, 100_000)
+    }
+}
+
+impl RateLimits {
+    /// Limits of `default` for every caller without a rate of its own,
+    /// tracking at most `max_clients` client addresses.
+    pub fn new(default: Option<Rate>, max_clients: usize) -> Self {
+        RateLimits {
+            default,
+            principals: DashMap::new(),
+            clients: DashMap::new(),
+            max_clients: max_clients.max(1),
+            pruned_at: AtomicU64::new(0),
+            epoch: Instant::now(),
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    /// Checks one request of principal `name` (rate `own`, from its token
+    /// lines), or of an anonymous caller at `client`.
+    pub fn check(&self, name: &Arc<str>, own: Option<Rate>, client: Option<IpAddr>) -> Verdict {
+        let anonymous = &**name == super::auth::ANONYMOUS;
+        let Some(rate) = own.or(self.default) else {
+            return Verdict::Unlimited;
+        };
+        let now = self.now_ms();
+        let bucket = if anonymous {
+            let ip = client.unwrap_or(IpAddr::from([0, 0, 0, 0]));
+            match self.client_bucket(ip, rate, now) {
+                Some(b) => b,
+                None => return self.refuse_untracked(rate),
+            }
+        } else {
+            self.principal_bucket(name, rate)
+        };
+        bucket.last_used.store(now, Ordering::Relaxed);
+        let limit = rate.burst.get();
+        match bucket.limiter.check() {
+            Ok(snapshot) => {
+                let remaining = snapshot.remaining_burst_capacity();
+                Verdict::Allowed(RateState {
+                    limit,
+                    remaining,
+                    reset_secs: refill_secs(rate, limit.saturating_sub(remaining)),
+                })
+            }
+            Err(not_until) => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                Verdict::Refused {
+                    state: RateState {
+                        limit,
+                        remaining: 0,
+                        reset_secs: refill_secs(rate, limit),
+                    },
+                    retry_after_secs: ceil_secs(wait).max(1),
+                }
+            }
+        }
+    }
+
+    /// Requests refused with 429 so far.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Client addresses tracked now, and the most that may be.
+    pub fn clients(&self) -> (usize, usize) {
+        (self.clients.len(), self.max_clients)
+    }
+
+    /// Forgets the buckets of principals, so that rates changed by a
+    /// reload of the tokens take effect at once.
+    pub fn reset_principals(&self) {
+        self.principals.clear();
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn principal_bucket(&self, name: &Arc<str>, rate: Rate) -> Arc<Bucket> {
+        if let Some(b) = self.principals.get(name) {
+            if b.rate == rate {
+                return b.clone();
+            }
+        }
+        let fresh = Arc::new(bucket(rate));
+        self.principals.insert(name.clone(), fresh.clone());
+        fresh
+    }
+
+    /// The bucket of `ip`, made if there is room; `None` when the map is
+    /// full of recent clients.
+    fn client_bucket(&self, ip: IpAddr, rate: Rate, now: u64) -> Option<Arc<Bucket>> {
+        if let Some(b) = self.clients.get(&ip) {
+            if b.rate == rate {
+                return Some(b.clone());
+            }
+        }
+        if self.clients.len() >= self.max_clients {
+            self.prune(now);
+            if self.clients.len() >= self.max_clients {
+                return None;
+            }
+        }
+        let fresh = Arc::new(bucket(rate));
+        self.clients.insert(ip, fresh.clone());
+        Some(fresh)
+    }
+
+    /// Drops the buckets unused for as long as they take to fill again:
+    /// they are full, as a fresh one would be. At most once a second, so a
+    /// flood of new addresses cannot make every request walk the map.
+    fn prune(&self, now: u64) {
+        let last = self.pruned_at.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < 1000
+            || self
+                .pruned_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        self.clients.retain(|_, b| {
+            let idle = now.saturating_sub(b.last_used.load(Ordering::Relaxed));
+            u128::from(idle) < b.rate.refill().as_millis()
+        });
+    }
+
+    fn refuse_untracked(&self, rate: Rate) -> Verdict {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        Verdict::Refused {
+            state: RateState {
+                limit: rate.burst.get(),
+                remaining: 0,
+                reset_secs: 1,
+            },
+            retry_after_secs: 1,
+        }
+    }
+}
+
+fn bucket(rate: Rate) -> Bucket {
+    Bucket {
+        rate,
+        limiter: RateLimiter::direct(rate.quota()).with_middleware::<StateInformationMiddleware>(),
+        last_used: AtomicU64::new(0),
+    }
+}
+
+/// Seconds (rounded up) until `missing` requests have been given back.
+fn refill_secs(rate: Rate, missing: u32) -> u64 {
+    let per = rate.quota().replenish_interval();
+    ceil_secs(per * missing)
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    let whole = d.as_secs();
+    if d.subsec_nanos() > 0 {
+        whole + 1
+    } else {
+        whole
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rate(text: &str) -> Rate {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn rates_parse_as_n_or_n_slash_burst() {
+        assert_eq!(rate("5").to_string(), "5/5");
+        assert_eq!(rate("5/20").to_string(), "5/20");
+        for bad in ["", "0", "5/0", "x", "5/", "-1", "1.5"] {
+            assert!(bad.parse::<Rate>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_burst_is_allowed_then_refused_with_a_retry_time() {
+        let limits = RateLimits::new(Some(rate("1/3")), 10);
+        let alice: Arc<str> = "alice".into();
+        let mut left = Vec::new();
+        for _ in 0..3 {
+            match limits.check(&alice, None, None) {
+                Verdict::Allowed(q) => {
+                    assert_eq!(q.limit, 3);
+                    left.push(q.remaining);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(left, [2, 1, 0]);
+        match limits.check(&alice, None, None) {
+            Verdict::Refused {
+                state,
+                retry_after_secs,
+            } => {
+                assert_eq!(state.remaining, 0);
+                assert_eq!(retry_after_secs, 1);
+                assert_eq!(state.reset_secs, 3);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(limits.refused(), 1);
+        // Another principal has a bucket of its own, and its own rate wins.
+        let bob: Arc<str> = "bob".into();
+        assert!(matches!(
+            limits.check(&bob, Some(rate("100")), None),
+            Verdict::Allowed(RateState { limit: 100, .. })
+        ));
+        let unlimited = RateLimits::new(None, 10);
+        assert_eq!(unlimited.check(&alice, None, None), Verdict::Unlimited);
+    }
+
+    #[test]
+    fn anonymous_callers_are_limited_per_address_and_the_map_is_bounded() {
+        let limits = RateLimits::new(Some(rate("1/1")), 2);
+        let anon: Arc<str> = super::super::auth::ANONYMOUS.into();
+        let ip = |n: u8| Some(IpAddr::from([10, 0, 0, n]));
+        assert!(matches!(
+            limits.check(&anon, None, ip(1)),
+            Verdict::Allowed(_)
+        ));
+        assert!(matches!(
+            limits.check(&anon, None, ip(1)),
+            Verdict::Refused { .. }
+        ));
+        assert!(matches!(
+            limits.check(&anon, None, ip(2)),
+            Verdict::Allowed(_)
+        ));
+        // Both tracked addresses are recent: a third is refused, not
+        // tracked past the bound.
+        assert!(matches!(
+            limits.check(&anon, None, ip(3)),
+            Verdict::Refused { .. }
+        ));
+        assert_eq!(limits.clients(), (2, 2));
+    }
+}
