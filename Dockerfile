@@ -26,12 +26,15 @@ RUN groupadd --system --gid 10001 larder \
     && chown 10001:10001 /data
 COPY --from=build /src/target/release/larder /usr/local/bin/larder
 USER 10001:10001
+# Probes and scrapers use the admin listener (no token; /healthz, /readyz
+# and /metrics only), and so does the HEALTHCHECK below.
 ENV LARDER_LISTEN=0.0.0.0:8080 \
+    LARDER_ADMIN_LISTEN=0.0.0.0:9090 \
     LARDER_DATA_DIR=/data \
     LARDER_LOG_FORMAT=json \
     LARDER_ACCESS_LOG=true
 VOLUME ["/data"]
-EXPOSE 8080
+EXPOSE 8080 9090
 # SIGTERM is a graceful stop: finish requests, write every dirty object, fsync.
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \

@@ -75,6 +75,8 @@ pub struct Parts {
 /// A bound, wired server, ready to run.
 pub struct App {
     server: Server,
+    /// The admin listener (`--admin-listen`), if any.
+    admin: Option<Server>,
     router: api::front::Front<Router>,
     state: AppState,
     shutdown_timeout: Duration,
@@ -185,7 +187,13 @@ impl App {
             )));
         }
         let fd_limit = crate::net::raise_fd_limit();
-        let reserve = crate::net::FD_RESERVE + config.cluster_pool_size as u64;
+        let admin_connections = if config.admin_listen.is_some() {
+            ADMIN_CONNECTIONS
+        } else {
+            0
+        };
+        let reserve =
+            crate::net::FD_RESERVE + config.cluster_pool_size as u64 + admin_connections as u64;
         let wanted = usize::try_from(config.max_connections).unwrap_or(usize::MAX);
         let max_connections = crate::net::fd_budget(wanted, fd_limit, reserve);
         if max_connections < wanted {
@@ -201,6 +209,24 @@ impl App {
                 addr: config.listen,
                 source,
             })?;
+        let admin = match config.admin_listen {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| AppError::Bind { addr, source })?;
+                let conns = Arc::new(Connections::new(ConnLimits {
+                    max_connections: admin_connections,
+                    header_timeout: Duration::from_millis(config.header_timeout_ms),
+                    idle_timeout: Duration::from_millis(config.idle_timeout_ms),
+                }));
+                Some(Server::new(
+                    listener,
+                    conns,
+                    Duration::from_millis(config.write_stall_ms),
+                ))
+            }
+            None => None,
+        };
         let connections = Arc::new(Connections::new(ConnLimits {
             max_connections,
             header_timeout: Duration::from_millis(config.header_timeout_ms),
@@ -284,6 +310,7 @@ impl App {
         );
         Ok(App {
             server,
+            admin,
             router,
             state,
             shutdown_timeout: Duration::from_secs(config.shutdown_timeout_secs),
@@ -299,6 +326,11 @@ impl App {
     /// The OS error if the socket has no local address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.server.local_addr()
+    }
+
+    /// The address the admin listener bound, if there is one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|s| s.local_addr().ok())
     }
 
     /// The store behind the server (for embedding and tests).
@@ -339,6 +371,17 @@ impl App {
             let _ = stopping_tx.send(());
         };
         let mut server = tokio::spawn(self.server.serve(self.router, signal));
+        // Probes reach the admin listener from the start: /readyz answers
+        // 503 there until recovery is done.
+        if let Some(admin) = self.admin {
+            let tasks = self.state.tables.tasks();
+            let admin_addr = admin
+                .local_addr()
+                .map_or_else(|e| e.to_string(), |a| a.to_string());
+            let routes = crate::api::admin::router(self.state.clone());
+            tasks.spawn("admin listener", admin.serve(routes, tasks.stopping()));
+            tracing::info!(addr = %admin_addr, "admin listening: /healthz, /readyz, /metrics");
+        }
         tracing::info!(%addr, "larder listening; loading persistent tables");
 
         let recovered = {
@@ -452,6 +495,10 @@ impl App {
         }
     }
 }
+
+/// Connections the admin listener serves at once: probes and scrapers
+/// only.
+const ADMIN_CONNECTIONS: usize = 64;
 
 /// Reloads the tokens file on each `SIGHUP`, in a background task; without
 /// this the signal's default action would end the process.

@@ -28,6 +28,12 @@ pub struct Config {
     #[arg(long, env = "LARDER_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
+    /// A second, plain-HTTP address serving only `/healthz`, `/readyz` and
+    /// `/metrics`, without tokens: for probes and scrapers. `--healthcheck`
+    /// asks it when set. None by default.
+    #[arg(long, env = "LARDER_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+
     /// Directory for durable tables; created if missing.
     #[arg(long, env = "LARDER_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
@@ -293,6 +299,7 @@ impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
             .field("listen", &self.listen)
+            .field("admin_listen", &self.admin_listen)
             .field("data_dir", &self.data_dir)
             .field("sled_cache_bytes", &self.sled_cache_bytes)
             .field(

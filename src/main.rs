@@ -9,11 +9,13 @@ use tracing_subscriber::EnvFilter;
 use larder::app::{shutdown_signal, App};
 use larder::config::{Config, LogFormat};
 
-/// `--healthcheck`: one `GET /healthz` to the configured address over a
-/// plain socket, with a two-second limit.
+/// `--healthcheck`: one `GET /healthz` over a plain socket, with a
+/// two-second limit, to the admin listener when there is one (it needs no
+/// token and speaks plain HTTP whatever the main listener does), else to
+/// the main one.
 fn healthcheck(config: &Config) -> ExitCode {
     use std::io::{Read, Write};
-    let mut addr = config.listen;
+    let mut addr = config.admin_listen.unwrap_or(config.listen);
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }

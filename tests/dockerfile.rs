@@ -98,6 +98,11 @@ fn the_image_runs_the_release_binary_that_cargo_builds() {
         env.contains("LARDER_LISTEN=0.0.0.0:8080") && env.contains("LARDER_DATA_DIR=/data"),
         "{env}"
     );
+    // The healthcheck and outside probes reach the admin listener.
+    assert!(env.contains("LARDER_ADMIN_LISTEN=0.0.0.0:9090"), "{env}");
+    assert!(find(&lines, "EXPOSE ")[0]
+        .split_whitespace()
+        .any(|p| p == "9090"));
 }
 
 #[tokio::test]

@@ -246,16 +246,22 @@ pub fn router() -> ApiRoutes {
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String))
 )]
 pub async fn get_metrics(State(state): State<AppState>, who: Principal) -> Response {
+    render(&state, &who)
+}
+
+/// The metrics as `who` may see them: series of tables it may not read are
+/// left out.
+pub fn render(state: &AppState, who: &Principal) -> Response {
     let mut out = state.metrics.render();
     let tables: Vec<Arc<Table>> = state
         .tables
         .store()
         .tables()
         .into_iter()
-        .filter(|t| authorize(t, &who, Op::Read).is_ok())
+        .filter(|t| authorize(t, who, Op::Read).is_ok())
         .collect();
     write_tables(&mut out, &tables);
-    write_server(&mut out, &state);
+    write_server(&mut out, state);
     state.tables.render_metrics(&mut out);
     let mut resp = (StatusCode::OK, out).into_response();
     resp.headers_mut().insert(

@@ -5,6 +5,7 @@
 //! spec it serves. Handlers validate input fully before calling the store, so
 //! a failed request changes nothing.
 
+pub mod admin;
 pub mod auth;
 pub mod counters;
 pub mod direct;

@@ -24,6 +24,8 @@ use tokio::sync::oneshot;
 /// A running server and a client for it. Dropping it stops the server.
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The admin listener's address, when the test asked for one.
+    pub admin: Option<SocketAddr>,
     pub base: String,
     pub client: reqwest::Client,
     pub clock: Option<ManualClock>,
@@ -148,6 +150,7 @@ async fn spawn_in(
     };
     let app = App::build_with(config, parts).await.expect("server builds");
     let addr = app.local_addr().expect("bound address");
+    let admin = app.admin_addr();
     let store = app.store();
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(async move {
@@ -159,6 +162,7 @@ async fn spawn_in(
     });
     let app = TestApp {
         addr,
+        admin,
         base: format!("http://{addr}"),
         client: reqwest::Client::builder()
             .pool_max_idle_per_host(64)
