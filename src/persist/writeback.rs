@@ -178,13 +178,21 @@ impl Durability {
         let mut keys = 0;
         let mut unflushed = 0;
         let mut shrunk = false;
-        // What to write, taken while no keyed write is between its change
-        // and its record (the record gate), so each change comes with its
-        // idempotency record or before it.
+        // What to write, taken and written while no keyed write is between
+        // its change and its record (the record gate), so each change
+        // comes with its idempotency record or before it. The gate is held
+        // until the last batch is written, not only while the dirty keys
+        // are listed: a batch writes each key's live value, which by then
+        // may hold later changes, and a later keyed change must not reach
+        // the engine without its record (a crash would then keep the
+        // change and lose the record, and the retry would apply it again).
+        // Held through the writes, it keeps keyed writes from changing
+        // anything until the batches are in the engine; writes without a
+        // key go on, and the fsync comes after it is released.
         let mut plans: Vec<Plan> = Vec::new();
         let mut wrote_records = false;
+        let gate = inner.record_gate.blocking_write();
         {
-            let _gate = inner.record_gate.blocking_write();
             for table in inner.store.persistent_tables() {
                 let Some(dirty) = table.dirty() else {
                     continue;
@@ -277,6 +285,7 @@ impl Durability {
                 records,
             });
         }
+        drop(gate);
         let waiting = target > inner.progress.borrow().durable;
         // Idempotency records written since the last flush need one too.
         let records = inner.records_dirty.swap(false, Ordering::AcqRel) || wrote_records;
