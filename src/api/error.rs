@@ -296,6 +296,7 @@ impl From<OpError> for ApiError {
             },
             OpError::Unavailable(m) => ApiError::Unavailable(m),
             OpError::StorageFull => ApiError::StorageFull,
+            e @ OpError::NotDurable { .. } => ApiError::Unavailable(e.to_string()),
             OpError::Internal(m) => ApiError::Internal(m),
         }
     }

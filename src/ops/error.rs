@@ -49,6 +49,16 @@ pub enum OpError {
     /// was undone).
     #[error("the disk of the data directory is full")]
     StorageFull,
+    /// The durable tier did not make the write durable (a failed round,
+    /// or writes refused until the disk takes them again); the change was
+    /// not applied or was undone. The tier's own error is kept as the
+    /// source, for the log.
+    #[error("could not make the write durable: {source}")]
+    NotDurable {
+        /// Why, as the durable tier said it.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A bug or an unexpected I/O failure.
     #[error("internal: {0}")]
     Internal(String),

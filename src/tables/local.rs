@@ -72,7 +72,9 @@ pub fn not_durable(e: crate::persist::PersistError) -> OpError {
     if e.is_disk_full() {
         OpError::StorageFull
     } else {
-        OpError::Unavailable(format!("could not make the write durable: {e}"))
+        OpError::NotDurable {
+            source: Box::new(e),
+        }
     }
 }
 
