@@ -32,7 +32,9 @@
 //!   transfer, watch, service, metrics); [`api::front`], the one middleware
 //!   (request id, readiness, load shedding, timeout, authentication,
 //!   metrics, logs); [`api::scope`], what a handler knows of its request;
-//!   [`api::drain`]; per-table access ([`api::auth`]); the read-through
+//!   [`api::drain`]; per-table access ([`api::auth`]); bearer tokens and
+//!   their reload ([`api::tokens`]); rate limits ([`api::rate`]); the admin
+//!   listener's routes ([`api::admin`]); the read-through
 //!   miss path ([`api::origin`]); idempotent retries
 //!   ([`api::idempotency`]); and [`api::error::ApiError`], the only type
 //!   that becomes an error response (every lower error maps to it in one

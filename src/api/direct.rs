@@ -13,7 +13,7 @@
 //! The router stays behind for what is not in the table: the docs, the
 //! fallbacks (404 and 405), and HEAD on a route that only has GET.
 //!
-//! Routes are declared once, with [`api_routes!`], which gives both the
+//! Routes are declared once, with `api_routes!`, which gives both the
 //! documented axum route (through `utoipa_axum::routes!`) and the direct
 //! entries, so the two cannot disagree.
 //!
@@ -129,7 +129,7 @@ impl ApiRoutes {
         }
     }
 
-    /// Adds the handlers of one path, as [`api_routes!`] gives them.
+    /// Adds the handlers of one path, as `api_routes!` gives them.
     #[must_use]
     pub fn routes(mut self, (doc, direct): (UtoipaMethodRouter<AppState>, Vec<Direct>)) -> Self {
         self.doc = self.doc.routes(doc);

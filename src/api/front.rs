@@ -25,7 +25,7 @@
 //!
 //! An answer from 1 to 4 comes before any of the body is read; a
 //! connection with a body on its way is then closed, not drained.
-//! 5. The handler, under the request's deadline (see [`with_deadline`]):
+//! 5. The handler, under the request's deadline (see `with_deadline`):
 //!    408 for a body that has not arrived in time, 503 for a read that ran
 //!    out of time; a write whose body is in is never abandoned.
 

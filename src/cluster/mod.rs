@@ -10,7 +10,7 @@
 //!   and a change log (see `migrations/cluster/`). Every write is one
 //!   transaction there, acknowledged after commit.
 //! - Each node holds a bounded hot copy of recently used rows per table
-//!   ([`hot`]), kept coherent by following the change log ([`follow`]).
+//!   (`hot`), kept coherent by following the change log (`follow`).
 //!   A read is served from it while the node has caught up with the log
 //!   within the staleness bound; otherwise, and for `?consistent=true`,
 //!   from PostgreSQL.
