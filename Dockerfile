@@ -20,6 +20,12 @@ COPY bench ./bench
 RUN cargo build --release --locked --bin larder
 
 FROM debian:bookworm-slim
+# The system's roots, for https:// origins (--origin-ca adds to them). The
+# version follows the base image's release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 larder \
     && useradd --system --uid 10001 --gid 10001 --home-dir /data --shell /usr/sbin/nologin larder \
     && mkdir -p /data \

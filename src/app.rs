@@ -263,14 +263,27 @@ impl App {
             .record_filter()
             .set_bytes(config.idempotency_filter_bytes);
         let memory = store.memory().clone();
+        let origins = match &config.origin_ca {
+            None => {
+                crate::api::origin::Origins::new(config.origin_allow.clone(), config.max_body_bytes)
+            }
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    AppError::Config(format!("--origin-ca {}: {e}", path.display()))
+                })?;
+                crate::api::origin::Origins::with_ca(
+                    config.origin_allow.clone(),
+                    config.max_body_bytes,
+                    &pem,
+                )
+                .map_err(|e| AppError::Config(format!("--origin-ca {}: {e}", path.display())))?
+            }
+        };
         let state = AppState::new(crate::api::Services {
             tables: Tables::new(store, durability, cluster, tasks, config.max_tables),
             ready: Arc::new(AtomicBool::new(false)),
             metrics,
-            origins: crate::api::origin::Origins::new(
-                config.origin_allow.clone(),
-                config.max_body_bytes,
-            ),
+            origins,
             tokens: Arc::new(tokens),
             rates: crate::api::rate::RateLimits::new(
                 default_rate,

@@ -98,6 +98,12 @@ pub struct Config {
     #[arg(long, env = "LARDER_ORIGIN_ALLOW", value_delimiter = ',')]
     pub origin_allow: Vec<String>,
 
+    /// A PEM file of certificates trusted for `https://` origins, besides
+    /// the system's roots (an internal CA). Unreadable or with no
+    /// certificate: start-up is refused.
+    #[arg(long, env = "LARDER_ORIGIN_CA")]
+    pub origin_ca: Option<PathBuf>,
+
     /// File of `principal:secret[:read]` lines, the secret being the token
     /// or `sha256:<hex>` (`#` starts a comment); reloaded on `SIGHUP`. With
     /// no tokens configured, authentication is off and every caller is
@@ -315,6 +321,7 @@ impl std::fmt::Debug for Config {
             .field("log", &self.log)
             .field("max_memory_bytes", &self.max_memory_bytes)
             .field("origin_allow", &self.origin_allow)
+            .field("origin_ca", &self.origin_ca)
             .field("tokens_file", &self.tokens_file)
             .field("tokens", &self.tokens.as_ref().map(|_| "<redacted>"))
             .field("rate_limit", &self.rate_limit)

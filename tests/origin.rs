@@ -172,7 +172,7 @@ async fn origins_must_be_allowed_http_urls_with_a_key_slot() {
         "http://127.0.0.1:9001/u/{key}",
         "http://10.0.0.1:9000/u/{key}",
         "http://127.0.0.1:9000/u/",
-        "https://127.0.0.1:9000/u/{key}",
+        "ftp://127.0.0.1:9000/u/{key}",
         "not a url {key}",
     ] {
         app.create_table(json!({"name": "o", "origin": {"url": url}}))
@@ -189,6 +189,11 @@ async fn origins_must_be_allowed_http_urls_with_a_key_slot() {
         .await;
     assert_eq!(ok.status, 201, "{}", ok.text);
     assert_eq!(ok.body["origin"]["timeout_ms"], 2000, "defaults filled in");
+    // https:// is an origin too (tests/origin_tls.rs fetches from one).
+    let tls = app
+        .create_table(json!({"name": "o2", "origin": {"url": "https://127.0.0.1:9000/u/{key}"}}))
+        .await;
+    assert_eq!(tls.status, 201, "{}", tls.text);
     // No allow list at all: no origins.
     let closed = common::spawn_app().await;
     closed

@@ -61,10 +61,35 @@ pub struct Origins {
 }
 
 impl Origins {
-    /// An origin client allowing `allow` patterns (see `--origin-allow`).
+    /// An origin client allowing `allow` patterns (see `--origin-allow`),
+    /// trusting the system's roots for `https://` origins.
     pub fn new(allow: Vec<String>, max_body: usize) -> Self {
+        Self::with_client(allow, max_body, reqwest::Client::new())
+    }
+
+    /// As [`Origins::new`], also trusting the certificates of the PEM text
+    /// `ca` (`--origin-ca`).
+    ///
+    /// # Errors
+    /// A message when `ca` holds no certificate or the client cannot be
+    /// built.
+    pub fn with_ca(allow: Vec<String>, max_body: usize, ca: &[u8]) -> Result<Self, String> {
+        let certs = reqwest::Certificate::from_pem_bundle(ca)
+            .map_err(|e| format!("not PEM certificates: {e}"))?;
+        if certs.is_empty() {
+            return Err("holds no certificate".into());
+        }
+        let client = certs
+            .into_iter()
+            .fold(reqwest::Client::builder(), |b, c| b.add_root_certificate(c))
+            .build()
+            .map_err(|e| format!("cannot build the TLS client: {e}"))?;
+        Ok(Self::with_client(allow, max_body, client))
+    }
+
+    fn with_client(allow: Vec<String>, max_body: usize, http: reqwest::Client) -> Self {
         Origins {
-            http: reqwest::Client::new(),
+            http,
             allow: Arc::new(allow.into_iter().filter(|p| !p.trim().is_empty()).collect()),
             inflight: Arc::default(),
             negative: Arc::default(),
@@ -72,8 +97,8 @@ impl Origins {
         }
     }
 
-    /// Checks an origin at table creation: an http URL with `{key}`, whose
-    /// host and port are allowed.
+    /// Checks an origin at table creation: an `http://` or `https://` URL
+    /// with `{key}`, whose host and port are allowed.
     ///
     /// # Errors
     /// [`ApiError::InvalidArgument`] saying what is wrong.
@@ -86,8 +111,8 @@ impl Origins {
             Ok(u) => u,
             Err(e) => return bad(format!("origin.url is not a URL: {e}")),
         };
-        if url.scheme() != "http" {
-            return bad("origin.url must be http:// (this build has no TLS client)".into());
+        if !matches!(url.scheme(), "http" | "https") {
+            return bad("origin.url must be http:// or https://".into());
         }
         let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
             return bad("origin.url needs a host".into());

@@ -81,7 +81,9 @@ pub enum Eviction {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Origin {
-    /// URL template; `{key}` is replaced by the percent-encoded key.
+    /// URL template, `http://` or `https://` (verified against the system's
+    /// roots plus `--origin-ca`); `{key}` is replaced by the
+    /// percent-encoded key.
     #[schema(example = "http://127.0.0.1:9000/users/{key}")]
     pub url: String,
     /// TTL given to values fetched from the origin, in milliseconds.
