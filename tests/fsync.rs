@@ -237,7 +237,16 @@ fn parse_trace(text: &str) -> Vec<Traced> {
         .iter()
         .any(|p| call.starts_with(p));
         if sync && !call.contains("<unfinished") && call.contains(" = 0 ") {
-            out.push(Traced::Synced(ts + took));
+            // A whole line is stamped when the call began; a `resumed`
+            // line (the call was split by another thread's) when it
+            // returned. Adding the duration to the latter put the return
+            // later than it was, past the response it preceded.
+            let returned = if call.starts_with("<...") {
+                ts
+            } else {
+                ts + took
+            };
+            out.push(Traced::Synced(returned));
         } else if let Some(at) = call.find("\"HTTP/1.1 ") {
             let status = call[at + 10..].get(..3).and_then(|s| s.parse().ok());
             if let Some(status) = status {
@@ -573,4 +582,24 @@ async fn the_kernel_sees_write_then_fsync_of_that_file_then_the_answer() {
         blob_files >= 3,
         "large values went through blob files ({blob_files})"
     );
+}
+
+#[test]
+fn a_resumed_fdatasync_returned_when_its_line_is_stamped() {
+    let trace = "\
+101 1000.000000 fdatasync(7 <unfinished ...>
+102 1000.001000 write(9, \"HTTP/1.1 200 OK\\r\\n\", 17) = 17 <0.000010>
+101 1000.018000 <... fdatasync resumed>) = 0 <0.018000>
+101 1000.020000 fdatasync(7) = 0 <0.002000>
+";
+    let synced: Vec<f64> = parse_trace(trace)
+        .into_iter()
+        .filter_map(|t| match t {
+            Traced::Synced(at) => Some(at),
+            Traced::Responded(..) => None,
+        })
+        .collect();
+    assert_eq!(synced.len(), 2);
+    assert!((synced[0] - 1000.018).abs() < 1e-9, "{synced:?}");
+    assert!((synced[1] - 1000.022).abs() < 1e-9, "{synced:?}");
 }
