@@ -21,11 +21,15 @@
 //! 2. More than `--max-concurrent-requests` in flight: 503 with
 //!    `Retry-After` (probes are exempt, so overload never looks like death).
 //! 3. `/v1` and `/metrics` without a valid token: 401.
-//! 4. A declared `Content-Length` over the route's body limit: 413.
+//! 4. A read-only token on a `/v1` route that writes or manages: 403.
+//! 5. A `/v1` caller past its rate limit (`--rate-limit`): 429 with
+//!    `Retry-After`; an admitted caller's answer carries its
+//!    `RateLimit-*` headers.
+//! 6. A declared `Content-Length` over the route's body limit: 413.
 //!
-//! An answer from 1 to 4 comes before any of the body is read; a
+//! An answer from 1 to 6 comes before any of the body is read; a
 //! connection with a body on its way is then closed, not drained.
-//! 5. The handler, under the request's deadline (see `with_deadline`):
+//! 7. The handler, under the request's deadline (see `with_deadline`):
 //!    408 for a body that has not arrived in time, 503 for a read that ran
 //!    out of time; a write whose body is in is never abandoned.
 
