@@ -121,7 +121,30 @@ impl App {
             &config.admin_principal,
         )
         .map_err(AppError::Config)?;
-        if !tokens.enabled() && !config.listen.ip().is_loopback() && !config.allow_insecure_public {
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(
+                crate::net::tls::Tls::load(crate::net::tls::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: config.tls_client_ca.clone(),
+                })
+                .map_err(|e| AppError::Config(format!("TLS: {e}")))?,
+            )),
+            (None, None) if config.tls_client_ca.is_some() => {
+                return Err(AppError::Config(
+                    "--tls-client-ca needs --tls-cert and --tls-key".into(),
+                ))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(AppError::Config(
+                    "--tls-cert and --tls-key go together".into(),
+                ))
+            }
+        };
+        // Client certificates authenticate callers as well as tokens do.
+        let authenticated = tokens.enabled() || tls.as_ref().is_some_and(|t| t.mutual());
+        if !authenticated && !config.listen.ip().is_loopback() && !config.allow_insecure_public {
             return Err(AppError::Config(format!(
                 "refusing to listen on {} with authentication off: configure --tokens-file or LARDER_TOKENS, or pass --allow-insecure-public",
                 config.listen
@@ -252,6 +275,10 @@ impl App {
         } else {
             server
         };
+        let server = match &tls {
+            Some(tls) => server.with_tls(tls.clone()),
+            None => server,
+        };
         store.set_watch_limits(HistoryLimits {
             max_events: usize::try_from(config.watch_history).unwrap_or(usize::MAX),
             max_bytes: usize::try_from(config.watch_history_bytes).unwrap_or(usize::MAX),
@@ -313,6 +340,7 @@ impl App {
                 memory,
             ),
             connections,
+            tls,
         });
         let router = api::build(
             state.clone(),
@@ -513,8 +541,9 @@ impl App {
 /// only.
 const ADMIN_CONNECTIONS: usize = 64;
 
-/// Reloads the tokens file on each `SIGHUP`, in a background task; without
-/// this the signal's default action would end the process.
+/// Reloads the TLS pair and the tokens file on each `SIGHUP`, each on its
+/// own, in a background task; without this the signal's default action
+/// would end the process.
 fn reload_on_hangup(tasks: &crate::tasks::Tasks, state: AppState) {
     #[cfg(unix)]
     {
@@ -528,6 +557,18 @@ fn reload_on_hangup(tasks: &crate::tasks::Tasks, state: AppState) {
         };
         tasks.spawn("reload on SIGHUP", async move {
             while hangups.recv().await.is_some() {
+                if let Some(tls) = &state.tls {
+                    match tls.reload() {
+                        Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
+                        Err(e) => tracing::warn!(
+                            error = %e,
+                            "SIGHUP: TLS pair refused; the pair in force stays"
+                        ),
+                    }
+                }
+                if !state.tokens.reloads() {
+                    continue;
+                }
                 match state.tokens.reload() {
                     Ok(n) => {
                         // Rates given on token lines may have changed.

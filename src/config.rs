@@ -34,6 +34,22 @@ pub struct Config {
     #[arg(long, env = "LARDER_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
 
+    /// PEM certificate chain (leaf first): with `--tls-key`, the listener
+    /// speaks HTTPS only (HTTP/2 and HTTP/1.1 by ALPN). `SIGHUP` reloads the
+    /// pair; a pair that fails to load is logged and the old one stays.
+    #[arg(long, env = "LARDER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "LARDER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificates: clients must present a certificate signed by
+    /// one (mutual TLS), and a request without a bearer token is made by the
+    /// principal named in the certificate's subject common name.
+    #[arg(long, env = "LARDER_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// Directory for durable tables; created if missing.
     #[arg(long, env = "LARDER_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
@@ -306,6 +322,9 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("listen", &self.listen)
             .field("admin_listen", &self.admin_listen)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("tls_client_ca", &self.tls_client_ca)
             .field("data_dir", &self.data_dir)
             .field("sled_cache_bytes", &self.sled_cache_bytes)
             .field(

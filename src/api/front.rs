@@ -55,6 +55,7 @@ use super::routes::{RouteClass, RouteLabels};
 use super::scope::{Scope, SCOPE};
 use super::AppState;
 use crate::api::error::{ApiError, InternalDetail};
+use crate::net::tls::ClientName;
 use crate::net::PeerAddr;
 
 /// The request id header: kept from the request when the client sent one,
@@ -453,10 +454,12 @@ fn admit(shared: &Shared, req: &Request, class: RouteClass) -> Result<Let, ApiEr
         ));
     }
     let counted = !probe;
-    match state
-        .tokens
-        .authenticate(req.headers().get(header::AUTHORIZATION))
-    {
+    let bearer = req.headers().get(header::AUTHORIZATION);
+    let who = match req.extensions().get::<ClientName>() {
+        Some(client) => state.tokens.authenticate_client(bearer, client),
+        None => state.tokens.authenticate(bearer),
+    };
+    match who {
         // A read-only token may use reads only (API.md's read, write and
         // manage classes), whatever the table's access allows.
         Ok(who) if who.read_only && api && class.changes() => {

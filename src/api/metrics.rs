@@ -509,6 +509,13 @@ fn write_server(out: &mut String, state: &AppState) {
     } else {
         "larder_reload_success{what=\"tokens\"} 0\n"
     });
+    if let Some(tls) = &state.tls {
+        out.push_str(if tls.last_reload().unwrap_or(true) {
+            "larder_reload_success{what=\"tls\"} 1\n"
+        } else {
+            "larder_reload_success{what=\"tls\"} 0\n"
+        });
+    }
     let (running, slots, shed) = state.limits.long_stats();
     single(
         out,

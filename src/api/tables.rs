@@ -476,7 +476,11 @@ pub async fn give_away(
     JsonObject(body): JsonObject<GiveAway>,
 ) -> ApiResult<Response> {
     let table = state.table_for(&name, &who, Op::Manage).await?;
-    let known = if state.tokens.enabled() {
+    // Under mutual TLS any valid name can be a client certificate's.
+    let mutual = state.tls.as_ref().is_some_and(|t| t.mutual());
+    let known = if mutual {
+        crate::api::tokens::is_principal_name(&body.to)
+    } else if state.tokens.enabled() {
         state.tokens.snapshot().knows(&body.to)
     } else {
         body.to == crate::api::auth::ANONYMOUS

@@ -24,6 +24,8 @@ pub type Digest = [u8; 32];
 pub struct Tokens {
     /// Every token by its SHA-256, with whom it names and what it may do.
     by_digest: HashMap<Digest, Principal>,
+    /// Every configured principal, with the rate its lines give.
+    by_name: HashMap<Arc<str>, Option<Rate>>,
     /// Who every caller is when authentication is off; made once, so the
     /// request path only clones it.
     anonymous: Principal,
@@ -33,6 +35,7 @@ impl Default for Tokens {
     fn default() -> Self {
         Tokens {
             by_digest: HashMap::new(),
+            by_name: HashMap::new(),
             anonymous: Principal::anonymous(),
         }
     }
@@ -53,6 +56,16 @@ struct Line {
     digest: Digest,
     read_only: bool,
     rate: Option<Rate>,
+}
+
+/// Whether `name` is a principal name a client certificate or `give_away`
+/// may use: 1 to 64 of `A-Z a-z 0-9 _ - .`.
+pub fn is_principal_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
 /// Parses `principal:secret[:option…]`, where the secret is the token
@@ -145,6 +158,7 @@ impl Tokens {
             }
         }
         let mut by_digest: HashMap<Digest, Principal> = HashMap::new();
+        let mut by_name: HashMap<Arc<str>, Option<Rate>> = HashMap::new();
         let mut in_file = 0;
         for (n, (place, line)) in lines.into_iter().enumerate() {
             let line = strip_comment(&line).map_err(|m| format!("{place}: {m}"))?;
@@ -158,8 +172,8 @@ impl Tokens {
                 ));
             }
             // Every line of one principal must give the same rate.
-            if let Some(other) = by_digest.values().find(|p| *p.name == *parsed.name) {
-                if other.rate != parsed.rate {
+            if let Some(rate) = by_name.get(parsed.name.as_str()) {
+                if *rate != parsed.rate {
                     return Err(format!(
                         "{place}: every line of principal '{}' must give the same rate= (or none)",
                         parsed.name
@@ -167,11 +181,13 @@ impl Tokens {
                 }
             }
             in_file += usize::from(n < from_file);
+            let name: Arc<str> = parsed.name.as_str().into();
+            by_name.insert(name.clone(), parsed.rate);
             by_digest.insert(
                 parsed.digest,
                 Principal {
                     admin: parsed.name == admin,
-                    name: parsed.name.into(),
+                    name,
                     read_only: parsed.read_only,
                     token: Some(parsed.digest),
                     rate: parsed.rate,
@@ -188,6 +204,7 @@ impl Tokens {
         }
         Ok(Tokens {
             by_digest,
+            by_name,
             ..Tokens::default()
         })
     }
@@ -199,7 +216,12 @@ impl Tokens {
 
     /// Whether `name` is a configured principal.
     pub fn knows(&self, name: &str) -> bool {
-        self.by_digest.values().any(|p| &*p.name == name)
+        self.by_name.contains_key(name)
+    }
+
+    /// The rate the lines of principal `name` give, if any.
+    pub fn rate_of(&self, name: &str) -> Option<Rate> {
+        self.by_name.get(name).copied().flatten()
     }
 
     /// Whether any token line gives its principal a rate.
@@ -214,10 +236,7 @@ impl Tokens {
 
     /// Configured principal names.
     pub fn principals(&self) -> HashSet<String> {
-        self.by_digest
-            .values()
-            .map(|p| p.name.to_string())
-            .collect()
+        self.by_name.keys().map(|n| n.to_string()).collect()
     }
 
     /// The principal an `Authorization` header names.
@@ -335,6 +354,39 @@ impl TokenStore {
             .authenticate(header)
     }
 
+    /// The caller of a request on a mutual-TLS connection whose client
+    /// certificate names `client`: a bearer token, when one is sent, wins
+    /// (an invalid one, or any when no token is configured, is 401);
+    /// otherwise the certificate's common name, which must be a valid
+    /// principal name.
+    ///
+    /// # Errors
+    /// [`ApiError::Unauthorized`].
+    pub fn authenticate_client(
+        &self,
+        header: Option<&HeaderValue>,
+        client: &crate::net::tls::ClientName,
+    ) -> Result<Principal, ApiError> {
+        if header.is_some() {
+            if !self.enabled() {
+                return Err(ApiError::Unauthorized);
+            }
+            return self.authenticate(header);
+        }
+        let name = client
+            .0
+            .as_ref()
+            .filter(|n| is_principal_name(n))
+            .ok_or(ApiError::Unauthorized)?;
+        Ok(Principal {
+            name: name.clone(),
+            admin: **name == *self.admin,
+            read_only: false,
+            token: None,
+            rate: self.snapshot().rate_of(name),
+        })
+    }
+
     /// Whether `who` still holds a token in force (always, when it came
     /// in without one).
     pub fn still_valid(&self, who: &Principal) -> bool {
@@ -342,6 +394,11 @@ impl TokenStore {
             None => true,
             Some(digest) => self.snapshot().holds(digest),
         }
+    }
+
+    /// Whether there is a tokens file to reload.
+    pub fn reloads(&self) -> bool {
+        self.file.is_some()
     }
 
     /// Reads the tokens file again. Only a server started with a tokens

@@ -18,10 +18,14 @@
 //!   it keeps one descriptor in reserve, and on `EMFILE` gives it up to
 //!   accept, makes room or closes the newcomer, and takes it back.
 //!
-//! Writes that stall are cut off by [`stall::StallGuard`].
+//! Writes that stall are cut off by [`stall::StallGuard`]. With
+//! [`tls::Tls`], each connection first completes a TLS handshake (within
+//! the header timeout) and is then served by HTTP/2 or HTTP/1.1, as ALPN
+//! chose.
 
 pub mod conns;
 pub mod stall;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -47,6 +51,10 @@ use tower::Service;
 pub use conns::{CloseReason, ConnLimits, ConnStats, Connections};
 use conns::{Conn, RequestGuard};
 use stall::StallGuard;
+use tls::{ClientName, Tls};
+
+/// Streams one HTTP/2 connection may have open at once.
+pub const MAX_H2_STREAMS: u32 = 128;
 
 /// Largest request head (request line and headers), in bytes: 431 beyond.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -106,6 +114,8 @@ pub struct Server {
     /// Whether each request carries its client's address ([`PeerAddr`]),
     /// which costs an allocation per request: only for rate limits.
     tag_peers: bool,
+    /// HTTPS: every connection handshakes first.
+    tls: Option<Arc<Tls>>,
     /// A descriptor held back so that `EMFILE` never leaves the accept
     /// loop without a way to accept (and then close or serve) a client.
     reserve: Option<std::fs::File>,
@@ -120,7 +130,16 @@ impl Server {
             conns,
             write_stall: write_stall.max(Duration::from_millis(1)),
             tag_peers: false,
+            tls: None,
             reserve: open_reserve(),
+        }
+    }
+
+    /// The same server, speaking HTTPS with `tls`.
+    pub fn with_tls(self, tls: Arc<Tls>) -> Self {
+        Server {
+            tls: Some(tls),
+            ..self
         }
     }
 
@@ -210,36 +229,52 @@ impl Server {
         // Answers are small and sent whole: do not hold them back.
         let _ = stream.set_nodelay(true);
         let conn = handle.conn().clone();
-        let io = TokioIo::new(Observed {
-            inner: StallGuard::new(stream, self.write_stall),
-            conn: conn.clone(),
-            head: HeadScan::default(),
-            refusing: None,
-        });
+        let stream = StallGuard::new(stream, self.write_stall);
         let svc = ConnService {
             inner: service.clone(),
             conn: conn.clone(),
             peer: self.tag_peers.then_some(PeerAddr(peer.ip())),
+            client: None,
         };
         let stopping = stopping.clone();
+        let tls = self.tls.clone();
         tracker.spawn(async move {
             let _handle = handle;
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            // Heads are bounded by `Observed`; hyper's buffer only needs
-            // room for the longest head plus what follows it in one read.
-            builder.max_buf_size(2 * MAX_HEAD_BYTES);
-            let served = builder.serve_connection(io, svc);
-            tokio::pin!(served);
-            tokio::select! {
-                _ = served.as_mut() => {}
-                () = conn.closed() => {}
-                () = stopping.cancelled() => {
-                    served.as_mut().graceful_shutdown();
-                    tokio::select! {
-                        _ = served.as_mut() => {}
-                        () = conn.closed() => {}
+            let Some(tls) = tls else {
+                return serve_http1(stream, svc, &conn, &stopping).await;
+            };
+            // The connection waits for its first head from its accept, so
+            // the header timeout bounds the handshake too.
+            let handshake = tls.acceptor().accept(stream);
+            let stream = tokio::select! {
+                done = handshake => match done {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        if !tls::is_handshake_refusal(&e) {
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                        }
+                        return;
                     }
-                }
+                },
+                () = conn.closed() => return,
+                () = stopping.cancelled() => return,
+            };
+            let (h2, client) = {
+                let (_, session) = stream.get_ref();
+                let h2 = session.alpn_protocol() == Some(b"h2");
+                let client = tls.mutual().then(|| {
+                    session
+                        .peer_certificates()
+                        .and_then(|certs| certs.first())
+                        .map_or(ClientName(None), |leaf| ClientName::of(leaf))
+                });
+                (h2, client)
+            };
+            let svc = ConnService { client, ..svc };
+            if h2 {
+                serve_http2(stream, svc, &conn, &stopping).await;
+            } else {
+                serve_http1(stream, svc, &conn, &stopping).await;
             }
         });
     }
@@ -268,6 +303,82 @@ fn accept_now(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
         Poll::Ready(r) => r,
         Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
     }
+}
+
+/// Runs one connection's driver until it ends, the registry closes the
+/// connection, or the server stops (then the requests in hand finish).
+async fn drive<F: Future>(
+    mut served: Pin<&mut F>,
+    graceful_shutdown: impl FnOnce(Pin<&mut F>),
+    conn: &Conn,
+    stopping: &CancellationToken,
+) {
+    tokio::select! {
+        _ = served.as_mut() => {}
+        () = conn.closed() => {}
+        () = stopping.cancelled() => {
+            graceful_shutdown(served.as_mut());
+            tokio::select! {
+                _ = served.as_mut() => {}
+                () = conn.closed() => {}
+            }
+        }
+    }
+}
+
+/// Serves HTTP/1.1 on `stream` until the client or the server ends it.
+async fn serve_http1<I, S>(
+    stream: I,
+    svc: ConnService<S>,
+    conn: &Arc<Conn>,
+    stopping: &CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let io = TokioIo::new(Observed {
+        inner: stream,
+        conn: conn.clone(),
+        head: Some(HeadScan::default()),
+        refusing: None,
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    // Heads are bounded by `Observed`; hyper's buffer only needs room for
+    // the longest head plus what follows it in one read.
+    builder.max_buf_size(2 * MAX_HEAD_BYTES);
+    let served = builder.serve_connection(io, svc);
+    tokio::pin!(served);
+    drive(served, |c| c.graceful_shutdown(), conn, stopping).await;
+}
+
+/// Serves HTTP/2 on `stream` until the client or the server ends it.
+/// Header blocks are bounded by HTTP/2's own limit, set to
+/// [`MAX_HEAD_BYTES`], and streams by [`MAX_H2_STREAMS`].
+async fn serve_http2<I, S>(
+    stream: I,
+    svc: ConnService<S>,
+    conn: &Arc<Conn>,
+    stopping: &CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let io = TokioIo::new(Observed {
+        inner: stream,
+        conn: conn.clone(),
+        head: None,
+        refusing: None,
+    });
+    let mut builder =
+        hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .max_header_list_size(MAX_HEAD_BYTES as u32)
+        .max_concurrent_streams(MAX_H2_STREAMS);
+    let served = builder.serve_connection(io, svc);
+    tokio::pin!(served);
+    drive(served, |c| c.graceful_shutdown(), conn, stopping).await;
 }
 
 fn open_reserve() -> Option<std::fs::File> {
@@ -367,11 +478,13 @@ impl HeadScan {
 }
 
 /// A connection's stream, telling the registry when bytes arrive and
-/// refusing request heads over [`MAX_HEAD_BYTES`].
+/// refusing HTTP/1 request heads over [`MAX_HEAD_BYTES`].
 struct Observed<S> {
     inner: S,
     conn: Arc<Conn>,
-    head: HeadScan,
+    /// The HTTP/1 head scan (`None` for HTTP/2, whose frames are not
+    /// lines).
+    head: Option<HeadScan>,
     /// Bytes of [`HEAD_TOO_LARGE`] written, once a head went over.
     refusing: Option<usize>,
 }
@@ -413,9 +526,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Observed<S> {
             // pipelined head, which hyper's buffer bounds).
             let request = self.conn.requests_started();
             let this = &mut *self;
-            if this.conn.waiting_for_head()
-                && this.head.over_limit(&buf.filled()[before..], request)
-            {
+            let over = match &mut this.head {
+                Some(scan) if this.conn.waiting_for_head() => {
+                    scan.over_limit(&buf.filled()[before..], request)
+                }
+                _ => false,
+            };
+            if over {
                 // hyper never sees these bytes: the stream ends for it
                 // once the answer is out.
                 buf.set_filled(before);
@@ -463,6 +580,8 @@ struct ConnService<S> {
     inner: S,
     conn: Arc<Conn>,
     peer: Option<PeerAddr>,
+    /// The client certificate's name, under mutual TLS.
+    client: Option<ClientName>,
 }
 
 /// The address of the client that sent a request, when the server tags
@@ -484,6 +603,9 @@ where
         let mut req = req.map(Body::new);
         if let Some(peer) = self.peer {
             req.extensions_mut().insert(peer);
+        }
+        if let Some(client) = &self.client {
+            req.extensions_mut().insert(client.clone());
         }
         let served = self.inner.clone().call(req);
         Box::pin(async move {

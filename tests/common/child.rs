@@ -33,6 +33,15 @@ impl ChildServer {
         env: &[(&str, &str)],
         wrapper: &[&str],
     ) -> ChildServer {
+        let server = Self::launch(data_dir, env, wrapper);
+        super::wait_ready_at(&reqwest::Client::new(), &server.base).await;
+        server
+    }
+
+    /// Starts the binary like [`ChildServer::start_under`] and returns once
+    /// it has bound its address, without waiting until it is ready (for a
+    /// server that a plain client cannot ask, such as an HTTPS one).
+    pub fn launch(data_dir: &Path, env: &[(&str, &str)], wrapper: &[&str]) -> ChildServer {
         let server = env!("CARGO_BIN_EXE_larder");
         let (program, prefix) = match wrapper.split_first() {
             Some((first, rest)) => (*first, [rest, &[server]].concat()),
@@ -79,13 +88,11 @@ impl ChildServer {
         let addr = rx
             .recv_timeout(Duration::from_secs(30))
             .expect("the child logs its address");
-        let server = ChildServer {
+        ChildServer {
             child,
             base: format!("http://{addr}"),
             logs,
-        };
-        super::wait_ready_at(&reqwest::Client::new(), &server.base).await;
-        server
+        }
     }
 
     pub fn entry_url(&self, table: &str, key: &str) -> String {
