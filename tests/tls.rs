@@ -14,53 +14,13 @@ use std::time::{Duration, Instant};
 
 use larder::app::App;
 use larder::config::Config;
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair,
-};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 
+use common::certs::Ca;
 use common::child::ChildServer;
-
-/// A certificate authority made for one test.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, name);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        Ca { cert, key }
-    }
-
-    fn pem(&self) -> String {
-        self.cert.pem()
-    }
-
-    /// A leaf signed by this CA: (certificate PEM, key PEM).
-    fn leaf(&self, cn: &str, client: bool) -> (String, String) {
-        let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
-        params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.extended_key_usages = vec![if client {
-            ExtendedKeyUsagePurpose::ClientAuth
-        } else {
-            ExtendedKeyUsagePurpose::ServerAuth
-        }];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
 
 /// Writes `text` to `path` in one step (a reload never sees half a file).
 fn put_file(path: &Path, text: &str) {
@@ -92,7 +52,7 @@ impl Files {
 
     /// Puts a fresh server pair signed by `ca` in place.
     fn install(&self, ca: &Ca) {
-        let (cert, key) = ca.leaf("larder", false);
+        let (cert, key) = ca.leaf("larder", &["127.0.0.1"], false);
         put_file(&self.cert, &cert);
         put_file(&self.key, &key);
     }
@@ -426,9 +386,9 @@ async fn sighup_reloads_the_pair_and_open_connections_carry_on() {
     let r = new_client.get(format!("{base}/healthz")).send().await;
     assert_eq!(r.unwrap().status(), 200);
     // A key of another certificate is refused too.
-    let (_, stray_key) = second.leaf("stray", false);
+    let (_, stray_key) = second.leaf("stray", &["127.0.0.1"], false);
     put_file(&files.key, &stray_key);
-    let (cert_ok, _) = second.leaf("larder", false);
+    let (cert_ok, _) = second.leaf("larder", &["127.0.0.1"], false);
     put_file(&files.cert, &cert_ok);
     server.signal("HUP");
     let logs_say = || {
@@ -496,7 +456,7 @@ fn a_missing_or_bad_pair_stops_start_up_with_exit_2_naming_the_file() {
     assert!(text.contains(garbage), "{text}");
 
     let other = dir.join("other.key");
-    std::fs::write(&other, ca.leaf("other", false).1).unwrap();
+    std::fs::write(&other, ca.leaf("other", &["127.0.0.1"], false).1).unwrap();
     let other = other.to_str().unwrap();
     let (code, text) = run_refused(&["--tls-cert", cert, "--tls-key", other]);
     assert_eq!(code, Some(2), "{text}");
@@ -525,7 +485,7 @@ async fn mutual_tls_takes_the_principal_from_the_client_certificate() {
         c.admin_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     })
     .await;
-    let alice_id = clients.leaf("alice", true);
+    let alice_id = clients.leaf("alice", &[], true);
     let alice = client(&ca, Some(&alice_id), false);
     ready(&alice, &server.url("")).await;
 
@@ -533,7 +493,7 @@ async fn mutual_tls_takes_the_principal_from_the_client_certificate() {
     let nobody = client(&ca, None, false);
     assert!(nobody.get(server.url("/healthz")).send().await.is_err());
     // A certificate from another CA: refused too.
-    let stranger_id = Ca::new("stranger CA").leaf("mallory", true);
+    let stranger_id = Ca::new("stranger CA").leaf("mallory", &[], true);
     let stranger = client(&ca, Some(&stranger_id), false);
     assert!(stranger.get(server.url("/healthz")).send().await.is_err());
 
@@ -567,7 +527,7 @@ async fn mutual_tls_takes_the_principal_from_the_client_certificate() {
     assert_eq!(r.status(), 401);
 
     // A CN that is not a principal name: 401.
-    let odd_id = clients.leaf("not a name!", true);
+    let odd_id = clients.leaf("not a name!", &[], true);
     let odd = client(&ca, Some(&odd_id), false);
     let r = odd.get(server.url("/v1/tables")).send().await.unwrap();
     assert_eq!(r.status(), 401);
@@ -580,7 +540,7 @@ async fn mutual_tls_takes_the_principal_from_the_client_certificate() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let carol = client(&ca, Some(&clients.leaf("carol", true)), false);
+    let carol = client(&ca, Some(&clients.leaf("carol", &[], true)), false);
     let r = carol
         .get(server.url("/v1/tables/mine"))
         .send()

@@ -30,8 +30,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use tokio_postgres::NoTls;
-
 use super::sql::{EVENT_DELETE, EVENT_EVICT, EVENT_EXPIRE, EVENT_PUT};
 use super::{Cluster, ClusterTable};
 use crate::store::{Change, ChangeKind, Key, Value};
@@ -351,7 +349,7 @@ pub(super) async fn sweep(cluster: Cluster) {
 
 async fn sweep_while_holding(cluster: &Cluster) -> Result<(), tokio_postgres::Error> {
     // A connection of its own: the lock belongs to the session.
-    let (mut client, connection) = cluster.pg_config.connect(NoTls).await?;
+    let (mut client, connection) = cluster.pg_config.connect(cluster.tls.0.clone()).await?;
     let conn = tokio::spawn(connection);
     let result = async {
         loop {

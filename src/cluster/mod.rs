@@ -25,6 +25,7 @@ pub mod rows;
 mod schema;
 pub mod sql;
 mod table;
+pub mod tls;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,7 +35,6 @@ use dashmap::DashMap;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use thiserror::Error;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::NoTls;
 
 pub use schema::SCHEMA_VERSION;
 pub use table::ClusterTable;
@@ -90,6 +90,23 @@ pub enum ClusterError {
         /// Newest version this build knows.
         known: i64,
     },
+}
+
+/// A PostgreSQL error as an operator needs to read it: the server's own
+/// message and code, or the chain of causes (a TLS handshake's reason is
+/// only in its source).
+pub(crate) fn pg_text(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// What every cluster table of a node shares.
@@ -202,6 +219,8 @@ pub struct Cluster {
     store: Store,
     config: Arc<ClusterConfig>,
     pg_config: Arc<tokio_postgres::Config>,
+    /// TLS for every connection, as the URL's `sslmode` asks.
+    tls: tls::Connector,
     /// Where the follower and sweeper run, stopped with the server's
     /// other background tasks.
     tasks: Tasks,
@@ -226,10 +245,12 @@ impl Cluster {
         store: Store,
         tasks: Tasks,
     ) -> Result<Self, ClusterError> {
-        let pg_config: tokio_postgres::Config = config
-            .url
+        let (url, tls) = tls::split(&config.url)?;
+        let mut pg_config: tokio_postgres::Config = url
             .parse()
             .map_err(|e: tokio_postgres::Error| ClusterError::Url(e.to_string()))?;
+        pg_config.ssl_mode(tls.ssl_mode());
+        let tls = tls.connector()?;
         let mut pg = pg_config.clone();
         pg.connect_timeout(config.connect_timeout);
         pg.application_name("larder");
@@ -251,7 +272,7 @@ impl Cluster {
         pg.options(&options);
         let manager = Manager::from_config(
             pg,
-            NoTls,
+            tls.0.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -287,6 +308,7 @@ impl Cluster {
             tasks,
             config: Arc::new(config),
             pg_config: Arc::new(pg_config),
+            tls,
         };
         match cluster.start().await {
             Ok(()) => {}
@@ -310,8 +332,9 @@ impl Cluster {
     async fn start(&self) -> Result<(), ClusterError> {
         let mut client = self.core.pool.get().await.map_err(|e| match &e {
             deadpool_postgres::PoolError::Backend(pg) if pg.code().is_some() => {
-                ClusterError::Postgres(e.to_string())
+                ClusterError::Postgres(pg_text(pg))
             }
+            deadpool_postgres::PoolError::Backend(pg) => ClusterError::Unreachable(pg_text(pg)),
             _ => ClusterError::Unreachable(e.to_string()),
         })?;
         schema::migrate(&mut client).await?;

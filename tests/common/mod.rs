@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod child;
 pub mod faults;
 pub mod gate;

@@ -12,6 +12,9 @@ pub struct PgServer {
     bin: PathBuf,
     dir: tempfile::TempDir,
     as_postgres: bool,
+    /// Serves TCP clients over TLS only (`hostssl` rules); the test's own
+    /// connections use the Unix socket.
+    tls: bool,
     /// The port it listens on (127.0.0.1).
     pub port: u16,
 }
@@ -57,6 +60,16 @@ impl PgServer {
     /// Starts a server, or returns `None` (after printing why) when no
     /// PostgreSQL binaries are installed.
     pub fn start() -> Option<PgServer> {
+        Self::start_inner(None)
+    }
+
+    /// Starts a server with `ssl=on`, the certificate and key given (PEM),
+    /// and rules that refuse every TCP connection not made over TLS.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Option<PgServer> {
+        Self::start_inner(Some((cert_pem, key_pem)))
+    }
+
+    fn start_inner(tls: Option<(&str, &str)>) -> Option<PgServer> {
         let Some(bin) = bin_dir() else {
             // CI installs PostgreSQL and sets this, so it never skips.
             assert!(
@@ -82,6 +95,7 @@ impl PgServer {
             bin,
             dir,
             as_postgres,
+            tls: tls.is_some(),
             port: free_port(),
         };
         server.run(
@@ -98,6 +112,30 @@ impl PgServer {
                 "UTF8",
             ],
         );
+        if let Some((cert, key)) = tls {
+            std::fs::write(data.join("server.crt"), cert).expect("write server.crt");
+            std::fs::write(data.join("server.key"), key).expect("write server.key");
+            // Unix-socket connections for the test itself; TCP only over
+            // TLS, so a plain TCP connection is refused.
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+            )
+            .expect("write pg_hba.conf");
+            let key = data.join("server.key");
+            let mut perms = std::fs::metadata(&key).expect("key").permissions();
+            std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o600);
+            std::fs::set_permissions(&key, perms).expect("chmod server.key");
+            if server.as_postgres {
+                let ok = Command::new("chown")
+                    .args(["-R", "postgres:postgres"])
+                    .arg(&data)
+                    .status()
+                    .expect("chown")
+                    .success();
+                assert!(ok, "chown of the PostgreSQL data dir failed");
+            }
+        }
         server.pg_ctl_start();
         Some(server)
     }
@@ -130,9 +168,10 @@ impl PgServer {
         let log = self.dir.path().join("log");
         let opts = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
-             -c full_page_writes=off -c max_connections=300",
+             -c full_page_writes=off -c max_connections=300{}",
             self.port,
-            path_str(self.dir.path())
+            path_str(self.dir.path()),
+            if self.tls { " -c ssl=on" } else { "" }
         );
         self.run(
             "pg_ctl",
@@ -168,7 +207,16 @@ impl PgServer {
 
     /// A client of `database`.
     pub async fn client(&self, database: &str) -> tokio_postgres::Client {
-        let (client, conn) = tokio_postgres::connect(&self.url(database), tokio_postgres::NoTls)
+        let url = if self.tls {
+            format!(
+                "host={} port={} user=larder dbname={database}",
+                path_str(self.dir.path()),
+                self.port
+            )
+        } else {
+            self.url(database)
+        };
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
             .await
             .expect("connect to the test PostgreSQL");
         tokio::spawn(conn);
