@@ -15,6 +15,7 @@
 //! signal.
 
 mod cluster;
+mod exposed;
 mod pair;
 mod procs;
 mod report;
@@ -66,6 +67,10 @@ struct Options {
     /// Skip the change-stream rows.
     #[arg(long)]
     skip_watch: bool,
+    /// Skip the rows of a server exposed beyond loopback (HTTPS against
+    /// plain HTTP, 429 against 401).
+    #[arg(long)]
+    skip_exposed: bool,
     /// Run only the rows whose name contains this text (and no peer or
     /// memory rows): for measuring one change quickly.
     #[arg(long)]
@@ -346,6 +351,17 @@ fn main() {
         Some(watch::run(&opts, &larder, &scripts))
     };
 
+    let exposed = if opts.skip_exposed
+        || opts
+            .only
+            .as_deref()
+            .is_some_and(|o| !"GET hit over HTTPS 429 answers".contains(o))
+    {
+        Vec::new()
+    } else {
+        exposed::run(&opts, &server, dir.path(), &scripts)
+    };
+
     let cluster = if opts.skip_cluster {
         None
     } else {
@@ -368,6 +384,7 @@ fn main() {
             peers,
             selects,
             watch,
+            exposed,
             cluster,
             memory,
         },

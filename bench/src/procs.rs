@@ -88,6 +88,18 @@ fn start(mut cmd: Command, what: &str, addr_of: fn(&str) -> Option<SocketAddr>) 
 
 /// Starts larder on `data` and waits until it is ready.
 pub fn start_larder(bin: &Path, data: &Path, extra: &[&str]) -> Proc {
+    start_larder_probed(bin, data, extra, None)
+}
+
+/// Like [`start_larder`], asking `/readyz` of `probe` (an admin listener,
+/// for a server whose main listener speaks HTTPS) instead of the main
+/// address.
+pub fn start_larder_probed(
+    bin: &Path,
+    data: &Path,
+    extra: &[&str],
+    probe: Option<SocketAddr>,
+) -> Proc {
     let mut cmd = Command::new(bin);
     cmd.args([
         "--listen",
@@ -119,7 +131,7 @@ pub fn start_larder(bin: &Path, data: &Path, extra: &[&str]) -> Proc {
             None
         }
     });
-    wait_ready(proc.addr);
+    wait_ready(probe.unwrap_or(proc.addr));
     proc
 }
 
@@ -218,7 +230,7 @@ fn wait_tcp(addr: SocketAddr) {
 pub fn wait_ready(addr: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        if matches!(try_http(addr, "GET", "/readyz", b""), Ok((200, _))) {
+        if matches!(try_http(addr, "GET", "/readyz", "", b""), Ok((200, _))) {
             return;
         }
         if Instant::now() > deadline {
@@ -230,7 +242,18 @@ pub fn wait_ready(addr: SocketAddr) {
 
 /// One request on a fresh connection: status and body.
 pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    try_http(addr, method, path, body)
+    http_with(addr, method, path, "", body)
+}
+
+/// [`http`] with extra header lines (each ending in `\r\n`).
+pub fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &[u8],
+) -> (u16, Vec<u8>) {
+    try_http(addr, method, path, headers, body)
         .unwrap_or_else(|e| fail(&format!("{method} {path} on {addr}: {e}")))
 }
 
@@ -238,12 +261,13 @@ fn try_http(
     addr: SocketAddr,
     method: &str,
     path: &str,
+    headers: &str,
     body: &[u8],
 ) -> std::io::Result<(u16, Vec<u8>)> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(300)))?;
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: bench\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes())?;

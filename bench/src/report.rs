@@ -131,6 +131,8 @@ pub struct Report {
     pub peers: Vec<PeerRow>,
     pub selects: Option<SelectReport>,
     pub watch: Option<WatchReport>,
+    /// HTTPS against plain HTTP, 429 against 401.
+    pub exposed: Vec<PairRow>,
     pub cluster: Option<ClusterReport>,
     pub memory: Vec<MemoryRow>,
 }
@@ -142,6 +144,8 @@ pub struct Sections {
     pub peers: Vec<PeerRow>,
     pub selects: Option<SelectReport>,
     pub watch: Option<WatchReport>,
+    /// HTTPS against plain HTTP, 429 against 401.
+    pub exposed: Vec<PairRow>,
     pub cluster: Option<ClusterReport>,
     pub memory: Vec<MemoryRow>,
 }
@@ -159,6 +163,7 @@ impl Report {
             peers,
             selects,
             watch,
+            exposed,
             cluster,
             memory,
         } = sections;
@@ -175,6 +180,7 @@ impl Report {
             peers,
             selects,
             watch,
+            exposed,
             cluster,
             memory,
         }
@@ -238,6 +244,9 @@ impl Report {
         }
         if let Some(keyed) = &self.keyed_sync {
             print_pairs("idempotency row", std::slice::from_ref(keyed));
+        }
+        if !self.exposed.is_empty() {
+            print_pairs("exposed row", &self.exposed);
         }
         if let Some(selects) = &self.selects {
             print_pairs("select row", &selects.rows);

@@ -100,6 +100,15 @@ end
         Workload { script }
     }
 
+    /// The same requests, each with the header `name: value`.
+    pub fn with_header(&self, name: &str, value: &str) -> Workload {
+        let script = self.script.replace(
+            "return wrk.format(method, p, nil, b)",
+            &format!("return wrk.format(method, p, {{[{name:?}] = {value:?}}}, b)"),
+        );
+        Workload { script }
+    }
+
     /// Writes the script into `dir` under `name`.
     pub fn save(&self, dir: &Path, name: &str) -> PathBuf {
         let file = dir.join(format!("{name}.lua"));
@@ -117,6 +126,20 @@ pub fn run(
     connections: usize,
     duration: Duration,
 ) -> Run {
+    run_scheme("http", addr, script, path, connections, duration)
+}
+
+/// [`run`] with the URL scheme given: `https` runs over TLS (wrk does not
+/// check the certificate) on keep-alive connections, so the handshakes are
+/// done once per connection.
+pub fn run_scheme(
+    scheme: &str,
+    addr: SocketAddr,
+    script: Option<&Path>,
+    path: &str,
+    connections: usize,
+    duration: Duration,
+) -> Run {
     let mut cmd = Command::new("wrk");
     cmd.args(["-t1", &format!("-c{connections}")])
         // wrk takes whole seconds.
@@ -128,7 +151,7 @@ pub fn run(
     if let Some(s) = script {
         cmd.arg("-s").arg(s);
     }
-    cmd.arg(format!("http://{addr}{path}"));
+    cmd.arg(format!("{scheme}://{addr}{path}"));
     let out = cmd
         .output()
         .unwrap_or_else(|e| fail(&format!("cannot run wrk: {e}")));

@@ -84,6 +84,14 @@ fn the_benchmark_runs_end_to_end() {
         assert!(row["baseline_rps"][0].as_f64().unwrap() > 0.0, "{row}");
         assert_eq!(row["errors"], 0, "{row}");
     }
+    let exposed = report["exposed"].as_array().expect("exposed rows");
+    assert_eq!(exposed.len(), 2, "{exposed:?}");
+    assert_eq!(exposed[0]["name"], "GET hit over HTTPS, keep-alive");
+    for row in exposed {
+        assert!(row["larder_rps"][0].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["baseline_rps"][0].as_f64().unwrap() > 0.0, "{row}");
+        assert_eq!(row["errors"], 0, "{row}");
+    }
     assert!(selects["count_objects_per_sec"].as_f64().unwrap() > 0.0);
     assert!(selects["export_objects_per_sec"].as_f64().unwrap() > 0.0);
     // The cluster rows run wherever PostgreSQL is installed, and CI

@@ -231,7 +231,7 @@ impl ApiError {
             PreconditionFailed(m) => m.clone(),
             PayloadTooLarge(n) => format!("request body exceeds {n} bytes"),
             RateLimited(state, retry) => format!(
-                "past the rate limit ({} requests at once); retry in {retry} s",
+                "past the rate limit (bursts of {}); retry in {retry} s",
                 state.limit
             ),
             OriginError(m) => format!("origin failed: {m}"),

@@ -63,7 +63,10 @@ the secret being the token or `sha256:<64 hex>` (its SHA-256); a principal may h
 tokens. A `read` token may use reads only (GET and HEAD of entries and tables, scans, `lookup`, \
 `select`, `select_count`, `watch`, `export`): anything else is 403. `SIGHUP` reloads the file: \
 removed tokens get 401 and their watch streams `event: revoked`; a file that fails to parse is \
-refused and the tokens in force stay.\n\n\
+refused and the tokens in force stay. Over HTTPS with `--tls-client-ca` (mutual TLS), a request \
+without a bearer token is made by the principal named in the client certificate's subject common \
+name (1-64 of `A-Z a-z 0-9 _ - .`, else 401); a valid bearer token wins over the certificate, an \
+invalid one is 401.\n\n\
 Rate limits: with `--rate-limit N[/burst]` (or `rate=N/burst` on a principal's token lines) each \
 principal may make N requests per second on average, in bursts of up to `burst`; `anonymous` \
 callers are limited per client address. Past it: 429 `rate_limited` with `Retry-After`. Every \
@@ -144,7 +147,7 @@ fn error_example(code: &str) -> Option<serde_json::Value> {
         ),
         "429" => (
             "rate_limited",
-            "past the rate limit (20 requests at once); retry in 1 s",
+            "past the rate limit (bursts of 20); retry in 1 s",
         ),
         "502" => ("origin_error", "origin failed: origin answered 500"),
         "503" => ("unavailable", "too many requests in flight; retry shortly"),
