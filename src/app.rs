@@ -211,7 +211,7 @@ impl App {
         }
         let fd_limit = crate::net::raise_fd_limit();
         let admin_connections = if config.admin_listen.is_some() {
-            ADMIN_CONNECTIONS
+            usize::try_from(config.admin_max_connections.max(1)).unwrap_or(usize::MAX)
         } else {
             0
         };
@@ -340,6 +340,7 @@ impl App {
                 memory,
             ),
             connections,
+            admin_connections: admin.as_ref().map(|a| a.connections().clone()),
             tls,
         });
         let router = api::build(
@@ -536,10 +537,6 @@ impl App {
         }
     }
 }
-
-/// Connections the admin listener serves at once: probes and scrapers
-/// only.
-const ADMIN_CONNECTIONS: usize = 64;
 
 /// Reloads the TLS pair and the tokens file on each `SIGHUP`, each on its
 /// own, in a background task; without this the signal's default action

@@ -34,6 +34,11 @@ pub struct Config {
     #[arg(long, env = "LARDER_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
 
+    /// Connections the admin listener serves at once (probes and scrapers
+    /// only); at the cap the longest idle one is closed to make room.
+    #[arg(long, env = "LARDER_ADMIN_MAX_CONNECTIONS", default_value_t = 64)]
+    pub admin_max_connections: u32,
+
     /// PEM certificate chain (leaf first): with `--tls-key`, the listener
     /// speaks HTTPS only (HTTP/2 and HTTP/1.1 by ALPN). `SIGHUP` reloads the
     /// pair; a pair that fails to load is logged and the old one stays.
@@ -322,6 +327,7 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("listen", &self.listen)
             .field("admin_listen", &self.admin_listen)
+            .field("admin_max_connections", &self.admin_max_connections)
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
             .field("tls_client_ca", &self.tls_client_ca)

@@ -58,6 +58,40 @@ async fn probes_and_metrics_answer_without_a_token_on_the_admin_address_only() {
     }
 }
 
+#[tokio::test]
+async fn the_admin_listener_is_capped_and_makes_room_for_probes() {
+    let app = spawn_with(|c| {
+        c.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.admin_max_connections = 2;
+    })
+    .await;
+    let admin = app.admin.expect("admin listener bound");
+    // Two idle connections fill the cap.
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        idle.push(tokio::net::TcpStream::connect(admin).await.unwrap());
+    }
+    let metric = |text: &str, name: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    // A probe still gets through: the longest idle connection is closed
+    // to make room, and the cap holds.
+    for _ in 0..5 {
+        let r = reqwest::Client::new()
+            .get(format!("http://{admin}/metrics"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let text = r.text().await.unwrap();
+        assert_eq!(metric(&text, "larder_admin_connections_max"), Some(2.0));
+        let open = metric(&text, "larder_admin_connections_open").unwrap();
+        assert!((1.0..=2.0).contains(&open), "{open}");
+    }
+}
+
 // Multi-threaded: the healthcheck process is waited for in a blocking
 // call, while the server in this process must answer it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

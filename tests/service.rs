@@ -176,6 +176,7 @@ async fn v1_and_readyz_answer_503_until_recovery_is_done() {
             header_timeout: std::time::Duration::from_secs(10),
             idle_timeout: std::time::Duration::from_secs(60),
         })),
+        admin_connections: None,
         tls: None,
     });
     let router = larder::api::build(

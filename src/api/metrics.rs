@@ -494,6 +494,13 @@ fn write_server(out: &mut String, state: &AppState) {
     );
     single(
         out,
+        "larder_rate_limit_principals",
+        "gauge",
+        "Principals whose rate-limit buckets are kept (at most --rate-limit-max-clients).",
+        state.rates.principals() as u64,
+    );
+    single(
+        out,
         "larder_rate_limit_max_clients",
         "gauge",
         "The most client addresses whose buckets may be kept (--rate-limit-max-clients).",
@@ -553,6 +560,23 @@ fn write_server(out: &mut String, state: &AppState) {
         "The connection cap (--max-connections, lowered to the open-file limit).",
         conns.max as u64,
     );
+    if let Some(admin) = &state.admin_connections {
+        let stats = admin.stats();
+        single(
+            out,
+            "larder_admin_connections_open",
+            "gauge",
+            "Connections the admin listener is serving.",
+            stats.open as u64,
+        );
+        single(
+            out,
+            "larder_admin_connections_max",
+            "gauge",
+            "The admin listener's connection cap (--admin-max-connections).",
+            stats.max as u64,
+        );
+    }
     out.push_str(
         "# HELP larder_connections_closed_total Connections the server closed, by reason.\n",
     );

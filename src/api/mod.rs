@@ -85,6 +85,9 @@ pub struct Services {
     pub idempotency: idempotency::Idempotency,
     /// The open client connections, for `/metrics`.
     pub connections: Arc<crate::net::Connections>,
+    /// The admin listener's connections, when there is one (for
+    /// `/metrics`).
+    pub admin_connections: Option<Arc<crate::net::Connections>>,
     /// The listener's TLS, when it speaks HTTPS (reloaded on `SIGHUP`).
     pub tls: Option<Arc<crate::net::tls::Tls>>,
 }

@@ -133,21 +133,76 @@ pub enum Verdict {
 /// The rate limits of one server.
 pub struct RateLimits {
     default: Option<Rate>,
-    principals: DashMap<Arc<str>, Arc<Bucket>>,
-    clients: DashMap<IpAddr, Arc<Bucket>>,
-    max_clients: usize,
-    /// When the client map was last pruned, in ms since `epoch`.
-    pruned_at: AtomicU64,
+    /// Named callers. Bounded like the addresses: under mutual TLS any
+    /// name a trusted CA signs is a principal, not only the tokens file's.
+    principals: Buckets<Arc<str>>,
+    clients: Buckets<IpAddr>,
     epoch: Instant,
     refused: AtomicU64,
+}
+
+/// Buckets by caller, at most `max` of them.
+struct Buckets<K> {
+    map: DashMap<K, Arc<Bucket>>,
+    max: usize,
+    /// When the map was last pruned, in ms since the limits were made.
+    pruned_at: AtomicU64,
+}
+
+impl<K: Eq + std::hash::Hash + Clone> Buckets<K> {
+    fn new(max: usize) -> Self {
+        Buckets {
+            map: DashMap::new(),
+            max: max.max(1),
+            pruned_at: AtomicU64::new(0),
+        }
+    }
+
+    /// The bucket of `key`, made if there is room; `None` when the map is
+    /// full of recent callers.
+    fn get(&self, key: &K, rate: Rate, now: u64) -> Option<Arc<Bucket>> {
+        if let Some(b) = self.map.get(key) {
+            if b.rate == rate {
+                return Some(b.clone());
+            }
+        }
+        if self.map.len() >= self.max && !self.map.contains_key(key) {
+            self.prune(now);
+            if self.map.len() >= self.max {
+                return None;
+            }
+        }
+        let fresh = Arc::new(bucket(rate));
+        self.map.insert(key.clone(), fresh.clone());
+        Some(fresh)
+    }
+
+    /// Drops the buckets unused for as long as they take to fill again:
+    /// they are full, as a fresh one would be. At most once a second, so a
+    /// flood of new callers cannot make every request walk the map.
+    fn prune(&self, now: u64) {
+        let last = self.pruned_at.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < 1000
+            || self
+                .pruned_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        self.map.retain(|_, b| {
+            let idle = now.saturating_sub(b.last_used.load(Ordering::Relaxed));
+            u128::from(idle) < b.rate.refill().as_millis()
+        });
+    }
 }
 
 impl std::fmt::Debug for RateLimits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RateLimits")
             .field("default", &self.default)
-            .field("principals", &self.principals.len())
-            .field("clients", &self.clients.len())
+            .field("principals", &self.principals.map.len())
+            .field("clients", &self.clients.map.len())
             .finish()
     }
 }
@@ -160,14 +215,13 @@ impl Default for RateLimits {
 
 impl RateLimits {
     /// Limits of `default` for every caller without a rate of its own,
-    /// tracking at most `max_clients` client addresses.
+    /// tracking at most `max_clients` client addresses and as many
+    /// principals.
     pub fn new(default: Option<Rate>, max_clients: usize) -> Self {
         RateLimits {
             default,
-            principals: DashMap::new(),
-            clients: DashMap::new(),
-            max_clients: max_clients.max(1),
-            pruned_at: AtomicU64::new(0),
+            principals: Buckets::new(max_clients),
+            clients: Buckets::new(max_clients),
             epoch: Instant::now(),
             refused: AtomicU64::new(0),
         }
@@ -183,12 +237,12 @@ impl RateLimits {
         let now = self.now_ms();
         let bucket = if anonymous {
             let ip = client.unwrap_or(IpAddr::from([0, 0, 0, 0]));
-            match self.client_bucket(ip, rate, now) {
-                Some(b) => b,
-                None => return self.refuse_untracked(rate),
-            }
+            self.clients.get(&ip, rate, now)
         } else {
-            self.principal_bucket(name, rate)
+            self.principals.get(name, rate, now)
+        };
+        let Some(bucket) = bucket else {
+            return self.refuse_untracked(rate);
         };
         bucket.last_used.store(now, Ordering::Relaxed);
         let limit = rate.burst.get();
@@ -223,66 +277,23 @@ impl RateLimits {
 
     /// Client addresses tracked now, and the most that may be.
     pub fn clients(&self) -> (usize, usize) {
-        (self.clients.len(), self.max_clients)
+        (self.clients.map.len(), self.clients.max)
+    }
+
+    /// Principals whose buckets are kept now (at most as many as client
+    /// addresses).
+    pub fn principals(&self) -> usize {
+        self.principals.map.len()
     }
 
     /// Forgets the buckets of principals, so that rates changed by a
     /// reload of the tokens take effect at once.
     pub fn reset_principals(&self) {
-        self.principals.clear();
+        self.principals.map.clear();
     }
 
     fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    fn principal_bucket(&self, name: &Arc<str>, rate: Rate) -> Arc<Bucket> {
-        if let Some(b) = self.principals.get(name) {
-            if b.rate == rate {
-                return b.clone();
-            }
-        }
-        let fresh = Arc::new(bucket(rate));
-        self.principals.insert(name.clone(), fresh.clone());
-        fresh
-    }
-
-    /// The bucket of `ip`, made if there is room; `None` when the map is
-    /// full of recent clients.
-    fn client_bucket(&self, ip: IpAddr, rate: Rate, now: u64) -> Option<Arc<Bucket>> {
-        if let Some(b) = self.clients.get(&ip) {
-            if b.rate == rate {
-                return Some(b.clone());
-            }
-        }
-        if self.clients.len() >= self.max_clients {
-            self.prune(now);
-            if self.clients.len() >= self.max_clients {
-                return None;
-            }
-        }
-        let fresh = Arc::new(bucket(rate));
-        self.clients.insert(ip, fresh.clone());
-        Some(fresh)
-    }
-
-    /// Drops the buckets unused for as long as they take to fill again:
-    /// they are full, as a fresh one would be. At most once a second, so a
-    /// flood of new addresses cannot make every request walk the map.
-    fn prune(&self, now: u64) {
-        let last = self.pruned_at.load(Ordering::Relaxed);
-        if now.saturating_sub(last) < 1000
-            || self
-                .pruned_at
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
-            return;
-        }
-        self.clients.retain(|_, b| {
-            let idle = now.saturating_sub(b.last_used.load(Ordering::Relaxed));
-            u128::from(idle) < b.rate.refill().as_millis()
-        });
     }
 
     fn refuse_untracked(&self, rate: Rate) -> Verdict {
@@ -399,5 +410,32 @@ mod tests {
             Verdict::Refused { .. }
         ));
         assert_eq!(limits.clients(), (2, 2));
+    }
+
+    #[test]
+    fn principal_buckets_are_bounded_too() {
+        let limits = RateLimits::new(Some(rate("1/1")), 2);
+        let name = |n: u8| -> Arc<str> { format!("client-{n}").into() };
+        assert!(matches!(
+            limits.check(&name(1), None, None),
+            Verdict::Allowed(_)
+        ));
+        assert!(matches!(
+            limits.check(&name(2), None, None),
+            Verdict::Allowed(_)
+        ));
+        // A third name while both are recent: refused, not tracked.
+        assert!(matches!(
+            limits.check(&name(3), None, None),
+            Verdict::Refused { .. }
+        ));
+        assert_eq!(limits.principals(), 2);
+        // A known name keeps its bucket (and is refused by it, not by the
+        // bound).
+        assert!(matches!(
+            limits.check(&name(1), None, None),
+            Verdict::Refused { .. }
+        ));
+        assert_eq!(limits.principals(), 2);
     }
 }
