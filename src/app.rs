@@ -305,7 +305,12 @@ impl App {
                 )
                 .map_err(|e| AppError::Config(format!("--origin-ca {}: {e}", path.display())))?
             }
-        };
+        }
+        .with_limits(crate::api::origin::OriginLimits {
+            max_inflight: usize::try_from(config.origin_max_inflight.max(1)).unwrap_or(usize::MAX),
+            breaker_failures: config.origin_breaker_failures.max(1),
+            breaker_ms: config.origin_breaker_ms,
+        });
         let state = AppState::new(crate::api::Services {
             tables: Tables::new(store, durability, cluster, tasks, config.max_tables),
             ready: Arc::new(AtomicBool::new(false)),
@@ -554,6 +559,7 @@ fn reload_on_hangup(tasks: &crate::tasks::Tasks, state: AppState) {
         };
         tasks.spawn("reload on SIGHUP", async move {
             while hangups.recv().await.is_some() {
+                state.origins.reload_env();
                 if let Some(tls) = &state.tls {
                     match tls.reload() {
                         Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),

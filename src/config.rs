@@ -125,6 +125,22 @@ pub struct Config {
     #[arg(long, env = "LARDER_ORIGIN_CA")]
     pub origin_ca: Option<PathBuf>,
 
+    /// Fetches in flight to one origin (host and port) at once; more misses
+    /// wait for a turn within their request's deadline.
+    #[arg(long, env = "LARDER_ORIGIN_MAX_INFLIGHT", default_value_t = 64)]
+    pub origin_max_inflight: u32,
+
+    /// Failures in a row (5xx, timeouts, connection errors) after which an
+    /// origin is not called for `--origin-breaker-ms`: misses get 503
+    /// `origin_unavailable` at once.
+    #[arg(long, env = "LARDER_ORIGIN_BREAKER_FAILURES", default_value_t = 5)]
+    pub origin_breaker_failures: u32,
+
+    /// How long an open breaker keeps its origin uncalled, in ms; then one
+    /// trial fetch closes it or opens it again.
+    #[arg(long, env = "LARDER_ORIGIN_BREAKER_MS", default_value_t = 5000)]
+    pub origin_breaker_ms: u64,
+
     /// File of `principal:secret[:read]` lines, the secret being the token
     /// or `sha256:<hex>` (`#` starts a comment); reloaded on `SIGHUP`. With
     /// no tokens configured, authentication is off and every caller is
@@ -347,6 +363,9 @@ impl std::fmt::Debug for Config {
             .field("max_memory_bytes", &self.max_memory_bytes)
             .field("origin_allow", &self.origin_allow)
             .field("origin_ca", &self.origin_ca)
+            .field("origin_max_inflight", &self.origin_max_inflight)
+            .field("origin_breaker_failures", &self.origin_breaker_failures)
+            .field("origin_breaker_ms", &self.origin_breaker_ms)
             .field("tokens_file", &self.tokens_file)
             .field("tokens", &self.tokens.as_ref().map(|_| "<redacted>"))
             .field("rate_limit", &self.rate_limit)

@@ -172,7 +172,14 @@ fn parse_value(bytes: &[u8]) -> ApiResult<Value> {
 /// `origin.negative_ttl_ms` (served from memory, `X-Cache: HIT`, until
 /// then); any other answer is 502 `origin_error`, and no answer within
 /// `origin.timeout_ms` is 504 `origin_timeout`. Concurrent misses on one key
-/// make a single origin request.
+/// make a single origin request. `origin.headers` are sent with each
+/// fetch, `${LARDER_ORIGIN_…}` filled from the server's environment (an
+/// unset variable: 502). At most `--origin-max-inflight` fetches go to one
+/// origin (host and port) at once; after `--origin-breaker-failures`
+/// failures in a row (5xx, timeouts, connection errors; a 404 is an
+/// answer) the origin is not called for `--origin-breaker-ms`: misses get
+/// 503 `origin_unavailable` at once, then one trial fetch closes or reopens
+/// the breaker.
 #[utoipa::path(
     get,
     path = "/v1/tables/{table}/entries/{key}",

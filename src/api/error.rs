@@ -81,6 +81,8 @@ pub enum ApiError {
     OriginError(String),
     /// 504 `origin_timeout`.
     OriginTimeout,
+    /// 503 `origin_unavailable`: the origin's breaker is open.
+    OriginUnavailable(String),
     /// 503 `unavailable`: starting, stopping, or shedding load.
     Unavailable(String),
     /// 507 `table_full`.
@@ -142,6 +144,7 @@ impl ApiError {
             RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
             OriginError(_) => StatusCode::BAD_GATEWAY,
             OriginTimeout => StatusCode::GATEWAY_TIMEOUT,
+            OriginUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             TableFull(_) | MemoryLimit | TableLimit(_) | StorageFull => {
                 StatusCode::INSUFFICIENT_STORAGE
@@ -180,6 +183,7 @@ impl ApiError {
             RateLimited(..) => "rate_limited",
             OriginError(_) => "origin_error",
             OriginTimeout => "origin_timeout",
+            OriginUnavailable(_) => "origin_unavailable",
             Unavailable(_) => "unavailable",
             TableFull(_) => "table_full",
             MemoryLimit => "memory_limit",
@@ -236,6 +240,9 @@ impl ApiError {
             ),
             OriginError(m) => format!("origin failed: {m}"),
             OriginTimeout => "origin did not answer in time".into(),
+            OriginUnavailable(origin) => format!(
+                "origin {origin} failed repeatedly and is not called for now; retry later"
+            ),
             Unavailable(m) => m.clone(),
             TableFull(n) => format!("table is full ({n} entries) and does not evict"),
             MemoryLimit => "server memory limit reached".into(),
@@ -329,7 +336,10 @@ impl IntoResponse for ApiError {
             // request span; the client only sees "internal error".
             resp.extensions_mut().insert(InternalDetail(detail.clone()));
         }
-        if matches!(self, ApiError::Unavailable(_)) {
+        if matches!(
+            self,
+            ApiError::Unavailable(_) | ApiError::OriginUnavailable(_)
+        ) {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

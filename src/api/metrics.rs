@@ -560,6 +560,21 @@ fn write_server(out: &mut String, state: &AppState) {
         "The connection cap (--max-connections, lowered to the open-file limit).",
         conns.max as u64,
     );
+    let breakers = state.origins.breakers();
+    if !breakers.is_empty() {
+        out.push_str(
+            "# HELP larder_origin_breaker_open Whether the origin's circuit breaker is open (1): it is not called for now.\n\
+             # TYPE larder_origin_breaker_open gauge\n",
+        );
+        // `host:port` of a parsed URL: no quote or backslash to escape.
+        for (origin, open) in breakers {
+            let _ = writeln!(
+                out,
+                "larder_origin_breaker_open{{origin=\"{origin}\"}} {}",
+                u8::from(open)
+            );
+        }
+    }
     if let Some(admin) = &state.admin_connections {
         let stats = admin.stats();
         single(

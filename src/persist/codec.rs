@@ -245,6 +245,9 @@ mod tests {
                     ttl_ms: 1,
                     negative_ttl_ms: 2,
                     timeout_ms: 3,
+                    headers: [("X-Api-Key".to_owned(), "${LARDER_ORIGIN_K}".to_owned())]
+                        .into_iter()
+                        .collect(),
                 }),
             },
             owner: "alice".into(),

@@ -95,6 +95,13 @@ pub struct Origin {
     /// How long to wait for the origin before answering 504, in milliseconds.
     #[serde(default = "Origin::default_timeout_ms")]
     pub timeout_ms: u64,
+    /// Headers sent with every fetch (an API key, say). Each value is a
+    /// template in which `${LARDER_ORIGIN_…}` is replaced by that
+    /// environment variable, read at start and at every `SIGHUP`; table
+    /// info and export show the template, never the value. At most 16.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[schema(example = json!({"X-Api-Key": "${LARDER_ORIGIN_USERS_KEY}"}))]
+    pub headers: std::collections::BTreeMap<String, String>,
 }
 
 impl Origin {

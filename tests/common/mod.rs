@@ -320,6 +320,15 @@ impl TestApp {
         format!("{}{}", self.base, path)
     }
 
+    /// The text of `GET /metrics` (no token).
+    pub async fn metrics_text(&self) -> String {
+        let r = self.client.get(self.url("/metrics")).send().await;
+        r.expect("metrics answer")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     pub fn entry_url(&self, table: &str, key: &str) -> String {
         self.url(&format!("/v1/tables/{}/entries/{}", enc(table), enc(key)))
     }

@@ -1,0 +1,247 @@
+//! Protecting an origin that fails: the circuit breaker (opens after
+//! failures in a row, refuses with 503 `origin_unavailable` without calling
+//! the origin, lets one trial through after its time), the cap on fetches
+//! in flight to one origin, and origin headers filled from the
+//! environment (never shown in table info).
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use serde_json::json;
+
+use common::child::ChildServer;
+use common::{spawn_with, spawn_with_manual_clock_and};
+
+/// What the test origin does and saw.
+#[derive(Default)]
+struct Origin {
+    healthy: AtomicBool,
+    hits: AtomicUsize,
+    /// Fetches being answered now, and the most seen at once.
+    current: AtomicUsize,
+    most: AtomicUsize,
+    /// When set, every fetch waits for a permit before answering.
+    gate: Option<tokio::sync::Semaphore>,
+    /// The `X-Api-Key` header of each fetch.
+    keys: Mutex<Vec<String>>,
+}
+
+async fn answer(
+    State(o): State<Arc<Origin>>,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+) -> axum::response::Response {
+    o.hits.fetch_add(1, Ordering::SeqCst);
+    if let Some(k) = headers.get("x-api-key") {
+        o.keys
+            .lock()
+            .unwrap()
+            .push(k.to_str().unwrap_or_default().to_owned());
+    }
+    let now = o.current.fetch_add(1, Ordering::SeqCst) + 1;
+    o.most.fetch_max(now, Ordering::SeqCst);
+    if let Some(gate) = &o.gate {
+        gate.acquire().await.unwrap().forget();
+    }
+    o.current.fetch_sub(1, Ordering::SeqCst);
+    if key.starts_with("gone") {
+        StatusCode::NOT_FOUND.into_response()
+    } else if o.healthy.load(Ordering::SeqCst) {
+        axum::Json(json!({"id": key})).into_response()
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR.into_response()
+    }
+}
+
+async fn start_origin(origin: Arc<Origin>) -> String {
+    let app = Router::new()
+        .route("/items/{key}", get(answer))
+        .with_state(origin);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("127.0.0.1:{}", addr.port())
+}
+
+fn breaker_metric(text: &str, origin: &str) -> Option<u8> {
+    let prefix = format!("larder_origin_breaker_open{{origin=\"{origin}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn the_breaker_opens_after_failures_and_a_trial_closes_it() {
+    let origin = Arc::new(Origin::default());
+    let host = start_origin(origin.clone()).await;
+    let app = spawn_with_manual_clock_and(|c| {
+        c.origin_allow = vec!["127.0.0.1:*".into()];
+        c.origin_breaker_failures = 3;
+        c.origin_breaker_ms = 5000;
+    })
+    .await;
+    let r = app
+        .create_table(json!({"name": "items", "origin": {
+            "url": format!("http://{host}/items/{{key}}"), "negative_ttl_ms": 1
+        }}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let hits = || origin.hits.load(Ordering::SeqCst);
+    let metrics = || app.metrics_text();
+
+    // A 404 is an answer, not a failure: the breaker stays closed.
+    for i in 0..4 {
+        assert_eq!(app.get("items", &format!("gone{i}")).await.status, 404);
+    }
+    assert_eq!(hits(), 4);
+    assert_eq!(breaker_metric(&metrics().await, &host), Some(0));
+
+    // Three failures in a row: each is a 502, each called the origin.
+    for i in 0..3 {
+        let r = app.get("items", &format!("a{i}")).await;
+        assert_eq!(r.status, 502, "{}", r.text);
+    }
+    assert_eq!(hits(), 7);
+    // Open: 503 at once, the origin not called.
+    for i in 0..4 {
+        let r = app.get("items", &format!("b{i}")).await;
+        assert_eq!(r.status, 503, "{}", r.text);
+        assert_eq!(r.body["error"]["code"], "origin_unavailable");
+        assert!(r.headers.contains_key("retry-after"));
+    }
+    assert_eq!(hits(), 7);
+    let text = metrics().await;
+    assert_eq!(breaker_metric(&text, &host), Some(1), "{text}");
+
+    // After the open time one trial goes through; it fails: open again.
+    app.advance(5000);
+    assert_eq!(app.get("items", "c0").await.status, 502);
+    assert_eq!(hits(), 8);
+    assert_eq!(app.get("items", "c1").await.status, 503);
+    assert_eq!(hits(), 8);
+
+    // The origin recovers; the next trial closes the breaker.
+    origin.healthy.store(true, Ordering::SeqCst);
+    app.advance(5000);
+    let r = app.get("items", "d0").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["value"], json!({"id": "d0"}));
+    let r = app.get("items", "d1").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(hits(), 10);
+    let text = metrics().await;
+    assert_eq!(breaker_metric(&text, &host), Some(0), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn at_most_origin_max_inflight_fetches_reach_one_origin() {
+    let origin = Arc::new(Origin {
+        healthy: AtomicBool::new(true),
+        gate: Some(tokio::sync::Semaphore::new(0)),
+        ..Origin::default()
+    });
+    let host = start_origin(origin.clone()).await;
+    let app = spawn_with(|c| {
+        c.origin_allow = vec!["127.0.0.1:*".into()];
+        c.origin_max_inflight = 2;
+    })
+    .await;
+    let r = app
+        .create_table(json!({"name": "items", "origin": {
+            "url": format!("http://{host}/items/{{key}}"), "timeout_ms": 20000
+        }}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let url = app.entry_url("items", &format!("k{i}"));
+        tasks.push(tokio::spawn(async move {
+            reqwest::get(url).await.unwrap().status().as_u16()
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while origin.current.load(Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "two fetches never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Time for a fetch past the cap to show up, were it let through.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(origin.current.load(Ordering::SeqCst), 2);
+    origin.gate.as_ref().unwrap().add_permits(100);
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(origin.most.load(Ordering::SeqCst), 2);
+    assert_eq!(origin.hits.load(Ordering::SeqCst), 6);
+}
+
+#[tokio::test]
+async fn origin_headers_come_from_the_environment_and_are_never_shown() {
+    let origin = Arc::new(Origin {
+        healthy: AtomicBool::new(true),
+        ..Origin::default()
+    });
+    let host = start_origin(origin.clone()).await;
+    let data = tempfile::tempdir().unwrap();
+    let server = ChildServer::start_with(
+        data.path(),
+        &[
+            ("LARDER_ORIGIN_ALLOW", "127.0.0.1:*"),
+            ("LARDER_ORIGIN_API_KEY", "s3cret-value"),
+        ],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let create = |name: &str, template: &str| {
+        client
+            .post(format!("{}/v1/tables", server.base))
+            .json(&json!({"name": name, "origin": {
+                "url": format!("http://{host}/items/{{key}}"),
+                "headers": {"X-Api-Key": template}
+            }}))
+            .send()
+    };
+    let r = create("keyed", "${LARDER_ORIGIN_API_KEY}").await.unwrap();
+    assert_eq!(r.status(), 201);
+    let info = r.text().await.unwrap();
+    assert!(info.contains("${LARDER_ORIGIN_API_KEY}"), "{info}");
+    assert!(!info.contains("s3cret-value"), "{info}");
+
+    let r = reqwest::get(server.entry_url("keyed", "k1")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        *origin.keys.lock().unwrap(),
+        vec!["s3cret-value".to_owned()]
+    );
+    let info = reqwest::get(format!("{}/v1/tables/keyed", server.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!info.contains("s3cret-value"), "{info}");
+
+    // A variable outside LARDER_ORIGIN_*: refused at create.
+    let r = create("home", "${HOME}").await.unwrap();
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_argument");
+    // An unset one: created, and its fetches fail with 502 naming it.
+    let r = create("unset", "${LARDER_ORIGIN_NOT_SET}").await.unwrap();
+    assert_eq!(r.status(), 201);
+    let r = reqwest::get(server.entry_url("unset", "k1")).await.unwrap();
+    assert_eq!(r.status(), 502);
+    let body: serde_json::Value = r.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("LARDER_ORIGIN_NOT_SET"), "{body}");
+    assert_eq!(origin.hits.load(Ordering::SeqCst), 1);
+}
