@@ -13,7 +13,9 @@ use super::auth::{Op, Principal};
 use super::extract::{
     checked_key, from_object, Conditions, EntryPath, JsonBody, QueryParams, RawBody, TablePath,
 };
-use super::respond::{self, entry_body, scan_body, with_cache, with_etag, HIT, MISS};
+use super::respond::{
+    self, entry_body, scan_body, with_cache, with_cache_control, with_etag, HIT, MISS,
+};
 use super::AppState;
 use crate::api::error::{ApiError, ApiResult, ErrorBody};
 use crate::ops::{ReadFrom, TableOps};
@@ -165,6 +167,9 @@ fn parse_value(bytes: &[u8]) -> ApiResult<Value> {
 /// `{"key","values","ttl_ms"}` with objects in insertion order. Sends an
 /// `ETag`; `If-None-Match` with a current tag answers 304. `X-Cache` says
 /// whether the answer came from memory (`HIT`) or not (`MISS`).
+/// `Cache-Control` is `max-age=<whole seconds of TTL left>` for an entry
+/// with a TTL and `no-cache` for one without (and on 404 and errors), with
+/// `public` first on a table created with `"cache": "public"`.
 ///
 /// On a table with an `origin`, a miss fetches `origin.url` with the key
 /// percent-encoded into `{key}`: a 200 JSON body is stored with
@@ -205,34 +210,50 @@ pub async fn get_entry(
 ) -> ApiResult<Response> {
     let table = state.table_for(&table, &who, Op::Read).await?;
     let if_none = conditions.if_none_match?;
+    let public = table.meta().cache_public();
     let Some(entry) = table.lookup(&key, params.read_from()).await? else {
+        let absent = |status| {
+            with_cache_control(
+                with_cache(ApiError::KeyNotFound.into_response(), status),
+                None,
+                public,
+            )
+        };
         let Some(origin) = table.meta().origin() else {
-            return Ok(with_cache(ApiError::KeyNotFound.into_response(), MISS));
+            return Ok(absent(MISS));
         };
         if state
             .origins
             .remembered_missing(table.meta(), &key, table.meta().now())
         {
-            return Ok(with_cache(ApiError::KeyNotFound.into_response(), HIT));
+            return Ok(absent(HIT));
         }
         // Boxed: the origin fetch's future is large and rare; inline it would
         // grow every GET's future, which is moved on each request.
         let fetch = Box::pin(state.origins.read_through(&table, &key, origin));
         let resp = match fetch.await {
-            Ok(entry) => with_etag(
-                respond::json(StatusCode::OK, entry_body(&key, &entry)),
-                entry.version,
+            Ok(entry) => with_cache_control(
+                with_etag(
+                    respond::json(StatusCode::OK, entry_body(&key, &entry)),
+                    entry.version,
+                ),
+                entry.ttl_ms,
+                public,
             ),
-            Err(e) => e.into_response(),
+            Err(e) => with_cache_control(e.into_response(), None, public),
         };
         return Ok(with_cache(resp, MISS));
     };
     if if_none.is_some_and(|tags| tags.matches(entry.version)) {
         let resp = with_etag(respond::empty(StatusCode::NOT_MODIFIED), entry.version);
-        return Ok(with_cache(resp, HIT));
+        return Ok(with_cache(
+            with_cache_control(resp, entry.ttl_ms, public),
+            HIT,
+        ));
     }
     let resp = respond::json(StatusCode::OK, entry_body(&key, &entry));
-    Ok(with_cache(with_etag(resp, entry.version), HIT))
+    let resp = with_cache_control(with_etag(resp, entry.version), entry.ttl_ms, public);
+    Ok(with_cache(resp, HIT))
 }
 
 /// Test whether a key exists.

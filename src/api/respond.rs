@@ -229,6 +229,28 @@ pub fn with_cache(mut resp: Response, status: &'static str) -> Response {
     resp
 }
 
+/// Sets `Cache-Control` on an entry answer: `max-age` of the whole seconds
+/// of TTL left (rounded down) for an entry with a TTL, `no-cache` for one
+/// without and for answers about no entry; `public` first when the table
+/// lets shared caches keep its answers.
+pub fn with_cache_control(mut resp: Response, ttl_ms: Option<u64>, public: bool) -> Response {
+    let value = match (ttl_ms, public) {
+        (None, false) => HeaderValue::from_static("no-cache"),
+        (None, true) => HeaderValue::from_static("public, no-cache"),
+        (Some(ms), public) => {
+            let text = if public {
+                format!("public, max-age={}", ms / 1000)
+            } else {
+                format!("max-age={}", ms / 1000)
+            };
+            // Digits and ASCII: always a valid value.
+            HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("no-cache"))
+        }
+    };
+    resp.headers_mut().insert(header::CACHE_CONTROL, value);
+    resp
+}
+
 /// An `If-Match` / `If-None-Match` header's meaning.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TagList {

@@ -249,6 +249,7 @@ mod tests {
                         .into_iter()
                         .collect(),
                 }),
+                cache: crate::store::CacheScope::Public,
             },
             owner: "alice".into(),
             created_at: 1_700_000_000_000,

@@ -48,7 +48,9 @@ pub use memory::{Held, MemoryKind, MemoryUse};
 pub use scan::{Cursor, ScanPage, ScanRequest, DEFAULT_SCAN_LIMIT, MAX_SCAN_LIMIT};
 pub use slot::{Entry, Object, Objects, ObjectsMut, ObjectsRef, Slot, Stamp};
 pub use table::{Counter, Dirty, Precondition, Stats, Table, TableSpec, Written, SHARDS};
-pub use types::{Access, Eviction, Expiry, Origin, Persistence, TableSettings, TableType};
+pub use types::{
+    Access, CacheScope, Eviction, Expiry, Origin, Persistence, TableSettings, TableType,
+};
 pub use value::{validate_key, validate_table_name, Key, Value, MAX_KEY_BYTES, MAX_NAME_CHARS};
 pub use watch::{Change, ChangeKind, HistoryLimits, Hub, Read, Start, Watcher};
 

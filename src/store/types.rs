@@ -152,6 +152,23 @@ pub struct TableSettings {
     /// Read-through source (admins only).
     #[serde(default)]
     pub origin: Option<Origin>,
+    /// HTTP caching of entry answers: `public` adds `public` to their
+    /// `Cache-Control`, so shared caches in front of a server that needs
+    /// tokens may keep them; default `default`. Set at creation.
+    #[serde(default)]
+    pub cache: CacheScope,
+}
+
+/// Who may keep a table's entry answers: the table setting `cache`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheScope {
+    /// HTTP's default: a shared cache does not keep answers to requests
+    /// that carried a token.
+    #[default]
+    Default,
+    /// Any cache may keep them (`Cache-Control: public`).
+    Public,
 }
 
 impl TableSettings {

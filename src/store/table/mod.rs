@@ -361,6 +361,11 @@ impl Table {
         self.fixed.origin.as_ref()
     }
 
+    /// Whether shared caches may keep this table's entry answers.
+    pub fn cache_public(&self) -> bool {
+        self.fixed.cache == super::CacheScope::Public
+    }
+
     /// The owning principal.
     pub fn owner(&self) -> Arc<str> {
         self.owner
