@@ -286,6 +286,7 @@ impl App {
         });
         let metrics = crate::api::metrics::Metrics::new();
         durability.set_round_histogram(metrics.writeback_histogram());
+        durability.set_fsync_histogram(metrics.fsync_histogram());
         durability
             .record_filter()
             .set_bytes(config.idempotency_filter_bytes);

@@ -86,6 +86,7 @@ pub mod net;
 pub mod ops;
 pub mod pace;
 pub mod persist;
+pub mod procfs;
 pub mod select;
 pub mod store;
 pub mod stripe;

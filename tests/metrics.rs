@@ -184,3 +184,42 @@ async fn freed_memory_is_given_back_once_writes_to_memory_tables_stop() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn the_process_its_build_and_its_fsyncs_are_reported() {
+    let app = spawn_app().await;
+    assert_eq!(
+        app.create_table(json!({"name": "d", "persistence": "sync"}))
+            .await
+            .status,
+        201
+    );
+    for i in 0..5 {
+        assert!(app
+            .put("d", &format!("k{i}"), json!(i))
+            .await
+            .status
+            .is_success());
+    }
+    let s = scrape(&app).await;
+    let v = |name: &str| value(&s, name, &[]).unwrap_or_else(|| panic!("{name} missing"));
+    // The test process is the server's: its figures must be sane.
+    assert!(v("process_resident_memory_bytes") > 1e6);
+    assert!(v("process_virtual_memory_bytes") >= v("process_resident_memory_bytes"));
+    assert!(v("process_open_fds") >= 3.0);
+    assert!(v("process_max_fds") >= v("process_open_fds"));
+    assert!(v("process_cpu_seconds_total") > 0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = v("process_start_time_seconds");
+    assert!(started <= now && started > now - 3600.0, "{started}");
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        value(&s, "larder_build_info", &[("version", version)]),
+        Some(1.0)
+    );
+    // Five sync writes: at least one fsync, each in the histogram.
+    assert!(v("larder_fsync_duration_seconds") >= 1.0);
+}

@@ -45,6 +45,8 @@ struct Registry {
     requests: Mutex<HashMap<u64, Arc<Series>>>,
     /// Durations of write-back rounds.
     writeback: Arc<Histogram>,
+    /// Durations of the durable tier's fsyncs (sled flushes).
+    fsync: Arc<Histogram>,
 }
 
 impl Default for Registry {
@@ -54,6 +56,7 @@ impl Default for Registry {
             id: NEXT.fetch_add(1, Relaxed),
             requests: Mutex::default(),
             writeback: Arc::default(),
+            fsync: Arc::default(),
         }
     }
 }
@@ -187,6 +190,11 @@ impl Metrics {
         self.inner.writeback.clone()
     }
 
+    /// The histogram of fsync durations.
+    pub fn fsync_histogram(&self) -> Arc<Histogram> {
+        self.inner.fsync.clone()
+    }
+
     /// The request and write-back metrics in Prometheus text format.
     pub fn render(&self) -> String {
         let mut series: Vec<(String, Histogram)> = self
@@ -222,7 +230,81 @@ impl Metrics {
         self.inner
             .writeback
             .render(&mut out, "larder_writeback_round_duration_seconds", "");
+        out.push_str(
+            "# HELP larder_fsync_duration_seconds Duration of the durable tier's fsyncs (a write-back round has one, or one per large batch).\n",
+        );
+        out.push_str("# TYPE larder_fsync_duration_seconds histogram\n");
+        self.inner
+            .fsync
+            .render(&mut out, "larder_fsync_duration_seconds", "");
+        process_metrics(&mut out);
         out
+    }
+}
+
+/// The standard `process_*` series (as Prometheus client libraries
+/// export them) and `larder_build_info`, read from `/proc` where there is
+/// one.
+fn process_metrics(out: &mut String) {
+    let _ =
+        writeln!(
+        out,
+        "# HELP larder_build_info The running build (value 1).\n# TYPE larder_build_info gauge\n\
+         larder_build_info{{version=\"{}\",profile=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        if cfg!(debug_assertions) { "debug" } else { "release" }
+    );
+    let Some(p) = crate::procfs::read_self() else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "# HELP process_start_time_seconds Start time of the process since the Unix epoch, in seconds.\n\
+         # TYPE process_start_time_seconds gauge\nprocess_start_time_seconds {:.2}",
+        p.start_time_seconds
+    );
+    let gauge = |out: &mut String, name: &str, kind: &str, help: &str, v: f64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+        );
+    };
+    gauge(
+        out,
+        "process_cpu_seconds_total",
+        "counter",
+        "User and system CPU time spent, in seconds.",
+        p.cpu_seconds,
+    );
+    gauge(
+        out,
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory size, in bytes.",
+        p.resident_bytes as f64,
+    );
+    gauge(
+        out,
+        "process_virtual_memory_bytes",
+        "gauge",
+        "Virtual memory size, in bytes.",
+        p.virtual_bytes as f64,
+    );
+    gauge(
+        out,
+        "process_open_fds",
+        "gauge",
+        "Open file descriptors.",
+        p.open_fds as f64,
+    );
+    if let Some(max) = p.max_fds {
+        gauge(
+            out,
+            "process_max_fds",
+            "gauge",
+            "The open-file limit.",
+            max as f64,
+        );
     }
 }
 

@@ -207,6 +207,8 @@ struct Inner {
     stats: FlushStats,
     /// Where round durations are recorded, once metrics are wired.
     round_histogram: std::sync::OnceLock<Arc<crate::histogram::Histogram>>,
+    /// Where fsync durations are recorded, once metrics are wired.
+    fsync_histogram: std::sync::OnceLock<Arc<crate::histogram::Histogram>>,
     /// Held for a whole write-back round and for every change of a table's
     /// stored definition, so a round never writes a dropped table's keys
     /// into the data space of a table re-created under the same name.
@@ -317,6 +319,7 @@ impl Durability {
                 revision_at_idle: AtomicU64::new(0),
                 stats: FlushStats::default(),
                 round_histogram: std::sync::OnceLock::new(),
+                fsync_histogram: std::sync::OnceLock::new(),
                 round_lock: Mutex::new(()),
                 lease_move: Mutex::new(()),
                 sync_gate: std::sync::RwLock::new(()),
@@ -353,6 +356,11 @@ impl Durability {
     /// Records each write-back round's duration, in seconds, here.
     pub fn set_round_histogram(&self, histogram: Arc<crate::histogram::Histogram>) {
         let _ = self.inner.round_histogram.set(histogram);
+    }
+
+    /// Records each write-back fsync's duration, in seconds, here.
+    pub fn set_fsync_histogram(&self, histogram: Arc<crate::histogram::Histogram>) {
+        let _ = self.inner.fsync_histogram.set(histogram);
     }
 
     /// The filter that spares a keyed write the disk lookup of a record

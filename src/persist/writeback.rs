@@ -300,7 +300,7 @@ impl Durability {
             inner
                 .engine
                 .put_meta("revision", &inner.store.revision().to_be_bytes())
-                .and_then(|()| inner.engine.flush())
+                .and_then(|()| self.timed_flush())
         } else {
             // Waiters whose changes were already written by an earlier round
             // still need that round's fsync, which has happened: nothing to do.
@@ -412,6 +412,16 @@ impl Durability {
     /// again); a sync table's changes are undone, so their records are
     /// erased from the engine, where the failed round may have put them
     /// and a later flush would otherwise make them durable.
+    /// Fsyncs the engine, recording how long it took.
+    fn timed_flush(&self) -> Result<(), PersistError> {
+        let started = std::time::Instant::now();
+        let flushed = self.inner.engine.flush();
+        if let Some(h) = self.inner.fsync_histogram.get() {
+            h.record(started.elapsed());
+        }
+        flushed
+    }
+
     fn requeue_or_erase(&self, table: &Table, records: Vec<super::PendingRecord>) {
         if table.persistence() != Persistence::Sync {
             self.return_records(table.name(), records);
@@ -489,7 +499,7 @@ impl Durability {
             if wrote.is_ok() && *unflushed >= FLUSH_EVERY {
                 // Nothing is released here: only the round's last flush
                 // acknowledges anything.
-                wrote = engine.flush();
+                wrote = self.timed_flush();
                 *unflushed = 0;
             }
             if let Err(e) = wrote {
