@@ -1,8 +1,9 @@
 //! `larder-bench`: larder measured from outside, against the ceiling the
 //! HTTP stack itself sets on the same machine.
 //!
-//! The ceiling is `larder-ceiling`, a bare axum server with no middleware
-//! answering the same paths with bodies of the same size. Every row runs
+//! The ceiling is `larder-ceiling`, the floor of HTTP work: a minimal
+//! hyper server with no router, middleware or state, answering the same
+//! requests with bodies of the same size. Every row runs
 //! the same wrk workload against the ceiling and against larder, alternating
 //! (A B A B …) so that drift of a shared, noisy machine cancels, and reports
 //! larder's throughput as a ratio of the ceiling's. When Redis and Webdis are
@@ -36,7 +37,7 @@ use wrk::Workload;
 #[derive(Debug, Parser)]
 #[command(
     name = "larder-bench",
-    about = "Benchmark larder against a bare axum server and Webdis"
+    about = "Benchmark larder against a minimal hyper server and Webdis"
 )]
 struct Options {
     /// How long each wrk run lasts, e.g. `5s` or `1500ms`.

@@ -135,7 +135,7 @@ pub fn start_larder_probed(
     proc
 }
 
-/// Starts the bare axum ceiling.
+/// Starts the ceiling (a minimal hyper server).
 pub fn start_ceiling(bin: &Path) -> Proc {
     let mut cmd = Command::new(bin);
     cmd.arg("127.0.0.1:0");

@@ -1,19 +1,26 @@
-//! `larder-ceiling`: the benchmark's ceiling. A bare axum server with no
-//! middleware at all that answers every path the benchmark drives with a
-//! fixed body of the size larder's answer has, so the ratio of larder to
-//! this server is what larder's own work costs on top of the HTTP stack.
+//! `larder-ceiling`: the benchmark's floor of HTTP work. A minimal hyper
+//! 1.x server, with no router, no middleware and no state, that reads each
+//! request whole and answers with a fixed body of the size larder's answer
+//! has, so the ratio of larder to this server is what larder's own work
+//! costs on top of the least an HTTP server can do.
 //!
-//! It reads request bodies (a PUT or counter request is not done until its
-//! body has arrived) but parses nothing and stores nothing.
+//! The body is picked by the request's shape alone: `/noop` gets `{}`, a
+//! query with `limit=` the body of a scan of 100, and otherwise GET an
+//! entry, PUT a write's answer and POST a counter's.
 //!
 //! Usage: `larder-ceiling [ADDR]` (default `127.0.0.1:0`); it prints
 //! `listening on ADDR` once bound.
 
-use axum::body::Bytes;
-use axum::http::header::CONTENT_TYPE;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::Router;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response};
+use hyper_util::rt::TokioIo;
 
 /// Bodies shaped like larder's: a 16-byte key, a 100-byte JSON value.
 struct Bodies {
@@ -41,8 +48,27 @@ fn bodies() -> Bodies {
     }
 }
 
-fn json(body: Bytes) -> Response {
-    ([(CONTENT_TYPE, "application/json")], body).into_response()
+async fn answer(
+    bodies: Arc<Bodies>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let body = if req.uri().path() == "/noop" {
+        Bytes::from_static(b"{}")
+    } else if req.uri().query().is_some_and(|q| q.contains("limit=")) {
+        bodies.scan.clone()
+    } else {
+        match *req.method() {
+            Method::PUT => bodies.put.clone(),
+            Method::POST => bodies.counter.clone(),
+            _ => bodies.entry.clone(),
+        }
+    };
+    // A write is not done until its body has arrived.
+    let _ = req.into_body().collect().await;
+    let mut resp = Response::new(Full::new(body));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok(resp)
 }
 
 #[tokio::main]
@@ -50,35 +76,7 @@ async fn main() {
     let addr = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:0".to_owned());
-    let b = bodies();
-    let (entry, put, counter, scan) = (b.entry, b.put, b.counter, b.scan);
-    let app = Router::new()
-        .route("/noop", get(|| async { json(Bytes::from_static(b"{}")) }))
-        .route(
-            "/v1/tables/{table}/entries/{key}",
-            get(move || {
-                let body = entry.clone();
-                async move { json(body) }
-            })
-            .put(move |_body: Bytes| {
-                let body = put.clone();
-                async move { json(body) }
-            }),
-        )
-        .route(
-            "/v1/tables/{table}/entries/{key}/counter",
-            post(move |_body: Bytes| {
-                let body = counter.clone();
-                async move { json(body) }
-            }),
-        )
-        .route(
-            "/v1/tables/{table}/entries",
-            get(move || {
-                let body = scan.clone();
-                async move { json(body) }
-            }),
-        );
+    let bodies = Arc::new(bodies());
     let listener = match tokio::net::TcpListener::bind(&addr).await {
         Ok(l) => l,
         Err(e) => {
@@ -93,8 +91,22 @@ async fn main() {
             std::process::exit(1);
         }
     }
-    if let Err(e) = axum::serve(listener, app).await {
-        eprintln!("larder-ceiling: {e}");
-        std::process::exit(1);
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                eprintln!("larder-ceiling: accept: {e}");
+                continue;
+            }
+        };
+        // As larder does: answers are small and sent whole.
+        let _ = stream.set_nodelay(true);
+        let bodies = bodies.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| answer(bodies.clone(), req));
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
     }
 }
