@@ -39,7 +39,7 @@ async fn answer(
     Path(key): Path<String>,
     headers: HeaderMap,
 ) -> axum::response::Response {
-    o.hits.fetch_add(1, Ordering::SeqCst);
+    let fetch = o.hits.fetch_add(1, Ordering::SeqCst) + 1;
     if let Some(k) = headers.get("x-api-key") {
         o.keys
             .lock()
@@ -55,7 +55,7 @@ async fn answer(
     if key.starts_with("gone") {
         StatusCode::NOT_FOUND.into_response()
     } else if o.healthy.load(Ordering::SeqCst) {
-        axum::Json(json!({"id": key})).into_response()
+        axum::Json(json!({"id": key, "fetch": fetch})).into_response()
     } else {
         StatusCode::INTERNAL_SERVER_ERROR.into_response()
     }
@@ -133,7 +133,7 @@ async fn the_breaker_opens_after_failures_and_a_trial_closes_it() {
     app.advance(5000);
     let r = app.get("items", "d0").await;
     assert_eq!(r.status, 200, "{}", r.text);
-    assert_eq!(r.body["value"], json!({"id": "d0"}));
+    assert_eq!(r.body["value"]["id"], "d0");
     let r = app.get("items", "d1").await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(hits(), 10);
@@ -168,11 +168,10 @@ async fn at_most_origin_max_inflight_fetches_reach_one_origin() {
             reqwest::get(url).await.unwrap().status().as_u16()
         }));
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while origin.current.load(Ordering::SeqCst) < 2 {
-        assert!(Instant::now() < deadline, "two fetches never started");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until("two fetches to start", || {
+        origin.current.load(Ordering::SeqCst) == 2
+    })
+    .await;
     // Time for a fetch past the cap to show up, were it let through.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(origin.current.load(Ordering::SeqCst), 2);
@@ -244,4 +243,105 @@ async fn origin_headers_come_from_the_environment_and_are_never_shown() {
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("LARDER_ORIGIN_NOT_SET"), "{body}");
     assert_eq!(origin.hits.load(Ordering::SeqCst), 1);
+}
+
+/// Polls `check` until it holds, for up to 20 seconds.
+async fn until(what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hits_near_expiry_refresh_once_in_the_background_and_writes_win() {
+    let origin = Arc::new(Origin {
+        healthy: AtomicBool::new(true),
+        gate: Some(tokio::sync::Semaphore::new(0)),
+        ..Origin::default()
+    });
+    let host = start_origin(origin.clone()).await;
+    let app = spawn_with_manual_clock_and(|c| c.origin_allow = vec!["127.0.0.1:*".into()]).await;
+    let r = app
+        .create_table(json!({"name": "items", "origin": {
+            "url": format!("http://{host}/items/{{key}}"),
+            "ttl_ms": 10000, "refresh_ahead_ms": 3000
+        }}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(r.body["origin"]["refresh_ahead_ms"], 3000);
+    let gate = origin.gate.as_ref().unwrap();
+    // The miss: one fetch.
+    gate.add_permits(1);
+    let r = app.get("items", "k").await;
+    assert_eq!(r.body["value"]["fetch"], 1);
+    // Far from expiry: no refresh.
+    app.advance(6000);
+    assert_eq!(app.get("items", "k").await.body["value"]["fetch"], 1);
+    assert_eq!(origin.hits.load(Ordering::SeqCst), 1);
+
+    // 2 s left, within refresh_ahead_ms: 20 hits at once are answered at
+    // once from memory while one refresh waits at the origin.
+    app.advance(2000);
+    let mut hits = Vec::new();
+    for _ in 0..20 {
+        let url = app.entry_url("items", "k");
+        hits.push(tokio::spawn(async move {
+            let r = reqwest::get(url).await.unwrap();
+            let cache = r.headers()["x-cache"].to_str().unwrap().to_owned();
+            let body: serde_json::Value = r.json().await.unwrap();
+            (cache, body["value"]["fetch"].clone())
+        }));
+    }
+    for h in hits {
+        assert_eq!(h.await.unwrap(), ("HIT".to_owned(), json!(1)));
+    }
+    until("the refresh to reach the origin", || {
+        origin.current.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    gate.add_permits(1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = app.get("items", "k").await;
+        if r.body["value"]["fetch"] == 2 {
+            // A fresh TTL came with it.
+            assert_eq!(r.body["ttl_ms"], 10000);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the refresh never landed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        origin.hits.load(Ordering::SeqCst),
+        2,
+        "one refresh for 20 hits"
+    );
+
+    // Near expiry again; a client writes while the refresh is at the
+    // origin: the client's value stays.
+    app.advance(8000);
+    assert_eq!(app.get("items", "k").await.body["value"]["fetch"], 2);
+    until("the second refresh to reach the origin", || {
+        origin.current.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(app
+        .put("items", "k", json!({"mine": true}))
+        .await
+        .status
+        .is_success());
+    gate.add_permits(1);
+    until("the origin to answer", || {
+        origin.current.load(Ordering::SeqCst) == 0
+    })
+    .await;
+    // Time for the refresh to try its store, were it to overwrite.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        app.get("items", "k").await.body["value"],
+        json!({"mine": true})
+    );
+    assert_eq!(origin.hits.load(Ordering::SeqCst), 3);
 }

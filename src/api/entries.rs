@@ -184,7 +184,9 @@ fn parse_value(bytes: &[u8]) -> ApiResult<Value> {
 /// failures in a row (5xx, timeouts, connection errors; a 404 is an
 /// answer) the origin is not called for `--origin-breaker-ms`: misses get
 /// 503 `origin_unavailable` at once, then one trial fetch closes or reopens
-/// the breaker.
+/// the breaker. With `origin.refresh_ahead_ms`, a hit that close to expiry
+/// is answered at once and the key refreshed in the background (once per
+/// key; a client's write made meanwhile wins).
 #[utoipa::path(
     get,
     path = "/v1/tables/{table}/entries/{key}",
@@ -251,6 +253,9 @@ pub async fn get_entry(
             HIT,
         ));
     }
+    state
+        .origins
+        .refresh_ahead(&state, table.meta(), &key, entry.version, entry.ttl_ms);
     let resp = respond::json(StatusCode::OK, entry_body(&key, &entry));
     let resp = with_cache_control(with_etag(resp, entry.version), entry.ttl_ms, public);
     Ok(with_cache(resp, HIT))

@@ -181,6 +181,9 @@ pub struct Origins {
     /// Turns and breakers by origin `host:port`. One per origin host any
     /// table names, so bounded by `--max-tables`.
     origins: Arc<DashMap<String, Arc<OriginState>>>,
+    /// Background refreshes running, by (table, key): one per key. Bounded
+    /// by the origins' turns, which every refresh holds.
+    refreshing: Arc<DashMap<FlightKey, ()>>,
     /// The `LARDER_ORIGIN_*` environment, read at start and on `SIGHUP`.
     env: Arc<RwLock<HashMap<String, String>>>,
 }
@@ -221,6 +224,7 @@ impl Origins {
             max_body,
             limits: OriginLimits::default(),
             origins: Arc::default(),
+            refreshing: Arc::default(),
             env: Arc::new(RwLock::new(origin_env())),
         }
     }
@@ -282,7 +286,114 @@ impl Origins {
                 "origin {host}:{port} is not allowed by this server's --origin-allow"
             ));
         }
+        if origin
+            .refresh_ahead_ms
+            .is_some_and(|ahead| ahead >= origin.ttl_ms)
+        {
+            return bad("origin.refresh_ahead_ms must be less than origin.ttl_ms".into());
+        }
         check_headers(&origin.headers).map_err(ApiError::InvalidArgument)
+    }
+
+    /// Refresh-ahead: when a hit on `key` (at `version`, with `ttl_left`
+    /// ms to live) is within the origin's `refresh_ahead_ms` of expiry,
+    /// fetches it again in the background. At most one refresh per key
+    /// runs; none starts while the origin's breaker is open or all its
+    /// turns are taken (misses come first). The fetched value replaces the
+    /// entry only if the entry is still at `version`: a client's write made
+    /// meanwhile is kept.
+    pub fn refresh_ahead(
+        &self,
+        state: &crate::api::AppState,
+        table: &Table,
+        key: &str,
+        version: u64,
+        ttl_left: Option<u64>,
+    ) {
+        let Some(origin) = table.origin() else {
+            return;
+        };
+        let (Some(ahead), Some(left)) = (origin.refresh_ahead_ms, ttl_left) else {
+            return;
+        };
+        if left > ahead {
+            return;
+        }
+        let flight: FlightKey = (table.name().into(), key.into());
+        if self.inflight.contains_key(&flight) || self.refreshing.contains_key(&flight) {
+            return;
+        }
+        let origin_state = self.state_of(&origin_host(&origin.url));
+        let pass = origin_state.pass(table.now());
+        if pass == Pass::Refused {
+            return;
+        }
+        let Ok(turn) = origin_state.turns.try_acquire() else {
+            if pass == Pass::Trial {
+                origin_state.trial.store(false, Relaxed);
+            }
+            return;
+        };
+        turn.forget();
+        if self.refreshing.insert(flight.clone(), ()).is_some() {
+            origin_state.turns.add_permits(1);
+            if pass == Pass::Trial {
+                origin_state.trial.store(false, Relaxed);
+            }
+            return;
+        }
+        let state = state.clone();
+        let origin = origin.clone();
+        let key = key.to_owned();
+        tokio::spawn(async move {
+            let origins = &state.origins;
+            if let Ok(table) = state.tables.find(&flight.0).await {
+                origins
+                    .refresh_one(&table, &key, &origin, version, pass, &origin_state)
+                    .await;
+            }
+            origin_state.turns.add_permits(1);
+            origins.refreshing.remove(&flight);
+        });
+    }
+
+    async fn refresh_one(
+        &self,
+        table: &impl TableOps,
+        key: &str,
+        origin: &Origin,
+        version: u64,
+        pass: Pass,
+        origin_state: &OriginState,
+    ) {
+        let meta = table.meta();
+        let Ok(headers) = self.resolve_headers(&origin.headers) else {
+            meta.stats.origin_errors.fetch_add(1, Relaxed);
+            return;
+        };
+        meta.stats.origin_fetches.fetch_add(1, Relaxed);
+        let fetched = self.fetch(key, origin, headers).await;
+        origin_state.record(pass, fetched.is_ok(), meta.now(), &self.limits);
+        match fetched {
+            Ok(Some(value)) => {
+                let kept = table
+                    .insert(
+                        key,
+                        value,
+                        Some(origin.ttl_ms),
+                        &Precondition::Version(vec![version]),
+                    )
+                    .await;
+                if let Err(e) = kept {
+                    tracing::debug!(table = meta.name(), error = %e, "refresh not stored");
+                }
+            }
+            // A 404 or a failure: the entry lives out its TTL.
+            Ok(None) => {}
+            Err(_) => {
+                meta.stats.origin_errors.fetch_add(1, Relaxed);
+            }
+        }
     }
 
     /// Forgets a dropped table's remembered 404s.

@@ -248,6 +248,7 @@ mod tests {
                     headers: [("X-Api-Key".to_owned(), "${LARDER_ORIGIN_K}".to_owned())]
                         .into_iter()
                         .collect(),
+                    refresh_ahead_ms: Some(4),
                 }),
                 cache: crate::store::CacheScope::Public,
             },

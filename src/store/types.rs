@@ -102,6 +102,11 @@ pub struct Origin {
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     #[schema(example = json!({"X-Api-Key": "${LARDER_ORIGIN_USERS_KEY}"}))]
     pub headers: std::collections::BTreeMap<String, String>,
+    /// A hit on a fetched entry with at most this many ms of TTL left is
+    /// answered at once and refreshed from the origin in the background,
+    /// one refresh per key at a time (less than `ttl_ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_ahead_ms: Option<u64>,
 }
 
 impl Origin {
