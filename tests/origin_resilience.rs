@@ -345,3 +345,54 @@ async fn hits_near_expiry_refresh_once_in_the_background_and_writes_win() {
     );
     assert_eq!(origin.hits.load(Ordering::SeqCst), 3);
 }
+
+#[tokio::test]
+async fn a_writers_no_cache_fetches_from_the_origin_and_a_readers_is_ignored() {
+    let origin = Arc::new(Origin {
+        healthy: AtomicBool::new(true),
+        ..Origin::default()
+    });
+    let host = start_origin(origin.clone()).await;
+    let app = spawn_with(|c| {
+        c.origin_allow = vec!["127.0.0.1:*".into()];
+        c.tokens = Some("admin:admin-token-1,bob:bob-token-1".into());
+    })
+    .await;
+    let r = app
+        .client
+        .post(app.url("/v1/tables"))
+        .bearer_auth("admin-token-1")
+        .json(&json!({"name": "items", "access": "protected", "origin": {
+            "url": format!("http://{host}/items/{{key}}")
+        }}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let get = |token: &'static str, no_cache: bool| {
+        let mut req = app
+            .client
+            .get(app.entry_url("items", "k"))
+            .bearer_auth(token);
+        if no_cache {
+            req = req.header("cache-control", "no-cache");
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let cache = r.headers()["x-cache"].to_str().unwrap().to_owned();
+            let body: serde_json::Value = r.json().await.unwrap();
+            (cache, body["value"]["fetch"].as_u64().unwrap())
+        }
+    };
+    assert_eq!(get("bob-token-1", false).await, ("MISS".into(), 1));
+    assert_eq!(get("bob-token-1", false).await, ("HIT".into(), 1));
+    // bob may only read: his no-cache is ignored.
+    assert_eq!(get("bob-token-1", true).await, ("HIT".into(), 1));
+    assert_eq!(origin.hits.load(Ordering::SeqCst), 1);
+    // The admin may write: the origin is asked, and its value replaces
+    // the cached one for everybody.
+    assert_eq!(get("admin-token-1", true).await, ("MISS".into(), 2));
+    assert_eq!(get("bob-token-1", false).await, ("HIT".into(), 2));
+    assert_eq!(origin.hits.load(Ordering::SeqCst), 2);
+}

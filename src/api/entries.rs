@@ -186,7 +186,11 @@ fn parse_value(bytes: &[u8]) -> ApiResult<Value> {
 /// 503 `origin_unavailable` at once, then one trial fetch closes or reopens
 /// the breaker. With `origin.refresh_ahead_ms`, a hit that close to expiry
 /// is answered at once and the key refreshed in the background (once per
-/// key; a client's write made meanwhile wins).
+/// key; a client's write made meanwhile wins). A request with
+/// `Cache-Control: no-cache` from a principal that may write the table
+/// skips the cached copy and fetches from the origin (sharing a fetch in
+/// flight), replacing the entry unless a client wrote it meanwhile; others'
+/// `no-cache` is ignored.
 #[utoipa::path(
     get,
     path = "/v1/tables/{table}/entries/{key}",
@@ -213,38 +217,49 @@ pub async fn get_entry(
     let table = state.table_for(&table, &who, Op::Read).await?;
     let if_none = conditions.if_none_match?;
     let public = table.meta().cache_public();
-    let Some(entry) = table.lookup(&key, params.read_from()).await? else {
-        let absent = |status| {
-            with_cache_control(
-                with_cache(ApiError::KeyNotFound.into_response(), status),
-                None,
-                public,
-            )
-        };
-        let Some(origin) = table.meta().origin() else {
-            return Ok(absent(MISS));
-        };
-        if state
-            .origins
-            .remembered_missing(table.meta(), &key, table.meta().now())
-        {
-            return Ok(absent(HIT));
-        }
-        // Boxed: the origin fetch's future is large and rare; inline it would
-        // grow every GET's future, which is moved on each request.
-        let fetch = Box::pin(state.origins.read_through(&table, &key, origin));
-        let resp = match fetch.await {
-            Ok(entry) => with_cache_control(
-                with_etag(
-                    respond::json(StatusCode::OK, entry_body(&key, &entry)),
-                    entry.version,
+    let found = table.lookup(&key, params.read_from()).await?;
+    // A writer's `Cache-Control: no-cache` asks the origin even on a hit;
+    // anyone else's is ignored.
+    let refetch = conditions.no_cache
+        && table.meta().origin().is_some()
+        && super::auth::authorize(table.meta(), &who, Op::Write).is_ok();
+    let entry = match found {
+        Some(entry) if !refetch => entry,
+        found => {
+            let absent = |status| {
+                with_cache_control(
+                    with_cache(ApiError::KeyNotFound.into_response(), status),
+                    None,
+                    public,
+                )
+            };
+            let Some(origin) = table.meta().origin() else {
+                return Ok(absent(MISS));
+            };
+            if !refetch
+                && state
+                    .origins
+                    .remembered_missing(table.meta(), &key, table.meta().now())
+            {
+                return Ok(absent(HIT));
+            }
+            let replacing = found.map(|e| e.version);
+            // Boxed: the origin fetch's future is large and rare; inline it
+            // would grow every GET's future, which is moved on each request.
+            let fetch = Box::pin(state.origins.read_through(&table, &key, origin, replacing));
+            let resp = match fetch.await {
+                Ok(entry) => with_cache_control(
+                    with_etag(
+                        respond::json(StatusCode::OK, entry_body(&key, &entry)),
+                        entry.version,
+                    ),
+                    entry.ttl_ms,
+                    public,
                 ),
-                entry.ttl_ms,
-                public,
-            ),
-            Err(e) => with_cache_control(e.into_response(), None, public),
-        };
-        return Ok(with_cache(resp, MISS));
+                Err(e) => with_cache_control(e.into_response(), None, public),
+            };
+            return Ok(with_cache(resp, MISS));
+        }
     };
     if if_none.is_some_and(|tags| tags.matches(entry.version)) {
         let resp = with_etag(respond::empty(StatusCode::NOT_MODIFIED), entry.version);

@@ -334,6 +334,9 @@ pub struct Conditions {
     pub if_match: Result<Option<TagList>, ApiError>,
     /// `If-None-Match`, if sent.
     pub if_none_match: Result<Option<TagList>, ApiError>,
+    /// `Cache-Control` holds `no-cache`: a read-through request asks for
+    /// the origin's copy.
+    pub no_cache: bool,
 }
 
 impl Conditions {
@@ -351,9 +354,17 @@ impl<S: Send + Sync> FromRequestParts<S> for Conditions {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let no_cache = parts
+            .headers
+            .get_all(header::CACHE_CONTROL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|d| d.trim().eq_ignore_ascii_case("no-cache"));
         Ok(Conditions {
             if_match: tag_list(&parts.headers, header::IF_MATCH),
             if_none_match: tag_list(&parts.headers, header::IF_NONE_MATCH),
+            no_cache,
         })
     }
 }

@@ -420,11 +420,17 @@ impl Origins {
     /// # Errors
     /// [`ApiError::KeyNotFound`] on origin 404, [`ApiError::OriginError`],
     /// [`ApiError::OriginTimeout`].
+    ///
+    /// `replacing` is the version of the cached entry a `no-cache` request
+    /// skipped: the fetched value replaces it only if it is still there
+    /// (`None`: the key was absent, and the value is stored only if it
+    /// still is).
     pub async fn read_through(
         &self,
         table: &impl TableOps,
         key: &str,
         origin: &Origin,
+        replacing: Option<u64>,
     ) -> Result<Entry, ApiError> {
         let flight: FlightKey = (table.meta().name().into(), key.into());
         let cell = self
@@ -433,7 +439,7 @@ impl Origins {
             .or_insert_with(|| Arc::new(OnceCell::new()))
             .clone();
         let fetched = cell
-            .get_or_init(|| self.fetch_and_store(table, key, origin))
+            .get_or_init(|| self.fetch_and_store(table, key, origin, replacing))
             .await
             .clone();
         self.inflight
@@ -447,7 +453,13 @@ impl Origins {
         }
     }
 
-    async fn fetch_and_store(&self, table: &impl TableOps, key: &str, origin: &Origin) -> Fetched {
+    async fn fetch_and_store(
+        &self,
+        table: &impl TableOps,
+        key: &str,
+        origin: &Origin,
+        replacing: Option<u64>,
+    ) -> Fetched {
         let meta = table.meta();
         // A header naming an unset variable is this server's problem, not
         // the origin's: 502 every time, and the breaker is not involved.
@@ -473,7 +485,10 @@ impl Origins {
         let fetched = self.fetch(key, origin, headers).await;
         state.record(pass, fetched.is_ok(), meta.now(), &self.limits);
         match &fetched {
-            Ok(Some(value)) => Fetched::Found(self.store_fetched(table, key, value, origin).await),
+            Ok(Some(value)) => Fetched::Found(
+                self.store_fetched(table, key, value, origin, replacing)
+                    .await,
+            ),
             Ok(None) => {
                 let until = meta.now().saturating_add(origin.negative_ttl_ms);
                 self.negative
@@ -497,6 +512,7 @@ impl Origins {
         key: &str,
         value: &Value,
         origin: &Origin,
+        replacing: Option<u64>,
     ) -> Entry {
         let uncached = || Entry {
             objects: crate::store::Objects::One(value.clone()),
@@ -508,7 +524,10 @@ impl Origins {
                 key,
                 value.clone(),
                 Some(origin.ttl_ms),
-                &Precondition::Absent,
+                &match replacing {
+                    None => Precondition::Absent,
+                    Some(version) => Precondition::Version(vec![version]),
+                },
             )
             .await;
         match written {
