@@ -241,7 +241,7 @@ impl Server {
         tracker.spawn(async move {
             let _handle = handle;
             let Some(tls) = tls else {
-                return serve_http1(stream, svc, &conn, &stopping).await;
+                return serve(stream, svc, &conn, &stopping, false).await;
             };
             // The connection waits for its first head from its accept, so
             // the header timeout bounds the handshake too.
@@ -271,11 +271,7 @@ impl Server {
                 (h2, client)
             };
             let svc = ConnService { client, ..svc };
-            if h2 {
-                serve_http2(stream, svc, &conn, &stopping).await;
-            } else {
-                serve_http1(stream, svc, &conn, &stopping).await;
-            }
+            serve(stream, svc, &conn, &stopping, h2).await;
         });
     }
 
@@ -326,12 +322,16 @@ async fn drive<F: Future>(
     }
 }
 
-/// Serves HTTP/1.1 on `stream` until the client or the server ends it.
-async fn serve_http1<I, S>(
+/// Serves HTTP/2 (`h2`) or HTTP/1.1 on `stream` until the client or the
+/// server ends it. HTTP/1 heads are bounded by `Observed`; HTTP/2 header
+/// blocks by HTTP/2's own limit, set to [`MAX_HEAD_BYTES`], and streams by
+/// [`MAX_H2_STREAMS`].
+async fn serve<I, S>(
     stream: I,
     svc: ConnService<S>,
     conn: &Arc<Conn>,
     stopping: &CancellationToken,
+    h2: bool,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
@@ -340,45 +340,28 @@ async fn serve_http1<I, S>(
     let io = TokioIo::new(Observed {
         inner: stream,
         conn: conn.clone(),
-        head: Some(HeadScan::default()),
+        // HTTP/2 frames are not lines: no head scan.
+        head: (!h2).then(HeadScan::default),
         refusing: None,
     });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    // Heads are bounded by `Observed`; hyper's buffer only needs room for
-    // the longest head plus what follows it in one read.
-    builder.max_buf_size(2 * MAX_HEAD_BYTES);
-    let served = builder.serve_connection(io, svc);
-    tokio::pin!(served);
-    drive(served, |c| c.graceful_shutdown(), conn, stopping).await;
-}
-
-/// Serves HTTP/2 on `stream` until the client or the server ends it.
-/// Header blocks are bounded by HTTP/2's own limit, set to
-/// [`MAX_HEAD_BYTES`], and streams by [`MAX_H2_STREAMS`].
-async fn serve_http2<I, S>(
-    stream: I,
-    svc: ConnService<S>,
-    conn: &Arc<Conn>,
-    stopping: &CancellationToken,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    let io = TokioIo::new(Observed {
-        inner: stream,
-        conn: conn.clone(),
-        head: None,
-        refusing: None,
-    });
-    let mut builder =
-        hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
-    builder
-        .max_header_list_size(MAX_HEAD_BYTES as u32)
-        .max_concurrent_streams(MAX_H2_STREAMS);
-    let served = builder.serve_connection(io, svc);
-    tokio::pin!(served);
-    drive(served, |c| c.graceful_shutdown(), conn, stopping).await;
+    if h2 {
+        let mut builder =
+            hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+        builder
+            .max_header_list_size(MAX_HEAD_BYTES as u32)
+            .max_concurrent_streams(MAX_H2_STREAMS);
+        let served = builder.serve_connection(io, svc);
+        tokio::pin!(served);
+        drive(served, |c| c.graceful_shutdown(), conn, stopping).await;
+    } else {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        // hyper's buffer only needs room for the longest head plus what
+        // follows it in one read.
+        builder.max_buf_size(2 * MAX_HEAD_BYTES);
+        let served = builder.serve_connection(io, svc);
+        tokio::pin!(served);
+        drive(served, |c| c.graceful_shutdown(), conn, stopping).await;
+    }
 }
 
 fn open_reserve() -> Option<std::fs::File> {
