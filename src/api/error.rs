@@ -66,6 +66,16 @@ pub enum ApiError {
         /// The limit, in bytes.
         limit: usize,
     },
+    /// 409 `txn_aborted`: an operation of a transaction failed, so none was
+    /// applied; names the operation and carries its own error code.
+    TxnAborted {
+        /// The failed operation's 0-based index in its branch.
+        op: usize,
+        /// The operation's own error code.
+        cause: &'static str,
+        /// The operation's own error message.
+        message: String,
+    },
     /// 409 `idempotency_in_flight`: a retry while the first request with
     /// its `Idempotency-Key` is still running.
     IdempotencyInFlight,
@@ -122,6 +132,12 @@ pub struct ErrorDetail {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub next_cursor: Option<Option<String>>,
+    /// `txn_aborted` only: the 0-based index of the operation that failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub op: Option<usize>,
+    /// `txn_aborted` only: that operation's own error code.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
 }
 
 impl ApiError {
@@ -137,7 +153,7 @@ impl ApiError {
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             TableExists(_) | NotACounter(_) | NotAnObject | WrongTableType(_) | Overflow
-            | IdempotencyInFlight => StatusCode::CONFLICT,
+            | IdempotencyInFlight | TxnAborted { .. } => StatusCode::CONFLICT,
             IdempotencyKeyReused | ResultTooLarge { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -176,6 +192,7 @@ impl ApiError {
             WrongTableType(_) => "wrong_table_type",
             Overflow => "overflow",
             IdempotencyInFlight => "idempotency_in_flight",
+            TxnAborted { .. } => "txn_aborted",
             IdempotencyKeyReused => "idempotency_key_reused",
             ResultTooLarge { .. } => "result_too_large",
             PreconditionFailed(_) => "precondition_failed",
@@ -213,6 +230,9 @@ impl ApiError {
             NotAnObject => "the stored value is not a JSON object".into(),
             WrongTableType(m) => m.clone(),
             Overflow => "counter update overflows a 64-bit integer".into(),
+            TxnAborted { op, cause, message } => format!(
+                "operation {op} of the transaction failed ({cause}: {message}); nothing was applied"
+            ),
             IdempotencyInFlight => {
                 "the first request with this Idempotency-Key is still running; retry shortly".into()
             }
@@ -279,6 +299,12 @@ impl From<StoreError> for ApiError {
             StoreError::MemoryLimit => ApiError::MemoryLimit,
             StoreError::InvalidArgument(m) => ApiError::InvalidArgument(m),
             StoreError::TableLimit(n) => ApiError::TableLimit(n),
+            StoreError::TxnAborted { op, cause } => ApiError::aborted(op, (*cause).into()),
+            StoreError::ResultTooLarge { key, limit } => ApiError::ResultTooLarge {
+                key,
+                next_cursor: None,
+                limit,
+            },
         }
     }
 }
@@ -305,12 +331,36 @@ impl From<OpError> for ApiError {
             OpError::StorageFull => ApiError::StorageFull,
             e @ OpError::NotDurable { .. } => ApiError::Unavailable(e.to_string()),
             OpError::Internal(m) => ApiError::Internal(m),
+            OpError::TxnAborted { op, cause } => ApiError::aborted(op, (*cause).into()),
+        }
+    }
+}
+
+impl ApiError {
+    /// A transaction's operation `op` failed with `cause`. Failures that
+    /// are not the operation's own (the durable tier, the cluster) stay
+    /// what they are: nothing was applied, and the retry may succeed.
+    fn aborted(op: usize, cause: ApiError) -> ApiError {
+        match cause {
+            ApiError::Unavailable(_)
+            | ApiError::StorageFull
+            | ApiError::Internal(_)
+            | ApiError::ResultTooLarge { .. } => cause,
+            cause => ApiError::TxnAborted {
+                op,
+                cause: cause.code(),
+                message: cause.message(),
+            },
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let (op, cause) = match &self {
+            ApiError::TxnAborted { op, cause, .. } => (Some(*op), Some((*cause).to_owned())),
+            _ => (None, None),
+        };
         let (key, next_cursor) = match &self {
             ApiError::ResultTooLarge {
                 key, next_cursor, ..
@@ -323,6 +373,8 @@ impl IntoResponse for ApiError {
                 message: self.message(),
                 key,
                 next_cursor,
+                op,
+                cause,
             },
         };
         let bytes = serde_json::to_vec(&body).unwrap_or_default();

@@ -27,6 +27,7 @@ pub mod service;
 pub mod tables;
 pub mod tokens;
 pub mod transfer;
+pub mod txn;
 pub mod watch;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -281,6 +282,7 @@ fn api_routes() -> direct::ApiRoutes {
         .merge(entries::router())
         .merge(counters::router())
         .merge(select::router())
+        .merge(txn::router())
         .merge(transfer::router())
         .merge(watch::router())
         .merge(service::router())

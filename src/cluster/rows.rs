@@ -148,7 +148,7 @@ pub struct Step {
 }
 
 impl Step {
-    fn keep() -> Self {
+    pub(crate) fn keep() -> Self {
         Step {
             change: Change::Keep,
             inserted: 0,

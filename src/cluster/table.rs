@@ -18,6 +18,7 @@
 //! step 1, where the loser now sees the winner's row; that is what makes
 //! `insert_new` have exactly one winner across nodes.
 
+mod txn;
 mod write;
 
 use std::sync::atomic::Ordering;
@@ -417,6 +418,10 @@ impl TableOps for ClusterTable {
             .write(key, |live, clock| rows::counter(kind, live, op, clock))
             .await?;
         Ok(n)
+    }
+
+    async fn transact(&self, txn: &crate::store::Txn) -> OpResult<crate::store::TxnOutcome> {
+        self.run_txn(txn).await
     }
 
     async fn scan(&self, req: &ScanRequest, _from: ReadFrom) -> OpResult<ScanPage> {

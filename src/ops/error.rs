@@ -59,6 +59,15 @@ pub enum OpError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// An operation of a transaction failed in the tier (not in the
+    /// store's rules), so none of them was applied.
+    #[error("operation {op} of the transaction failed: {cause}")]
+    TxnAborted {
+        /// The failed operation's index in its branch.
+        op: usize,
+        /// Why it failed.
+        cause: Box<OpError>,
+    },
     /// A bug or an unexpected I/O failure.
     #[error("internal: {0}")]
     Internal(String),

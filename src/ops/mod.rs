@@ -16,7 +16,8 @@ use std::future::Future;
 use std::sync::Arc;
 
 use crate::store::{
-    CounterOp, Entry, Expiry, Precondition, ScanPage, ScanRequest, Table, Value, Written,
+    CounterOp, Entry, Expiry, Precondition, ScanPage, ScanRequest, Table, Txn, TxnOutcome, Value,
+    Written,
 };
 
 /// Table-wide figures of table info that only the table's tier can give.
@@ -107,6 +108,11 @@ pub trait TableOps {
         key: &str,
         op: &CounterOp,
     ) -> impl Future<Output = OpResult<i64>> + Send;
+
+    /// A transaction (etcd `Txn`): its comparisons, then the operations of
+    /// the branch they chose, as one step and one durable unit; each
+    /// change takes its own revision, in operation order.
+    fn transact(&self, txn: &Txn) -> impl Future<Output = OpResult<TxnOutcome>> + Send;
 
     /// One page of a scan.
     fn scan(

@@ -150,6 +150,38 @@ pub async fn deferring<F: std::future::Future>(work: F) -> (F::Output, Option<u6
         .await
 }
 
+tokio::task_local! {
+    /// Set while a keyed write to a durable local table runs, which holds
+    /// the record gate: the key its record goes with when the request's
+    /// path names none (a transaction's first changed key).
+    static KEYED: std::cell::RefCell<Option<String>>;
+}
+
+/// Runs a keyed write that holds the record gate; returns its output and
+/// the key noted with [`note_anchor`], if any.
+pub async fn keyed<F: std::future::Future>(work: F) -> (F::Output, Option<String>) {
+    KEYED
+        .scope(std::cell::RefCell::new(None), async move {
+            let out = work.await;
+            (out, KEYED.with(|k| k.borrow_mut().take()))
+        })
+        .await
+}
+
+/// Whether the running task is a keyed write that holds the record gate
+/// (taking it again could wait behind a round that waits for it).
+pub fn holds_record_gate() -> bool {
+    KEYED.try_with(|_| ()).is_ok()
+}
+
+/// Inside [`keyed`], notes the key the write's record goes with (the
+/// first one noted wins).
+pub fn note_anchor(key: &str) {
+    let _ = KEYED.try_with(|k| {
+        k.borrow_mut().get_or_insert_with(|| key.to_owned());
+    });
+}
+
 /// Inside [`deferring`], notes that `ticket` is owed and returns true;
 /// elsewhere returns false and the caller waits itself.
 pub fn defer_ticket(ticket: u64) -> bool {
@@ -779,6 +811,11 @@ impl Durability {
     /// [`Durability::wait_ticket`].
     pub fn ticket(&self) -> u64 {
         self.take_ticket(false)
+    }
+
+    /// Wakes the persister for a round of the tables that are due.
+    pub fn request_round(&self) {
+        self.wake(false);
     }
 
     /// A ticket for everything applied so far, and a round woken for it.

@@ -98,6 +98,7 @@ struct Snapshot {
     keys: Vec<(Key, u64)>,
     as_written: Vec<Option<Slot>>,
     records: Vec<super::PendingRecord>,
+    groups: Vec<Vec<Key>>,
 }
 
 /// What a round writes for one table, taken under the record gate.
@@ -108,6 +109,8 @@ struct Plan {
     snapshot: Vec<(Key, u64)>,
     /// Idempotency records, each to go with the key its change wrote.
     records: Vec<super::PendingRecord>,
+    /// Keys transactions changed together, each group for one batch.
+    groups: Vec<Vec<Key>>,
 }
 
 /// Counters of write-back activity. `sync_tickets / rounds` is the average
@@ -213,11 +216,13 @@ impl Durability {
                 if snapshot.is_empty() && cleared == 0 && records.is_empty() {
                     continue;
                 }
+                let groups = dirty.take_groups();
                 plans.push(Plan {
                     table,
                     cleared,
                     snapshot,
                     records,
+                    groups,
                 });
             }
         }
@@ -229,6 +234,7 @@ impl Durability {
                 cleared,
                 mut snapshot,
                 records,
+                groups,
             } = plan;
             let Some(dirty) = table.dirty() else {
                 continue;
@@ -238,12 +244,13 @@ impl Durability {
             // with a small page cache, reads evicted ones back again and
             // again.
             snapshot.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            let batches = layout(&mut snapshot, &groups);
             wrote_records |= !records.is_empty();
             let mut as_written = Vec::new();
             let wrote = self.write_table(
                 &table,
                 cleared,
-                &snapshot,
+                (&snapshot, &batches),
                 records,
                 &mut unflushed,
                 &mut as_written,
@@ -260,8 +267,12 @@ impl Durability {
                     if table.persistence() == Persistence::Sync {
                         self.requeue_or_erase(&table, unwritten);
                     }
+                    // A periodic table's keys stay dirty: their next round
+                    // needs the groups again.
+                    dirty.return_groups(groups);
                     for later in plans {
                         if let Some(d) = later.table.dirty() {
+                            d.return_groups(later.groups);
                             let _ = d.since_ms.compare_exchange(
                                 0,
                                 now.max(1),
@@ -283,6 +294,7 @@ impl Durability {
                 keys: snapshot,
                 as_written,
                 records,
+                groups,
             });
         }
         drop(gate);
@@ -313,6 +325,9 @@ impl Durability {
             for done in &mut written {
                 let records = std::mem::take(&mut done.records);
                 self.requeue_or_erase(&done.table, records);
+                if let Some(dirty) = done.table.dirty() {
+                    dirty.return_groups(std::mem::take(&mut done.groups));
+                }
             }
             self.round_failed(&written, None, now, &e);
             return Err(e);
@@ -445,7 +460,7 @@ impl Durability {
         &self,
         table: &Table,
         cleared: u64,
-        snapshot: &[(Key, u64)],
+        (snapshot, batches): (&[(Key, u64)], &[usize]),
         records: Vec<super::PendingRecord>,
         unflushed: &mut usize,
         as_written: &mut Vec<Option<Slot>>,
@@ -461,22 +476,35 @@ impl Durability {
             }
         }
         // Each record to the batch holding its key, the rest to the end.
-        let chunks = snapshot.chunks(WRITE_BATCH).len();
+        let chunks = batches.len();
         let mut by_chunk: Vec<Vec<super::PendingRecord>> = Vec::new();
         by_chunk.resize_with(chunks + 1, Vec::new);
+        let position: std::collections::HashMap<&[u8], usize> = if records.is_empty() {
+            Default::default()
+        } else {
+            snapshot
+                .iter()
+                .enumerate()
+                .map(|(i, (k, _))| (k.as_bytes(), i))
+                .collect()
+        };
         for record in records {
             let at = record
                 .anchor
                 .as_deref()
-                .and_then(|a| snapshot.binary_search_by(|(k, _)| k.as_bytes().cmp(a)).ok())
-                .map_or(chunks, |i| i / WRITE_BATCH);
+                .and_then(|a| position.get(a))
+                .map_or(chunks, |&i| batches.partition_point(|&end| end <= i));
             by_chunk[at].push(record);
         }
-        let mut batches = by_chunk.into_iter();
-        let mut chunk_keys = snapshot.chunks(WRITE_BATCH);
+        let mut record_batches = by_chunk.into_iter();
+        let mut starts = std::iter::once(0).chain(batches.iter().copied());
+        let mut ends = batches.iter().copied();
         let mut done = Vec::new();
-        while let Some(records) = batches.next() {
-            let keys = chunk_keys.next().unwrap_or_default();
+        while let Some(records) = record_batches.next() {
+            let keys = match (starts.next(), ends.next()) {
+                (Some(from), Some(to)) => &snapshot[from..to],
+                _ => &[],
+            };
             let mut changes: Vec<Change> = keys
                 .iter()
                 .map(|(k, _)| {
@@ -505,7 +533,7 @@ impl Durability {
             if let Err(e) = wrote {
                 let mut unwritten = done;
                 unwritten.extend(records);
-                unwritten.extend(batches.flatten());
+                unwritten.extend(record_batches.flatten());
                 return Err((e, unwritten));
             }
             done.extend(records);
@@ -759,5 +787,147 @@ impl Durability {
         Err(PersistError::Round(format!(
             "tables kept changing through {DRAIN_ROUNDS} final rounds"
         )))
+    }
+}
+
+/// Orders one table's keys of a round (sorted by key) into the batches the
+/// engine takes atomically, and returns where each batch ends. Batches hold
+/// up to [`WRITE_BATCH`] keys in key order, except that the keys of
+/// transactions that changed them together (`groups`, merged where they
+/// share a key) stay in one batch, at the place of their first key; a
+/// group larger than a batch gets a batch of its own.
+fn layout(snapshot: &mut Vec<(Key, u64)>, groups: &[Vec<Key>]) -> Vec<usize> {
+    let n = snapshot.len();
+    if groups.is_empty() {
+        return (1..=n.div_ceil(WRITE_BATCH))
+            .map(|i| (i * WRITE_BATCH).min(n))
+            .collect();
+    }
+    // Union-find over positions: a group joins its keys' sets.
+    let mut parent: Vec<usize> = (0..n).collect();
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    {
+        let position: std::collections::HashMap<&Key, usize> =
+            snapshot.iter().enumerate().map(|(i, (k, _))| (k, i)).collect();
+        for group in groups {
+            let mut members = group.iter().filter_map(|k| position.get(k).copied());
+            if let Some(first) = members.next() {
+                for other in members {
+                    let (a, b) = (root(&mut parent, first), root(&mut parent, other));
+                    if a != b {
+                        parent[a.max(b)] = a.min(b);
+                    }
+                }
+            }
+        }
+    }
+    let roots: Vec<usize> = (0..n).map(|i| root(&mut parent, i)).collect();
+    let mut size = vec![0u32; n];
+    for &r in &roots {
+        size[r] += 1;
+    }
+    let mut members: std::collections::HashMap<usize, Vec<usize>> = Default::default();
+    for (i, &r) in roots.iter().enumerate() {
+        if size[r] > 1 {
+            members.entry(r).or_default().push(i);
+        }
+    }
+    let mut order = Vec::with_capacity(n);
+    let mut ends = Vec::new();
+    let mut open = 0;
+    for (i, &r) in roots.iter().enumerate() {
+        if r != i {
+            continue;
+        }
+        let single = [i];
+        let set: &[usize] = members.get(&r).map_or(&single, Vec::as_slice);
+        if open > 0 && open + set.len() > WRITE_BATCH {
+            ends.push(order.len());
+            open = 0;
+        }
+        order.extend_from_slice(set);
+        open += set.len();
+    }
+    if open > 0 {
+        ends.push(order.len());
+    }
+    let mut taken: Vec<Option<(Key, u64)>> = std::mem::take(snapshot).into_iter().map(Some).collect();
+    snapshot.extend(order.into_iter().filter_map(|i| taken[i].take()));
+    ends
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+
+    fn keys(names: &[&str]) -> Vec<(Key, u64)> {
+        names.iter().map(|k| (Key::from(*k), 1)).collect()
+    }
+
+    fn batches(snapshot: &[(Key, u64)], ends: &[usize]) -> Vec<Vec<String>> {
+        let mut from = 0;
+        ends.iter()
+            .map(|&to| {
+                let b = snapshot[from..to].iter().map(|(k, _)| k.to_string()).collect();
+                from = to;
+                b
+            })
+            .collect()
+    }
+
+    #[test]
+    fn without_groups_batches_are_key_order_chunks() {
+        let names: Vec<String> = (0..300).map(|i| format!("k{i:03}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut s = keys(&refs);
+        let ends = layout(&mut s, &[]);
+        assert_eq!(ends, vec![128, 256, 300]);
+        assert_eq!(s[0].0.to_string(), "k000");
+    }
+
+    #[test]
+    fn a_group_across_a_chunk_boundary_lands_in_one_batch() {
+        let names: Vec<String> = (0..300).map(|i| format!("k{i:03}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut s = keys(&refs);
+        let groups = vec![
+            vec![Key::from("k010"), Key::from("k200")],
+            vec![Key::from("k200"), Key::from("k299"), Key::from("absent")],
+        ];
+        let ends = layout(&mut s, &groups);
+        assert_eq!(s.len(), 300, "every key is written once");
+        let all = batches(&s, &ends);
+        let holding = |k: &str| all.iter().position(|b| b.iter().any(|x| x == k)).unwrap();
+        assert_eq!(holding("k010"), holding("k200"));
+        assert_eq!(holding("k200"), holding("k299"));
+        assert!(all.iter().all(|b| b.len() <= WRITE_BATCH));
+        let mut seen: Vec<String> = all.concat();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 300);
+    }
+
+    #[test]
+    fn a_group_larger_than_a_batch_gets_its_own() {
+        let names: Vec<String> = (0..400).map(|i| format!("k{i:03}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut s = keys(&refs);
+        let big: Vec<Key> = (100..300).map(|i| Key::from(format!("k{i:03}").as_str())).collect();
+        let ends = layout(&mut s, &[big]);
+        let all = batches(&s, &ends);
+        let holding: Vec<usize> = (100..300)
+            .map(|i| {
+                let k = format!("k{i:03}");
+                all.iter().position(|b| b.contains(&k)).unwrap()
+            })
+            .collect();
+        assert!(holding.iter().all(|&b| b == holding[0]));
+        assert_eq!(all[holding[0]].len(), 200);
     }
 }

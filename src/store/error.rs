@@ -38,6 +38,22 @@ pub enum StoreError {
     /// An argument is out of range or inconsistent.
     #[error("{0}")]
     InvalidArgument(String),
+    /// An operation of a transaction failed, so none of them was applied.
+    #[error("operation {op} of the transaction failed: {cause}")]
+    TxnAborted {
+        /// The failed operation's index in its branch.
+        op: usize,
+        /// Why it failed.
+        cause: Box<StoreError>,
+    },
+    /// A transaction's results would pass its answer's byte limit.
+    #[error("the transaction's results would pass the {limit}-byte limit at key {key:?}")]
+    ResultTooLarge {
+        /// The key whose result crossed the limit.
+        key: String,
+        /// The limit, in bytes.
+        limit: usize,
+    },
     /// Creating one more table would pass the server's table limit.
     #[error("the server already holds its limit of {0} tables")]
     TableLimit(usize),

@@ -28,6 +28,7 @@ pub mod rules;
 mod scan;
 mod slot;
 mod table;
+mod txn;
 mod types;
 mod value;
 mod watch;
@@ -47,7 +48,12 @@ pub use lease::LEASE_BLOCK;
 pub use memory::{Held, MemoryKind, MemoryUse};
 pub use scan::{Cursor, ScanPage, ScanRequest, DEFAULT_SCAN_LIMIT, MAX_SCAN_LIMIT};
 pub use slot::{Entry, Object, Objects, ObjectsMut, ObjectsRef, Slot, Stamp};
-pub use table::{Counter, Dirty, Precondition, Stats, Table, TableSpec, Written, SHARDS};
+pub use table::{
+    Counter, Dirty, Precondition, Stats, Table, TableSpec, Written, MAX_GROUPED_KEYS, SHARDS,
+};
+pub use txn::{
+    Comparison, Test, Txn, TxnOp, TxnOutcome, TxnResult, MAX_TXN_COMPARISONS, MAX_TXN_OPS,
+};
 pub use types::{
     Access, CacheScope, Eviction, Expiry, Origin, Persistence, TableSettings, TableType,
 };

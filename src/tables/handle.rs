@@ -96,6 +96,10 @@ impl TableOps for TableHandle<'_> {
         forward_async!(self, t => t.update_counter(key, op))
     }
 
+    async fn transact(&self, txn: &crate::store::Txn) -> OpResult<crate::store::TxnOutcome> {
+        forward_async!(self, t => t.transact(txn))
+    }
+
     async fn scan(&self, req: &ScanRequest, from: ReadFrom) -> OpResult<ScanPage> {
         forward_async!(self, t => t.scan(req, from))
     }

@@ -8,7 +8,7 @@ use crate::ops::{Counts, OpError, OpResult, ReadFrom, TableOps};
 use crate::persist::Durability;
 use crate::store::{
     CounterOp, Entry, Expiry, Persistence, Precondition, ScanPage, ScanRequest, StoreResult, Table,
-    Value, Written,
+    Txn, TxnOutcome, Value, Written,
 };
 
 /// A table of this node's store.
@@ -137,6 +137,34 @@ impl TableOps for LocalTable<'_> {
             .await
     }
 
+    async fn transact(&self, txn: &Txn) -> OpResult<TxnOutcome> {
+        // A write-back round must take all of the transaction or none of
+        // it: rounds snapshot and write under the record gate, which the
+        // transaction holds (shared) while it applies. A keyed request
+        // holds it already.
+        let durable = self.table.persistence().is_local_durable();
+        let gate = if durable && !crate::persist::holds_record_gate() {
+            Some(self.durability.record_gate().await)
+        } else {
+            None
+        };
+        let applied = self.apply(|| {
+            let (outcome, due) = self.table.transact(txn)?;
+            if durable {
+                if let Some(key) = first_changed(txn, &outcome) {
+                    crate::persist::note_anchor(key);
+                }
+            }
+            Ok((outcome, due))
+        });
+        drop(gate);
+        let (outcome, due) = self.settled(applied).await?;
+        if due {
+            self.durability.request_round();
+        }
+        Ok(outcome)
+    }
+
     async fn scan(&self, req: &ScanRequest, _from: ReadFrom) -> OpResult<ScanPage> {
         Ok(self.table.scan(req)?)
     }
@@ -174,4 +202,15 @@ impl TableOps for LocalTable<'_> {
     fn memory_bytes(&self) -> u64 {
         self.table.memory_bytes()
     }
+}
+
+/// The first key the branch a transaction took changes, for its
+/// idempotency record to go with.
+fn first_changed<'t>(txn: &'t Txn, outcome: &TxnOutcome) -> Option<&'t str> {
+    let ops = if outcome.succeeded {
+        &txn.then
+    } else {
+        &txn.otherwise
+    };
+    ops.iter().find(|op| op.changes()).map(|op| op.key())
 }

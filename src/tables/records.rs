@@ -67,6 +67,8 @@ pub struct Recording<'a> {
     owed: Option<u64>,
     /// The cluster transaction left open for the record.
     open: Option<Open>,
+    /// The key a write whose path names none noted for its record.
+    anchor: Option<String>,
 }
 
 /// How a keyed write's run ended in its tier.
@@ -236,6 +238,7 @@ impl Tables {
             claim,
             owed: None,
             open: None,
+            anchor: None,
         }
     }
 }
@@ -247,8 +250,15 @@ impl Recording<'_> {
     pub async fn run<F: Future>(&mut self, write: F) -> Ran<F::Output> {
         let out = match (self.home, &self.claim) {
             (RecordHome::Local { sync: true }, _) => {
-                let (out, owed) = crate::persist::deferring(write).await;
+                let ((out, owed), anchor) =
+                    crate::persist::keyed(crate::persist::deferring(write)).await;
                 self.owed = owed;
+                self.anchor = anchor;
+                out
+            }
+            (RecordHome::Local { sync: false }, _) => {
+                let (out, anchor) = crate::persist::keyed(write).await;
+                self.anchor = anchor;
                 out
             }
             (RecordHome::Cluster, Some(claim)) => claim::scope(claim.clone(), write).await,
@@ -300,7 +310,7 @@ impl Recording<'_> {
                 // was undone); the wait on its ticket then says so.
                 tables.durability.attach_record(
                     target.table,
-                    target.anchor,
+                    target.anchor.or(self.anchor.as_deref()),
                     target.id,
                     record.as_bytes().to_vec(),
                     self.owed,

@@ -42,8 +42,8 @@ impl From<tokio_postgres::Error> for Fail {
 
 /// A key's row after a committed write: what the hot copy learns.
 pub(super) struct Wrote {
-    version: u64,
-    row: Option<Row>,
+    pub(super) version: u64,
+    pub(super) row: Option<Row>,
 }
 
 /// The statistics one write moves.

@@ -10,11 +10,12 @@ impl Table {
     /// # Errors
     /// [`StoreError::TableFull`].
     pub fn insert_many(&self, items: Vec<(String, Value, Expiry)>) -> StoreResult<usize> {
+        let _step = self.step();
         let count = items.len();
         let mut undo: Vec<(String, Option<Slot>, Written)> = Vec::with_capacity(count);
         for (key, value, expiry) in items {
             let before = self.live_slot(&key);
-            match self.insert_until(&key, value, expiry, &Precondition::None) {
+            match self.insert_locked(&key, value, expiry, &Precondition::None) {
                 Ok(w) if before.as_ref().map(|b| b.version) == Some(w.version) => {}
                 Ok(w) => undo.push((key, before, w)),
                 Err(e) => {
@@ -25,6 +26,9 @@ impl Table {
                     return Err(e);
                 }
             }
+        }
+        if !undo.is_empty() {
+            self.evict_if_needed();
         }
         Ok(count)
     }

@@ -11,6 +11,7 @@ impl Table {
     /// without a default, [`StoreError::NotACounter`], [`StoreError::Overflow`],
     /// [`StoreError::TableFull`] when a default would add a key to a full table.
     pub fn update_counter(&self, key: &str, op: &CounterOp) -> StoreResult<i64> {
+        let _step = self.step();
         let (n, created) = self.update_counter_locked(key, op)?;
         if created {
             self.evict_if_needed();
@@ -61,6 +62,16 @@ impl Table {
     /// [`StoreError::WrongTableType`] on bag types, [`StoreError::KeyNotFound`],
     /// [`StoreError::NotAnObject`], [`StoreError::PreconditionFailed`].
     pub fn merge(
+        &self,
+        key: &str,
+        patch: &serde_json::Value,
+        pre: &Precondition,
+    ) -> StoreResult<Entry> {
+        let _step = self.step();
+        self.merge_inner(key, patch, pre)
+    }
+
+    pub(super) fn merge_inner(
         &self,
         key: &str,
         patch: &serde_json::Value,

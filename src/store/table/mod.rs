@@ -43,6 +43,7 @@ mod account;
 mod bulk;
 mod counters;
 mod read;
+mod txn;
 mod upkeep;
 mod watching;
 mod write;
@@ -202,7 +203,18 @@ pub struct Dirty {
     /// absent), so that the changes of a round that fails to reach disk
     /// can be undone. Changed under the key's shard lock.
     pub saved: Option<DashMap<Key, Option<Slot>>>,
+    /// Keys changed together by a transaction, one group per
+    /// transaction: the round that writes them puts each group in one
+    /// atomic batch, so a crash keeps all of a transaction or none of it.
+    pub groups: Mutex<Vec<Vec<Key>>>,
+    /// Keys in `groups`, for its bound ([`MAX_GROUPED_KEYS`]).
+    pub grouped_keys: std::sync::atomic::AtomicUsize,
 }
+
+/// Most keys of a table's transactions waiting in [`Dirty::groups`]:
+/// past it the table's write-back is due at once, so the groups of a
+/// rarely saved `periodic` table cannot grow without end.
+pub const MAX_GROUPED_KEYS: usize = 65_536;
 
 impl Dirty {
     /// Bookkeeping for a table of `persistence`.
@@ -233,6 +245,43 @@ impl Dirty {
     fn cleared(&self, revision: u64, now: u64) {
         self.cleared_at.fetch_max(revision, Ordering::AcqRel);
         self.due_from(now);
+    }
+
+    /// Notes keys a transaction changed together. Returns true when the
+    /// groups are past their bound and the table's write-back should run
+    /// now.
+    fn group(&self, keys: Vec<Key>) -> bool {
+        let n = keys.len();
+        self.groups
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(keys);
+        let total = self.grouped_keys.fetch_add(n, Ordering::AcqRel) + n;
+        if total > MAX_GROUPED_KEYS {
+            self.since_ms.store(1, Ordering::Release);
+            return true;
+        }
+        false
+    }
+
+    /// Gives back groups a failed round took: their keys stay dirty.
+    pub fn return_groups(&self, groups: Vec<Vec<Key>>) {
+        if groups.is_empty() {
+            return;
+        }
+        let n: usize = groups.iter().map(Vec::len).sum();
+        self.groups
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(groups);
+        self.grouped_keys.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// The groups noted so far, for the round that writes them.
+    pub fn take_groups(&self) -> Vec<Vec<Key>> {
+        let groups = std::mem::take(&mut *self.groups.lock().unwrap_or_else(PoisonError::into_inner));
+        self.grouped_keys.store(0, Ordering::Release);
+        groups
     }
 
     fn due_from(&self, now: u64) {
@@ -285,6 +334,15 @@ pub struct Table {
     deadlines: SkipSet<(u64, Key)>,
     /// The change feed, made when the table is first watched.
     hub: OnceLock<Arc<Hub>>,
+    /// Held shared (each thread its own stripe) by every single-key
+    /// operation, `clear` and a watch's start, and exclusively by a
+    /// transaction: nobody sees a transaction half applied.
+    step_gate: Striped<RwLock<()>>,
+    /// Set while a transaction runs: changes go to `txn_events` until it
+    /// commits (published together) or aborts (dropped).
+    in_txn: std::sync::atomic::AtomicBool,
+    /// The running transaction's events, held back until it commits.
+    txn_events: Mutex<Vec<Change>>,
     /// Set once the table is dropped; held while a hub is made, so no
     /// hub appears on a dropped table.
     dropped: Mutex<bool>,
@@ -328,6 +386,9 @@ impl Table {
                 .then(|| Dirty::for_table(spec.settings.persistence)),
             deadlines: SkipSet::new(),
             hub: OnceLock::new(),
+            step_gate: Striped::default(),
+            in_txn: std::sync::atomic::AtomicBool::new(false),
+            txn_events: Mutex::new(Vec::new()),
             dropped: Mutex::new(false),
             fixed: spec.settings,
             shared,
@@ -516,6 +577,15 @@ impl Table {
 
     pub(crate) fn now(&self) -> u64 {
         self.shared.clock.now_ms()
+    }
+
+    /// The shared side of the step gate, taken by every public operation
+    /// on one key: it waits while a transaction runs.
+    fn step(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.step_gate
+            .mine()
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn next_version(&self) -> u64 {

@@ -5,6 +5,11 @@ use super::*;
 impl Table {
     /// The key's live objects (ETS `lookup`), without touching statistics.
     pub fn peek(&self, key: &str) -> Option<Entry> {
+        let _step = self.step();
+        self.peek_inner(key)
+    }
+
+    pub(super) fn peek_inner(&self, key: &str) -> Option<Entry> {
         let now = self.now();
         let slot = self.map.get(key)?;
         (!slot.is_expired(now)).then(|| Entry::of(&slot, now))
@@ -12,6 +17,11 @@ impl Table {
 
     /// `lookup`, counted as a hit or a miss; a hit is a use for LRU.
     pub fn lookup(&self, key: &str) -> Option<Entry> {
+        let _step = self.step();
+        self.lookup_inner(key)
+    }
+
+    pub(super) fn lookup_inner(&self, key: &str) -> Option<Entry> {
         let now = self.now();
         let found = self.map.get(key).and_then(|slot| {
             if slot.is_expired(now) {
@@ -33,6 +43,7 @@ impl Table {
 
     /// Whether the key is present and live (ETS `member`).
     pub fn member(&self, key: &str) -> bool {
+        let _step = self.step();
         let now = self.now();
         self.map.get(key).is_some_and(|s| !s.is_expired(now))
     }

@@ -8,6 +8,7 @@ impl Table {
     /// Removes up to `budget` keys whose deadline has passed at `now`,
     /// soonest first, counting each in `stats.expired`. Returns how many.
     pub fn purge_expired(&self, now: u64, budget: usize) -> usize {
+        let _step = self.step();
         let mut removed = 0;
         while removed < budget {
             let Some(first) = self.deadlines.front() else {

@@ -10,12 +10,14 @@ pub(crate) struct Pending<'a> {
     /// The change's revision, from the store's one version counter.
     pub revision: u64,
     recording: Option<Recording<'a>>,
+    /// Inside a transaction: where its events wait for its commit.
+    held: Option<&'a Mutex<Vec<Change>>>,
 }
 
 impl Pending<'_> {
     /// Whether anyone watches, so the event is worth building.
     pub fn watched(&self) -> bool {
-        self.recording.is_some()
+        self.recording.is_some() || self.held.is_some()
     }
 
     /// A copy of `value` for the event, when someone watches.
@@ -25,6 +27,13 @@ impl Pending<'_> {
 
     /// Publishes the change of `key`.
     pub fn publish(self, kind: ChangeKind, key: &str, value: Option<Value>) {
+        if let Some(held) = self.held {
+            let change = Change::new(self.revision, kind, Some(Key::from(key)), value);
+            held.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(change);
+            return;
+        }
         if let Some(mut rec) = self.recording {
             rec.push(Change::new(
                 self.revision,
@@ -58,14 +67,20 @@ impl Table {
     /// Takes the revision of a change about to be made; call under the
     /// key's shard lock and publish (or drop) the result before releasing it.
     pub(super) fn begin_change(&self) -> Pending<'_> {
-        let recording = self
-            .hub
-            .get()
-            .filter(|hub| hub.records())
-            .map(|hub| hub.begin());
+        let hub = self.hub.get().filter(|hub| hub.records());
+        if self.in_txn.load(Ordering::Relaxed) {
+            // The transaction holds the step gate exclusively: its events
+            // wait for its outcome, and no other change can come between.
+            return Pending {
+                revision: self.next_version(),
+                recording: None,
+                held: hub.map(|_| &self.txn_events),
+            };
+        }
         Pending {
+            recording: hub.map(|hub| hub.begin()),
             revision: self.next_version(),
-            recording,
+            held: None,
         }
     }
 
@@ -101,6 +116,9 @@ impl Table {
     /// # Errors
     /// [`StoreError::TableNotFound`] when the table was dropped.
     pub fn watch(&self, since: Option<u64>, origin: impl FnOnce() -> u64) -> StoreResult<Start> {
+        // Not while a transaction runs: a watcher joining between two of
+        // its changes would see only the later ones.
+        let _step = self.step();
         let dropped = self.dropped.lock().unwrap_or_else(PoisonError::into_inner);
         if *dropped {
             return Err(StoreError::TableNotFound(self.name.to_string()));

@@ -31,6 +31,7 @@ impl Table {
         expiry: Expiry,
         pre: &Precondition,
     ) -> StoreResult<Written> {
+        let _step = self.step();
         let written = self.insert_locked(key, value, expiry, pre)?;
         if written.inserted > 0 {
             self.evict_if_needed();
@@ -141,6 +142,11 @@ impl Table {
     /// # Errors
     /// [`StoreError::PreconditionFailed`].
     pub fn delete(&self, key: &str, pre: &Precondition) -> StoreResult<bool> {
+        let _step = self.step();
+        self.delete_inner(key, pre)
+    }
+
+    pub(super) fn delete_inner(&self, key: &str, pre: &Precondition) -> StoreResult<bool> {
         let now = self.now();
         match self.live_entry(key, now) {
             MapEntry::Vacant(_) => pre.check(None).map(|_| false),
@@ -155,6 +161,11 @@ impl Table {
     /// `delete_object`: removes every object under `key` identical to `value`.
     /// Returns how many were removed.
     pub fn delete_object(&self, key: &str, value: &Value) -> usize {
+        let _step = self.step();
+        self.delete_object_inner(key, value)
+    }
+
+    pub(super) fn delete_object_inner(&self, key: &str, value: &Value) -> usize {
         let now = self.now();
         let MapEntry::Occupied(mut o) = self.live_entry(key, now) else {
             return 0;
@@ -192,6 +203,11 @@ impl Table {
 
     /// `take`: removes the key and returns what it held.
     pub fn take(&self, key: &str) -> Option<Entry> {
+        let _step = self.step();
+        self.take_inner(key)
+    }
+
+    pub(super) fn take_inner(&self, key: &str) -> Option<Entry> {
         let now = self.now();
         match self.live_entry(key, now) {
             MapEntry::Vacant(_) => None,
@@ -215,6 +231,7 @@ impl Table {
     /// for a durable table one "cleared" mark that the durable tier saves
     /// instead of a removal per key.
     pub fn clear(self: &Arc<Self>) {
+        let step = self.step();
         let mut shards: Vec<_> = self.map.shards().iter().map(|s| s.write()).collect();
         let emptied = shards.iter().any(|s| !s.is_empty());
         // After the shard locks, as every writer takes them. A clear that
@@ -234,6 +251,7 @@ impl Table {
             change.publish_table(ChangeKind::Clear);
         }
         drop(shards);
+        drop(step);
         let table = self.clone();
         self.shared.reclaim(Box::new(move || {
             for shard in contents {
