@@ -70,7 +70,10 @@ async fn a_transaction_answers_one_result_per_operation() {
     assert_eq!(res[0]["key"], "b");
     assert_eq!(res[0]["value"], json!({"x": 1}));
     assert!(res[0]["ttl_ms"].as_u64().is_some_and(|t| t <= 60000));
-    assert_eq!(res[1], json!({"key": "a", "value": 70, "revision": res[1]["revision"]}));
+    assert_eq!(
+        res[1],
+        json!({"key": "a", "value": 70, "revision": res[1]["revision"]})
+    );
     assert_eq!(res[2]["value"], 1);
     assert_eq!(res[3]["value"], json!({"x": 1, "y": 2}));
     assert_eq!(res[4]["value"], json!({"x": 1, "y": 2}));
@@ -118,9 +121,18 @@ async fn a_failing_operation_aborts_everything() {
     let cases = [
         (json!({"op": "counter", "key": "s"}), "not_a_counter"),
         (json!({"op": "counter", "key": "absent"}), "key_not_found"),
-        (json!({"op": "patch", "key": "absent", "value": {}}), "key_not_found"),
-        (json!({"op": "patch", "key": "s", "value": {"a": 1}}), "not_an_object"),
-        (json!({"op": "insert_new", "key": "a", "value": 2}), "precondition_failed"),
+        (
+            json!({"op": "patch", "key": "absent", "value": {}}),
+            "key_not_found",
+        ),
+        (
+            json!({"op": "patch", "key": "s", "value": {"a": 1}}),
+            "not_an_object",
+        ),
+        (
+            json!({"op": "insert_new", "key": "a", "value": 2}),
+            "precondition_failed",
+        ),
         (
             json!({"op": "counter", "key": "a", "incr": i64::MAX}),
             "overflow",
@@ -183,21 +195,96 @@ async fn malformed_transactions_are_refused_naming_the_part() {
     };
     let cases: Vec<(&str, Value, &str, &str)> = vec![
         ("t", json!([1]), "invalid_argument", "object"),
-        ("t", json!({"then": ops(129)}), "invalid_argument", "at most 128"),
-        ("t", json!({"else": ops(129)}), "invalid_argument", "at most 128"),
-        ("t", json!({"if": cmps(129)}), "invalid_argument", "at most 128"),
-        ("t", json!({"then": [{"op": "get", "key": "a"}, {"op": "frob", "key": "a"}]}), "invalid_argument", "then[1]"),
-        ("t", json!({"else": [{"op": "put", "key": "a"}]}), "invalid_argument", "else[0]"),
-        ("t", json!({"then": [{"op": "get", "key": "a", "value": 1}]}), "invalid_argument", "then[0]"),
-        ("t", json!({"then": [{"op": "put", "key": "", "value": 1}]}), "invalid_key", "then[0]"),
-        ("t", json!({"then": [{"op": "put", "key": "a", "value": 1, "ttl_ms": 0}]}), "invalid_argument", "then[0]"),
-        ("t", json!({"then": [{"op": "patch", "key": "a", "value": 1}]}), "invalid_argument", "then[0]"),
-        ("t", json!({"then": [{"op": "counter", "key": "a", "incr": "x"}]}), "invalid_argument", "then[0]"),
-        ("t", json!({"if": [{"key": "a"}]}), "invalid_argument", "if[0]"),
-        ("t", json!({"if": [{"key": "a", "exists": true, "revision": 1}]}), "invalid_argument", "if[0]"),
-        ("t", json!({"if": [{"key": "a", "revision": -1}]}), "invalid_argument", "if[0]"),
-        ("t", json!({"if": [], "otherwise": []}), "invalid_argument", "otherwise"),
-        ("b", json!({"if": [{"key": "a", "exists": true}, {"key": "a", "value": 1}]}), "invalid_argument", "if[1]"),
+        (
+            "t",
+            json!({"then": ops(129)}),
+            "invalid_argument",
+            "at most 128",
+        ),
+        (
+            "t",
+            json!({"else": ops(129)}),
+            "invalid_argument",
+            "at most 128",
+        ),
+        (
+            "t",
+            json!({"if": cmps(129)}),
+            "invalid_argument",
+            "at most 128",
+        ),
+        (
+            "t",
+            json!({"then": [{"op": "get", "key": "a"}, {"op": "frob", "key": "a"}]}),
+            "invalid_argument",
+            "then[1]",
+        ),
+        (
+            "t",
+            json!({"else": [{"op": "put", "key": "a"}]}),
+            "invalid_argument",
+            "else[0]",
+        ),
+        (
+            "t",
+            json!({"then": [{"op": "get", "key": "a", "value": 1}]}),
+            "invalid_argument",
+            "then[0]",
+        ),
+        (
+            "t",
+            json!({"then": [{"op": "put", "key": "", "value": 1}]}),
+            "invalid_key",
+            "then[0]",
+        ),
+        (
+            "t",
+            json!({"then": [{"op": "put", "key": "a", "value": 1, "ttl_ms": 0}]}),
+            "invalid_argument",
+            "then[0]",
+        ),
+        (
+            "t",
+            json!({"then": [{"op": "patch", "key": "a", "value": 1}]}),
+            "invalid_argument",
+            "then[0]",
+        ),
+        (
+            "t",
+            json!({"then": [{"op": "counter", "key": "a", "incr": "x"}]}),
+            "invalid_argument",
+            "then[0]",
+        ),
+        (
+            "t",
+            json!({"if": [{"key": "a"}]}),
+            "invalid_argument",
+            "if[0]",
+        ),
+        (
+            "t",
+            json!({"if": [{"key": "a", "exists": true, "revision": 1}]}),
+            "invalid_argument",
+            "if[0]",
+        ),
+        (
+            "t",
+            json!({"if": [{"key": "a", "revision": -1}]}),
+            "invalid_argument",
+            "if[0]",
+        ),
+        (
+            "t",
+            json!({"if": [], "otherwise": []}),
+            "invalid_argument",
+            "otherwise",
+        ),
+        (
+            "b",
+            json!({"if": [{"key": "a", "exists": true}, {"key": "a", "value": 1}]}),
+            "invalid_argument",
+            "if[1]",
+        ),
     ];
     for (table, body, code, names) in cases {
         let r = txn(&app, table, body.clone()).await;
@@ -277,7 +364,12 @@ async fn watchers_get_a_transactions_changes_together() {
     }
     noise.await.expect("noise writer");
     let mut events = Vec::new();
-    while events.iter().filter(|e: &&common::sse::Event| e.key() == "z").count() < 2 * TXNS - 1 {
+    while events
+        .iter()
+        .filter(|e: &&common::sse::Event| e.key() == "z")
+        .count()
+        < 2 * TXNS - 1
+    {
         events.push(stream.event().await.expect("an event"));
     }
     let mut seen = 0;
@@ -404,7 +496,9 @@ async fn concurrent_transfers_keep_the_sum_through_cluster_nodes() {
         return;
     };
     let app = Arc::new(app);
-    let r = app.create_table(json!({"name": "acct", "type": "set"})).await;
+    let r = app
+        .create_table(json!({"name": "acct", "type": "set"}))
+        .await;
     assert_eq!(r.status, 201, "{}", r.text);
     transfers_keep_the_sum(&app, "acct").await;
     // An abort on a cluster table applies nothing either.

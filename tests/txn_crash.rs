@@ -36,7 +36,13 @@ fn group_txn(writer: usize, n: u64) -> Value {
     json!({ "then": then })
 }
 
-async fn write_until_dead(client: reqwest::Client, base: String, table: String, writer: usize, log: Log) {
+async fn write_until_dead(
+    client: reqwest::Client,
+    base: String,
+    table: String,
+    writer: usize,
+    log: Log,
+) {
     let url = format!("{base}/v1/tables/{table}/txn");
     loop {
         let n = {
@@ -45,7 +51,11 @@ async fn write_until_dead(client: reqwest::Client, base: String, table: String, 
             e.0 += 1;
             e.0
         };
-        let sent = client.post(&url).body(group_txn(writer, n).to_string()).send().await;
+        let sent = client
+            .post(&url)
+            .body(group_txn(writer, n).to_string())
+            .send()
+            .await;
         match sent {
             Ok(r) if r.status() == 200 => {
                 let mut l = log.lock().unwrap();
@@ -95,7 +105,10 @@ async fn every_transaction_survives_a_crash_whole_or_not_at_all() {
     let client = reqwest::Client::new();
     let mut server = ChildServer::start(dir.path()).await;
     for (name, body) in [
-        ("s", json!({"name": "s", "type": "set", "persistence": "sync"})),
+        (
+            "s",
+            json!({"name": "s", "type": "set", "persistence": "sync"}),
+        ),
         (
             "p",
             json!({"name": "p", "type": "set", "persistence": "periodic", "auto_save_ms": 100}),

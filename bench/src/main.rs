@@ -319,6 +319,29 @@ fn main() {
         row
     });
 
+    // A transaction of 4 puts against 4 single PUTs of the same values on
+    // the same in-memory table: transactions per second against PUTs per
+    // second divided by 4, alternating.
+    let txn = chosen("4-op transaction").then(|| {
+        let v = value100();
+        let put = Workload::new("PUT", "/v1/tables/none/entries/%K", Some(&v), opts.keys)
+            .save(&scripts, "txn-single-puts");
+        let ops: Vec<String> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|s| format!(r#"{{"op":"put","key":"%K-{s}","value":{v}}}"#))
+            .collect();
+        let body = format!(r#"{{"then":[{}]}}"#, ops.join(","));
+        let four = Workload::new("POST", "/v1/tables/none/txn", Some(&body), opts.keys)
+            .save(&scripts, "txn-four-puts");
+        let mut row = pair::PairRow::new("4-op transaction (x4)", "4 single PUTs", 1.0);
+        row.alternate(
+            opts.rounds,
+            || wrk::run(addr, Some(&put), "/", c, d).rps,
+            || (wrk::run(addr, Some(&four), "/", c, d), 4.0),
+        );
+        row
+    });
+
     let peers = match procs::start_webdis(dir.path()).filter(|_| opts.only.is_none()) {
         Some(webdis) => peer_rows(&opts, addr, &webdis.http, &scripts),
         None => {
@@ -382,6 +405,7 @@ fn main() {
         Sections {
             rows,
             keyed_sync,
+            txn,
             peers,
             selects,
             watch,

@@ -128,6 +128,8 @@ pub struct Report {
     pub rows: Vec<Row>,
     /// Keyed sync PUTs against plain ones on the same server.
     pub keyed_sync: Option<PairRow>,
+    /// A 4-operation transaction against 4 single PUTs, same server.
+    pub txn: Option<PairRow>,
     pub peers: Vec<PeerRow>,
     pub selects: Option<SelectReport>,
     pub watch: Option<WatchReport>,
@@ -141,6 +143,7 @@ pub struct Report {
 pub struct Sections {
     pub rows: Vec<Row>,
     pub keyed_sync: Option<PairRow>,
+    pub txn: Option<PairRow>,
     pub peers: Vec<PeerRow>,
     pub selects: Option<SelectReport>,
     pub watch: Option<WatchReport>,
@@ -160,6 +163,7 @@ impl Report {
         let Sections {
             rows,
             keyed_sync,
+            txn,
             peers,
             selects,
             watch,
@@ -177,6 +181,7 @@ impl Report {
             generator_ok: scripted.rps >= 0.9 * fixed.rps,
             rows,
             keyed_sync,
+            txn,
             peers,
             selects,
             watch,
@@ -244,6 +249,9 @@ impl Report {
         }
         if let Some(keyed) = &self.keyed_sync {
             print_pairs("idempotency row", std::slice::from_ref(keyed));
+        }
+        if let Some(txn) = &self.txn {
+            print_pairs("transaction row", std::slice::from_ref(txn));
         }
         if !self.exposed.is_empty() {
             print_pairs("exposed row", &self.exposed);

@@ -152,8 +152,13 @@ impl ApiError {
             TableNotFound(_) | KeyNotFound | RouteNotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            TableExists(_) | NotACounter(_) | NotAnObject | WrongTableType(_) | Overflow
-            | IdempotencyInFlight | TxnAborted { .. } => StatusCode::CONFLICT,
+            TableExists(_)
+            | NotACounter(_)
+            | NotAnObject
+            | WrongTableType(_)
+            | Overflow
+            | IdempotencyInFlight
+            | TxnAborted { .. } => StatusCode::CONFLICT,
             IdempotencyKeyReused | ResultTooLarge { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,

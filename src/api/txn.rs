@@ -149,7 +149,9 @@ pub async fn transact(
 /// 400 naming the part at fault.
 fn parse_txn(body: Json) -> ApiResult<Txn> {
     let Json::Object(mut top) = body else {
-        return Err(bad("the body must be an object with \"if\", \"then\" and \"else\""));
+        return Err(bad(
+            "the body must be an object with \"if\", \"then\" and \"else\"",
+        ));
     };
     let compare = list(&mut top, "if", MAX_TXN_COMPARISONS)?;
     let then = list(&mut top, "then", MAX_TXN_OPS)?;
@@ -365,7 +367,9 @@ fn answer(ops: &[TxnOp], outcome: &TxnOutcome) -> Vec<u8> {
             TxnResult::Counter { value, revision } => {
                 out.extend_from_slice(b"{\"key\":");
                 respond::push_str(&mut out, key);
-                out.extend_from_slice(format!(",\"value\":{value},\"revision\":{revision}}}").as_bytes());
+                out.extend_from_slice(
+                    format!(",\"value\":{value},\"revision\":{revision}}}").as_bytes(),
+                );
             }
         }
     }

@@ -97,6 +97,10 @@ pub struct HotCopy {
     table_gen: AtomicU64,
     /// Bytes this copy holds.
     bytes: AtomicI64,
+    /// Held shared (each thread its own stripe) by a read, exclusively
+    /// while this node learns the keys of one committed transaction, so
+    /// that no read of this node sees part of it.
+    step: crate::stripe::Striped<std::sync::RwLock<()>>,
 }
 
 impl Default for HotCopy {
@@ -106,6 +110,7 @@ impl Default for HotCopy {
             gens: (0..GENERATIONS).map(|_| AtomicU64::new(0)).collect(),
             table_gen: AtomicU64::new(0),
             bytes: AtomicI64::new(0),
+            step: Default::default(),
         }
     }
 }
@@ -124,12 +129,26 @@ impl HotCopy {
 
     /// The live row of `key`, if held.
     pub fn get(&self, key: &str, now: u64, budget: &Budget) -> Option<Entry> {
+        let _step = self
+            .step
+            .mine()
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let hot = self.map.get(key)?;
         if hot.row.is_expired(now) {
             return None;
         }
         hot.used.store(budget.tick(), Ordering::Relaxed);
         Some(hot.row.entry(now))
+    }
+
+    /// Every stripe of the step lock: while held, no read of this copy
+    /// runs, so what is learned under it is seen all at once.
+    pub fn exclusive(&self) -> Vec<std::sync::RwLockWriteGuard<'_, ()>> {
+        self.step
+            .all()
+            .map(|s| s.write().unwrap_or_else(std::sync::PoisonError::into_inner))
+            .collect()
     }
 
     /// Takes a ticket before reading `key` from PostgreSQL.

@@ -26,6 +26,7 @@
 mod codec;
 mod engine;
 pub mod filter;
+mod layout;
 mod migrate;
 mod recovery;
 mod writeback;

@@ -166,8 +166,9 @@ impl TxnResult {
     /// About how many bytes the result takes in an answer.
     pub fn size(&self, key: &str) -> usize {
         let entry = |e: &Option<Entry>| {
-            e.as_ref()
-                .map_or(0, |e| e.objects.values().map(|v| v.len() + 1).sum::<usize>())
+            e.as_ref().map_or(0, |e| {
+                e.objects.values().map(|v| v.len() + 1).sum::<usize>()
+            })
         };
         key.len()
             + 64

@@ -26,7 +26,9 @@ impl Part {
     /// About how many bytes the result takes in an answer.
     fn size(&self, op: &TxnOp, live: Option<&Row>) -> usize {
         let row = |r: Option<&Row>| {
-            r.map_or(0, |r| r.objects.values().map(|v| v.len() + 1).sum::<usize>())
+            r.map_or(0, |r| {
+                r.objects.values().map(|v| v.len() + 1).sum::<usize>()
+            })
         };
         let written = match op {
             TxnOp::Put { value, .. } | TxnOp::InsertNew { value, .. } => value.len(),
@@ -109,7 +111,11 @@ impl ClusterTable {
             }
             Err(e) => return Err(e),
         };
-        let range = if holds { nc..nc + nt } else { nc + nt..keys.len() };
+        let range = if holds {
+            nc..nc + nt
+        } else {
+            nc + nt..keys.len()
+        };
         let results = done
             .into_iter()
             .enumerate()
@@ -181,9 +187,7 @@ fn answer(part: Part, wrote: Option<Wrote>) -> TxnResult {
         Part::Nothing => TxnResult::Found(None),
         Part::Found(entry) => TxnResult::Found(entry),
         Part::Deleted(d) => TxnResult::Deleted(d),
-        Part::Written(now) => {
-            TxnResult::Written(wrote.and_then(|w| w.row.map(|r| r.entry(now))))
-        }
+        Part::Written(now) => TxnResult::Written(wrote.and_then(|w| w.row.map(|r| r.entry(now)))),
         Part::Counter(value) => TxnResult::Counter {
             value,
             revision: wrote.map_or(0, |w| w.version),

@@ -112,6 +112,8 @@ impl ClusterTable {
                 Err(e) => return Err(db_error(&e)),
             }
             self.core.timed(started);
+            // All of a multi-key write at once for this node's readers.
+            let _all = (keys.len() > 1).then(|| self.hot.exclusive());
             for ((_, wrote), (key, ticket)) in done.iter().zip(keys.iter().zip(tickets)) {
                 if let Some(w) = wrote {
                     self.hot
@@ -191,6 +193,7 @@ impl ClusterTable {
                 .collect();
             let (hot, core) = (self.hot.clone(), self.core.clone());
             tx.after_commit(Box::new(move || {
+                let _all = (learned.len() > 1).then(|| hot.exclusive());
                 for (key, version, row, ticket) in learned {
                     hot.learn(&key, version, row, ticket, &core.budget);
                 }

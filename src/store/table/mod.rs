@@ -279,7 +279,8 @@ impl Dirty {
 
     /// The groups noted so far, for the round that writes them.
     pub fn take_groups(&self) -> Vec<Vec<Key>> {
-        let groups = std::mem::take(&mut *self.groups.lock().unwrap_or_else(PoisonError::into_inner));
+        let groups =
+            std::mem::take(&mut *self.groups.lock().unwrap_or_else(PoisonError::into_inner));
         self.grouped_keys.store(0, Ordering::Release);
         groups
     }

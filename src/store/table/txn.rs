@@ -63,7 +63,11 @@ impl Table {
         }
         let mut due = false;
         if let (Ok(done), Some(dirty)) = (&outcome, &self.dirty) {
-            let ops = if done.succeeded { &txn.then } else { &txn.otherwise };
+            let ops = if done.succeeded {
+                &txn.then
+            } else {
+                &txn.otherwise
+            };
             let mut seen = HashSet::new();
             let keys: Vec<Key> = ops
                 .iter()
@@ -123,10 +127,7 @@ impl Table {
                 }
             }
         }
-        Ok(TxnOutcome {
-            succeeded,
-            results,
-        })
+        Ok(TxnOutcome { succeeded, results })
     }
 
     /// Whether a comparison holds now.
