@@ -195,6 +195,14 @@ async fn malformed_transactions_are_refused_naming_the_part() {
     };
     let cases: Vec<(&str, Value, &str, &str)> = vec![
         ("t", json!([1]), "invalid_argument", "object"),
+        // A list may be left out, never given as null: the published schema
+        // says each is an array.
+        (
+            "t",
+            json!({"then": null}),
+            "invalid_argument",
+            "must be an array",
+        ),
         (
             "t",
             json!({"then": ops(129)}),

@@ -43,12 +43,17 @@ pub fn router() -> ApiRoutes {
 pub struct TxnBody {
     /// Comparisons, each `{"key", one of "revision" | "exists" | "value"}`;
     /// all must hold for `then` to run. At most 128.
-    #[serde(rename = "if")]
+    #[serde(rename = "if", default)]
+    #[schema(max_items = 128)]
     pub compare: Vec<serde_json::Value>,
     /// Operations run when every comparison holds, in order. At most 128.
+    #[serde(default)]
+    #[schema(max_items = 128)]
     pub then: Vec<serde_json::Value>,
-    /// Operations run otherwise. At most 128.
-    #[serde(rename = "else")]
+    /// Operations run otherwise. At most 128. Each of the three lists may be
+    /// left out and then counts as empty.
+    #[serde(rename = "else", default)]
+    #[schema(max_items = 128)]
     pub otherwise: Vec<serde_json::Value>,
 }
 
@@ -176,7 +181,7 @@ fn parse_txn(body: Json) -> ApiResult<Txn> {
 /// The array member `name` (empty when absent), at most `max` long.
 fn list(top: &mut Map<String, Json>, name: &str, max: usize) -> ApiResult<Vec<Json>> {
     match top.remove(name) {
-        None | Some(Json::Null) => Ok(Vec::new()),
+        None => Ok(Vec::new()),
         Some(Json::Array(items)) if items.len() <= max => Ok(items),
         Some(Json::Array(items)) => Err(bad(format!(
             "\"{name}\" holds {} items; at most {max} are allowed",
