@@ -234,15 +234,57 @@ async fn origin_headers_come_from_the_environment_and_are_never_shown() {
     assert_eq!(r.status(), 400);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "invalid_argument");
-    // An unset one: created, and its fetches fail with 502 naming it.
+    // An unset one: refused at create, naming it.
     let r = create("unset", "${LARDER_ORIGIN_NOT_SET}").await.unwrap();
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_argument");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("LARDER_ORIGIN_NOT_SET"), "{body}");
+    let r = reqwest::get(format!("{}/v1/tables/unset", server.base))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(origin.hits.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn an_origin_header_variable_gone_after_a_restart_fails_fetches_not_the_load() {
+    let origin = Arc::new(Origin {
+        healthy: AtomicBool::new(true),
+        ..Origin::default()
+    });
+    let host = start_origin(origin.clone()).await;
+    let data = tempfile::tempdir().unwrap();
+    let allow = ("LARDER_ORIGIN_ALLOW", "127.0.0.1:*");
+    let mut server =
+        ChildServer::start_with(data.path(), &[allow, ("LARDER_ORIGIN_API_KEY", "v1")]).await;
+    let client = reqwest::Client::new();
+    let r = client
+        .post(format!("{}/v1/tables", server.base))
+        .json(&json!({"name": "keyed", "persistence": "sync", "origin": {
+            "url": format!("http://{host}/items/{{key}}"),
+            "headers": {"X-Api-Key": "${LARDER_ORIGIN_API_KEY}"}
+        }}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
-    let r = reqwest::get(server.entry_url("unset", "k1")).await.unwrap();
+    assert_eq!(server.terminate().code(), Some(0));
+
+    // Started again without the variable: the table loads, its misses get
+    // 502 naming the variable, and the origin is never called.
+    let server = ChildServer::start_with(data.path(), &[allow]).await;
+    let info = reqwest::get(format!("{}/v1/tables/keyed", server.base))
+        .await
+        .unwrap();
+    assert_eq!(info.status(), 200);
+    let r = reqwest::get(server.entry_url("keyed", "k1")).await.unwrap();
     assert_eq!(r.status(), 502);
     let body: serde_json::Value = r.json().await.unwrap();
     let message = body["error"]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("LARDER_ORIGIN_NOT_SET"), "{body}");
-    assert_eq!(origin.hits.load(Ordering::SeqCst), 1);
+    assert!(message.contains("LARDER_ORIGIN_API_KEY"), "{body}");
+    assert_eq!(origin.hits.load(Ordering::SeqCst), 0);
 }
 
 /// Polls `check` until it holds, for up to 20 seconds.

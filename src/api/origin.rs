@@ -262,7 +262,8 @@ impl Origins {
     }
 
     /// Checks an origin at table creation: an `http://` or `https://` URL
-    /// with `{key}`, whose host and port are allowed.
+    /// with `{key}`, whose host and port are allowed, and header templates
+    /// naming only `LARDER_ORIGIN_*` variables that are set.
     ///
     /// # Errors
     /// [`ApiError::InvalidArgument`] saying what is wrong.
@@ -292,7 +293,20 @@ impl Origins {
         {
             return bad("origin.refresh_ahead_ms must be less than origin.ttl_ms".into());
         }
-        check_headers(&origin.headers).map_err(ApiError::InvalidArgument)
+        check_headers(&origin.headers).map_err(ApiError::InvalidArgument)?;
+        // A variable must be set when the table is created, so a typo is a
+        // 400 now rather than a 502 at the first miss. One unset later (a
+        // restart or SIGHUP without it) fails that origin's fetches instead:
+        // the table itself stays loadable.
+        let env = self.env.read().unwrap_or_else(PoisonError::into_inner);
+        for (name, template) in &origin.headers {
+            if let Err(var) = fill_template(template, |var| env.get(var).cloned()) {
+                return bad(format!(
+                    "origin.headers.{name}: the environment variable {var} is not set on this server"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Refresh-ahead: when a hit on `key` (at `version`, with `ttl_left`

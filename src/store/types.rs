@@ -98,7 +98,9 @@ pub struct Origin {
     /// Headers sent with every fetch (an API key, say). Each value is a
     /// template in which `${LARDER_ORIGIN_…}` is replaced by that
     /// environment variable, read at start and at every `SIGHUP`; table
-    /// info and export show the template, never the value. At most 16.
+    /// info and export show the template, never the value. A variable not
+    /// set when the table is created is a 400; one gone later makes
+    /// fetches 502. At most 16.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     #[schema(example = json!({"X-Api-Key": "${LARDER_ORIGIN_USERS_KEY}"}))]
     pub headers: std::collections::BTreeMap<String, String>,
