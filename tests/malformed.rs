@@ -424,15 +424,7 @@ async fn a_repeated_member_anywhere_in_a_body_is_invalid_json() {
 #[tokio::test]
 async fn a_repeated_member_in_an_import_line_is_invalid_import() {
     let app = app_with_data().await;
-    let export = app
-        .client
-        .get(app.url("/v1/tables/s/export"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let export = app.export_text("s").await;
     let object_line = export.lines().nth(1).unwrap();
     let doubled = object_line.replacen("{\"key\"", "{\"key\":\"x\",\"key\"", 1);
     let stream = export.replacen(object_line, &doubled, 1);

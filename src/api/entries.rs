@@ -11,8 +11,10 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::auth::{Op, Principal};
 use super::extract::{
-    checked_key, from_object, Conditions, EntryPath, JsonBody, QueryParams, RawBody, TablePath,
+    checked_key, from_object, Conditions, ContentType, EntryPath, JsonBody, QueryParams, RawBody,
+    TablePath,
 };
+use super::raw;
 use super::respond::{
     self, entry_body, scan_body, with_cache, with_cache_control, with_etag, HIT, MISS,
 };
@@ -147,6 +149,11 @@ pub struct ScanResult {
     pub next_cursor: Option<String>,
 }
 
+/// A raw value's bytes, in a request or an answer (OpenAPI only).
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+pub struct RawBytes(pub Vec<u8>);
+
 /// One object of a scan page.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ScanItem {
@@ -156,15 +163,19 @@ pub struct ScanItem {
     pub value: serde_json::Value,
 }
 
-fn parse_value(bytes: &[u8]) -> ApiResult<Value> {
-    Value::parse(bytes)
-        .map_err(|e| ApiError::InvalidJson(format!("the body is not one JSON value: {e}")))
+/// An entry `GET`'s 200: raw bytes as they were written, or the entry's
+/// JSON.
+fn entry_answer(raw_values: bool, key: &str, entry: &crate::store::Entry) -> Response {
+    raw::raw_answer(raw_values, entry)
+        .unwrap_or_else(|| respond::json(StatusCode::OK, entry_body(key, entry)))
 }
 
 /// Look up a key.
 ///
 /// ETS `lookup/2`. Set types answer `{"key","value","ttl_ms"}`, bag types
-/// `{"key","values","ttl_ms"}` with objects in insertion order. Sends an
+/// `{"key","values","ttl_ms"}` with objects in insertion order. On a
+/// `"values": "any"` table, a raw value is answered as its bytes with the
+/// `Content-Type` it was written with. Sends an
 /// `ETag`; `If-None-Match` with a current tag answers 304. `X-Cache` says
 /// whether the answer came from memory (`HIT`) or not (`MISS`).
 /// `Cache-Control` is `max-age=<whole seconds of TTL left>` for an entry
@@ -198,7 +209,10 @@ fn parse_value(bytes: &[u8]) -> ApiResult<Value> {
     params(("table" = String, Path, description = "Table name"), ("key" = String, Path, description = "Key, percent-encoded"), ReadParams,
            ("If-None-Match" = Option<String>, Header, description = "Answer 304 if the entry still has this ETag")),
     responses(
-        (status = 200, description = "The entry", body = EntryDoc, headers(("ETag" = String), ("X-Cache" = String))),
+        (status = 200, description = "The entry; a raw value as its bytes, with its own Content-Type", content(
+            (EntryDoc = "application/json"),
+            (RawBytes = "*/*"),
+        ), headers(("ETag" = String), ("X-Cache" = String))),
         (status = 304, description = "Not modified since the given ETag"),
         (status = 400, description = "Invalid table name or key", body = ErrorBody),
         (status = 403, description = "Not allowed to read the table", body = ErrorBody),
@@ -250,7 +264,7 @@ pub async fn get_entry(
             let resp = match fetch.await {
                 Ok(entry) => with_cache_control(
                     with_etag(
-                        respond::json(StatusCode::OK, entry_body(&key, &entry)),
+                        entry_answer(table.meta().raw_values(), &key, &entry),
                         entry.version,
                     ),
                     entry.ttl_ms,
@@ -271,7 +285,7 @@ pub async fn get_entry(
     state
         .origins
         .refresh_ahead(&state, table.meta(), &key, entry.version, entry.ttl_ms);
-    let resp = respond::json(StatusCode::OK, entry_body(&key, &entry));
+    let resp = entry_answer(table.meta().raw_values(), &key, &entry);
     let resp = with_cache_control(with_etag(resp, entry.version), entry.ttl_ms, public);
     Ok(with_cache(resp, HIT))
 }
@@ -305,7 +319,14 @@ pub async fn head_entry(
 
 /// Insert an object.
 ///
-/// ETS `insert/2`. The body is the value itself, any JSON. set/ordered_set
+/// ETS `insert/2`. The body is the value itself, any JSON. On a table
+/// created with `"values": "any"`, a body whose `Content-Type` is not JSON
+/// (JSON types: none, `application/json`, `application/*+json`,
+/// `application/x-www-form-urlencoded`) is stored as raw bytes with that
+/// type, and a JSON body `{"$bytes": "<base64>", "content_type": "…"}`
+/// stores those bytes (bad base64: 400); JSON views (scans, select,
+/// lookup, export, watch, transactions) show raw values in that form.
+/// set/ordered_set
 /// replace; `bag` adds unless an identical value is stored under the key;
 /// `duplicate_bag` always adds. `If-None-Match: *` is `insert_new` (412 if the
 /// key exists); `If-Match: "<etag>"` is compare-and-swap (412 if the entry
@@ -320,7 +341,10 @@ pub async fn head_entry(
     params(("table" = String, Path, description = "Table name"), ("key" = String, Path, description = "Key, percent-encoded"), PutParams,
            ("If-None-Match" = Option<String>, Header, description = "`*`: insert only if absent"),
            ("If-Match" = Option<String>, Header, description = "Write only if the entry has this ETag (or exists, for `*`)")),
-    request_body(content = serde_json::Value, description = "The value, any JSON", example = json!({"name": "Alice", "age": 31})),
+    request_body(content(
+        (serde_json::Value = "application/json", example = json!({"name": "Alice", "age": 31})),
+        (RawBytes = "application/octet-stream"),
+    ), description = "The value, any JSON; raw bytes of any type on a `\"values\": \"any\"` table"),
     responses(
         (status = 200, description = "Updated", body = PutResult, headers(("ETag" = String))),
         (status = 201, description = "Created", body = PutResult, headers(("ETag" = String))),
@@ -338,6 +362,7 @@ pub async fn put_entry(
     EntryPath(table, key): EntryPath,
     QueryParams(params): QueryParams<PutParams>,
     conditions: Conditions,
+    ContentType(content_type): ContentType,
     RawBody(body): RawBody,
 ) -> ApiResult<Response> {
     let table = state.table_for(&table, &who, Op::Write).await?;
@@ -345,7 +370,7 @@ pub async fn put_entry(
         check_ttl_ms(ttl)?;
     }
     let pre = conditions.for_write()?;
-    let value = parse_value(&body)?;
+    let value = raw::body_value(table.meta().raw_values(), content_type.as_ref(), &body)?;
     let written = table.insert(&key, value, params.ttl_ms, &pre).await?;
     let status = if written.created {
         StatusCode::CREATED
@@ -459,10 +484,11 @@ pub async fn delete_object(
     State(state): State<AppState>,
     who: Principal,
     EntryPath(table, key): EntryPath,
+    ContentType(content_type): ContentType,
     RawBody(body): RawBody,
 ) -> ApiResult<Response> {
     let table = state.table_for(&table, &who, Op::Write).await?;
-    let value = parse_value(&body)?;
+    let value = raw::body_value(table.meta().raw_values(), content_type.as_ref(), &body)?;
     table.delete_object(&key, &value).await?;
     Ok(respond::empty(StatusCode::NO_CONTENT))
 }
@@ -533,11 +559,9 @@ pub async fn insert_entries(
         if let Some(ttl) = item.ttl_ms {
             check_ttl_ms(ttl).map_err(|e| ApiError::InvalidArgument(format!("item {i}: {e}")))?;
         }
-        batch.push((
-            key,
-            Value::from_json(&item.value),
-            crate::store::Expiry::After(item.ttl_ms),
-        ));
+        let value = raw::accept(table.meta().raw_values(), Value::from_json(&item.value))
+            .map_err(|e| ApiError::InvalidArgument(format!("item {i}: {}", e.message())))?;
+        batch.push((key, value, crate::store::Expiry::After(item.ttl_ms)));
     }
     let inserted = table.insert_many(batch).await?;
     respond::serialized(StatusCode::OK, &Inserted { inserted })

@@ -326,6 +326,21 @@ impl<S: Send + Sync> FromRequestParts<S> for EntryPath {
 /// The conditional-request headers of an entry request, read from the
 /// request itself rather than from a copy of its header map (taking
 /// `HeaderMap` as an extractor clones every header, on every request).
+/// A request's `Content-Type`, if it sent one: what an entry `PUT` on a
+/// `"values": "any"` table reads to tell JSON from raw bytes.
+#[derive(Debug)]
+pub struct ContentType(pub Option<axum::http::HeaderValue>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ContentType {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(ContentType(
+            parts.headers.get(header::CONTENT_TYPE).cloned(),
+        ))
+    }
+}
+
 /// Each parse result is kept, so a malformed header is reported by the
 /// handler where it looks, after the table is found.
 #[derive(Debug)]

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod origin;
 pub mod rate;
+pub mod raw;
 pub mod respond;
 pub mod routes;
 pub mod scope;

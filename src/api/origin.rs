@@ -386,7 +386,7 @@ impl Origins {
             return;
         };
         meta.stats.origin_fetches.fetch_add(1, Relaxed);
-        let fetched = self.fetch(key, origin, headers).await;
+        let fetched = self.fetch(key, origin, headers, meta.raw_values()).await;
         origin_state.record(pass, fetched.is_ok(), meta.now(), &self.limits);
         match fetched {
             Ok(Some(value)) => {
@@ -496,7 +496,7 @@ impl Origins {
             return Fetched::Failed("the origin's fetch queue is closed".into());
         };
         meta.stats.origin_fetches.fetch_add(1, Relaxed);
-        let fetched = self.fetch(key, origin, headers).await;
+        let fetched = self.fetch(key, origin, headers, meta.raw_values()).await;
         state.record(pass, fetched.is_ok(), meta.now(), &self.limits);
         match &fetched {
             Ok(Some(value)) => Fetched::Found(
@@ -564,11 +564,15 @@ impl Origins {
         }
     }
 
+    /// Asks the origin for `key`: its 200 body is the value (JSON; on a
+    /// `"values": "any"` table, a body that is not JSON is kept as bytes
+    /// with the origin's `Content-Type`, as a `PUT` would keep it).
     async fn fetch(
         &self,
         key: &str,
         origin: &Origin,
         headers: reqwest::header::HeaderMap,
+        raw_values: bool,
     ) -> Result<Option<Value>, Fetched> {
         let url = origin
             .url
@@ -587,6 +591,7 @@ impl Origins {
                 404 => return Ok(None),
                 other => return Err(Fetched::Failed(format!("origin answered {other}"))),
             }
+            let content_type = resp.headers().get(reqwest::header::CONTENT_TYPE).cloned();
             let mut body = Vec::new();
             while let Some(chunk) = resp.chunk().await.map_err(|e| describe(&e))? {
                 if body.len() + chunk.len() > self.max_body {
@@ -597,9 +602,11 @@ impl Origins {
                 }
                 body.extend_from_slice(&chunk);
             }
-            Value::parse(&body).map(Some).map_err(|_| {
-                Fetched::Failed("origin answered 200 with a body that is not JSON".into())
-            })
+            super::raw::body_value(raw_values, content_type.as_ref(), &body)
+                .map(Some)
+                .map_err(|_| {
+                    Fetched::Failed("origin answered 200 with a body that is not JSON".into())
+                })
         };
         match tokio::time::timeout(timeout, request).await {
             Ok(result) => result,

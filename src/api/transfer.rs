@@ -572,6 +572,7 @@ impl Reader {
         let mut batch_bytes = 0;
         let mut count = 0u64;
         let now = state.tables.store().now_ms();
+        let raw_values = spec.settings.values == crate::store::ValueKind::Any;
         // Imports are not bound by the request deadline, only by their
         // limits; they still give the worker back between batches.
         let mut pace = crate::pace::Pace::new(None);
@@ -598,7 +599,8 @@ impl Reader {
                 // Expired already: counted in the checksum, not restored.
                 Some(at) if at <= now => {}
                 deadline => {
-                    let value = Value::from_json(&object.value);
+                    let value = super::raw::accept(raw_values, Value::from_json(&object.value))
+                        .map_err(|e| bad(n, e.message()))?;
                     batch_bytes += key.len() + value.len();
                     batch.push((key, value, Expiry::At(deadline.unwrap_or(0))));
                 }

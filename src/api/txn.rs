@@ -138,6 +138,7 @@ pub async fn transact(
     let op = if writes { Op::Write } else { Op::Read };
     let table = state.table_for(&table, &who, op).await?;
     check_for_table(&txn, table.meta().kind())?;
+    super::raw::accept_txn(table.meta().raw_values(), &mut txn)?;
     txn.max_result_bytes = state.limits.max_response_bytes.saturating_sub(64);
     let outcome = table.transact(&txn).await?;
     let ops = if outcome.succeeded {

@@ -349,6 +349,7 @@ pub fn counter(
 /// As [`crate::store::Table::merge`].
 pub fn merge(
     kind: TableType,
+    raw_values: bool,
     live: Option<&Row>,
     patch: &serde_json::Value,
     pre: &Precondition,
@@ -365,7 +366,7 @@ pub fn merge(
     };
     Ok(Step {
         change: Change::Put {
-            objects: Objects::One(merge_patch(current, patch)?),
+            objects: Objects::One(merge_patch(current, patch, raw_values)?),
             expires_at: clock.refreshed(row.expires_at),
         },
         inserted: 0,

@@ -138,6 +138,10 @@ impl ClusterTable {
         self.meta.kind()
     }
 
+    fn raw_values(&self) -> bool {
+        self.meta.raw_values()
+    }
+
     fn clock(&self) -> Clock {
         Clock {
             now: self.core.now_ms(),
@@ -403,9 +407,10 @@ impl TableOps for ClusterTable {
         pre: &Precondition,
     ) -> OpResult<Entry> {
         let kind = self.kind();
+        let raw = self.raw_values();
         let (now, _, row) = self
             .write(key, |live, clock| {
-                Ok((rows::merge(kind, live, patch, pre, clock)?, clock.now))
+                Ok((rows::merge(kind, raw, live, patch, pre, clock)?, clock.now))
             })
             .await?;
         row.map(|r| r.entry(now))

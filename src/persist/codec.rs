@@ -251,6 +251,7 @@ mod tests {
                     refresh_ahead_ms: Some(4),
                 }),
                 cache: crate::store::CacheScope::Public,
+                values: crate::store::ValueKind::Any,
             },
             owner: "alice".into(),
             created_at: 1_700_000_000_000,

@@ -138,16 +138,25 @@ impl CounterOp {
     }
 }
 
-/// Applies a JSON Merge Patch (RFC 7396) to an object value.
+/// Applies a JSON Merge Patch (RFC 7396) to an object value. With
+/// `raw_values` (a `"values": "any"` table), a raw value is bytes, not an
+/// object, and is refused as one.
 ///
 /// # Errors
 /// [`StoreError::NotAnObject`] when the stored value is not an object, and
 /// [`StoreError::InvalidArgument`] when the patch is not an object.
-pub fn merge_patch(stored: &Value, patch: &serde_json::Value) -> StoreResult<Value> {
+pub fn merge_patch(
+    stored: &Value,
+    patch: &serde_json::Value,
+    raw_values: bool,
+) -> StoreResult<Value> {
     if !patch.is_object() {
         return Err(StoreError::InvalidArgument(
             "a merge patch must be a JSON object".into(),
         ));
+    }
+    if raw_values && stored.raw().is_some() {
+        return Err(StoreError::NotAnObject);
     }
     let mut target = stored.to_json();
     if !target.is_object() {
@@ -265,13 +274,21 @@ mod tests {
         let out = merge_patch(
             &v(json!({"a": "b", "c": {"d": "e", "f": "g"}})),
             &json!({"a": "z", "c": {"f": null}}),
+            false,
         )
         .unwrap();
         assert_eq!(out, v(json!({"a": "z", "c": {"d": "e"}})));
         assert_eq!(
-            merge_patch(&v(json!(1)), &json!({})),
+            merge_patch(&v(json!(1)), &json!({}), false),
             Err(StoreError::NotAnObject)
         );
-        assert!(merge_patch(&v(json!({})), &json!([1])).is_err());
+        assert!(merge_patch(&v(json!({})), &json!([1]), false).is_err());
+        // Raw bytes are an object only on a table that keeps JSON alone.
+        let raw = Value::from_raw(b"\0", "x/y");
+        assert!(merge_patch(&raw, &json!({"a": 1}), false).is_ok());
+        assert_eq!(
+            merge_patch(&raw, &json!({"a": 1}), true),
+            Err(StoreError::NotAnObject)
+        );
     }
 }

@@ -24,6 +24,7 @@ mod evict;
 mod expiry;
 mod lease;
 mod memory;
+pub mod raw;
 pub mod rules;
 mod scan;
 mod slot;
@@ -55,7 +56,7 @@ pub use txn::{
     Comparison, Test, Txn, TxnOp, TxnOutcome, TxnResult, MAX_TXN_COMPARISONS, MAX_TXN_OPS,
 };
 pub use types::{
-    Access, CacheScope, Eviction, Expiry, Origin, Persistence, TableSettings, TableType,
+    Access, CacheScope, Eviction, Expiry, Origin, Persistence, TableSettings, TableType, ValueKind,
 };
 pub use value::{validate_key, validate_table_name, Key, Value, MAX_KEY_BYTES, MAX_NAME_CHARS};
 pub use watch::{Change, ChangeKind, HistoryLimits, Hub, Read, Start, Watcher};
@@ -478,6 +479,11 @@ impl TableSpec {
         }
         if let Some(max) = self.settings.max_entries {
             check_max_entries(max)?;
+        }
+        if self.settings.values == ValueKind::Any && !self.settings.kind.is_single() {
+            return Err(StoreError::InvalidArgument(
+                "values \"any\" needs a set or ordered_set table".into(),
+            ));
         }
         if let Some(origin) = &self.settings.origin {
             for (what, ms) in [

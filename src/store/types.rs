@@ -164,6 +164,24 @@ pub struct TableSettings {
     /// tokens may keep them; default `default`. Set at creation.
     #[serde(default)]
     pub cache: CacheScope,
+    /// What entries may hold: `json` (default) or `any`, which also keeps
+    /// raw bytes with their content type (set and ordered_set tables
+    /// only). Set at creation.
+    #[serde(default)]
+    pub values: ValueKind,
+}
+
+/// What a table's entries may hold: the table setting `values`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ValueKind {
+    /// JSON only: every body is parsed as JSON, whatever its
+    /// `Content-Type`.
+    #[default]
+    Json,
+    /// JSON, and raw bytes: a body whose `Content-Type` is not a JSON type
+    /// is kept as it is, with that type, and a `GET` answers it as sent.
+    Any,
 }
 
 /// Who may keep a table's entry answers: the table setting `cache`.

@@ -402,6 +402,14 @@ impl TestApp {
         assert_eq!(r.status, 201, "{}", r.text);
     }
 
+    /// A table's export stream, as text.
+    pub async fn export_text(&self, table: &str) -> String {
+        let path = format!("/v1/tables/{}/export", enc(table));
+        let r = self.send(Method::GET, &path, None, &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        r.text
+    }
+
     pub async fn get_table(&self, name: &str) -> Reply {
         self.send(Method::GET, &format!("/v1/tables/{}", enc(name)), None, &[])
             .await

@@ -49,6 +49,7 @@ impl ClusterTable {
     /// Runs `txn` as one PostgreSQL transaction (see the module docs).
     pub(super) async fn run_txn(&self, txn: &Txn) -> OpResult<TxnOutcome> {
         let kind = self.kind();
+        let raw = self.raw_values();
         let (nc, nt) = (txn.compare.len(), txn.then.len());
         let keys: Vec<&str> = txn
             .compare
@@ -87,7 +88,7 @@ impl ClusterTable {
                     return Ok((Step::keep(), Part::Nothing));
                 }
                 last_op = Some(at);
-                let (step, part) = apply(kind, op, live, clock)?;
+                let (step, part) = apply(kind, raw, op, live, clock)?;
                 bytes += part.size(op, live);
                 match txn.max_result_bytes {
                     limit if limit > 0 && bytes > limit => Err(StoreError::ResultTooLarge {
@@ -142,6 +143,7 @@ fn test(test: &Test, live: Option<&Row>) -> bool {
 /// One operation on its locked row.
 fn apply(
     kind: TableType,
+    raw: bool,
     op: &TxnOp,
     live: Option<&Row>,
     clock: Clock,
@@ -174,7 +176,7 @@ fn apply(
             (step, Part::Counter(n))
         }
         TxnOp::Patch { patch, .. } => (
-            rows::merge(kind, live, patch, &Precondition::None, clock)?,
+            rows::merge(kind, raw, live, patch, &Precondition::None, clock)?,
             Part::Written(clock.now),
         ),
         TxnOp::Get { .. } => (Step::keep(), Part::Found(live.map(|r| r.entry(clock.now)))),

@@ -87,7 +87,7 @@ impl Table {
         let ObjectsRef::One(current) = o.get().objects() else {
             return Err(StoreError::WrongTableType("merge patch needs a set table"));
         };
-        let value = merge_patch(current, patch)?;
+        let value = merge_patch(current, patch, self.raw_values())?;
         self.replace_single(&mut o, value, now)?;
         Ok(Entry::of(o.get(), now))
     }

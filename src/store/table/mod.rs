@@ -423,6 +423,11 @@ impl Table {
         self.fixed.origin.as_ref()
     }
 
+    /// Whether the table keeps raw bytes as well as JSON (`"values": "any"`).
+    pub fn raw_values(&self) -> bool {
+        self.fixed.values == super::ValueKind::Any
+    }
+
     /// Whether shared caches may keep this table's entry answers.
     pub fn cache_public(&self) -> bool {
         self.fixed.cache == super::CacheScope::Public
