@@ -14,8 +14,7 @@ use serde_json::{json, Value};
 const AWKWARD: &[u8] = &[0, 1, 0xff, 0xfe, b'"', b'\\', 0xc3, 0x28, b'\n', 0x80, 0];
 
 fn b64(bytes: &[u8]) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.encode(bytes)
+    base64_simd::STANDARD.encode_to_string(bytes)
 }
 
 async fn any_table(app: &TestApp, name: &str, persistence: &str) {

@@ -342,6 +342,39 @@ fn main() {
         row
     });
 
+    // A raw value's GET (bytes out of base64) against a JSON GET of a
+    // string of the same length, on one `"values": "any"` table: the
+    // same fixed key each time, alternating.
+    let raw_get = chosen("raw GET of a 10 KB body").then(|| {
+        create(addr, serde_json::json!({"name": "raw", "values": "any"}));
+        // 10,242 bytes: 3,414 times "abc", whose base64 is "YWJj".
+        let text = "abc".repeat(3414);
+        let raw = format!(
+            r#"{{"$bytes":"{}","content_type":"text/plain"}}"#,
+            "YWJj".repeat(3414)
+        );
+        for (key, body) in [("raw", raw), ("json", format!("\"{text}\""))] {
+            let path = format!("/v1/tables/raw/entries/{key}");
+            let (status, _) = http(addr, "PUT", &path, body.as_bytes());
+            if status != 201 {
+                fail(&format!("storing the 10 KB {key} value: {status}"));
+            }
+        }
+        let mut row =
+            pair::PairRow::new("raw GET of a 10 KB body", "JSON GET of a 10 KB string", 1.0);
+        row.alternate(
+            opts.rounds,
+            || wrk::run(addr, None, "/v1/tables/raw/entries/json", c, d).rps,
+            || {
+                (
+                    wrk::run(addr, None, "/v1/tables/raw/entries/raw", c, d),
+                    1.0,
+                )
+            },
+        );
+        row
+    });
+
     let peers = match procs::start_webdis(dir.path()).filter(|_| opts.only.is_none()) {
         Some(webdis) => peer_rows(&opts, addr, &webdis.http, &scripts),
         None => {
@@ -406,6 +439,7 @@ fn main() {
             rows,
             keyed_sync,
             txn,
+            raw_get,
             peers,
             selects,
             watch,

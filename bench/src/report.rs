@@ -130,6 +130,8 @@ pub struct Report {
     pub keyed_sync: Option<PairRow>,
     /// A 4-operation transaction against 4 single PUTs, same server.
     pub txn: Option<PairRow>,
+    /// A raw 10 KB GET against a JSON GET of a 10 KB string, same table.
+    pub raw_get: Option<PairRow>,
     pub peers: Vec<PeerRow>,
     pub selects: Option<SelectReport>,
     pub watch: Option<WatchReport>,
@@ -144,6 +146,7 @@ pub struct Sections {
     pub rows: Vec<Row>,
     pub keyed_sync: Option<PairRow>,
     pub txn: Option<PairRow>,
+    pub raw_get: Option<PairRow>,
     pub peers: Vec<PeerRow>,
     pub selects: Option<SelectReport>,
     pub watch: Option<WatchReport>,
@@ -164,6 +167,7 @@ impl Report {
             rows,
             keyed_sync,
             txn,
+            raw_get,
             peers,
             selects,
             watch,
@@ -182,6 +186,7 @@ impl Report {
             rows,
             keyed_sync,
             txn,
+            raw_get,
             peers,
             selects,
             watch,
@@ -252,6 +257,9 @@ impl Report {
         }
         if let Some(txn) = &self.txn {
             print_pairs("transaction row", std::slice::from_ref(txn));
+        }
+        if let Some(raw) = &self.raw_get {
+            print_pairs("raw value row", std::slice::from_ref(raw));
         }
         if !self.exposed.is_empty() {
             print_pairs("exposed row", &self.exposed);

@@ -8,8 +8,7 @@
 //! encoding; only an entry `PUT` (a body that is not JSON) and an entry
 //! `GET` (answering the bytes as sent) translate.
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine as _;
+use base64_simd::STANDARD;
 
 use super::value::Value;
 
@@ -34,7 +33,7 @@ impl Raw<'_> {
     /// The bytes, or `None` when the stored base64 is not valid (a JSON
     /// object of the same shape written to a `json` table).
     pub fn decode(&self) -> Option<Vec<u8>> {
-        STANDARD.decode(self.base64).ok()
+        STANDARD.decode_to_vec(self.base64).ok()
     }
 
     /// The content type the bytes were written with.
@@ -46,15 +45,10 @@ impl Raw<'_> {
 impl Value {
     /// The JSON form of raw `bytes` of type `content_type`.
     pub fn from_raw(bytes: &[u8], content_type: &str) -> Value {
-        let mut text = Vec::with_capacity(bytes.len().div_ceil(3) * 4 + content_type.len() + 36);
+        let encoded = STANDARD.encode_to_string(bytes);
+        let mut text = Vec::with_capacity(encoded.len() + content_type.len() + 36);
         text.extend_from_slice(PREFIX);
-        let start = text.len();
-        text.resize(start + bytes.len().div_ceil(3) * 4, 0);
-        // The buffer was sized for the encoding, so this cannot fail.
-        let written = STANDARD
-            .encode_slice(bytes, &mut text[start..])
-            .unwrap_or(0);
-        text.truncate(start + written);
+        text.extend_from_slice(encoded.as_bytes());
         text.extend_from_slice(MIDDLE);
         // A `&str` always serializes.
         let quoted = serde_json::to_vec(content_type).unwrap_or_else(|_| b"\"\"".to_vec());
@@ -66,7 +60,10 @@ impl Value {
     /// This value as a raw value, when its text has exactly the raw shape.
     pub fn raw(&self) -> Option<Raw<'_>> {
         let text = self.as_bytes().strip_prefix(PREFIX)?;
-        let end = text.iter().position(|&b| b == b'"')?;
+        // From the end: the type is short and the base64 long. Inside a
+        // JSON string every `"` is escaped, so the last `","content_type":`
+        // is the separator.
+        let end = text.windows(MIDDLE.len()).rposition(|w| w == MIDDLE)?;
         let (base64, rest) = text.split_at(end);
         let quoted = rest.strip_prefix(MIDDLE)?.strip_suffix(b"}")?;
         let content_type: String = serde_json::from_slice(quoted).ok()?;
@@ -106,7 +103,7 @@ pub fn normalize(value: Value) -> Result<Value, String> {
         return Err("\"$bytes\" must be a base64 string".into());
     };
     let bytes = STANDARD
-        .decode(bytes)
+        .decode_to_vec(bytes)
         .map_err(|e| format!("\"$bytes\" is not valid base64: {e}"))?;
     let content_type = match members.get(CONTENT_TYPE_MEMBER) {
         None => DEFAULT_CONTENT_TYPE,
