@@ -141,6 +141,12 @@ pub struct Config {
     #[arg(long, env = "LARDER_ORIGIN_BREAKER_MS", default_value_t = 5000)]
     pub origin_breaker_ms: u64,
 
+    /// Most expired entries one table keeps for its origin's
+    /// `stale_if_error_ms`; past it (or past --max-memory-bytes) an
+    /// expiring entry is not kept.
+    #[arg(long, env = "LARDER_MAX_STALE_ENTRIES", default_value_t = 100_000)]
+    pub max_stale_entries: u64,
+
     /// File of `principal:secret[:read]` lines, the secret being the token
     /// or `sha256:<hex>` (`#` starts a comment); reloaded on `SIGHUP`. With
     /// no tokens configured, authentication is off and every caller is
@@ -366,6 +372,7 @@ impl std::fmt::Debug for Config {
             .field("origin_max_inflight", &self.origin_max_inflight)
             .field("origin_breaker_failures", &self.origin_breaker_failures)
             .field("origin_breaker_ms", &self.origin_breaker_ms)
+            .field("max_stale_entries", &self.max_stale_entries)
             .field("tokens_file", &self.tokens_file)
             .field("tokens", &self.tokens.as_ref().map(|_| "<redacted>"))
             .field("rate_limit", &self.rate_limit)

@@ -438,3 +438,178 @@ async fn a_writers_no_cache_fetches_from_the_origin_and_a_readers_is_ignored() {
     assert_eq!(get("bob-token-1", false).await, ("HIT".into(), 2));
     assert_eq!(origin.hits.load(Ordering::SeqCst), 2);
 }
+
+/// A table on `host` whose fetched entries live 10 s and are kept 30 s
+/// more for stale-if-error, on a server whose breaker opens after 3
+/// failures for 5 s.
+async fn stale_app(host: &str, max_stale: u64) -> common::TestApp {
+    let app = spawn_with_manual_clock_and(|c| {
+        c.origin_allow = vec!["127.0.0.1:*".into()];
+        c.origin_breaker_failures = 3;
+        c.origin_breaker_ms = 5000;
+        c.max_stale_entries = max_stale;
+    })
+    .await;
+    let r = app
+        .create_table(json!({"name": "items", "origin": {
+            "url": format!("http://{host}/items/{{key}}"),
+            "ttl_ms": 10000, "stale_if_error_ms": 30000
+        }}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(r.body["origin"]["stale_if_error_ms"], 30000);
+    app
+}
+
+#[tokio::test]
+async fn an_expired_entry_is_served_stale_while_the_origin_fails_within_its_window() {
+    let origin = Arc::new(Origin {
+        healthy: AtomicBool::new(true),
+        ..Origin::default()
+    });
+    let host = start_origin(origin.clone()).await;
+    let app = stale_app(&host, 100).await;
+    let hits = || origin.hits.load(Ordering::SeqCst);
+    let r = app.get("items", "k").await;
+    assert_eq!(
+        (r.status.as_u16(), r.header("x-cache")),
+        (200, Some("MISS"))
+    );
+    let etag = r.header("etag").unwrap().to_owned();
+
+    // Expired, and the origin fails: the old value, marked STALE, and not
+    // to be kept by caches.
+    origin.healthy.store(false, Ordering::SeqCst);
+    app.advance(11_000);
+    let r = app.get("items", "k").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("x-cache"), Some("STALE"));
+    assert_eq!(r.header("cache-control"), Some("no-cache"));
+    assert_eq!(r.header("etag"), Some(etag.as_str()));
+    assert_eq!(r.body["value"], json!({"id": "k", "fetch": 1}));
+    assert_eq!(hits(), 2);
+    // Out of sight of everything else.
+    let head = app
+        .send(
+            reqwest::Method::HEAD,
+            &app.entry_path("items", "k"),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(head.status, 404);
+    assert_eq!(app.scan("items", "").await.body["entries"], json!([]));
+
+    // The sweeper takes it out of the table; the copy stays, counted.
+    app.store.purge_expired(1000);
+    assert_eq!(app.get_table("items").await.body["size"], 0);
+    let stale = "larder_table_stale_entries{table=\"items\"}";
+    assert_eq!(app.metric(stale).await, 1.0);
+    assert!(app.metric("larder_memory_bytes{kind=\"stale\"}").await > 0.0);
+    // Two more failures open the breaker; the copy is served without
+    // calling the origin.
+    for _ in 0..2 {
+        assert_eq!(app.get("items", "k").await.header("x-cache"), Some("STALE"));
+    }
+    assert_eq!(hits(), 4);
+    let r = app.get("items", "k").await;
+    assert_eq!(r.header("x-cache"), Some("STALE"), "{}", r.text);
+    assert_eq!(hits(), 4);
+    let served = "larder_table_stale_served_total{table=\"items\"}";
+    assert_eq!(app.metric(served).await, 4.0);
+    // A key never fetched has no copy: the breaker's 503.
+    let r = app.get("items", "other").await;
+    assert_eq!(r.status, 503, "{}", r.text);
+
+    // Past the window: gone, and the origin's failure shows.
+    app.advance(30_000);
+    let r = app.get("items", "k").await;
+    assert_eq!(r.status, 502, "{}", r.text);
+    app.store.purge_expired(1000);
+    assert_eq!(app.metric(stale).await, 0.0);
+    assert_eq!(app.metric("larder_memory_bytes{kind=\"stale\"}").await, 0.0);
+
+    // The origin back: fresh values again.
+    origin.healthy.store(true, Ordering::SeqCst);
+    app.advance(5000);
+    let r = app.get("items", "k").await;
+    assert_eq!(
+        (r.status.as_u16(), r.header("x-cache")),
+        (200, Some("MISS"))
+    );
+}
+
+#[tokio::test]
+async fn deleted_keys_and_keys_the_origin_lost_never_come_back_stale() {
+    let origin = Arc::new(Origin {
+        healthy: AtomicBool::new(true),
+        ..Origin::default()
+    });
+    let host = start_origin(origin.clone()).await;
+    let app = stale_app(&host, 100).await;
+    for key in ["a", "b", "gone1"] {
+        app.put_with("items", key, json!(key), "?ttl_ms=1000", &[])
+            .await;
+    }
+    app.advance(2000);
+    app.store.purge_expired(1000);
+    let stale = "larder_table_stale_entries{table=\"items\"}";
+    assert_eq!(app.metric(stale).await, 3.0);
+    // A client's DELETE drops the copy.
+    assert_eq!(app.delete("items", "a").await.status, 204);
+    assert_eq!(app.metric(stale).await, 2.0);
+    // The origin answering 404 drops it too.
+    assert_eq!(app.get("items", "gone1").await.status, 404);
+    assert_eq!(app.metric(stale).await, 1.0);
+    origin.healthy.store(false, Ordering::SeqCst);
+    assert_eq!(app.get("items", "a").await.status, 502);
+    let r = app.get("items", "b").await;
+    assert_eq!(r.header("x-cache"), Some("STALE"), "{}", r.text);
+    assert_eq!(r.body["value"], "b");
+    // A clear drops every copy.
+    let r = app
+        .send(
+            reqwest::Method::DELETE,
+            "/v1/tables/items/entries",
+            None,
+            &[],
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.text);
+    assert_eq!(app.metric(stale).await, 0.0);
+    assert_eq!(app.get("items", "b").await.status, 502);
+}
+
+#[tokio::test]
+async fn stale_copies_stop_at_max_stale_entries() {
+    let origin = Arc::new(Origin::default());
+    let host = start_origin(origin.clone()).await;
+    let app = stale_app(&host, 2).await;
+    for i in 0..5 {
+        app.put_with("items", &format!("k{i}"), json!(i), "?ttl_ms=1000", &[])
+            .await;
+    }
+    app.advance(2000);
+    app.store.purge_expired(1000);
+    let stale = "larder_table_stale_entries{table=\"items\"}";
+    assert_eq!(app.metric(stale).await, 2.0);
+    let served: Vec<bool> = served_stale(&app).await;
+    assert_eq!(served.iter().filter(|s| **s).count(), 2, "{served:?}");
+    // Dropping the table gives its copies' memory back.
+    let r = app
+        .send(reqwest::Method::DELETE, "/v1/tables/items", None, &[])
+        .await;
+    assert!(r.status.is_success(), "{}", r.text);
+    assert_eq!(app.metric("larder_memory_bytes{kind=\"stale\"}").await, 0.0);
+}
+
+/// For each of the 5 keys, whether a GET (the origin failing) served it
+/// stale.
+async fn served_stale(app: &common::TestApp) -> Vec<bool> {
+    let mut out = Vec::new();
+    for i in 0..5 {
+        let r = app.get("items", &format!("k{i}")).await;
+        out.push(r.header("x-cache") == Some("STALE"));
+    }
+    out
+}

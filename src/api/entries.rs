@@ -16,7 +16,7 @@ use super::extract::{
 };
 use super::raw;
 use super::respond::{
-    self, entry_body, scan_body, with_cache, with_cache_control, with_etag, HIT, MISS,
+    self, entry_body, scan_body, with_cache, with_cache_control, with_etag, HIT, MISS, STALE,
 };
 use super::AppState;
 use crate::api::error::{ApiError, ApiResult, ErrorBody};
@@ -197,7 +197,10 @@ fn entry_answer(raw_values: bool, key: &str, entry: &crate::store::Entry) -> Res
 /// 503 `origin_unavailable` at once, then one trial fetch closes or reopens
 /// the breaker. With `origin.refresh_ahead_ms`, a hit that close to expiry
 /// is answered at once and the key refreshed in the background (once per
-/// key; a client's write made meanwhile wins). A request with
+/// key; a client's write made meanwhile wins). With
+/// `origin.stale_if_error_ms`, a miss whose fetch fails (or finds the
+/// breaker open) is answered with the expired copy kept that long, with
+/// `X-Cache: STALE` and `Cache-Control: no-cache`. A request with
 /// `Cache-Control: no-cache` from a principal that may write the table
 /// skips the cached copy and fetches from the origin (sharing a fetch in
 /// flight), replacing the entry unless a client wrote it meanwhile; others'
@@ -270,7 +273,32 @@ pub async fn get_entry(
                     entry.ttl_ms,
                     public,
                 ),
-                Err(e) => with_cache_control(e.into_response(), None, public),
+                Err(e) => {
+                    let meta = table.meta();
+                    match e {
+                        ApiError::OriginError(_)
+                        | ApiError::OriginTimeout
+                        | ApiError::OriginUnavailable(_) => {
+                            if let Some(stale) = meta.stale_copy(&key) {
+                                meta.stats
+                                    .stale_served
+                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                let resp = entry_answer(meta.raw_values(), &key, &stale);
+                                let resp = with_cache_control(
+                                    with_etag(resp, stale.version),
+                                    None,
+                                    public,
+                                );
+                                return Ok(with_cache(resp, STALE));
+                            }
+                        }
+                        // The origin says the key is gone: nothing of it
+                        // may come back stale.
+                        ApiError::KeyNotFound => meta.forget_stale(&key),
+                        _ => {}
+                    }
+                    with_cache_control(e.into_response(), None, public)
+                }
             };
             return Ok(with_cache(resp, MISS));
         }

@@ -375,6 +375,13 @@ fn write_tables(out: &mut String, tables: &[Arc<Table>]) {
     );
     family(
         out,
+        "larder_table_stale_entries",
+        "gauge",
+        "Expired entries kept out of sight for origin.stale_if_error_ms (at most --max-stale-entries per table).",
+        &rows(&|t| t.stale_entries() as u64),
+    );
+    family(
+        out,
         "larder_table_memory_bytes",
         "gauge",
         "Estimated bytes held.",
@@ -383,6 +390,13 @@ fn write_tables(out: &mut String, tables: &[Arc<Table>]) {
     let stat = |f: fn(&crate::store::Stats) -> &crate::store::Counter| {
         move |t: &Table| f(&t.stats).load(Relaxed)
     };
+    family(
+        out,
+        "larder_table_stale_served_total",
+        "counter",
+        "Misses answered with a stale copy because the origin failed or its breaker was open.",
+        &rows(&stat(|s| &s.stale_served)),
+    );
     family(
         out,
         "larder_table_hits_total",

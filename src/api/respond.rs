@@ -17,6 +17,8 @@ use crate::store::{Cursor, Entry, Objects, Precondition, ScanPage};
 pub const HIT: &str = "HIT";
 /// `X-Cache` value for an answer that was not in memory.
 pub const MISS: &str = "MISS";
+/// `X-Cache` value for an expired copy served because the origin failed.
+pub const STALE: &str = "STALE";
 
 /// A response with a JSON body.
 pub fn json(status: StatusCode, body: Vec<u8>) -> Response {

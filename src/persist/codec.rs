@@ -249,6 +249,7 @@ mod tests {
                         .into_iter()
                         .collect(),
                     refresh_ahead_ms: Some(4),
+                    stale_if_error_ms: Some(5),
                 }),
                 cache: crate::store::CacheScope::Public,
                 values: crate::store::ValueKind::Any,

@@ -21,15 +21,18 @@ pub enum MemoryKind {
     Idempotency,
     /// Response bodies built and not yet sent whole.
     Responses,
+    /// Expired entries kept for `stale_if_error_ms`, out of sight of reads.
+    Stale,
 }
 
 impl MemoryKind {
     /// Every kind, in the order of their labels.
-    pub const ALL: [MemoryKind; 4] = [
+    pub const ALL: [MemoryKind; 5] = [
         MemoryKind::Tables,
         MemoryKind::Watch,
         MemoryKind::Idempotency,
         MemoryKind::Responses,
+        MemoryKind::Stale,
     ];
 
     /// The metric label.
@@ -39,6 +42,7 @@ impl MemoryKind {
             MemoryKind::Watch => "watch",
             MemoryKind::Idempotency => "idempotency",
             MemoryKind::Responses => "responses",
+            MemoryKind::Stale => "stale",
         }
     }
 }
@@ -47,7 +51,7 @@ impl MemoryKind {
 /// and the HTTP layer.
 #[derive(Debug, Default)]
 pub struct MemoryUse {
-    kinds: [AtomicI64; 4],
+    kinds: [AtomicI64; 5],
     /// 0 for none.
     limit: AtomicU64,
 }

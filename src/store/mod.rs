@@ -49,6 +49,7 @@ pub use lease::LEASE_BLOCK;
 pub use memory::{Held, MemoryKind, MemoryUse};
 pub use scan::{Cursor, ScanPage, ScanRequest, DEFAULT_SCAN_LIMIT, MAX_SCAN_LIMIT};
 pub use slot::{Entry, Object, Objects, ObjectsMut, ObjectsRef, Slot, Stamp};
+pub use table::DEFAULT_MAX_STALE;
 pub use table::{
     Counter, Dirty, Precondition, Stats, Table, TableSpec, Written, MAX_GROUPED_KEYS, SHARDS,
 };
@@ -90,6 +91,8 @@ pub(crate) struct Shared {
     pub expiry: ExpiryWake,
     /// How much history each watched table keeps.
     pub watch_limits: Mutex<HistoryLimits>,
+    /// Most stale copies one table keeps (`--max-stale-entries`).
+    pub max_stale: std::sync::atomic::AtomicUsize,
     /// Every hub made, so that stopping the server can end every watch.
     pub hubs: Mutex<Vec<std::sync::Weak<Hub>>>,
     /// Hands what cleared tables held to the reclaimer thread, which frees
@@ -168,6 +171,7 @@ impl Store {
                 memory: Arc::default(),
                 expiry: ExpiryWake::default(),
                 watch_limits: Mutex::new(HistoryLimits::default()),
+                max_stale: std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_STALE),
                 hubs: Mutex::new(Vec::new()),
                 reclaimer: Mutex::new(None),
             }),
@@ -399,6 +403,14 @@ impl Store {
             .collect()
     }
 
+    /// Sets how many stale copies each table keeps at most
+    /// (`--max-stale-entries`); past it, expiring entries are not kept.
+    pub fn set_max_stale(&self, entries: usize) {
+        self.shared
+            .max_stale
+            .store(entries, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Sets how much history each table keeps for its watchers, from the
     /// next table first watched on.
     pub fn set_watch_limits(&self, limits: HistoryLimits) {
@@ -488,6 +500,10 @@ impl TableSpec {
         if let Some(origin) = &self.settings.origin {
             for (what, ms) in [
                 ("origin.ttl_ms", origin.ttl_ms),
+                (
+                    "origin.stale_if_error_ms",
+                    origin.stale_if_error_ms.unwrap_or(1),
+                ),
                 ("origin.negative_ttl_ms", origin.negative_ttl_ms),
                 ("origin.timeout_ms", origin.timeout_ms),
             ] {

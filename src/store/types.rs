@@ -109,6 +109,13 @@ pub struct Origin {
     /// one refresh per key at a time (less than `ttl_ms`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh_ahead_ms: Option<u64>,
+    /// An entry that expires is kept this many ms more, out of sight of
+    /// reads, scans, select and size, and a `GET` whose fetch fails (5xx,
+    /// timeout, connection error, open breaker) is answered with it and
+    /// `X-Cache: STALE` (RFC 5861's stale-if-error). Copies are this
+    /// node's, kept in memory: a restart forgets them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_if_error_ms: Option<u64>,
 }
 
 impl Origin {

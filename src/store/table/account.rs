@@ -164,6 +164,11 @@ impl Table {
         self.track_deadline(o.key(), o.get().expires_at, 0);
         let (key, slot) = o.remove_entry();
         self.account_removed(&key, &slot, why);
+        match why {
+            Removal::Expired => self.keep_stale(&key, &slot),
+            Removal::Deleted | Removal::Evicted => self.forget_stale(&key),
+            Removal::Undo => {}
+        }
         Self::removed(
             change,
             &key,

@@ -35,14 +35,17 @@ use super::slot::{
 use super::types::{Access, Eviction, Expiry, Origin, Persistence, TableSettings, TableType};
 use super::value::{Key, Value};
 use super::watch::{Change, ChangeKind, Hub, Recording, Start};
-use super::MemoryKind;
 use super::Shared;
+use super::{MemoryKind, MemoryUse};
 use crate::stripe::Striped;
 
 mod account;
 mod bulk;
 mod counters;
 mod read;
+mod stale;
+
+pub use stale::DEFAULT_MAX_STALE;
 mod txn;
 mod upkeep;
 mod watching;
@@ -86,6 +89,8 @@ pub struct Stats {
     pub origin_fetches: Counter,
     /// Origin requests that failed or timed out.
     pub origin_errors: Counter,
+    /// Misses answered with a stale copy because the origin failed.
+    pub stale_served: Counter,
 }
 
 /// A counter that every request of a table may add to, striped (see
@@ -344,6 +349,9 @@ pub struct Table {
     in_txn: std::sync::atomic::AtomicBool,
     /// The running transaction's events, held back until it commits.
     txn_events: Mutex<Vec<Change>>,
+    /// Expired entries kept for `origin.stale_if_error_ms`; `None` when
+    /// the table has no such origin.
+    stale: Option<stale::StaleCopies>,
     /// Set once the table is dropped; held while a hub is made, so no
     /// hub appears on a dropped table.
     dropped: Mutex<bool>,
@@ -391,6 +399,12 @@ impl Table {
             in_txn: std::sync::atomic::AtomicBool::new(false),
             txn_events: Mutex::new(Vec::new()),
             dropped: Mutex::new(false),
+            stale: live
+                .origin
+                .as_ref()
+                .and_then(|o| o.stale_if_error_ms)
+                .filter(|_| live.kind.is_single())
+                .map(|window| stale::StaleCopies::new(window, shared.memory.clone())),
             fixed: spec.settings,
             shared,
         }

@@ -9,6 +9,7 @@ impl Table {
     /// soonest first, counting each in `stats.expired`. Returns how many.
     pub fn purge_expired(&self, now: u64, budget: usize) -> usize {
         let _step = self.step();
+        self.purge_stale(now);
         let mut removed = 0;
         while removed < budget {
             let Some(first) = self.deadlines.front() else {

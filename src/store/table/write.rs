@@ -149,7 +149,12 @@ impl Table {
     pub(super) fn delete_inner(&self, key: &str, pre: &Precondition) -> StoreResult<bool> {
         let now = self.now();
         match self.live_entry(key, now) {
-            MapEntry::Vacant(_) => pre.check(None).map(|_| false),
+            MapEntry::Vacant(_) => {
+                pre.check(None)?;
+                // A deleted key never comes back stale.
+                self.forget_stale(key);
+                Ok(false)
+            }
             MapEntry::Occupied(o) => {
                 pre.check(Some(o.get()))?;
                 self.remove_occupied(o, Removal::Deleted);
@@ -210,7 +215,10 @@ impl Table {
     pub(super) fn take_inner(&self, key: &str) -> Option<Entry> {
         let now = self.now();
         match self.live_entry(key, now) {
-            MapEntry::Vacant(_) => None,
+            MapEntry::Vacant(_) => {
+                self.forget_stale(key);
+                None
+            }
             MapEntry::Occupied(o) => {
                 let (_, slot) = self.remove_occupied(o, Removal::Deleted);
                 Some(Entry::of(&slot, now))
@@ -244,6 +252,7 @@ impl Table {
         let objects = self.size.swap(0, Ordering::Relaxed).max(0) as u64;
         let bytes = self.memory.swap(0, Ordering::Relaxed);
         self.stats.deletes.fetch_add(objects, Ordering::Relaxed);
+        self.forget_all_stale();
         if let Some(change) = change {
             if let Some(dirty) = &self.dirty {
                 dirty.cleared(change.revision, self.now());
