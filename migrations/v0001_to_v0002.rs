@@ -6,11 +6,14 @@
 //! byte (2), so records can evolve one by one, and keeps `meta/revision` so
 //! ETags issued before a restart never match a different entry after it.
 //!
-//! The step rewrites every format-1 record of every table as format 2 and
-//! records the highest version seen. Records already in format 2 are left
-//! alone, so running it again after a crash part-way is harmless.
+//! The step rewrites every format-1 record of every table in the layout
+//! this build writes (record format 3 since directory format 4) and
+//! records the highest version seen. Records already carrying a format byte
+//! are left alone, so running it again after a crash part-way is harmless.
 
-use crate::persist::{decode_slot, encode_slot, Engine, Migration, PersistError, RECORD_V2};
+use crate::persist::{
+    decode_slot, encode_slot, Engine, Migration, PersistError, RECORD_V2, RECORD_V3,
+};
 
 /// The step's entry in the migration list.
 pub const MIGRATION: Migration = Migration {
@@ -28,7 +31,7 @@ fn run(engine: &dyn Engine) -> Result<(), PersistError> {
         let mut batch = Vec::new();
         let mut pending = Vec::new();
         engine.for_each(&table, &mut |key, record| {
-            if record.first() == Some(&RECORD_V2) {
+            if matches!(record.first(), Some(&RECORD_V2 | &RECORD_V3)) {
                 return Ok(());
             }
             let slot = decode_slot(record)?;

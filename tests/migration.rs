@@ -44,6 +44,7 @@ fn write_format_1(path: &std::path::Path) {
             i * 2 + 2,
             0,
             0,
+            0,
         );
         let mut record = Vec::new();
         encode_body(&slot, &mut record);
@@ -92,7 +93,7 @@ async fn a_format_1_directory_is_upgraded_and_served() {
         })
         .unwrap();
     assert!(
-        firsts.iter().all(|b| *b == larder::persist::RECORD_V2),
+        firsts.iter().all(|b| *b == larder::persist::RECORD_V3),
         "every record rewritten"
     );
 }

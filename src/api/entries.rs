@@ -16,7 +16,8 @@ use super::extract::{
 };
 use super::raw;
 use super::respond::{
-    self, entry_body, scan_body, with_cache, with_cache_control, with_etag, HIT, MISS, STALE,
+    self, entry_body, scan_body, with_cache, with_cache_control, with_etag, with_last_modified,
+    HIT, MISS, STALE,
 };
 use super::AppState;
 use crate::api::error::{ApiError, ApiResult, ErrorBody};
@@ -164,10 +165,11 @@ pub struct ScanItem {
 }
 
 /// An entry `GET`'s 200: raw bytes as they were written, or the entry's
-/// JSON.
+/// JSON; with its `ETag` and `Last-Modified`.
 fn entry_answer(raw_values: bool, key: &str, entry: &crate::store::Entry) -> Response {
-    raw::raw_answer(raw_values, entry)
-        .unwrap_or_else(|| respond::json(StatusCode::OK, entry_body(key, entry)))
+    let resp = raw::raw_answer(raw_values, entry)
+        .unwrap_or_else(|| respond::json(StatusCode::OK, entry_body(key, entry)));
+    with_last_modified(with_etag(resp, entry.version), entry.modified)
 }
 
 /// Look up a key.
@@ -178,7 +180,10 @@ fn entry_answer(raw_values: bool, key: &str, entry: &crate::store::Entry) -> Res
 /// `Content-Type` it was written with. Sends an
 /// `ETag`; `If-None-Match` with a current tag answers 304. `X-Cache` says
 /// whether the answer came from memory (`HIT`) or not (`MISS`).
-/// `Cache-Control` is `max-age=<whole seconds of TTL left>` for an entry
+/// `Last-Modified` is the whole second of the key's last write (kept across
+/// restarts, the same on every cluster node); `If-Modified-Since` answers
+/// 304 when the entry was not written after it, unless `If-None-Match` is
+/// also sent, which then decides alone. `Cache-Control` is `max-age=<whole seconds of TTL left>` for an entry
 /// with a TTL and `no-cache` for one without (and on 404 and errors), with
 /// `public` first on a table created with `"cache": "public"`.
 ///
@@ -210,12 +215,13 @@ fn entry_answer(raw_values: bool, key: &str, entry: &crate::store::Entry) -> Res
     path = "/v1/tables/{table}/entries/{key}",
     tag = "entries",
     params(("table" = String, Path, description = "Table name"), ("key" = String, Path, description = "Key, percent-encoded"), ReadParams,
-           ("If-None-Match" = Option<String>, Header, description = "Answer 304 if the entry still has this ETag")),
+           ("If-None-Match" = Option<String>, Header, description = "Answer 304 if the entry still has this ETag"),
+           ("If-Modified-Since" = Option<String>, Header, description = "An HTTP date: answer 304 if the entry was not written after it (ignored when If-None-Match is sent)")),
     responses(
         (status = 200, description = "The entry; a raw value as its bytes, with its own Content-Type", content(
             (EntryDoc = "application/json"),
             (RawBytes = "*/*"),
-        ), headers(("ETag" = String), ("X-Cache" = String))),
+        ), headers(("ETag" = String), ("X-Cache" = String), ("Last-Modified" = String))),
         (status = 304, description = "Not modified since the given ETag"),
         (status = 400, description = "Invalid table name or key", body = ErrorBody),
         (status = 403, description = "Not allowed to read the table", body = ErrorBody),
@@ -266,10 +272,7 @@ pub async fn get_entry(
             let fetch = Box::pin(state.origins.read_through(&table, &key, origin, replacing));
             let resp = match fetch.await {
                 Ok(entry) => with_cache_control(
-                    with_etag(
-                        entry_answer(table.meta().raw_values(), &key, &entry),
-                        entry.version,
-                    ),
+                    entry_answer(table.meta().raw_values(), &key, &entry),
                     entry.ttl_ms,
                     public,
                 ),
@@ -284,11 +287,7 @@ pub async fn get_entry(
                                     .stale_served
                                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 let resp = entry_answer(meta.raw_values(), &key, &stale);
-                                let resp = with_cache_control(
-                                    with_etag(resp, stale.version),
-                                    None,
-                                    public,
-                                );
+                                let resp = with_cache_control(resp, None, public);
                                 return Ok(with_cache(resp, STALE));
                             }
                         }
@@ -303,8 +302,10 @@ pub async fn get_entry(
             return Ok(with_cache(resp, MISS));
         }
     };
-    if if_none.is_some_and(|tags| tags.matches(entry.version)) {
+    let since = conditions.if_modified_since;
+    if respond::not_modified(if_none.as_ref(), since, entry.version, entry.modified) {
         let resp = with_etag(respond::empty(StatusCode::NOT_MODIFIED), entry.version);
+        let resp = with_last_modified(resp, entry.modified);
         return Ok(with_cache(
             with_cache_control(resp, entry.ttl_ms, public),
             HIT,
@@ -314,7 +315,7 @@ pub async fn get_entry(
         .origins
         .refresh_ahead(&state, table.meta(), &key, entry.version, entry.ttl_ms);
     let resp = entry_answer(table.meta().raw_values(), &key, &entry);
-    let resp = with_cache_control(with_etag(resp, entry.version), entry.ttl_ms, public);
+    let resp = with_cache_control(resp, entry.ttl_ms, public);
     Ok(with_cache(resp, HIT))
 }
 
@@ -340,7 +341,10 @@ pub async fn head_entry(
 ) -> ApiResult<Response> {
     let table = state.table_for(&table, &who, Op::Read).await?;
     match table.peek(&key, params.read_from()).await? {
-        Some(entry) => Ok(with_etag(respond::empty(StatusCode::OK), entry.version)),
+        Some(entry) => Ok(with_last_modified(
+            with_etag(respond::empty(StatusCode::OK), entry.version),
+            entry.modified,
+        )),
         None => Ok(respond::empty(StatusCode::NOT_FOUND)),
     }
 }

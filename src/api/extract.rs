@@ -352,6 +352,9 @@ pub struct Conditions {
     /// `Cache-Control` holds `no-cache`: a read-through request asks for
     /// the origin's copy.
     pub no_cache: bool,
+    /// `If-Modified-Since`, in Unix seconds; `None` when absent or not a
+    /// valid HTTP date (which RFC 9110 says to ignore).
+    pub if_modified_since: Option<u32>,
 }
 
 impl Conditions {
@@ -380,6 +383,13 @@ impl<S: Send + Sync> FromRequestParts<S> for Conditions {
             if_match: tag_list(&parts.headers, header::IF_MATCH),
             if_none_match: tag_list(&parts.headers, header::IF_NONE_MATCH),
             no_cache,
+            if_modified_since: parts
+                .headers
+                .get(header::IF_MODIFIED_SINCE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| httpdate::parse_http_date(v).ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX)),
         })
     }
 }

@@ -532,6 +532,7 @@ impl Origins {
             objects: crate::store::Objects::One(value.clone()),
             version: 0,
             ttl_ms: None,
+            modified: crate::store::unix_seconds(table.meta().now()),
         };
         let written = table
             .insert(
@@ -549,6 +550,7 @@ impl Origins {
                 objects: crate::store::Objects::One(value.clone()),
                 version: w.version,
                 ttl_ms: Some(origin.ttl_ms),
+                modified: crate::store::unix_seconds(table.meta().now()),
             },
             Err(OpError::Store(StoreError::PreconditionFailed(_))) => {
                 match table.peek(key, crate::ops::ReadFrom::Primary).await {

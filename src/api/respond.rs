@@ -231,6 +231,51 @@ pub fn with_cache(mut resp: Response, status: &'static str) -> Response {
     resp
 }
 
+/// Sets `Last-Modified` from an entry's write time in Unix seconds (none
+/// when the time is not known: 0).
+pub fn with_last_modified(mut resp: Response, modified: u32) -> Response {
+    if modified == 0 {
+        return resp;
+    }
+    thread_local! {
+        // The last date formatted on this thread: repeated reads of one
+        // entry format it once.
+        static LAST: RefCell<(u32, Option<HeaderValue>)> = const { RefCell::new((0, None)) };
+    }
+    let value = LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &last.1 {
+            Some(v) if last.0 == modified => v.clone(),
+            _ => {
+                let at =
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::from(modified));
+                let v = HeaderValue::try_from(httpdate::fmt_http_date(at))
+                    .unwrap_or_else(|_| HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"));
+                *last = (modified, Some(v.clone()));
+                v
+            }
+        }
+    });
+    resp.headers_mut().insert(header::LAST_MODIFIED, value);
+    resp
+}
+
+/// Whether a read's conditions let it answer 304 for an entry at `version`
+/// written at `modified`: `If-None-Match` when sent (it wins), else
+/// `If-Modified-Since` when the entry's write time is known and not later.
+pub fn not_modified(
+    if_none: Option<&TagList>,
+    if_modified_since: Option<u32>,
+    version: u64,
+    modified: u32,
+) -> bool {
+    match (if_none, if_modified_since) {
+        (Some(tags), _) => tags.matches(version),
+        (None, Some(since)) => modified != 0 && modified <= since,
+        (None, None) => false,
+    }
+}
+
 /// Sets `Cache-Control` on an entry answer: `max-age` of the whole seconds
 /// of TTL left (rounded down) for an entry with a TTL, `no-cache` for one
 /// without and for answers about no entry; `public` first when the table

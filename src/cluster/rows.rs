@@ -20,6 +20,9 @@ pub struct Row {
     pub version: u64,
     /// Unix ms deadline; 0 for none.
     pub expires_at: u64,
+    /// Unix seconds of the last write (`touched_at`, written by the node
+    /// that wrote the row, so the same on every node).
+    pub modified: u32,
 }
 
 impl Row {
@@ -34,6 +37,7 @@ impl Row {
             objects: self.objects.clone(),
             version: self.version,
             ttl_ms: (self.expires_at != 0).then(|| self.expires_at.saturating_sub(now)),
+            modified: self.modified,
         }
     }
 
@@ -395,6 +399,7 @@ mod tests {
             )),
             version: 7,
             expires_at: 0,
+            modified: 0,
         }
     }
 
@@ -444,6 +449,7 @@ mod tests {
             objects: Objects::One(v("5")),
             version: 9,
             expires_at: 0,
+            modified: 0,
         };
         let clock = Clock {
             now: 1000,

@@ -6,12 +6,14 @@
 pub const COUNT_SHARDS: u32 = 64;
 
 /// A key's row, for a read.
-pub const SELECT_ROW: &str = "SELECT objects, version, expires_at, count FROM larder_entries \
+pub const SELECT_ROW: &str =
+    "SELECT objects, version, expires_at, count, touched_at FROM larder_entries \
                           WHERE table_id = $1 AND key = $2";
 
 /// A key's row, locked until the transaction ends: the first statement
 /// of every write.
-pub const LOCK_ROW: &str = "SELECT objects, version, expires_at, count FROM larder_entries \
+pub const LOCK_ROW: &str =
+    "SELECT objects, version, expires_at, count, touched_at FROM larder_entries \
                         WHERE table_id = $1 AND key = $2 FOR UPDATE";
 
 /// Inserts a key's row, appends the change and adds to the statistics;

@@ -158,6 +158,7 @@ impl ClusterTable {
             objects,
             version: r.get::<_, i64>(1).max(0) as u64,
             expires_at: r.get::<_, i64>(2).max(0) as u64,
+            modified: crate::store::unix_seconds(r.get::<_, i64>(4).max(0) as u64),
         })
     }
 

@@ -2,19 +2,23 @@
 //!
 //! Every record starts with its format version, so a reader can tell old
 //! records from new ones and upgrade as it reads; `migrations/` describes each
-//! layout. The current record layout (format 2), all integers big-endian:
+//! layout. The current record layout (record format 3), all integers
+//! big-endian:
 //!
 //! ```text
-//! [0]      2                      record format
+//! [0]      3                      record format
 //! [1]      0 = one object, 1 = list of objects (bag types)
 //! [2..10]  version                entry version (ETag)
 //! [10..18] expires_at             Unix ms, 0 = never
-//! one:     [18..]                 the object's canonical JSON
+//! [18..22] modified               Unix seconds of the last write
+//! one:     [22..]                 the object's canonical JSON
 //! list:    repeated { seq u64, len u32, JSON bytes }
 //! ```
 //!
-//! Format 1 records are the same without the leading format byte; their first
-//! byte is therefore 0 or 1, never 2, and [`decode_slot`] still reads them.
+//! Record format 2 is the same without `modified` (read as 0: not known).
+//! Format 1 records are format 2's without the leading format byte; their
+//! first byte is therefore 0 or 1, never 2 or 3, and [`decode_slot`] still
+//! reads them.
 
 use serde::{Deserialize, Serialize};
 
@@ -22,9 +26,11 @@ use super::PersistError;
 use crate::store::{Object, Objects, ObjectsRef, Slot, TableSettings, TableSpec, Value};
 
 /// The data directory format this build writes.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// First byte of a format-2 record.
 pub const RECORD_V2: u8 = 2;
+/// First byte of a format-3 record, the one this build writes.
+pub const RECORD_V3: u8 = 3;
 
 const ONE: u8 = 0;
 const MANY: u8 = 1;
@@ -32,26 +38,31 @@ const MANY: u8 = 1;
 /// Encodes a slot as a current-format record.
 pub fn encode_slot(slot: &Slot) -> Vec<u8> {
     let mut out =
-        Vec::with_capacity(18 + slot.objects().values().map(|v| v.len() + 12).sum::<usize>());
-    out.push(RECORD_V2);
-    encode_body(slot, &mut out);
+        Vec::with_capacity(22 + slot.objects().values().map(|v| v.len() + 12).sum::<usize>());
+    out.push(RECORD_V3);
+    encode(slot, &mut out, true);
     out
 }
 
 /// The record body shared by formats 1 and 2 (everything after format 2's
-/// leading byte).
+/// leading byte): what older builds wrote, kept for tests of upgrades.
 pub fn encode_body(slot: &Slot, out: &mut Vec<u8>) {
+    encode(slot, out, false);
+}
+
+fn encode(slot: &Slot, out: &mut Vec<u8>, modified: bool) {
+    out.push(match slot.objects() {
+        ObjectsRef::One(_) => ONE,
+        ObjectsRef::Many(_) => MANY,
+    });
+    out.extend_from_slice(&slot.version.to_be_bytes());
+    out.extend_from_slice(&slot.expires_at.to_be_bytes());
+    if modified {
+        out.extend_from_slice(&slot.modified.to_be_bytes());
+    }
     match slot.objects() {
-        ObjectsRef::One(v) => {
-            out.push(ONE);
-            out.extend_from_slice(&slot.version.to_be_bytes());
-            out.extend_from_slice(&slot.expires_at.to_be_bytes());
-            out.extend_from_slice(v.as_bytes());
-        }
+        ObjectsRef::One(v) => out.extend_from_slice(v.as_bytes()),
         ObjectsRef::Many(objs) => {
-            out.push(MANY);
-            out.extend_from_slice(&slot.version.to_be_bytes());
-            out.extend_from_slice(&slot.expires_at.to_be_bytes());
             for o in objs.iter() {
                 out.extend_from_slice(&o.seq.to_be_bytes());
                 out.extend_from_slice(&(o.value.len() as u32).to_be_bytes());
@@ -61,14 +72,15 @@ pub fn encode_body(slot: &Slot, out: &mut Vec<u8>) {
     }
 }
 
-/// Decodes a record of format 2 or 1.
+/// Decodes a record of format 3, 2 or 1.
 ///
 /// # Errors
 /// [`PersistError::Corrupt`] when the bytes are not a record we wrote.
 pub fn decode_slot(bytes: &[u8]) -> Result<Slot, PersistError> {
     match bytes.first() {
-        Some(&RECORD_V2) => decode_body(&bytes[1..]),
-        Some(&ONE) | Some(&MANY) => decode_body(bytes),
+        Some(&RECORD_V3) => decode_body(&bytes[1..], true),
+        Some(&RECORD_V2) => decode_body(&bytes[1..], false),
+        Some(&ONE) | Some(&MANY) => decode_body(bytes, false),
         Some(other) => Err(PersistError::Corrupt(format!(
             "record of unknown format {other}"
         ))),
@@ -76,14 +88,20 @@ pub fn decode_slot(bytes: &[u8]) -> Result<Slot, PersistError> {
     }
 }
 
-fn decode_body(b: &[u8]) -> Result<Slot, PersistError> {
+fn decode_body(b: &[u8], with_modified: bool) -> Result<Slot, PersistError> {
     let short = || PersistError::Corrupt("truncated record".into());
-    if b.len() < 17 {
+    let head = if with_modified { 21 } else { 17 };
+    if b.len() < head {
         return Err(short());
     }
     let version = u64::from_be_bytes(b[1..9].try_into().map_err(|_| short())?);
     let expires_at = u64::from_be_bytes(b[9..17].try_into().map_err(|_| short())?);
-    let rest = &b[17..];
+    let modified = if with_modified {
+        u32::from_be_bytes(b[17..21].try_into().map_err(|_| short())?)
+    } else {
+        0
+    };
+    let rest = &b[head..];
     let objects = match b[0] {
         ONE => Objects::One(json_value(rest)?),
         MANY => {
@@ -111,7 +129,7 @@ fn decode_body(b: &[u8]) -> Result<Slot, PersistError> {
             )))
         }
     };
-    Ok(Slot::new(objects, version, expires_at, 0))
+    Ok(Slot::new(objects, version, expires_at, 0, modified))
 }
 
 fn json_value(bytes: &[u8]) -> Result<Value, PersistError> {
@@ -195,10 +213,19 @@ mod tests {
 
     #[test]
     fn records_round_trip() {
-        let one = Slot::new(Objects::One(v(r#"{"a":1}"#)), 42, 1_700_000_000_000, 0);
+        let one = Slot::new(
+            Objects::One(v(r#"{"a":1}"#)),
+            42,
+            1_700_000_000_000,
+            0,
+            1_699_999_000,
+        );
         let back = decode_slot(&encode_slot(&one)).unwrap();
         assert_eq!(back.objects(), one.objects());
-        assert_eq!((back.version, back.expires_at), (42, 1_700_000_000_000));
+        assert_eq!(
+            (back.version, back.expires_at, back.modified),
+            (42, 1_700_000_000_000, 1_699_999_000)
+        );
         let many = Slot::new(
             Objects::Many(Box::new(vec![
                 Object {
@@ -213,6 +240,7 @@ mod tests {
             9,
             0,
             0,
+            7,
         );
         assert_eq!(
             decode_slot(&encode_slot(&many)).unwrap().objects(),
@@ -222,10 +250,16 @@ mod tests {
 
     #[test]
     fn format_1_records_are_still_read() {
-        let one = Slot::new(Objects::One(v("7")), 5, 0, 0);
+        let one = Slot::new(Objects::One(v("7")), 5, 0, 0, 123);
         let mut old = Vec::new();
         encode_body(&one, &mut old);
-        assert_eq!(decode_slot(&old).unwrap().objects(), one.objects());
+        let back = decode_slot(&old).unwrap();
+        assert_eq!(back.objects(), one.objects());
+        // Older records never knew the write time.
+        assert_eq!(back.modified, 0);
+        let mut v2 = vec![RECORD_V2];
+        encode_body(&one, &mut v2);
+        assert_eq!(decode_slot(&v2).unwrap().modified, 0);
     }
 
     #[test]

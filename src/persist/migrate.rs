@@ -23,9 +23,15 @@ pub struct Migration {
 mod v0001_to_v0002;
 #[path = "../../migrations/v0002_to_v0003.rs"]
 mod v0002_to_v0003;
+#[path = "../../migrations/v0003_to_v0004.rs"]
+mod v0003_to_v0004;
 
 /// Every step, oldest first.
-pub const MIGRATIONS: &[Migration] = &[v0001_to_v0002::MIGRATION, v0002_to_v0003::MIGRATION];
+pub const MIGRATIONS: &[Migration] = &[
+    v0001_to_v0002::MIGRATION,
+    v0002_to_v0003::MIGRATION,
+    v0003_to_v0004::MIGRATION,
+];
 
 const VERSION_KEY: &str = "format_version";
 

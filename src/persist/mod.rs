@@ -38,7 +38,9 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use thiserror::Error;
 use tokio::sync::watch;
 
-pub use codec::{decode_slot, encode_body, encode_slot, StoredTable, FORMAT_VERSION, RECORD_V2};
+pub use codec::{
+    decode_slot, encode_body, encode_slot, StoredTable, FORMAT_VERSION, RECORD_V2, RECORD_V3,
+};
 pub use engine::{
     Change, Engine, EngineWrapper, MetaVisitor, SledEngine, Visitor, DEFAULT_SLED_CACHE_BYTES,
     LOCK_FILE,

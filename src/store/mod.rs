@@ -48,7 +48,7 @@ pub use expiry::{ExpiryWake, IDLE_SWEEP, SWEEP_BUDGET};
 pub use lease::LEASE_BLOCK;
 pub use memory::{Held, MemoryKind, MemoryUse};
 pub use scan::{Cursor, ScanPage, ScanRequest, DEFAULT_SCAN_LIMIT, MAX_SCAN_LIMIT};
-pub use slot::{Entry, Object, Objects, ObjectsMut, ObjectsRef, Slot, Stamp};
+pub use slot::{unix_seconds, Entry, Object, Objects, ObjectsMut, ObjectsRef, Slot, Stamp};
 pub use table::DEFAULT_MAX_STALE;
 pub use table::{
     Counter, Dirty, Precondition, Stats, Table, TableSpec, Written, MAX_GROUPED_KEYS, SHARDS,
@@ -516,6 +516,15 @@ impl TableSpec {
             if !self.settings.kind.is_single() {
                 return Err(StoreError::InvalidArgument(
                     "an origin needs a set or ordered_set table".into(),
+                ));
+            }
+            // A node keeps stale copies of what expires in its own memory;
+            // a cluster table's rows expire in PostgreSQL, out of its sight.
+            if origin.stale_if_error_ms.is_some()
+                && self.settings.persistence == Persistence::Cluster
+            {
+                return Err(StoreError::InvalidArgument(
+                    "origin.stale_if_error_ms is not available on cluster tables".into(),
                 ));
             }
         }

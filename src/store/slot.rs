@@ -133,6 +133,9 @@ pub struct Slot {
     pub version: u64,
     /// Unix milliseconds after which the key is gone; 0 means never.
     pub expires_at: u64,
+    /// Unix seconds of the key's last write (`Last-Modified`); 0 when not
+    /// known (records written before format 4).
+    pub modified: u32,
 }
 
 impl std::fmt::Debug for Slot {
@@ -141,6 +144,7 @@ impl std::fmt::Debug for Slot {
             .field("objects", &self.objects())
             .field("version", &self.version)
             .field("expires_at", &self.expires_at)
+            .field("modified", &self.modified)
             .field("last_access", &self.last_access())
             .finish()
     }
@@ -153,6 +157,7 @@ impl Clone for Slot {
             self.version,
             self.expires_at,
             self.last_access(),
+            self.modified,
         )
     }
 }
@@ -183,11 +188,18 @@ pub const ORDERED_INDEX_OVERHEAD: usize = 72;
 
 impl Slot {
     /// A slot as a write creates it.
-    pub fn new(objects: Objects, version: u64, expires_at: u64, last_access: Stamp) -> Self {
+    pub fn new(
+        objects: Objects,
+        version: u64,
+        expires_at: u64,
+        last_access: Stamp,
+        modified: u32,
+    ) -> Self {
         Slot {
             held: Held::new(objects, last_access),
             version,
             expires_at,
+            modified,
         }
     }
 
@@ -276,6 +288,8 @@ pub struct Entry {
     pub version: u64,
     /// Remaining TTL in milliseconds, when the key has one.
     pub ttl_ms: Option<u64>,
+    /// Unix seconds of the key's last write; 0 when not known.
+    pub modified: u32,
 }
 
 impl Entry {
@@ -284,8 +298,15 @@ impl Entry {
             objects: slot.objects().to_objects(),
             version: slot.version,
             ttl_ms: slot.ttl_ms(now),
+            modified: slot.modified,
         }
     }
+}
+
+/// Unix seconds of a Unix-millisecond time, as a slot's `modified` keeps
+/// them (u32: good until 2106).
+pub fn unix_seconds(ms: u64) -> u32 {
+    u32::try_from(ms / 1000).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]
@@ -293,9 +314,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_slot_is_four_words() {
-        // Every word here costs about two per key in the map's buckets.
-        assert_eq!(std::mem::size_of::<Slot>(), 32);
+    fn a_slot_is_five_words() {
+        // Every word here costs about two per key in the map's buckets;
+        // the fifth holds the write time behind `Last-Modified`.
+        assert_eq!(std::mem::size_of::<Slot>(), 40);
     }
 
     #[test]

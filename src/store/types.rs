@@ -113,7 +113,8 @@ pub struct Origin {
     /// reads, scans, select and size, and a `GET` whose fetch fails (5xx,
     /// timeout, connection error, open breaker) is answered with it and
     /// `X-Cache: STALE` (RFC 5861's stale-if-error). Copies are this
-    /// node's, kept in memory: a restart forgets them.
+    /// node's, kept in memory: a restart forgets them. Not on cluster
+    /// tables (400).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stale_if_error_ms: Option<u64>,
 }

@@ -283,6 +283,7 @@ impl ClusterTable {
                         objects,
                         version,
                         expires_at,
+                        modified: crate::store::unix_seconds(now.max(0) as u64),
                     }),
                 }
             }

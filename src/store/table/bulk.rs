@@ -58,6 +58,9 @@ impl Table {
                     .fetch_add(restored as i64 - inserted as i64, Ordering::Relaxed);
                 let change = self.begin_change();
                 prev.version = change.revision;
+                // Content a reader may have seen is replaced: a new write
+                // time, so `If-Modified-Since` sees the change.
+                prev.modified = unix_seconds(self.now());
                 // What a watcher saw was the write being undone: a set key
                 // gets its old value back; a bag loses the value it gained.
                 let event = match (prev.objects(), o.get().objects()) {

@@ -40,6 +40,7 @@ impl Table {
                     change.revision,
                     self.deadline(now, None),
                     self.tick(),
+                    unix_seconds(now),
                 );
                 self.insert_vacant(v, slot);
                 change.publish(ChangeKind::Put, key, note);
@@ -113,6 +114,7 @@ impl Table {
             slot.set_objects(Objects::One(value));
             slot.version = version;
             slot.expires_at = expires_at;
+            slot.modified = unix_seconds(now);
         });
         change.publish(ChangeKind::Put, o.key(), note);
         Ok(())

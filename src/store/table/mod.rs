@@ -29,8 +29,8 @@ use dashmap::DashMap;
 use super::counter::{merge_patch, CounterOp};
 use super::error::{StoreError, StoreResult};
 use super::slot::{
-    Entry, Object, Objects, ObjectsMut, ObjectsRef, Slot, Stamp, BUCKET_BYTES, BUCKET_ESTIMATE,
-    KEY_OVERHEAD, OBJECT_OVERHEAD, ORDERED_INDEX_OVERHEAD,
+    unix_seconds, Entry, Object, Objects, ObjectsMut, ObjectsRef, Slot, Stamp, BUCKET_BYTES,
+    BUCKET_ESTIMATE, KEY_OVERHEAD, OBJECT_OVERHEAD, ORDERED_INDEX_OVERHEAD,
 };
 use super::types::{Access, Eviction, Expiry, Origin, Persistence, TableSettings, TableType};
 use super::value::{Key, Value};
@@ -661,5 +661,34 @@ mod tests {
             t.join().unwrap();
         }
         assert_eq!(c.load(Ordering::Relaxed), 8 * 10_000 * 2);
+    }
+
+    #[test]
+    fn stale_copies_need_a_table_this_node_expires() {
+        let spec = |persistence| TableSpec {
+            name: "t".into(),
+            settings: TableSettings {
+                persistence,
+                origin: Some(Origin {
+                    url: "http://127.0.0.1:1/{key}".into(),
+                    ttl_ms: 1000,
+                    negative_ttl_ms: 1000,
+                    timeout_ms: 1000,
+                    headers: Default::default(),
+                    refresh_ahead_ms: None,
+                    stale_if_error_ms: Some(5000),
+                }),
+                ..TableSettings::default()
+            },
+            owner: "a".into(),
+            created_at: 0,
+        };
+        for local in [Persistence::None, Persistence::Periodic, Persistence::Sync] {
+            assert!(spec(local).validated().is_ok(), "{local:?}");
+        }
+        assert!(matches!(
+            spec(Persistence::Cluster).validated(),
+            Err(StoreError::InvalidArgument(m)) if m.contains("stale_if_error_ms")
+        ));
     }
 }

@@ -27,6 +27,8 @@ pub(super) struct StaleCopies {
 struct StaleCopy {
     value: Value,
     version: u64,
+    /// Unix seconds of the entry's last write.
+    modified: u32,
     /// Unix ms after which the copy is gone.
     until: u64,
     cost: i64,
@@ -94,6 +96,7 @@ impl Table {
             StaleCopy {
                 value: value.clone(),
                 version: slot.version,
+                modified: slot.modified,
                 until,
                 cost,
             },
@@ -143,6 +146,7 @@ impl Table {
                         objects: Objects::One(value.clone()),
                         version: slot.version,
                         ttl_ms: Some(0),
+                        modified: slot.modified,
                     });
                 }
             }
@@ -153,6 +157,7 @@ impl Table {
             objects: Objects::One(copy.value.clone()),
             version: copy.version,
             ttl_ms: Some(0),
+            modified: copy.modified,
         })
     }
 

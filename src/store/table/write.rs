@@ -70,6 +70,7 @@ impl Table {
                     version,
                     expires_at,
                     self.tick(),
+                    unix_seconds(now),
                 );
                 self.insert_vacant(v, slot);
                 change.publish(ChangeKind::Put, key, note);
@@ -122,6 +123,9 @@ impl Table {
                     }
                     slot.version = version;
                     slot.expires_at = expires_at;
+                    if visible {
+                        slot.modified = unix_seconds(now);
+                    }
                 });
                 if visible {
                     change.publish(ChangeKind::Put, key, note);
@@ -196,6 +200,7 @@ impl Table {
                 objs.retain(|x| &x.value != value);
             }
             slot.version = version;
+            slot.modified = unix_seconds(now);
         });
         let note = change.keep(value);
         change.publish(ChangeKind::Delete, key, note);
