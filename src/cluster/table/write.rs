@@ -89,6 +89,7 @@ impl ClusterTable {
             return self.write_keys_claimed(&claim, keys, op).await;
         }
         let mut client = self.core.client().await?;
+        let shard = txn_shard(keys);
         'attempt: for _ in 0..MAX_ATTEMPTS {
             let tickets: Vec<_> = keys.iter().map(|k| self.hot.ticket(k)).collect();
             let started = Instant::now();
@@ -96,7 +97,7 @@ impl ClusterTable {
             let mut done = Vec::with_capacity(keys.len());
             for (i, key) in keys.iter().enumerate() {
                 match self
-                    .write_key(&tx, key, &mut |live: Option<&Row>, clock: Clock| {
+                    .write_key(&tx, key, shard, &mut |live: Option<&Row>, clock: Clock| {
                         op(i, live, clock)
                     })
                     .await
@@ -149,13 +150,17 @@ impl ClusterTable {
                 },
             };
             let tickets: Vec<_> = keys.iter().map(|k| self.hot.ticket(k)).collect();
+            let shard = txn_shard(keys);
             let mut done = Vec::with_capacity(keys.len());
             let mut failed = None;
             for (i, key) in keys.iter().enumerate() {
                 match self
-                    .write_key(tx.client(), key, &mut |live: Option<&Row>, clock: Clock| {
-                        op(i, live, clock)
-                    })
+                    .write_key(
+                        tx.client(),
+                        key,
+                        shard,
+                        &mut |live: Option<&Row>, clock: Clock| op(i, live, clock),
+                    )
                     .await
                 {
                     Ok(one) => done.push(one),
@@ -206,11 +211,13 @@ impl ClusterTable {
         ))
     }
 
-    /// One key's read-modify-write inside `tx`.
+    /// One key's read-modify-write inside `tx`, counting its statistics
+    /// in the row `shard` of `larder_counts`.
     async fn write_key<T>(
         &self,
         tx: &impl GenericClient,
         key: &str,
+        shard: i32,
         op: &mut (impl FnMut(Option<&Row>, Clock) -> Result<(Step, T), StoreError> + Send),
     ) -> Result<(T, Option<Wrote>), Fail> {
         let lock = tx.prepare_cached(LOCK_ROW).await?;
@@ -227,7 +234,8 @@ impl ClusterTable {
             deleted,
         } = step;
         if after > before {
-            self.make_room(tx, after - before, key, clock.now).await?;
+            self.make_room(tx, after - before, key, shard, clock.now)
+                .await?;
         }
         let delta = Delta {
             size: after - before,
@@ -237,7 +245,6 @@ impl ClusterTable {
             evicted: 0,
         };
         let now = clock.now as i64;
-        let shard = shard_of(key);
         let (event, event_value) = change.event(live);
         let event_text = event_value.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
         let wrote = match change {
@@ -288,7 +295,7 @@ impl ClusterTable {
                 }
             }
             Change::Remove => {
-                let version = self.delete_row(tx, key, now, &delta, event).await?;
+                let version = self.delete_row(tx, key, shard, now, &delta, event).await?;
                 Wrote { version, row: None }
             }
         };
@@ -299,6 +306,7 @@ impl ClusterTable {
         &self,
         tx: &impl GenericClient,
         key: &str,
+        shard: i32,
         now: i64,
         delta: &Delta,
         event: i16,
@@ -311,7 +319,7 @@ impl ClusterTable {
                     &self.id,
                     &key,
                     &now,
-                    &shard_of(key),
+                    &shard,
                     &delta.size,
                     &delta.deletes,
                     &delta.expired,
@@ -333,6 +341,7 @@ impl ClusterTable {
         tx: &impl GenericClient,
         growth: i64,
         key: &str,
+        shard: i32,
         now: u64,
     ) -> Result<(), Fail> {
         let Some(max) = self.meta.spec_max_entries() else {
@@ -379,11 +388,21 @@ impl ClusterTable {
             };
             let event = if expired { EVENT_EXPIRE } else { EVENT_EVICT };
             let version = self
-                .delete_row(tx, &victim, now as i64, &delta, event)
+                .delete_row(tx, &victim, shard, now as i64, &delta, event)
                 .await?;
             self.hot.changed(&victim, version, &self.core.budget);
             freed += count;
         }
         Ok(())
     }
+}
+
+/// The `larder_counts` row a write of `keys` counts its statistics in: the
+/// key's own for one key; for several, the first key's for all of them.
+/// Statistics are sums, so any row will do, and one row per transaction
+/// means two multi-key writes never lock count rows in opposite orders
+/// (they would deadlock, and PostgreSQL breaks a deadlock only after
+/// `deadlock_timeout`, a second by default).
+fn txn_shard(keys: &[&str]) -> i32 {
+    keys.first().map_or(0, |k| shard_of(k))
 }
