@@ -163,34 +163,9 @@ async fn every_transaction_survives_a_crash_whole_or_not_at_all() {
         server = ChildServer::start(dir.path()).await;
         for table in TABLES {
             let found = contents(&client, &server.base, table).await;
-            for w in 0..WRITERS {
-                let (sent, acked) = log
-                    .lock()
-                    .unwrap()
-                    .get(&(table.to_owned(), w))
-                    .copied()
-                    .unwrap_or_default();
-                let values: Vec<Option<u64>> = (0..GROUP)
-                    .map(|i| found.get(&format!("w{w}-{i:03}")).copied())
-                    .collect();
-                let first = values[0];
-                assert!(
-                    values.iter().all(|v| *v == first),
-                    "seed {seed} cycle {cycle}: table {table} writer {w} holds parts of \
-                     several transactions: {values:?}"
-                );
-                if let Some(n) = first {
-                    assert!(n <= sent, "seed {seed}: a number never sent: {n} > {sent}");
-                }
-                if table == "s" {
-                    assert!(
-                        first.unwrap_or(0) >= acked,
-                        "seed {seed} cycle {cycle}: writer {w} lost an acknowledged \
-                         sync transaction: found {first:?}, acknowledged {acked}"
-                    );
-                }
-                checked_groups += 1;
-            }
+            let at = format!("seed {seed} cycle {cycle}");
+            check_groups(&found, &log, table, 0..WRITERS, table == "s", &at);
+            checked_groups += WRITERS;
         }
     }
     assert_eq!(checked_groups, CYCLES * WRITERS * TABLES.len());
