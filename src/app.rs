@@ -279,6 +279,7 @@ impl App {
             Some(tls) => server.with_tls(tls.clone()),
             None => server,
         };
+        store.set_max_grouped_keys(usize::try_from(config.max_grouped_keys).unwrap_or(usize::MAX));
         store.set_max_stale(usize::try_from(config.max_stale_entries).unwrap_or(usize::MAX));
         store.set_watch_limits(HistoryLimits {
             max_events: usize::try_from(config.watch_history).unwrap_or(usize::MAX),

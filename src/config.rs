@@ -141,6 +141,12 @@ pub struct Config {
     #[arg(long, env = "LARDER_ORIGIN_BREAKER_MS", default_value_t = 5000)]
     pub origin_breaker_ms: u64,
 
+    /// Keys of transactions a durable table holds in groups (to write each
+    /// transaction in one batch) before its write-back runs at once,
+    /// whatever `auto_save_ms` says.
+    #[arg(long, env = "LARDER_MAX_GROUPED_KEYS", default_value_t = 65_536)]
+    pub max_grouped_keys: u64,
+
     /// Most expired entries one table keeps for its origin's
     /// `stale_if_error_ms`; past it (or past --max-memory-bytes) an
     /// expiring entry is not kept.
@@ -373,6 +379,7 @@ impl std::fmt::Debug for Config {
             .field("origin_breaker_failures", &self.origin_breaker_failures)
             .field("origin_breaker_ms", &self.origin_breaker_ms)
             .field("max_stale_entries", &self.max_stale_entries)
+            .field("max_grouped_keys", &self.max_grouped_keys)
             .field("tokens_file", &self.tokens_file)
             .field("tokens", &self.tokens.as_ref().map(|_| "<redacted>"))
             .field("rate_limit", &self.rate_limit)

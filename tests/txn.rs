@@ -522,3 +522,35 @@ async fn concurrent_transfers_keep_the_sum_through_cluster_nodes() {
     assert_eq!(r.body["error"]["cause"], "key_not_found");
     assert_ne!(app.get("acct", "a").await.body["value"], 0);
 }
+
+#[tokio::test]
+async fn grouped_keys_past_their_bound_make_the_write_back_run_at_once() {
+    let app = common::spawn_with(|c| c.max_grouped_keys = 100).await;
+    // Saved once an hour: only the bound can make it write sooner.
+    let r = app
+        .create_table(json!({"name": "p", "persistence": "periodic", "auto_save_ms": 3_600_000}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let group = |from: usize| {
+        let then: Vec<Value> = (from..from + 60)
+            .map(|i| json!({"op": "put", "key": format!("k{i}"), "value": i}))
+            .collect();
+        json!({ "then": then })
+    };
+    let grouped = "larder_table_grouped_keys{table=\"p\"}";
+    let dirty = "larder_table_dirty_objects{table=\"p\"}";
+    assert_eq!(txn(&app, "p", group(0)).await.status, 200);
+    assert_eq!(app.metric(grouped).await, 60.0);
+    assert_eq!(app.metric(dirty).await, 60.0);
+    // 120 grouped keys: past the bound of 100, the round runs now and
+    // takes every group.
+    assert_eq!(txn(&app, "p", group(60)).await.status, 200);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while app.metric(dirty).await > 0.0 || app.metric(grouped).await > 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the write-back did not run"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

@@ -472,6 +472,18 @@ fn write_tables(out: &mut String, tables: &[Arc<Table>]) {
         "Objects changed in memory and not yet on disk.",
         &persistent,
     );
+    let grouped: Vec<(&str, u64)> = tables
+        .iter()
+        .filter(|t| t.dirty().is_some())
+        .map(|t| (t.name(), t.grouped_keys()))
+        .collect();
+    family(
+        out,
+        "larder_table_grouped_keys",
+        "gauge",
+        "Keys of transactions waiting to be written back together (past --max-grouped-keys the write-back runs at once).",
+        &grouped,
+    );
 }
 
 fn write_server(out: &mut String, state: &AppState) {

@@ -93,6 +93,9 @@ pub(crate) struct Shared {
     pub watch_limits: Mutex<HistoryLimits>,
     /// Most stale copies one table keeps (`--max-stale-entries`).
     pub max_stale: std::sync::atomic::AtomicUsize,
+    /// Transaction keys a table groups before its write-back is due at
+    /// once (`--max-grouped-keys`).
+    pub max_grouped: std::sync::atomic::AtomicUsize,
     /// Every hub made, so that stopping the server can end every watch.
     pub hubs: Mutex<Vec<std::sync::Weak<Hub>>>,
     /// Hands what cleared tables held to the reclaimer thread, which frees
@@ -172,6 +175,7 @@ impl Store {
                 expiry: ExpiryWake::default(),
                 watch_limits: Mutex::new(HistoryLimits::default()),
                 max_stale: std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_STALE),
+                max_grouped: std::sync::atomic::AtomicUsize::new(MAX_GROUPED_KEYS),
                 hubs: Mutex::new(Vec::new()),
                 reclaimer: Mutex::new(None),
             }),
@@ -401,6 +405,14 @@ impl Store {
             .filter(|t| t.persistence().is_local_durable())
             .map(|t| t.clone())
             .collect()
+    }
+
+    /// Sets how many keys of transactions a table groups before its
+    /// write-back runs at once (`--max-grouped-keys`).
+    pub fn set_max_grouped_keys(&self, keys: usize) {
+        self.shared
+            .max_grouped
+            .store(keys, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Sets how many stale copies each table keeps at most

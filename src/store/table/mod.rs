@@ -216,9 +216,10 @@ pub struct Dirty {
     pub grouped_keys: std::sync::atomic::AtomicUsize,
 }
 
-/// Most keys of a table's transactions waiting in [`Dirty::groups`]:
-/// past it the table's write-back is due at once, so the groups of a
-/// rarely saved `periodic` table cannot grow without end.
+/// Most keys of a table's transactions waiting in [`Dirty::groups`]
+/// unless `--max-grouped-keys` says otherwise: past it the table's
+/// write-back is due at once, so the groups of a rarely saved `periodic`
+/// table cannot grow without end.
 pub const MAX_GROUPED_KEYS: usize = 65_536;
 
 impl Dirty {
@@ -253,16 +254,16 @@ impl Dirty {
     }
 
     /// Notes keys a transaction changed together. Returns true when the
-    /// groups are past their bound and the table's write-back should run
+    /// groups are past `max` keys and the table's write-back should run
     /// now.
-    fn group(&self, keys: Vec<Key>) -> bool {
+    fn group(&self, keys: Vec<Key>, max: usize) -> bool {
         let n = keys.len();
         self.groups
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(keys);
         let total = self.grouped_keys.fetch_add(n, Ordering::AcqRel) + n;
-        if total > MAX_GROUPED_KEYS {
+        if total > max {
             self.since_ms.store(1, Ordering::Release);
             return true;
         }

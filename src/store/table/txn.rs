@@ -75,7 +75,7 @@ impl Table {
                 .map(|op| Key::from(op.key()))
                 .collect();
             if keys.len() > 1 {
-                due = dirty.group(keys);
+                due = dirty.group(keys, self.shared.max_grouped.load(Ordering::Relaxed));
             }
         }
         drop(gates);

@@ -125,6 +125,14 @@ impl Table {
         keys.len()
     }
 
+    /// Keys of transactions waiting to be written back as groups (0 for
+    /// memory tables).
+    pub fn grouped_keys(&self) -> u64 {
+        self.dirty.as_ref().map_or(0, |d| {
+            d.grouped_keys.load(std::sync::atomic::Ordering::Relaxed) as u64
+        })
+    }
+
     /// Objects changed in memory and not yet on disk (0 for memory tables).
     pub fn dirty_count(&self) -> u64 {
         self.dirty.as_ref().map_or(0, |d| d.keys.len() as u64)
