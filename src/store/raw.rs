@@ -26,7 +26,7 @@ const MIDDLE: &[u8] = b"\",\"content_type\":";
 #[derive(Debug)]
 pub struct Raw<'a> {
     base64: &'a [u8],
-    content_type: String,
+    content_type: std::borrow::Cow<'a, str>,
 }
 
 impl Raw<'_> {
@@ -66,7 +66,14 @@ impl Value {
         let end = text.windows(MIDDLE.len()).rposition(|w| w == MIDDLE)?;
         let (base64, rest) = text.split_at(end);
         let quoted = rest.strip_prefix(MIDDLE)?.strip_suffix(b"}")?;
-        let content_type: String = serde_json::from_slice(quoted).ok()?;
+        // Most types hold no escape: borrowed from the text as they are.
+        let inner = quoted.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
+        let content_type = match std::str::from_utf8(inner) {
+            Ok(plain) if !inner.contains(&b'\\') && !inner.contains(&b'"') => {
+                std::borrow::Cow::Borrowed(plain)
+            }
+            _ => std::borrow::Cow::Owned(serde_json::from_slice::<String>(quoted).ok()?),
+        };
         Some(Raw {
             base64,
             content_type,
