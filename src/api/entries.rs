@@ -172,6 +172,29 @@ fn entry_answer(raw_values: bool, key: &str, entry: &crate::store::Entry) -> Res
     with_last_modified(with_etag(resp, entry.version), entry.modified)
 }
 
+/// After a read-through fetch failed with `e`: the key's stale copy when
+/// the origin failed (or its breaker is open) and one is kept, else `e`. An
+/// origin's 404 drops the copy: nothing of a key the origin lost may come
+/// back stale.
+fn failed_fetch(meta: &crate::store::Table, key: &str, e: ApiError) -> Result<Response, ApiError> {
+    match e {
+        ApiError::OriginError(_) | ApiError::OriginTimeout | ApiError::OriginUnavailable(_) => {
+            let Some(stale) = meta.stale_copy(key) else {
+                return Err(e);
+            };
+            meta.stats
+                .stale_served
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(entry_answer(meta.raw_values(), key, &stale))
+        }
+        ApiError::KeyNotFound => {
+            meta.forget_stale(key);
+            Err(e)
+        }
+        e => Err(e),
+    }
+}
+
 /// Look up a key.
 ///
 /// ETS `lookup/2`. Set types answer `{"key","value","ttl_ms"}`, bag types
@@ -183,8 +206,9 @@ fn entry_answer(raw_values: bool, key: &str, entry: &crate::store::Entry) -> Res
 /// `Last-Modified` is the whole second of the key's last write (kept across
 /// restarts, the same on every cluster node); `If-Modified-Since` answers
 /// 304 when the entry was not written after it, unless `If-None-Match` is
-/// also sent, which then decides alone. `Cache-Control` is `max-age=<whole seconds of TTL left>` for an entry
-/// with a TTL and `no-cache` for one without (and on 404 and errors), with
+/// also sent, which then decides alone. `Cache-Control` is
+/// `max-age=<whole seconds of TTL left>` for an entry with a TTL and
+/// `no-cache` for one without (and on 404, errors and stale answers), with
 /// `public` first on a table created with `"cache": "public"`.
 ///
 /// On a table with an `origin`, a miss fetches `origin.url` with the key
@@ -222,7 +246,7 @@ fn entry_answer(raw_values: bool, key: &str, entry: &crate::store::Entry) -> Res
             (EntryDoc = "application/json"),
             (RawBytes = "*/*"),
         ), headers(("ETag" = String), ("X-Cache" = String), ("Last-Modified" = String))),
-        (status = 304, description = "Not modified since the given ETag"),
+        (status = 304, description = "Not modified since the given ETag or date"),
         (status = 400, description = "Invalid table name or key", body = ErrorBody),
         (status = 403, description = "Not allowed to read the table", body = ErrorBody),
         (status = 404, description = "No such table, or the key is absent or expired", body = ErrorBody),
@@ -276,28 +300,13 @@ pub async fn get_entry(
                     entry.ttl_ms,
                     public,
                 ),
-                Err(e) => {
-                    let meta = table.meta();
-                    match e {
-                        ApiError::OriginError(_)
-                        | ApiError::OriginTimeout
-                        | ApiError::OriginUnavailable(_) => {
-                            if let Some(stale) = meta.stale_copy(&key) {
-                                meta.stats
-                                    .stale_served
-                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                let resp = entry_answer(meta.raw_values(), &key, &stale);
-                                let resp = with_cache_control(resp, None, public);
-                                return Ok(with_cache(resp, STALE));
-                            }
-                        }
-                        // The origin says the key is gone: nothing of it
-                        // may come back stale.
-                        ApiError::KeyNotFound => meta.forget_stale(&key),
-                        _ => {}
+                Err(e) => match failed_fetch(table.meta(), &key, e) {
+                    Ok(stale) => {
+                        let resp = with_cache_control(stale, None, public);
+                        return Ok(with_cache(resp, STALE));
                     }
-                    with_cache_control(e.into_response(), None, public)
-                }
+                    Err(e) => with_cache_control(e.into_response(), None, public),
+                },
             };
             return Ok(with_cache(resp, MISS));
         }
