@@ -428,14 +428,7 @@ async fn a_repeated_member_in_an_import_line_is_invalid_import() {
     let object_line = export.lines().nth(1).unwrap();
     let doubled = object_line.replacen("{\"key\"", "{\"key\":\"x\",\"key\"", 1);
     let stream = export.replacen(object_line, &doubled, 1);
-    let reply = app
-        .send(
-            Method::POST,
-            "/v1/tables/import?name=copy",
-            Some(stream.into_bytes()),
-            &[],
-        )
-        .await;
+    let reply = app.import(stream, "?name=copy").await;
     reply.assert_error(400, "invalid_import");
     assert!(reply.body["error"]["message"]
         .as_str()

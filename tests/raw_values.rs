@@ -295,14 +295,7 @@ async fn raw_values_survive_export_import_and_restart() {
 
     let stream = app.export_text("t").await;
     assert!(stream.contains(&b64(AWKWARD)), "{stream}");
-    let r = app
-        .send(
-            Method::POST,
-            "/v1/tables/import?name=copy",
-            Some(stream.into_bytes()),
-            &[],
-        )
-        .await;
+    let r = app.import(stream, "?name=copy").await;
     assert_eq!(r.status, 201, "{}", r.text);
     for table in ["t", "copy"] {
         assert_eq!(
@@ -313,14 +306,7 @@ async fn raw_values_survive_export_import_and_restart() {
     // An import with a bad raw form into an any table is refused whole.
     let bad = "{\"name\":\"worse\",\"type\":\"set\",\"values\":\"any\"}\n\
                {\"key\":\"k\",\"value\":{\"$bytes\":\"!!\"}}\n";
-    let r = app
-        .send(
-            Method::POST,
-            "/v1/tables/import",
-            Some(bad.as_bytes().to_vec()),
-            &[],
-        )
-        .await;
+    let r = app.import(bad.to_owned(), "").await;
     assert_eq!(r.status, 400, "{}", r.text);
     assert_eq!(app.get_table("worse").await.status, 404);
 

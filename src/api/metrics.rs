@@ -460,29 +460,27 @@ fn write_tables(out: &mut String, tables: &[Arc<Table>]) {
         "Change streams open on the table.",
         &rows(&|t| t.hub().map_or(0, |h| h.watchers() as u64)),
     );
-    let persistent: Vec<(&str, u64)> = tables
-        .iter()
-        .filter(|t| t.dirty().is_some())
-        .map(|t| (t.name(), t.dirty_count()))
-        .collect();
+    // Durable tables only: memory tables have no write-back.
+    let durable = |f: fn(&Table) -> u64| -> Vec<(&str, u64)> {
+        tables
+            .iter()
+            .filter(|t| t.dirty().is_some())
+            .map(|t| (t.name(), f(t)))
+            .collect()
+    };
     family(
         out,
         "larder_table_dirty_objects",
         "gauge",
         "Objects changed in memory and not yet on disk.",
-        &persistent,
+        &durable(Table::dirty_count),
     );
-    let grouped: Vec<(&str, u64)> = tables
-        .iter()
-        .filter(|t| t.dirty().is_some())
-        .map(|t| (t.name(), t.grouped_keys()))
-        .collect();
     family(
         out,
         "larder_table_grouped_keys",
         "gauge",
         "Keys of transactions waiting to be written back together (past --max-grouped-keys the write-back runs at once).",
-        &grouped,
+        &durable(Table::grouped_keys),
     );
 }
 

@@ -402,6 +402,14 @@ impl TestApp {
         assert_eq!(r.status, 201, "{}", r.text);
     }
 
+    /// Posts an export stream to `/v1/tables/import` with `query`
+    /// (`?name=…`, or empty).
+    pub async fn import(&self, stream: String, query: &str) -> Reply {
+        let path = format!("/v1/tables/import{query}");
+        self.send(Method::POST, &path, Some(stream.into_bytes()), &[])
+            .await
+    }
+
     /// A table's export stream, as text.
     pub async fn export_text(&self, table: &str) -> String {
         let path = format!("/v1/tables/{}/export", enc(table));
