@@ -292,6 +292,9 @@ impl App {
         durability
             .record_filter()
             .set_bytes(config.idempotency_filter_bytes);
+        durability.record_index().set_max_entries(
+            usize::try_from(config.idempotency_index_entries).unwrap_or(usize::MAX),
+        );
         let memory = store.memory().clone();
         let origins = match &config.origin_ca {
             None => {

@@ -240,6 +240,14 @@ pub struct Config {
     #[arg(long, env = "LARDER_IDEMPOTENCY_FILTER_BYTES", default_value_t = 8 << 20)]
     pub idempotency_filter_bytes: u64,
 
+    /// Idempotency records of durable tables the server indexes in memory
+    /// (about 24 bytes each). Indexed records are stored many to one disk
+    /// item, which keeps a keyed write to a durable table nearly as cheap
+    /// as one without a key; past the bound each record is stored on its
+    /// own and found by a lookup on disk: slower, never lost.
+    #[arg(long, env = "LARDER_IDEMPOTENCY_INDEX_ENTRIES", default_value_t = crate::persist::bundle::DEFAULT_INDEX_ENTRIES)]
+    pub idempotency_index_entries: u64,
+
     /// Changes each watched table keeps for watchers that resume or fall
     /// behind (`Last-Event-ID`, `since`).
     #[arg(long, env = "LARDER_WATCH_HISTORY", default_value_t = 10_000)]
@@ -392,6 +400,7 @@ impl std::fmt::Debug for Config {
             .field("idempotency_purge_ms", &self.idempotency_purge_ms)
             .field("idempotency_max_bytes", &self.idempotency_max_bytes)
             .field("idempotency_filter_bytes", &self.idempotency_filter_bytes)
+            .field("idempotency_index_entries", &self.idempotency_index_entries)
             .field("max_import_bytes", &self.max_import_bytes)
             .field("max_long_requests", &self.max_long_requests)
             .field("max_response_bytes", &self.max_response_bytes)

@@ -393,11 +393,46 @@ async fn fresh_keys_skip_the_disk_and_stored_ones_are_found_after_a_restart() {
         (8u64 << 20) as f64
     );
 
-    // After a restart the filter is rebuilt from disk before any request.
+    // Each record went into a bundle, found through the index.
+    assert_eq!(app.metric("larder_idempotency_index_entries").await, 200.0);
+
+    // After a restart the filter and the index are rebuilt from disk
+    // before any request.
     let app = common::spawn_on(app.stop().await).await;
     assert_eq!(app.metric("larder_idempotency_filter_records").await, 200.0);
+    assert_eq!(app.metric("larder_idempotency_index_entries").await, 200.0);
     keyed_increments(&app, 200, true).await;
     assert_eq!(app.get("c", "n").await.body["value"], 200);
+}
+
+#[tokio::test]
+async fn records_past_the_index_bound_are_stored_alone_and_never_missed() {
+    let app = spawn_with(|c| c.idempotency_index_entries = 5).await;
+    let r = app
+        .create_table(json!({"name": "c", "persistence": "sync"}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    fresh_keys_then_retries(&app, 40).await;
+    assert_eq!(app.metric("larder_idempotency_index_entries").await, 5.0);
+    assert_eq!(
+        app.metric("larder_idempotency_index_max_entries").await,
+        5.0
+    );
+
+    // Restarted with a lower bound: the bundled records the index cannot
+    // take any more are stored alone at start.
+    let dir = app.stop().await;
+    let app = common::spawn_on_with(dir, |c| c.idempotency_index_entries = 2).await;
+    assert_eq!(app.metric("larder_idempotency_index_entries").await, 2.0);
+    keyed_increments(&app, 40, true).await;
+    assert_eq!(app.get("c", "n").await.body["value"], 40);
+
+    // And with room again, every record is still found.
+    let app = common::spawn_on(app.stop().await).await;
+    keyed_increments(&app, 40, true).await;
+    let path = "/v1/tables/c/entries/n/counter";
+    let fresh = send_keyed(&app, Method::POST, path, r#"{"default":0}"#, "k40").await;
+    assert_eq!(fresh.body["value"], 41);
 }
 
 #[tokio::test]
@@ -444,6 +479,8 @@ async fn the_purge_forgets_expired_answers_and_rebuilds_the_filter_from_the_rest
         assert!(Instant::now() < deadline, "the filter was not rebuilt");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // Their bundles left the disk and the index with them.
+    assert_eq!(app.metric("larder_idempotency_index_entries").await, 1.0);
     let again = incr("new").await;
     assert_eq!(again.header("idempotent-replayed"), Some("true"));
     assert_eq!(again.body["value"], 4);

@@ -83,16 +83,32 @@ end
     /// request (never a replay: each key is used once), so each request is
     /// formatted as it is sent.
     pub fn keyed(method: &str, path: &str, body: Option<&str>, keys: usize) -> Workload {
+        Workload::fresh_header(method, path, body, keys, "Idempotency-Key")
+    }
+
+    /// Like [`Workload::new`], with a fresh value of header `name` on every
+    /// request, formatted as it is sent. With a header the server ignores,
+    /// it is the baseline of a keyed workload: the same work for wrk, so
+    /// the ratio is the server's cost of the key alone.
+    pub fn fresh_header(
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        keys: usize,
+        name: &str,
+    ) -> Workload {
         let script = format!(
             "{}{}",
             prelude(method, path, body, keys),
-            r#"local sent = 0
+            format_args!(
+                r#"local sent = 0
 local run = tostring(os.time()) .. "-" .. tostring(math.random(1, 1000000000))
 request = function()
   sent = sent + 1
-  return make(math.random(0, keys - 1), {["Idempotency-Key"] = run .. "-" .. sent})
+  return make(math.random(0, keys - 1), {{[{name:?}] = run .. "-" .. sent}})
 end
 "#
+            )
         );
         Workload { script }
     }

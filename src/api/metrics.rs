@@ -546,6 +546,21 @@ fn write_server(out: &mut String, state: &AppState) {
         "Remembered answers of memory tables expired early to stay under --idempotency-max-bytes.",
         evicted,
     );
+    let (indexed, max_indexed) = state.tables.durability().record_index().stats();
+    single(
+        out,
+        "larder_idempotency_index_entries",
+        "gauge",
+        "Idempotency records of durable tables indexed in memory, stored many to one disk item.",
+        indexed as u64,
+    );
+    single(
+        out,
+        "larder_idempotency_index_max_entries",
+        "gauge",
+        "The bound of that index (--idempotency-index-entries); past it records are stored one by one.",
+        max_indexed as u64,
+    );
     let filter = state.tables.durability().record_filter();
     let (records, skipped, false_positives) = filter.stats();
     single(

@@ -26,7 +26,7 @@ use super::PersistError;
 use crate::store::{Object, Objects, ObjectsRef, Slot, TableSettings, TableSpec, Value};
 
 /// The data directory format this build writes.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 /// First byte of a format-2 record.
 pub const RECORD_V2: u8 = 2;
 /// First byte of a format-3 record, the one this build writes.

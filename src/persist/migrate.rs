@@ -25,12 +25,15 @@ mod v0001_to_v0002;
 mod v0002_to_v0003;
 #[path = "../../migrations/v0003_to_v0004.rs"]
 mod v0003_to_v0004;
+#[path = "../../migrations/v0004_to_v0005.rs"]
+mod v0004_to_v0005;
 
 /// Every step, oldest first.
 pub const MIGRATIONS: &[Migration] = &[
     v0001_to_v0002::MIGRATION,
     v0002_to_v0003::MIGRATION,
     v0003_to_v0004::MIGRATION,
+    v0004_to_v0005::MIGRATION,
 ];
 
 const VERSION_KEY: &str = "format_version";

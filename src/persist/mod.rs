@@ -23,6 +23,7 @@
 //! Handlers wake it through a mutex-and-condvar flag and wait on a watch
 //! channel that carries the highest ticket made durable.
 
+pub mod bundle;
 mod codec;
 mod engine;
 pub mod filter;
@@ -267,6 +268,11 @@ struct Inner {
     pending_records: Mutex<std::collections::HashMap<String, Vec<PendingRecord>>>,
     /// Which idempotency records may be stored with tables' data.
     record_filter: RecordFilter,
+    /// Which bundle holds each indexed idempotency record.
+    locator: bundle::Locator,
+    /// The number the next bundle of records is stored under (one past
+    /// the highest found at start).
+    next_bundle: AtomicU64,
 }
 
 /// An idempotency record on its way to disk with the change it answers.
@@ -276,9 +282,15 @@ pub(crate) struct PendingRecord {
     /// batch as it. `None` (or a key not written in the round) puts it in
     /// a batch after the table's others.
     pub anchor: Option<Vec<u8>>,
-    /// Its key in the table's data ([`record_key`]).
+    /// Its key in the table's data ([`record_key`]) when stored on its
+    /// own.
     pub key: Vec<u8>,
     pub bytes: Vec<u8>,
+    /// When the answer is forgotten (Unix ms).
+    pub expires_at: u64,
+    /// The bundle the round stored it in, once the engine holds it (`None`
+    /// when stored on its own under `key`).
+    pub bundle: Option<u64>,
 }
 
 impl PendingRecord {
@@ -362,6 +374,8 @@ impl Durability {
                 record_gate: tokio::sync::RwLock::new(()),
                 pending_records: Mutex::new(std::collections::HashMap::new()),
                 record_filter: RecordFilter::new(DEFAULT_FILTER_BYTES),
+                locator: bundle::Locator::default(),
+                next_bundle: AtomicU64::new(1),
             }),
         };
         // The store asks for a new lease through the persister (a weak
@@ -525,6 +539,8 @@ impl Durability {
         }
         let _round = self.round_guard();
         self.discard_records(table.name());
+        let unindexed = self.inner.locator.drop_table(table.name());
+        self.count_index(-(unindexed as i64));
         self.inner.engine.remove_table(table.name())?;
         self.inner
             .engine
@@ -576,7 +592,7 @@ impl Durability {
         table: &str,
         anchor: Option<&str>,
         id: &str,
-        bytes: Vec<u8>,
+        (bytes, expires_at): (Vec<u8>, u64),
         ticket: Option<u64>,
     ) -> bool {
         let _gate = self
@@ -600,6 +616,8 @@ impl Durability {
             anchor: anchor.map(|a| a.as_bytes().to_vec()),
             key: record_key(id),
             bytes,
+            expires_at,
+            bundle: None,
         };
         self.inner
             .store
@@ -717,6 +735,13 @@ impl Durability {
         if !filter.may_hold(id.as_bytes()) {
             return Ok(None);
         }
+        if let Some(n) = self.inner.locator.get(table, id.as_bytes()) {
+            if let Some(bytes) = self.inner.engine.get(table, &bundle::bundle_key(n))? {
+                if let Some(found) = bundle::decode(&bytes)?.find(id.as_bytes()) {
+                    return Ok(Some(found.to_vec()));
+                }
+            }
+        }
         let stored = self.inner.engine.get(table, &key)?;
         if stored.is_none() {
             filter.false_positive();
@@ -737,6 +762,77 @@ impl Durability {
                 .for_each_prefixed(name, RECORD_KEY_PREFIX, &mut |k, v| f(name, k, v))?;
         }
         Ok(())
+    }
+
+    /// Removes every bundle of idempotency records whose last record has
+    /// expired by `now`, and keeps the records of the others in `rebuild`.
+    /// A bundle that cannot be read is left, and the walk goes on.
+    ///
+    /// # Errors
+    /// [`PersistError::Engine`] when a table's bundles cannot be walked or
+    /// removed.
+    pub fn purge_bundles(
+        &self,
+        now: u64,
+        rebuild: Option<&Rebuild<'_>>,
+    ) -> Result<(), PersistError> {
+        let inner = &self.inner;
+        for table in inner.store.persistent_tables() {
+            let name = table.name();
+            let mut gone: Vec<(u64, Vec<u8>)> = Vec::new();
+            inner
+                .engine
+                .for_each_prefixed(name, bundle::BUNDLE_KEY_PREFIX, &mut |k, v| {
+                    let (Some(n), Ok(b)) = (bundle::bundle_number(k), bundle::decode(v)) else {
+                        tracing::warn!(
+                            table = name,
+                            "an idempotency bundle cannot be read; left in place"
+                        );
+                        return Ok(());
+                    };
+                    if b.expires_at < now {
+                        gone.push((n, v.to_vec()));
+                    } else if let Some(rebuild) = rebuild {
+                        for (id, _) in &b.records {
+                            rebuild.keep(id);
+                        }
+                    }
+                    Ok(())
+                })?;
+            if gone.is_empty() {
+                continue;
+            }
+            let erase = gone
+                .iter()
+                .map(|(n, _)| (bundle::bundle_key(*n), None))
+                .collect();
+            inner.engine.write(name, erase)?;
+            inner.records_dirty.store(true, Ordering::Release);
+            for (n, bytes) in &gone {
+                if let Ok(b) = bundle::decode(bytes) {
+                    let ids = b.records.iter().map(|(id, _)| *id);
+                    let unindexed = inner.locator.remove_all(name, ids, *n);
+                    self.count_index(-(unindexed as i64));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The index of bundled records: entries held, and its bound.
+    pub fn record_index(&self) -> &bundle::Locator {
+        &self.inner.locator
+    }
+
+    /// Counts `entries` more (or fewer) index entries in the server's
+    /// memory.
+    pub(crate) fn count_index(&self, entries: i64) {
+        if entries != 0 {
+            self.inner.store.memory().add(
+                crate::store::MemoryKind::Idempotency,
+                entries * bundle::INDEX_ENTRY_BYTES as i64,
+            );
+        }
     }
 
     /// Removes a stored idempotency record of a table's.

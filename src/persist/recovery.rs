@@ -1,6 +1,7 @@
 //! Start-up: load every persistent table from disk into memory.
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::codec::{decode_slot, StoredTable};
@@ -52,7 +53,35 @@ impl Durability {
                 .map_or(0, u64::from_be_bytes);
             max_version = max_version.max(cleared);
             let (mut keys, mut expired) = (0u64, Vec::new());
+            // Bundled records the index cannot take, to be stored alone,
+            // and bundles whose records have all expired, to be removed.
+            let mut unindexed: Vec<super::engine::Change> = Vec::new();
+            let mut max_bundle = 0;
+            let mut indexed = 0;
             inner.engine.for_each(&name, &mut |k, v| {
+                if let Some(n) = super::bundle::bundle_number(k) {
+                    max_bundle = max_bundle.max(n);
+                    let b = super::bundle::decode(v)
+                        .map_err(|e| PersistError::Corrupt(format!("table '{name}': {e}")))?;
+                    if b.expires_at < now {
+                        unindexed.push((k.to_vec(), None));
+                        return Ok(());
+                    }
+                    let ids = b.records.iter().map(|(id, _)| *id);
+                    let taken = inner.locator.insert_all(&name, ids, n);
+                    for ((id, record), taken) in b.records.iter().zip(taken) {
+                        inner.record_filter.insert(id);
+                        if taken {
+                            indexed += 1;
+                        } else {
+                            unindexed.push((
+                                [super::RECORD_KEY_PREFIX, id].concat(),
+                                Some(record.to_vec()),
+                            ));
+                        }
+                    }
+                    return Ok(());
+                }
                 // Idempotency records live beside the entries (see
                 // `record_key`); they are read when a retry asks, and the
                 // filter learns which exist.
@@ -80,6 +109,13 @@ impl Durability {
             if !expired.is_empty() {
                 inner.engine.write(&name, expired)?;
             }
+            if !unindexed.is_empty() {
+                inner.engine.write(&name, unindexed)?;
+            }
+            self.count_index(indexed);
+            inner
+                .next_bundle
+                .fetch_max(max_bundle.saturating_add(1), Ordering::Relaxed);
             tracing::info!(table = %name, keys, elapsed_ms = t0.elapsed().as_millis() as u64, "loaded table");
             report.keys += keys;
             report.tables += 1;

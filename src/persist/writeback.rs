@@ -144,6 +144,17 @@ pub struct FlushOutcome {
     pub fsynced: bool,
 }
 
+/// Most bytes of records in one bundle (one past it when a single record
+/// is bigger). sled splits a leaf past 16 items and writes a page over
+/// about 128 KB as a file of its own, fsynced apart: with bundles this
+/// size, a full leaf of them stays a page in the log.
+const BUNDLE_BYTES: usize = 4096;
+
+/// A record's id: its key without the record prefix.
+fn record_id(key: &[u8]) -> &[u8] {
+    key.strip_prefix(super::RECORD_KEY_PREFIX).unwrap_or(key)
+}
+
 fn due(table: &Table, dirty: &Dirty, now: u64) -> bool {
     let since = dirty.since_ms.load(Ordering::Acquire);
     if since == 0 {
@@ -437,18 +448,106 @@ impl Durability {
         flushed
     }
 
-    fn requeue_or_erase(&self, table: &Table, records: Vec<super::PendingRecord>) {
-        if table.persistence() != Persistence::Sync {
-            self.return_records(table.name(), records);
-            return;
-        }
+    fn requeue_or_erase(&self, table: &Table, mut records: Vec<super::PendingRecord>) {
         if records.is_empty() {
             return;
         }
-        let erase = records.into_iter().map(|r| (r.key, None)).collect();
-        if let Err(e) = self.inner.engine.write(table.name(), erase) {
-            tracing::error!(error = %e, table = table.name(), "could not erase the records of undone writes");
+        let name = table.name();
+        if table.persistence() != Persistence::Sync {
+            // Queued again before they leave the index, so a retry finds
+            // them all along; the next round bundles them afresh.
+            let bundled: Vec<(u64, Vec<u8>)> = records
+                .iter_mut()
+                .filter_map(|r| Some((r.bundle.take()?, r.key.clone())))
+                .collect();
+            self.return_records(name, records);
+            self.unindex(name, bundled.iter().map(|(n, key)| (*n, key.as_slice())));
+            return;
         }
+        let mut erase: Vec<Change> = Vec::new();
+        let mut bundles = std::collections::BTreeSet::new();
+        for r in &records {
+            match r.bundle {
+                Some(n) => {
+                    bundles.insert(n);
+                }
+                None => erase.push((r.key.clone(), None)),
+            }
+        }
+        erase.extend(
+            bundles
+                .into_iter()
+                .map(|n| (super::bundle::bundle_key(n), None)),
+        );
+        if let Err(e) = self.inner.engine.write(name, erase) {
+            tracing::error!(error = %e, table = name, "could not erase the records of undone writes");
+        }
+        self.unindex(
+            name,
+            records
+                .iter()
+                .filter_map(|r| Some((r.bundle?, r.key.as_slice()))),
+        );
+    }
+
+    /// Adds a chunk's records to its changes: in bundles of up to
+    /// [`BUNDLE_BYTES`], those the index takes (marked with their bundle's
+    /// number), and each of the others on its own. Indexed before the
+    /// engine has the bundle: until the round ends the records are still
+    /// found in the queue, and a failed round unindexes them
+    /// ([`Durability::requeue_or_erase`]).
+    fn stage_records(
+        &self,
+        table: &str,
+        records: &mut [super::PendingRecord],
+        changes: &mut Vec<Change>,
+    ) {
+        let inner = &self.inner;
+        let mut rest = &mut *records;
+        while !rest.is_empty() && inner.locator.has_room(1) {
+            let (mut take, mut size) = (0, 0);
+            while take < rest.len() && (take == 0 || size + rest[take].bytes.len() <= BUNDLE_BYTES)
+            {
+                size += rest[take].bytes.len();
+                take += 1;
+            }
+            let (group, tail) = rest.split_at_mut(take);
+            rest = tail;
+            let n = inner.next_bundle.fetch_add(1, Ordering::Relaxed);
+            let ids = group.iter().map(|r| record_id(&r.key));
+            let indexed = inner.locator.insert_all(table, ids, n);
+            let mut expires_at = 0;
+            let mut count = 0;
+            for (r, _) in group.iter_mut().zip(&indexed).filter(|(_, &i)| i) {
+                r.bundle = Some(n);
+                expires_at = expires_at.max(r.expires_at);
+                count += 1;
+            }
+            self.count_index(count);
+            if count > 0 {
+                let bundled = group
+                    .iter()
+                    .filter(|r| r.bundle == Some(n))
+                    .map(|r| (record_id(&r.key), r.bytes.as_slice()));
+                let bytes = super::bundle::encode(bundled, expires_at);
+                changes.push((super::bundle::bundle_key(n), Some(bytes)));
+            }
+        }
+        for r in records.iter().filter(|r| r.bundle.is_none()) {
+            changes.push((r.key.clone(), Some(r.bytes.clone())));
+        }
+    }
+
+    /// Forgets index entries `(bundle, record key)` of a failed round.
+    fn unindex<'a>(&self, table: &str, entries: impl Iterator<Item = (u64, &'a [u8])>) {
+        let mut removed = 0;
+        for (n, key) in entries {
+            removed += self
+                .inner
+                .locator
+                .remove_all(table, std::iter::once(record_id(key)), n);
+        }
+        self.count_index(-(removed as i64));
     }
 
     /// Writes one table's share of a round: its clear mark, then its keys
@@ -500,7 +599,7 @@ impl Durability {
         let mut starts = std::iter::once(0).chain(batches.iter().copied());
         let mut ends = batches.iter().copied();
         let mut done = Vec::new();
-        while let Some(records) = record_batches.next() {
+        while let Some(mut records) = record_batches.next() {
             let keys = match (starts.next(), ends.next()) {
                 (Some(from), Some(to)) => &snapshot[from..to],
                 _ => &[],
@@ -516,9 +615,7 @@ impl Durability {
                     (k.as_bytes().to_vec(), record)
                 })
                 .collect();
-            for r in &records {
-                changes.push((r.key.clone(), Some(r.bytes.clone())));
-            }
+            self.stage_records(table.name(), &mut records, &mut changes);
             if changes.is_empty() {
                 continue;
             }

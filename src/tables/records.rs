@@ -207,6 +207,9 @@ impl Tables {
             }
             Ok(())
         });
+        // Bundles carry the latest expiry of their records.
+        let walked =
+            walked.and_then(|()| durability.purge_bundles(self.store.now_ms(), rebuild.as_ref()));
         match (walked, rebuild) {
             (Ok(()), Some(rebuild)) => rebuild.finish(),
             (Ok(()), None) => {}
@@ -312,7 +315,7 @@ impl Recording<'_> {
                     target.table,
                     target.anchor.or(self.anchor.as_deref()),
                     target.id,
-                    record.as_bytes().to_vec(),
+                    (record.as_bytes().to_vec(), expires_at),
                     self.owed,
                 );
             }
