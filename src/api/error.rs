@@ -362,6 +362,9 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if let ApiError::RateLimited(state, retry) = &self {
+            return rate_limited(state, *retry);
+        }
         let (op, cause) = match &self {
             ApiError::TxnAborted { op, cause, .. } => (Some(*op), Some((*cause).to_owned())),
             _ => (None, None),
@@ -400,17 +403,31 @@ impl IntoResponse for ApiError {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
-        if let ApiError::RateLimited(state, retry) = &self {
-            let h = resp.headers_mut();
-            h.insert(header::RETRY_AFTER, HeaderValue::from(*retry));
-            state.write_headers(h);
-        }
         if matches!(self, ApiError::Unauthorized) {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
     }
+}
+
+/// A 429: built apart from the other errors, since refusing is all a
+/// flood past the limit gets and must cost little (a body formatted once,
+/// header values of small numbers shared, not allocated).
+fn rate_limited(state: &super::rate::RateState, retry: u64) -> Response {
+    let limit = state.limit;
+    let body = format!(
+        r#"{{"error":{{"code":"rate_limited","message":"past the rate limit (bursts of {limit}); retry in {retry} s"}}}}"#
+    );
+    let mut resp = (StatusCode::TOO_MANY_REQUESTS, body).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::RETRY_AFTER, super::rate::number(retry));
+    state.write_headers(h);
+    resp
 }
 
 /// The hidden detail of a 500, for the log.

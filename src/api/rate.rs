@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::DefaultClock;
 use governor::middleware::StateInformationMiddleware;
 use governor::{Quota, RateLimiter};
 
@@ -104,14 +104,27 @@ impl RateState {
     /// Writes the `RateLimit-Limit`, `RateLimit-Remaining` and
     /// `RateLimit-Reset` headers.
     pub fn write_headers(&self, headers: &mut axum::http::HeaderMap) {
-        use axum::http::{HeaderName, HeaderValue};
+        use axum::http::HeaderName;
         static LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
         static REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
         static RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
-        headers.insert(LIMIT.clone(), HeaderValue::from(self.limit));
-        headers.insert(REMAINING.clone(), HeaderValue::from(self.remaining));
-        headers.insert(RESET.clone(), HeaderValue::from(self.reset_secs));
+        headers.insert(LIMIT.clone(), number(u64::from(self.limit)));
+        headers.insert(REMAINING.clone(), number(u64::from(self.remaining)));
+        headers.insert(RESET.clone(), number(self.reset_secs));
     }
+}
+
+/// A header value of `n`: numbers below 1024 (nearly every limit, count
+/// and wait) come from a table made once, so a refusal allocates none.
+pub fn number(n: u64) -> axum::http::HeaderValue {
+    use axum::http::HeaderValue;
+    static SMALL: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
+    let small = SMALL.get_or_init(|| (0..1024u64).map(HeaderValue::from).collect());
+    usize::try_from(n)
+        .ok()
+        .and_then(|i| small.get(i))
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from(n))
 }
 
 /// The outcome of one request's check.
@@ -234,7 +247,9 @@ impl RateLimits {
         let Some(rate) = own.or(self.default) else {
             return Verdict::Unlimited;
         };
-        let now = self.now_ms();
+        // One clock read serves the bucket's use stamp and the wait.
+        let instant = Instant::now();
+        let now = self.ms_at(instant);
         let bucket = if anonymous {
             let ip = client.unwrap_or(IpAddr::from([0, 0, 0, 0]));
             self.clients.get(&ip, rate, now)
@@ -257,7 +272,7 @@ impl RateLimits {
             }
             Err(not_until) => {
                 self.refused.fetch_add(1, Ordering::Relaxed);
-                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                let wait = not_until.wait_time_from(instant);
                 Verdict::Refused {
                     state: RateState {
                         limit,
@@ -292,8 +307,8 @@ impl RateLimits {
         self.principals.map.clear();
     }
 
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    fn ms_at(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
     }
 
     fn refuse_untracked(&self, rate: Rate) -> Verdict {
