@@ -17,8 +17,10 @@
 
 mod cluster;
 mod exposed;
+mod open_loop;
 mod pair;
 mod procs;
+mod redis;
 mod report;
 mod select;
 mod watch;
@@ -26,6 +28,7 @@ mod wrk;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -299,6 +302,14 @@ fn main() {
         row.finish();
         rows.push(row);
     }
+    // Latency at a fixed rate, open loop: against the floor at 50% and
+    // 70% of its most GETs per second, and a 90/10 GET/PUT mix on a
+    // periodic table against larder's own pure GETs.
+    let latency = if chosen("latency") {
+        latency_rows(&opts, ceiling.addr, addr, fixed.rps.max(scripted.rps))
+    } else {
+        Vec::new()
+    };
     drop(ceiling);
 
     // Exactly-once retries on a sync table cost the record and its check:
@@ -448,6 +459,7 @@ fn main() {
             exposed,
             cluster,
             memory,
+            latency,
         },
     );
     report.print();
@@ -474,6 +486,67 @@ fn sync_counts(addr: SocketAddr, sync: bool) -> (f64, f64) {
         metric(addr, "larder_sync_writes_total"),
         metric(addr, "larder_writeback_rounds_total"),
     )
+}
+
+/// The open-loop rows (see [`open_loop`]): 16 connections, each run
+/// `rounds x duration` long.
+fn latency_rows(
+    opts: &Options,
+    floor: SocketAddr,
+    larder: SocketAddr,
+    floor_max: f64,
+) -> Vec<report::LatencyRow> {
+    const CONNECTIONS: usize = 16;
+    let d = opts.duration * opts.rounds.max(1) as u32;
+    let get_path = "/v1/tables/hits/entries/%K";
+    let gets = Arc::new(open_loop::requests(
+        "GET", get_path, None, opts.keys, 2000, key,
+    ));
+    let v = value100();
+    let periodic = "/v1/tables/periodic/entries/%K";
+    let mut mix = open_loop::requests("GET", periodic, None, opts.keys, 1800, key);
+    mix.extend(open_loop::requests(
+        "PUT",
+        periodic,
+        Some(&v),
+        opts.keys,
+        200,
+        key,
+    ));
+    let mix = Arc::new(mix);
+    let row = |name: String, baseline: &str, b: open_loop::Tail, l: open_loop::Tail, target| {
+        report::LatencyRow {
+            name,
+            baseline: baseline.to_owned(),
+            ratio: l.p99_us / b.p99_us.max(1.0),
+            baseline_tail: b,
+            larder_tail: l,
+            target,
+        }
+    };
+    let mut rows = Vec::new();
+    let mut larder_get_50 = None;
+    for (share, target) in [(0.5, 1.5), (0.7, 2.0)] {
+        let rate = floor_max * share;
+        eprintln!(
+            "latency: GET at {:.0}% of the floor ({rate:.0} req/s)…",
+            share * 100.0
+        );
+        let b = open_loop::run(floor, &gets, rate, CONNECTIONS, d);
+        let l = open_loop::run(larder, &gets, rate, CONNECTIONS, d);
+        if share == 0.5 {
+            larder_get_50 = Some(l);
+        }
+        let name = format!("GET hit at {:.0}% of the floor's max", share * 100.0);
+        rows.push(row(name, "floor GET", b, l, target));
+    }
+    if let Some(get) = larder_get_50 {
+        eprintln!("latency: 90% GET / 10% PUT on a periodic table…");
+        let l = open_loop::run(larder, &mix, get.rate, CONNECTIONS, d);
+        let name = "90% GET / 10% PUT, periodic, at 50%".to_owned();
+        rows.push(row(name, "larder pure GET at 50%", get, l, 2.0));
+    }
+    rows
 }
 
 /// larder against Webdis on GET, SET and INCR, same keys and value size.
@@ -537,9 +610,15 @@ fn peer_rows(opts: &Options, larder: SocketAddr, webdis: &Proc, scripts: &Path) 
 }
 
 /// Resident memory of 1M entries (16-byte keys, 100-byte values) in each
-/// persistence mode, after the load and after a restart.
+/// persistence mode, after the load and after a kill and restart, against
+/// Redis holding the same keys and values when it is installed.
 fn memory_rows(server: &Path, dir: &Path, entries: usize) -> Vec<MemoryRow> {
     let raw = (entries * (16 + 100)) as f64;
+    let value = value100();
+    let peer = redis::measure(dir, entries, key, &value);
+    if peer.is_none() {
+        eprintln!("redis-server not installed: memory and start-up rows without Redis");
+    }
     let mut rows = Vec::new();
     for mode in ["none", "periodic", "sync"] {
         eprintln!("memory: {entries} entries, {mode}…");
@@ -556,19 +635,26 @@ fn memory_rows(server: &Path, dir: &Path, entries: usize) -> Vec<MemoryRow> {
             let _ = http(larder.addr, "POST", "/v1/tables/m/sync", b"");
         }
         let loaded = larder.settled_rss();
+        let grown = loaded.saturating_sub(empty) as f64;
         let mut row = MemoryRow {
             mode,
             entries,
             raw_bytes: raw as u64,
-            after_load_ratio: (loaded.saturating_sub(empty)) as f64 / raw,
+            after_load_ratio: grown / raw,
+            bytes_per_entry: grown / entries as f64,
+            redis_bytes_per_entry: peer.map(|p| p.bytes_per_entry),
             after_restart_ratio: None,
             startup_ms: None,
+            redis_rdb_load_ms: None,
         };
         if mode != "none" {
-            larder.terminate();
+            // Killed (the entries are on disk: the sync above), then
+            // timed from the start until /readyz answers 200.
+            drop(larder);
             let started = Instant::now();
             let again = procs::start_larder(server, &data, &[]);
             row.startup_ms = Some(started.elapsed().as_millis() as u64);
+            row.redis_rdb_load_ms = peer.map(|p| p.rdb_load_ms);
             let fresh = procs::start_larder(server, &dir.join(format!("memory-{mode}-empty")), &[]);
             create(
                 fresh.addr,

@@ -50,14 +50,6 @@ impl Proc {
             last = now;
         }
     }
-
-    /// SIGTERM, then waits for the exit.
-    pub fn terminate(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
 }
 
 /// Starts `bin` with `args` and reads its address from the first stdout

@@ -109,10 +109,16 @@ pub struct MemoryRow {
     pub raw_bytes: u64,
     /// Growth of resident memory over the raw bytes, after the load.
     pub after_load_ratio: f64,
+    /// Resident growth per entry after the load, bytes.
+    pub bytes_per_entry: f64,
+    /// The same for redis-server given the same SETs, when installed.
+    pub redis_bytes_per_entry: Option<f64>,
     /// The same for a restarted server that loaded the entries from disk.
     pub after_restart_ratio: Option<f64>,
-    /// Time from start to ready with the entries on disk.
+    /// Time from start to ready with the entries on disk, after a kill.
     pub startup_ms: Option<u64>,
+    /// Time redis-server took to load an RDB of the same entries.
+    pub redis_rdb_load_ms: Option<u64>,
 }
 
 /// Everything a run measured.
@@ -139,6 +145,21 @@ pub struct Report {
     pub exposed: Vec<PairRow>,
     pub cluster: Option<ClusterReport>,
     pub memory: Vec<MemoryRow>,
+    /// Open-loop latency percentiles against the floor's, or larder's own.
+    pub latency: Vec<LatencyRow>,
+}
+
+/// One latency row: p99 at a fixed rate against a baseline's p99.
+#[derive(Debug, Serialize)]
+pub struct LatencyRow {
+    pub name: String,
+    pub baseline: String,
+    pub baseline_tail: crate::open_loop::Tail,
+    pub larder_tail: crate::open_loop::Tail,
+    /// larder's p99 over the baseline's.
+    pub ratio: f64,
+    /// The most `ratio` may be.
+    pub target: f64,
 }
 
 /// The measured sections of a run.
@@ -154,12 +175,19 @@ pub struct Sections {
     pub exposed: Vec<PairRow>,
     pub cluster: Option<ClusterReport>,
     pub memory: Vec<MemoryRow>,
+    pub latency: Vec<LatencyRow>,
 }
 
 /// Memory a durable table may take, as a multiple of the raw bytes.
 const MEMORY_TARGET: f64 = 3.0;
 /// Longest start-up with the entries on disk, milliseconds.
 const STARTUP_TARGET_MS: u64 = 5_000;
+/// Bytes per entry of a `none` table over Redis's, at most.
+const MEMORY_VS_REDIS_NONE: f64 = 0.9;
+/// Bytes per entry of a `periodic` or `sync` table over Redis's, at most.
+const MEMORY_VS_REDIS_DURABLE: f64 = 1.2;
+/// Start-up after a kill over Redis's RDB load of the same entries, at most.
+const STARTUP_VS_REDIS: f64 = 1.5;
 
 impl Report {
     pub fn new(opts: &Options, fixed: Run, scripted: Run, sections: Sections) -> Report {
@@ -174,6 +202,7 @@ impl Report {
             exposed,
             cluster,
             memory,
+            latency,
         } = sections;
         Report {
             machine: machine(),
@@ -193,6 +222,7 @@ impl Report {
             exposed,
             cluster,
             memory,
+            latency,
         }
     }
 
@@ -305,7 +335,11 @@ impl Report {
         if let Some(cluster) = &self.cluster {
             print_cluster(cluster);
         }
+        if !self.latency.is_empty() {
+            print_latency(&self.latency);
+        }
         if !self.memory.is_empty() {
+            print_against_redis(&self.memory);
             println!();
             println!(
                 "| memory, {} entries | after load | after restart | start-up | |",
@@ -329,6 +363,73 @@ impl Report {
                 );
             }
         }
+    }
+}
+
+/// Open-loop percentiles, microseconds, and the p99 ratio with its target.
+fn print_latency(rows: &[LatencyRow]) {
+    println!();
+    println!("| latency, 16 connections, fixed rate | req/s | baseline | p50 / p99 / p99.9 | larder p50 / p99 / p99.9 | p99 ratio | target | |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let pcts = |t: &crate::open_loop::Tail| {
+        let mut s = format!("{:.0} / {:.0} / {:.0} µs", t.p50_us, t.p99_us, t.p999_us);
+        if t.errors > 0 {
+            s.push_str(&format!(", {} errors", t.errors));
+        }
+        s
+    };
+    for r in rows {
+        println!(
+            "| {} | {:.0} | {} | {} | {} | {:.2} | <= {:.1} | {} |",
+            r.name,
+            r.larder_tail.rate,
+            r.baseline,
+            pcts(&r.baseline_tail),
+            pcts(&r.larder_tail),
+            r.ratio,
+            r.target,
+            mark(r.ratio <= r.target && r.larder_tail.errors == 0),
+        );
+    }
+}
+
+/// Bytes per entry against Redis (none ≤ 0.9x, durable ≤ 1.2x) and
+/// start-up after a kill against Redis loading its RDB (≤ 1.5x).
+fn print_against_redis(rows: &[MemoryRow]) {
+    if rows.iter().all(|m| m.redis_bytes_per_entry.is_none()) {
+        return;
+    }
+    println!();
+    println!("| {} entries | larder B/entry | Redis B/entry | ratio | target | start-up | Redis RDB load | ratio | target |", rows[0].entries);
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for m in rows {
+        let Some(redis) = m.redis_bytes_per_entry else {
+            continue;
+        };
+        let target = if m.mode == "none" {
+            MEMORY_VS_REDIS_NONE
+        } else {
+            MEMORY_VS_REDIS_DURABLE
+        };
+        let ratio = m.bytes_per_entry / redis.max(1.0);
+        let (startup, load, start_ratio, start_mark) = match (m.startup_ms, m.redis_rdb_load_ms) {
+            (Some(s), Some(r)) => {
+                let q = s as f64 / r.max(1) as f64;
+                (
+                    format!("{s} ms"),
+                    format!("{r} ms"),
+                    format!("{q:.2}"),
+                    format!("<= {STARTUP_VS_REDIS:.1} {}", mark(q <= STARTUP_VS_REDIS)),
+                )
+            }
+            _ => ("-".into(), "-".into(), "-".into(), "-".into()),
+        };
+        println!(
+            "| {} | {:.0} | {redis:.0} | {ratio:.2} | <= {target:.1} {} | {startup} | {load} | {start_ratio} | {start_mark} |",
+            m.mode,
+            m.bytes_per_entry,
+            mark(ratio <= target),
+        );
     }
 }
 

@@ -115,10 +115,38 @@ fn the_benchmark_runs_end_to_end() {
     } else {
         eprintln!("no PostgreSQL installed: the cluster rows were skipped");
     }
+    let latency = report["latency"].as_array().expect("latency rows");
+    assert_eq!(latency.len(), 3, "{latency:?}");
+    for row in latency {
+        for side in ["baseline_tail", "larder_tail"] {
+            let t = &row[side];
+            assert!(t["samples"].as_u64().unwrap() > 0, "{row}");
+            assert_eq!(t["errors"], 0, "{row}");
+            assert!(
+                t["p99_us"].as_f64().unwrap() >= t["p50_us"].as_f64().unwrap(),
+                "{row}"
+            );
+        }
+    }
     let memory = report["memory"].as_array().unwrap();
     assert_eq!(memory.len(), 3);
     for m in memory {
         assert!(m["after_load_ratio"].as_f64().is_some(), "{m}");
+        assert!(m["bytes_per_entry"].as_f64().is_some(), "{m}");
     }
     assert!(memory[1]["startup_ms"].as_u64().is_some());
+    // Redis is the peer of the memory and start-up rows where it is
+    // installed (the benchmark's setup installs it; CI does not need it).
+    let redis = std::process::Command::new("which")
+        .arg("redis-server")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if redis {
+        for m in memory {
+            assert!(m["redis_bytes_per_entry"].as_f64().unwrap() > 0.0, "{m}");
+        }
+        assert!(memory[2]["redis_rdb_load_ms"].as_u64().is_some());
+    } else {
+        eprintln!("redis-server not installed: the memory rows ran without Redis");
+    }
 }

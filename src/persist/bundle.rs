@@ -209,8 +209,9 @@ impl Locator {
         indexed
     }
 
-    /// Whether `table` could index `count` more records now (the hashes
-    /// may still collide: [`Locator::insert_all`] has the last word).
+    /// Whether the index has room for `count` more records now (their
+    /// hashes may still be held: [`Locator::insert_all`] has the last
+    /// word).
     pub fn has_room(&self, count: usize) -> bool {
         self.entries.load(Ordering::Relaxed) + count <= self.max_entries.load(Ordering::Relaxed)
     }
