@@ -507,7 +507,8 @@ async fn the_kernel_sees_write_then_fsync_of_that_file_then_the_answer() {
         .unwrap();
     assert_eq!(created.status(), 201);
     // Small values go to sled's log; values past its blob threshold to
-    // files of their own.
+    // files of their own. Every other write carries an Idempotency-Key:
+    // its answer waits for the flush of its change and its record.
     let big = "b".repeat(300_000);
     let mut sent = Vec::new();
     for i in 0..12 {
@@ -517,12 +518,13 @@ async fn the_kernel_sees_write_then_fsync_of_that_file_then_the_answer() {
         } else {
             json!(i)
         };
-        let r = http
+        let mut put = http
             .put(server.entry_url("s", &key))
-            .body(value.to_string())
-            .send()
-            .await
-            .unwrap();
+            .body(value.to_string());
+        if i % 2 == 1 {
+            put = put.header("idempotency-key", format!("fsync-{i}"));
+        }
+        let r = put.send().await.unwrap();
         assert_eq!(r.status(), 201);
         sent.push(key);
     }
