@@ -68,10 +68,7 @@ pub fn run(
                     if intended > now {
                         std::thread::sleep(intended - now);
                     }
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    let req = &requests[(rng % requests.len() as u64) as usize];
+                    let req = &requests[(xorshift(&mut rng) % requests.len() as u64) as usize];
                     let answered = conn
                         .as_mut()
                         .ok_or(())
@@ -112,6 +109,15 @@ pub fn run(
         p99_us: pct(0.99),
         p999_us: pct(0.999),
     }
+}
+
+/// The next number of a xorshift generator: cheap, and the same sequence
+/// on every run.
+fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
 }
 
 fn connect(addr: SocketAddr) -> Option<BufReader<TcpStream>> {
@@ -167,10 +173,10 @@ pub fn requests(
     let mut rng = 0x2545_F491_4F6C_DD1Du64;
     (0..count)
         .map(|_| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            let p = path.replace("%K", &key((rng % keys.max(1) as u64) as usize));
+            let p = path.replace(
+                "%K",
+                &key((xorshift(&mut rng) % keys.max(1) as u64) as usize),
+            );
             let mut r = format!("{method} {p} HTTP/1.1\r\nHost: bench\r\n");
             if let Some(b) = body {
                 r.push_str(&format!(

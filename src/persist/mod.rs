@@ -779,7 +779,8 @@ impl Durability {
         let inner = &self.inner;
         for table in inner.store.persistent_tables() {
             let name = table.name();
-            let mut gone: Vec<(u64, Vec<u8>)> = Vec::new();
+            // Expired bundles, with the ids they index.
+            let mut gone: Vec<(u64, Vec<Vec<u8>>)> = Vec::new();
             inner
                 .engine
                 .for_each_prefixed(name, bundle::BUNDLE_KEY_PREFIX, &mut |k, v| {
@@ -791,7 +792,7 @@ impl Durability {
                         return Ok(());
                     };
                     if b.expires_at < now {
-                        gone.push((n, v.to_vec()));
+                        gone.push((n, b.records.iter().map(|(id, _)| id.to_vec()).collect()));
                     } else if let Some(rebuild) = rebuild {
                         for (id, _) in &b.records {
                             rebuild.keep(id);
@@ -808,12 +809,11 @@ impl Durability {
                 .collect();
             inner.engine.write(name, erase)?;
             inner.records_dirty.store(true, Ordering::Release);
-            for (n, bytes) in &gone {
-                if let Ok(b) = bundle::decode(bytes) {
-                    let ids = b.records.iter().map(|(id, _)| *id);
-                    let unindexed = inner.locator.remove_all(name, ids, *n);
-                    self.count_index(-(unindexed as i64));
-                }
+            for (n, ids) in &gone {
+                let unindexed = inner
+                    .locator
+                    .remove_all(name, ids.iter().map(Vec::as_slice), *n);
+                self.count_index(-(unindexed as i64));
             }
         }
         Ok(())
