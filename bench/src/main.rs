@@ -148,12 +148,14 @@ fn fill_with(addr: SocketAddr, table: &str, n: usize, object: impl Fn(usize) -> 
     }
 }
 
-/// One row: a workload, its target ratio, and whether it counts fsyncs.
+/// One row: a workload, its target ratio, whether it counts fsyncs, and
+/// its connections when not `--connections`.
 struct Spec {
     name: &'static str,
     target: f64,
     workload: Workload,
     sync: bool,
+    connections: Option<usize>,
 }
 
 fn specs(keys: usize) -> Vec<Spec> {
@@ -163,6 +165,7 @@ fn specs(keys: usize) -> Vec<Spec> {
         target,
         workload: Workload::new(method, path, body, keys),
         sync,
+        connections: None,
     };
     vec![
         row("noop (middleware only)", 0.90, "GET", "/noop", None, false),
@@ -192,12 +195,24 @@ fn specs(keys: usize) -> Vec<Spec> {
         ),
         row(
             "PUT replace, sync",
-            0.30,
+            0.50,
             "PUT",
             "/v1/tables/sync/entries/%K",
             Some(&v),
             true,
         ),
+        // More writers per fsync: group commit's other operating point.
+        Spec {
+            connections: Some(256),
+            ..row(
+                "PUT replace, sync, 256 connections",
+                0.70,
+                "PUT",
+                "/v1/tables/sync/entries/%K",
+                Some(&v),
+                true,
+            )
+        },
         row(
             "counter, 10k keys",
             0.80,
@@ -286,6 +301,7 @@ fn main() {
         let script = spec.workload.save(&scripts, &slug(spec.name));
         let mut row = Row::new(spec.name, spec.target);
         let (mut writes, mut flushes) = (0.0, 0.0);
+        let c = spec.connections.unwrap_or(c);
         for round in 0..opts.rounds {
             eprintln!("{} (round {}/{})…", spec.name, round + 1, opts.rounds);
             row.ceiling
