@@ -120,8 +120,10 @@ async fn a_directory_from_a_newer_larder_is_refused_untouched() {
     assert_eq!(format_version(&data), 99, "not rewritten");
 }
 
-#[tokio::test]
-async fn a_corrupt_record_stops_start_up_with_a_clear_error() {
+/// Starts a server on a data directory (current format) holding one
+/// `sync` table `t` with `entries` stored as given, and returns the error
+/// start-up fails with.
+async fn start_up_error_with(entries: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> String {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     {
@@ -134,12 +136,7 @@ async fn a_corrupt_record_stops_start_up_with_a_clear_error() {
         engine
             .put_table_def("t", &StoredTable::of(&spec).encode())
             .unwrap();
-        engine
-            .write(
-                "t",
-                vec![(b"k".to_vec(), Some(b"\x02\x00garbage".to_vec()))],
-            )
-            .unwrap();
+        engine.write("t", entries).unwrap();
         engine.flush().unwrap();
     }
     let app = App::build(Config::for_tests(&data)).await.unwrap();
@@ -147,9 +144,29 @@ async fn a_corrupt_record_stops_start_up_with_a_clear_error() {
         .run_until_stopped(std::future::pending())
         .await
         .expect_err("recovery fails");
-    let msg = err.to_string();
+    err.to_string()
+}
+
+#[tokio::test]
+async fn a_corrupt_record_stops_start_up_with_a_clear_error() {
+    let msg = start_up_error_with(vec![(b"k".to_vec(), Some(b"\x02\x00garbage".to_vec()))]).await;
     assert!(
         msg.contains("corrupt") && msg.contains("table 't'"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn a_corrupt_record_among_many_is_the_error_start_up_reports() {
+    // Entries are read on one thread and decoded on another: when the
+    // decoding side fails first, reading stops, and the error named is
+    // the decoding one, with its key. 400 KB of entries, several batches
+    // of the reading side; the first in key order is the corrupt one.
+    let mut entries = vec![(b"a".to_vec(), Some(b"\x02\x00garbage".to_vec()))];
+    entries.extend((0..4000).map(|i| (format!("k{i:05}").into_bytes(), Some(vec![0xff; 100]))));
+    let msg = start_up_error_with(entries).await;
+    assert!(
+        msg.contains("corrupt") && msg.contains("table 't', key 'a'"),
         "{msg}"
     );
 }

@@ -148,13 +148,13 @@ impl Table {
 
     /// Puts a key read back from disk into the table, without marking it
     /// dirty. Keys already present are replaced.
-    pub fn load_slot(&self, key: &str, slot: Slot) {
+    pub fn load_slot(&self, key: Key, slot: Slot) {
         let now = self.now();
         if slot.is_expired(now) || slot.objects().count() == 0 {
             return;
         }
         let count = slot.objects().count() as i64;
-        match self.map.entry(Key::from(key)) {
+        match self.map.entry(key) {
             MapEntry::Vacant(v) => {
                 self.size.fetch_add(count, Ordering::Relaxed);
                 self.place_vacant(v, slot);
