@@ -79,6 +79,9 @@ pub enum PersistError {
     /// Stored bytes are not what we wrote.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// Start-up's loading thread could not start or stopped abnormally.
+    #[error("loading the stored tables failed: {0}")]
+    Load(String),
     /// The data directory was written by a newer larder.
     #[error("its format version is {found}, and this larder understands versions up to {supported}; refusing to touch it")]
     TooNew {

@@ -102,7 +102,7 @@ impl<'scope> Loader<'scope> {
                 }
                 Ok(loaded)
             })
-            .map_err(|e| PersistError::Corrupt(format!("cannot start a loading thread: {e}")))?;
+            .map_err(|e| PersistError::Load(format!("cannot start a thread: {e}")))?;
         Ok(Loader {
             batch: Batch::default(),
             to_loader,
@@ -133,8 +133,19 @@ impl<'scope> Loader<'scope> {
         drop(to_loader);
         loader
             .join()
-            .unwrap_or_else(|_| Err(PersistError::Corrupt("the loading thread panicked".into())))
+            .unwrap_or_else(|_| Err(PersistError::Load("the loading thread panicked".into())))
     }
+}
+
+/// What reading a table's idempotency records found: bundled records
+/// the index cannot take (to be stored alone) and bundles whose records
+/// have all expired (to be removed), the highest bundle number, and how
+/// many records the index took.
+#[derive(Default)]
+struct Records {
+    rewrite: Vec<Change>,
+    max_bundle: u64,
+    indexed: i64,
 }
 
 /// What recovery loaded.
@@ -182,49 +193,14 @@ impl Durability {
                 .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
                 .map_or(0, u64::from_be_bytes);
             max_version = max_version.max(cleared);
-            // Bundled records the index cannot take, to be stored alone,
-            // and bundles whose records have all expired, to be removed.
-            let mut unindexed: Vec<super::engine::Change> = Vec::new();
-            let mut max_bundle = 0;
-            let mut indexed = 0;
+            let mut records = Records::default();
             let (read, loaded) = std::thread::scope(|scope| {
                 let mut loader = Loader::start(scope, &table, (cleared, now))?;
                 let read = inner.engine.for_each(&name, &mut |k, v| {
-                    if let Some(n) = super::bundle::bundle_number(k) {
-                        max_bundle = max_bundle.max(n);
-                        let b = super::bundle::decode(v)
-                            .map_err(|e| PersistError::Corrupt(format!("table '{name}': {e}")))?;
-                        if b.expires_at < now {
-                            unindexed.push((k.to_vec(), None));
-                            return Ok(());
-                        }
-                        let ids = b.records.iter().map(|(id, _)| *id);
-                        let taken = inner.locator.insert_all(&name, ids, n);
-                        for ((id, record), taken) in b.records.iter().zip(taken) {
-                            inner.record_filter.insert(id);
-                            if taken {
-                                indexed += 1;
-                            } else {
-                                unindexed.push((
-                                    [super::RECORD_KEY_PREFIX, id].concat(),
-                                    Some(record.to_vec()),
-                                ));
-                            }
-                        }
-                        return Ok(());
-                    }
-                    // Idempotency records live beside the entries (see
-                    // `record_key`); they are read when a retry asks, and the
-                    // filter learns which exist.
-                    if let Some(id) = k.strip_prefix(super::RECORD_KEY_PREFIX) {
-                        // A retry with this key must look on disk.
-                        inner.record_filter.insert(id);
-                        return Ok(());
-                    }
-                    if loader.push(k, v) {
+                    if self.read_record(&name, (k, v), now, &mut records)? || loader.push(k, v) {
                         Ok(())
                     } else {
-                        Err(PersistError::Corrupt(format!(
+                        Err(PersistError::Load(format!(
                             "table '{name}': loading stopped"
                         )))
                     }
@@ -239,6 +215,11 @@ impl Durability {
             } = loaded?;
             read?;
             max_version = max_version.max(loaded_max);
+            let Records {
+                rewrite: unindexed,
+                max_bundle,
+                indexed,
+            } = records;
             report.expired += expired.len() as u64;
             if !expired.is_empty() {
                 inner.engine.write(&name, expired)?;
@@ -282,5 +263,48 @@ impl Durability {
             "recovery complete"
         );
         Ok(report)
+    }
+
+    /// Takes in an idempotency record or bundle read back from table
+    /// `name`; false when `(k, v)` is an entry instead. Records stay on
+    /// disk, read when a retry asks: the filter learns which exist, and
+    /// the index where each bundled one is.
+    fn read_record(
+        &self,
+        name: &str,
+        (k, v): (&[u8], &[u8]),
+        now: u64,
+        found: &mut Records,
+    ) -> Result<bool, PersistError> {
+        let inner = &self.inner;
+        if let Some(id) = k.strip_prefix(super::RECORD_KEY_PREFIX) {
+            // A retry with this key must look on disk.
+            inner.record_filter.insert(id);
+            return Ok(true);
+        }
+        let Some(n) = super::bundle::bundle_number(k) else {
+            return Ok(false);
+        };
+        found.max_bundle = found.max_bundle.max(n);
+        let b = super::bundle::decode(v)
+            .map_err(|e| PersistError::Corrupt(format!("table '{name}': {e}")))?;
+        if b.expires_at < now {
+            found.rewrite.push((k.to_vec(), None));
+            return Ok(true);
+        }
+        let ids = b.records.iter().map(|(id, _)| *id);
+        let taken = inner.locator.insert_all(name, ids, n);
+        for ((id, record), taken) in b.records.iter().zip(taken) {
+            inner.record_filter.insert(id);
+            if taken {
+                found.indexed += 1;
+            } else {
+                found.rewrite.push((
+                    [super::RECORD_KEY_PREFIX, id].concat(),
+                    Some(record.to_vec()),
+                ));
+            }
+        }
+        Ok(true)
     }
 }
