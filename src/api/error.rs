@@ -412,21 +412,45 @@ impl IntoResponse for ApiError {
 }
 
 /// A 429: built apart from the other errors, since refusing is all a
-/// flood past the limit gets and must cost little (a body formatted once,
-/// header values of small numbers shared, not allocated).
+/// flood past the limit gets and must cost little. Each worker thread
+/// keeps the last refusal it built (body and headers, which depend only on
+/// the burst, the reset and the wait) and answers a flood with copies.
 fn rate_limited(state: &super::rate::RateState, retry: u64) -> Response {
-    let limit = state.limit;
-    let body = format!(
-        r#"{{"error":{{"code":"rate_limited","message":"past the rate limit (bursts of {limit}); retry in {retry} s"}}}}"#
-    );
-    let mut resp = (StatusCode::TOO_MANY_REQUESTS, body).into_response();
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    h.insert(header::RETRY_AFTER, super::rate::number(retry));
-    state.write_headers(h);
+    use axum::http::HeaderMap;
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(super::rate::RateState, u64, bytes::Bytes, HeaderMap)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let build = || {
+        let limit = state.limit;
+        let body = bytes::Bytes::from(format!(
+            r#"{{"error":{{"code":"rate_limited","message":"past the rate limit (bursts of {limit}); retry in {retry} s"}}}}"#
+        ));
+        let mut h = HeaderMap::with_capacity(6);
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(header::RETRY_AFTER, super::rate::number(retry));
+        state.write_headers(&mut h);
+        (body, h)
+    };
+    let (body, headers) = LAST.with(|last| {
+        let Ok(mut last) = last.try_borrow_mut() else {
+            return build();
+        };
+        match &*last {
+            Some((s, r, body, h)) if s == state && *r == retry => (body.clone(), h.clone()),
+            _ => {
+                let (body, h) = build();
+                *last = Some((*state, retry, body.clone(), h.clone()));
+                (body, h)
+            }
+        }
+    });
+    let mut resp = Response::new(axum::body::Body::from(body));
+    *resp.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    *resp.headers_mut() = headers;
     resp
 }
 

@@ -447,7 +447,6 @@ fn admit(shared: &Shared, req: &Request, class: RouteClass) -> Result<Let, ApiEr
         ));
     }
     let probe = path == "/healthz" || path == "/readyz";
-    let needs_auth = api || path == "/metrics";
     if !probe && !state.limits.try_enter() {
         return Err(ApiError::Unavailable(
             "too many requests in flight; retry shortly".into(),
@@ -455,17 +454,42 @@ fn admit(shared: &Shared, req: &Request, class: RouteClass) -> Result<Let, ApiEr
     }
     let counted = !probe;
     let bearer = req.headers().get(header::AUTHORIZATION);
-    let who = match req.extensions().get::<ClientName>() {
-        Some(client) => state.tokens.authenticate_client(bearer, client),
-        None => state.tokens.authenticate(bearer),
+    let decide = |who: Result<&Principal, ApiError>| decide(shared, req, class, counted, who);
+    match req.extensions().get::<ClientName>() {
+        Some(client) => decide(
+            state
+                .tokens
+                .authenticate_client(bearer, client)
+                .as_ref()
+                .map_err(Clone::clone),
+        ),
+        None => state.tokens.with_caller(bearer, decide),
+    }
+}
+
+/// What becomes of a request once its caller is known (or known to be
+/// nobody): the read-only and rate-limit checks, on `/v1` routes.
+fn decide(
+    shared: &Shared,
+    req: &Request,
+    class: RouteClass,
+    counted: bool,
+    who: Result<&Principal, ApiError>,
+) -> Result<Let, ApiError> {
+    let state = &shared.state;
+    let path = req.uri().path();
+    let api = path.starts_with("/v1/");
+    let needs_auth = api || path == "/metrics";
+    let leave = || {
+        if counted {
+            state.limits.leave();
+        }
     };
     match who {
         // A read-only token may use reads only (API.md's read, write and
         // manage classes), whatever the table's access allows.
         Ok(who) if who.read_only && api && class.changes() => {
-            if counted {
-                state.limits.leave();
-            }
+            leave();
             Err(ApiError::Forbidden(format!(
                 "the token of principal '{}' is read-only",
                 who.name
@@ -478,34 +502,30 @@ fn admit(shared: &Shared, req: &Request, class: RouteClass) -> Result<Let, ApiEr
             match state.rates.check(&who.name, who.rate, peer()) {
                 Verdict::Unlimited => Ok(Let {
                     counted,
-                    principal: Some(who),
+                    principal: Some(who.clone()),
                     rate: None,
                 }),
                 Verdict::Allowed(rate) => Ok(Let {
                     counted,
-                    principal: Some(who),
+                    principal: Some(who.clone()),
                     rate: Some(rate),
                 }),
                 Verdict::Refused {
                     state: rate,
                     retry_after_secs,
                 } => {
-                    if counted {
-                        state.limits.leave();
-                    }
+                    leave();
                     Err(ApiError::RateLimited(rate, retry_after_secs))
                 }
             }
         }
         Ok(who) => Ok(Let {
             counted,
-            principal: Some(who),
+            principal: Some(who.clone()),
             rate: None,
         }),
         Err(e) if needs_auth => {
-            if counted {
-                state.limits.leave();
-            }
+            leave();
             Err(e)
         }
         Err(_) => Ok(Let {

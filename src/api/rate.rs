@@ -11,10 +11,11 @@
 //! room is needed. When every tracked address is recent, a new address is
 //! refused (429) rather than let past the limit.
 
+use std::cell::RefCell;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,8 @@ use dashmap::DashMap;
 use governor::clock::DefaultClock;
 use governor::middleware::StateInformationMiddleware;
 use governor::{Quota, RateLimiter};
+
+use crate::stripe::Striped;
 
 /// A rate: `per_second` requests per second on average, at most `burst`
 /// at once.
@@ -87,6 +90,21 @@ struct Bucket {
     limiter: Limiter,
     /// When it was last used, in ms since the limits were made.
     last_used: AtomicU64,
+    /// Set once the bucket has left its map (pruned, replaced, or reset
+    /// by a reload): a thread's memo of it is then stale.
+    retired: AtomicBool,
+}
+
+/// The last principal's bucket a worker thread used, so that a flood from
+/// one principal finds its bucket without the map's shared lock.
+struct LastBucket {
+    limits: u64,
+    name: Arc<str>,
+    bucket: Arc<Bucket>,
+}
+
+thread_local! {
+    static LAST_BUCKET: RefCell<Option<LastBucket>> = const { RefCell::new(None) };
 }
 
 /// What the `RateLimit-*` headers of an answer say.
@@ -116,10 +134,30 @@ impl RateState {
 
 /// A header value of `n`: numbers below 1024 (nearly every limit, count
 /// and wait) come from a table made once, so a refusal allocates none.
+/// The table's values point into one text kept for the life of the
+/// process: cloning such a value copies a pointer, where a value of
+/// shared bytes would count references on one cache line that every
+/// worker thread writes.
 pub fn number(n: u64) -> axum::http::HeaderValue {
     use axum::http::HeaderValue;
+    const SMALL_MAX: u64 = 1024;
     static SMALL: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
-    let small = SMALL.get_or_init(|| (0..1024u64).map(HeaderValue::from).collect());
+    let small = SMALL.get_or_init(|| {
+        let text: &'static str = Box::leak(
+            (0..SMALL_MAX)
+                .map(|i| i.to_string())
+                .collect::<String>()
+                .into_boxed_str(),
+        );
+        let mut rest = text;
+        (0..SMALL_MAX)
+            .map(|i| {
+                let (digits, after) = rest.split_at(i.to_string().len());
+                rest = after;
+                HeaderValue::from_static(digits)
+            })
+            .collect()
+    });
     usize::try_from(n)
         .ok()
         .and_then(|i| small.get(i))
@@ -151,7 +189,10 @@ pub struct RateLimits {
     principals: Buckets<Arc<str>>,
     clients: Buckets<IpAddr>,
     epoch: Instant,
-    refused: AtomicU64,
+    /// Spread over threads: a flood of refusals counts on every core.
+    refused: Striped<AtomicU64>,
+    /// Tells these limits' entries in a thread's memo from another's.
+    id: u64,
 }
 
 /// Buckets by caller, at most `max` of them.
@@ -178,6 +219,7 @@ impl<K: Eq + std::hash::Hash + Clone> Buckets<K> {
             if b.rate == rate {
                 return Some(b.clone());
             }
+            b.retired.store(true, Ordering::Release);
         }
         if self.map.len() >= self.max && !self.map.contains_key(key) {
             self.prune(now);
@@ -205,7 +247,11 @@ impl<K: Eq + std::hash::Hash + Clone> Buckets<K> {
         }
         self.map.retain(|_, b| {
             let idle = now.saturating_sub(b.last_used.load(Ordering::Relaxed));
-            u128::from(idle) < b.rate.refill().as_millis()
+            let keep = u128::from(idle) < b.rate.refill().as_millis();
+            if !keep {
+                b.retired.store(true, Ordering::Release);
+            }
+            keep
         });
     }
 }
@@ -236,7 +282,11 @@ impl RateLimits {
             principals: Buckets::new(max_clients),
             clients: Buckets::new(max_clients),
             epoch: Instant::now(),
-            refused: AtomicU64::new(0),
+            refused: Striped::default(),
+            id: {
+                static NEXT: AtomicU64 = AtomicU64::new(0);
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            },
         }
     }
 
@@ -250,16 +300,51 @@ impl RateLimits {
         // One clock read serves the bucket's use stamp and the wait.
         let instant = Instant::now();
         let now = self.ms_at(instant);
-        let bucket = if anonymous {
+        if anonymous {
             let ip = client.unwrap_or(IpAddr::from([0, 0, 0, 0]));
-            self.clients.get(&ip, rate, now)
-        } else {
-            self.principals.get(name, rate, now)
-        };
-        let Some(bucket) = bucket else {
-            return self.refuse_untracked(rate);
-        };
-        bucket.last_used.store(now, Ordering::Relaxed);
+            return match self.clients.get(&ip, rate, now) {
+                Some(bucket) => self.check_bucket(&bucket, rate, instant, now),
+                None => self.refuse_untracked(rate),
+            };
+        }
+        LAST_BUCKET.with(|last| {
+            let Ok(mut last) = last.try_borrow_mut() else {
+                return match self.principals.get(name, rate, now) {
+                    Some(bucket) => self.check_bucket(&bucket, rate, instant, now),
+                    None => self.refuse_untracked(rate),
+                };
+            };
+            let known = last.as_ref().is_some_and(|l| {
+                l.limits == self.id
+                    && *l.name == **name
+                    && l.bucket.rate == rate
+                    && !l.bucket.retired.load(Ordering::Acquire)
+            });
+            if !known {
+                let Some(bucket) = self.principals.get(name, rate, now) else {
+                    return self.refuse_untracked(rate);
+                };
+                *last = Some(LastBucket {
+                    limits: self.id,
+                    name: name.clone(),
+                    bucket,
+                });
+            }
+            match last.as_ref() {
+                Some(l) => self.check_bucket(&l.bucket, rate, instant, now),
+                None => self.refuse_untracked(rate),
+            }
+        })
+    }
+
+    /// One request against `bucket`, at `instant` (`now` in ms since the
+    /// limits were made).
+    fn check_bucket(&self, bucket: &Bucket, rate: Rate, instant: Instant, now: u64) -> Verdict {
+        // Written only when the millisecond changes: a flood from one
+        // caller would otherwise write this line from every core.
+        if bucket.last_used.load(Ordering::Relaxed) != now {
+            bucket.last_used.store(now, Ordering::Relaxed);
+        }
         let limit = rate.burst.get();
         match bucket.limiter.check() {
             Ok(snapshot) => {
@@ -271,7 +356,7 @@ impl RateLimits {
                 })
             }
             Err(not_until) => {
-                self.refused.fetch_add(1, Ordering::Relaxed);
+                self.refused.mine().fetch_add(1, Ordering::Relaxed);
                 let wait = not_until.wait_time_from(instant);
                 Verdict::Refused {
                     state: RateState {
@@ -287,7 +372,7 @@ impl RateLimits {
 
     /// Requests refused with 429 so far.
     pub fn refused(&self) -> u64 {
-        self.refused.load(Ordering::Relaxed)
+        self.refused.all().map(|n| n.load(Ordering::Relaxed)).sum()
     }
 
     /// Client addresses tracked now, and the most that may be.
@@ -304,7 +389,10 @@ impl RateLimits {
     /// Forgets the buckets of principals, so that rates changed by a
     /// reload of the tokens take effect at once.
     pub fn reset_principals(&self) {
-        self.principals.map.clear();
+        self.principals.map.retain(|_, b| {
+            b.retired.store(true, Ordering::Release);
+            false
+        });
     }
 
     fn ms_at(&self, at: Instant) -> u64 {
@@ -312,7 +400,7 @@ impl RateLimits {
     }
 
     fn refuse_untracked(&self, rate: Rate) -> Verdict {
-        self.refused.fetch_add(1, Ordering::Relaxed);
+        self.refused.mine().fetch_add(1, Ordering::Relaxed);
         Verdict::Refused {
             state: RateState {
                 limit: rate.burst.get(),
@@ -329,6 +417,7 @@ fn bucket(rate: Rate) -> Bucket {
         rate,
         limiter: RateLimiter::direct(rate.quota()).with_middleware::<StateInformationMiddleware>(),
         last_used: AtomicU64::new(0),
+        retired: AtomicBool::new(false),
     }
 }
 
@@ -350,6 +439,13 @@ fn ceil_secs(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn number_headers_read_as_their_numbers() {
+        for n in [0, 1, 9, 10, 99, 100, 1023, 1024, 86_400, u64::MAX] {
+            assert_eq!(number(n).to_str().unwrap(), n.to_string());
+        }
+    }
 
     fn rate(text: &str) -> Rate {
         text.parse().unwrap()
@@ -452,5 +548,38 @@ mod tests {
             Verdict::Refused { .. }
         ));
         assert_eq!(limits.principals(), 2);
+    }
+
+    #[test]
+    fn a_remembered_bucket_is_dropped_with_its_map_entry() {
+        let limits = RateLimits::new(Some(rate("1/1")), 10);
+        let alice: Arc<str> = "alice".into();
+        assert!(matches!(
+            limits.check(&alice, None, None),
+            Verdict::Allowed(_)
+        ));
+        assert!(matches!(
+            limits.check(&alice, None, None),
+            Verdict::Refused { .. }
+        ));
+        // A reload forgets the principals' buckets: this thread's memo of
+        // alice's must not outlive it.
+        limits.reset_principals();
+        assert!(matches!(
+            limits.check(&alice, None, None),
+            Verdict::Allowed(_)
+        ));
+        // A new rate for alice is a new bucket, not the remembered one.
+        assert!(matches!(
+            limits.check(&alice, Some(rate("5/5")), None),
+            Verdict::Allowed(RateState { limit: 5, .. })
+        ));
+        // Other limits in the same process have buckets of their own.
+        let other = RateLimits::new(Some(rate("1/1")), 10);
+        assert!(matches!(
+            other.check(&alice, None, None),
+            Verdict::Allowed(_)
+        ));
+        assert_eq!(limits.refused(), 1);
     }
 }

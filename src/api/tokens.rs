@@ -6,9 +6,10 @@
 //! constant time, and never logged. The set in force ([`TokenStore`]) is
 //! reloaded on `SIGHUP`, keeping the old set when the new file is refused.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI8, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use axum::http::HeaderValue;
@@ -278,6 +279,47 @@ pub struct TokenStore {
     /// Who every caller is when authentication is off; made once, so the
     /// request path only clones it.
     anonymous: Principal,
+    /// Tells this store's entries in a thread's memo from another's.
+    id: u64,
+    /// Bumped by every reload, after the new set is in force: a memo of
+    /// an older generation is stale.
+    generation: AtomicU64,
+}
+
+/// `Authorization` headers longer than this are checked afresh every time;
+/// shorter ones are remembered per thread (see [`TokenStore::with_caller`]).
+const MEMO_BYTES: usize = 128;
+
+/// The last caller a worker thread authenticated with a header of at most
+/// [`MEMO_BYTES`]: a keep-alive client sends the same header on every
+/// request, and answering it from here skips the digest and the shared
+/// lock that every thread would otherwise take.
+struct Recent {
+    store: u64,
+    generation: u64,
+    len: usize,
+    header: [u8; MEMO_BYTES],
+    principal: Principal,
+}
+
+impl Recent {
+    /// Whether `header` is the remembered one, in a time that depends on
+    /// neither (a fixed number of bytes compared, no early exit), since
+    /// the remembered header may be another client's token.
+    fn matches(&self, header: &[u8]) -> bool {
+        let mut padded = [0u8; MEMO_BYTES];
+        padded[..header.len()].copy_from_slice(header);
+        let mut differ = (self.len ^ header.len()) as u64;
+        for (a, b) in self.header.chunks_exact(8).zip(padded.chunks_exact(8)) {
+            let word = |c: &[u8]| u64::from_ne_bytes(c.try_into().unwrap_or([0; 8]));
+            differ |= word(a) ^ word(b);
+        }
+        std::hint::black_box(differ) == 0
+    }
+}
+
+thread_local! {
+    static RECENT: RefCell<Option<Box<Recent>>> = const { RefCell::new(None) };
 }
 
 impl std::fmt::Debug for TokenStore {
@@ -306,6 +348,11 @@ impl TokenStore {
             admin: admin.to_owned(),
             last_reload: AtomicI8::new(-1),
             anonymous: Principal::anonymous(),
+            id: {
+                static NEXT: AtomicU64 = AtomicU64::new(0);
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            },
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -352,6 +399,54 @@ impl TokenStore {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .authenticate(header)
+    }
+
+    /// Runs `f` with the caller an `Authorization` header names, as
+    /// [`TokenStore::authenticate`] finds it, lent rather than cloned. A
+    /// header this thread authenticated last, against the same set of
+    /// tokens, is answered from the thread's memo.
+    pub fn with_caller<R>(
+        &self,
+        header: Option<&HeaderValue>,
+        f: impl FnOnce(Result<&Principal, ApiError>) -> R,
+    ) -> R {
+        if !self.enabled() {
+            return f(Ok(&self.anonymous));
+        }
+        let bytes = header.map_or(&[][..], HeaderValue::as_bytes);
+        if header.is_none() || bytes.len() > MEMO_BYTES {
+            return f(self.authenticate(header).as_ref().map_err(Clone::clone));
+        }
+        // Read before the tokens: a reload in between leaves a memo that
+        // the next request finds stale.
+        let generation = self.generation.load(Ordering::Acquire);
+        RECENT.with(|recent| {
+            let Ok(mut recent) = recent.try_borrow_mut() else {
+                return f(self.authenticate(header).as_ref().map_err(Clone::clone));
+            };
+            let fresh = recent.as_ref().is_some_and(|r| {
+                r.store == self.id && r.generation == generation && r.matches(bytes)
+            });
+            if !fresh {
+                let principal = match self.authenticate(header) {
+                    Ok(p) => p,
+                    Err(e) => return f(Err(e)),
+                };
+                let mut remembered = [0u8; MEMO_BYTES];
+                remembered[..bytes.len()].copy_from_slice(bytes);
+                *recent = Some(Box::new(Recent {
+                    store: self.id,
+                    generation,
+                    len: bytes.len(),
+                    header: remembered,
+                    principal,
+                }));
+            }
+            match recent.as_deref() {
+                Some(r) => f(Ok(&r.principal)),
+                None => f(Err(ApiError::Unauthorized)),
+            }
+        })
     }
 
     /// The caller of a request on a mutual-TLS connection whose client
@@ -415,6 +510,7 @@ impl TokenStore {
                 let n = tokens.by_digest.len();
                 self.enabled.store(tokens.enabled(), Ordering::Release);
                 *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(tokens);
+                self.generation.fetch_add(1, Ordering::AcqRel);
                 self.last_reload.store(1, Ordering::Relaxed);
                 Ok(n)
             }
@@ -604,6 +700,38 @@ mod tests {
         assert!(store.reload().is_err());
         assert_eq!(store.last_reload(), Some(false));
         assert!(store.authenticate(Some(&bearer("carol-token-1"))).is_ok());
+    }
+
+    #[test]
+    fn a_remembered_caller_is_forgotten_by_a_reload_and_by_another_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tokens");
+        std::fs::write(&file, "alice:alice-token-1\n").unwrap();
+        let store = TokenStore::load(Some(&file), None, "admin").unwrap();
+        let other = TokenStore::load(None, Some("alice:other-token-1"), "admin").unwrap();
+        let bearer = |s: &str| HeaderValue::from_str(&format!("Bearer {s}")).unwrap();
+        let name = |store: &TokenStore, s: &str| {
+            store.with_caller(Some(&bearer(s)), |who| who.map(|p| p.name.to_string()))
+        };
+        // Twice on this thread: the second answer comes from the memo.
+        assert_eq!(name(&store, "alice-token-1").unwrap(), "alice");
+        assert_eq!(name(&store, "alice-token-1").unwrap(), "alice");
+        // Another store does not take this store's memo for its own.
+        assert!(name(&other, "alice-token-1").is_err());
+        assert_eq!(name(&store, "alice-token-1").unwrap(), "alice");
+        // A near miss of the remembered header is not it.
+        assert!(name(&store, "alice-token-2").is_err());
+        assert!(name(&store, "alice-token-").is_err());
+        assert_eq!(name(&store, "alice-token-1").unwrap(), "alice");
+        // A reload that removes the token makes the memo stale.
+        std::fs::write(&file, "carol:carol-token-1\n").unwrap();
+        assert_eq!(store.reload(), Ok(1));
+        assert!(name(&store, "alice-token-1").is_err());
+        assert_eq!(name(&store, "carol-token-1").unwrap(), "carol");
+        // Too long to remember: still checked, every time.
+        let long = "x".repeat(MEMO_BYTES);
+        assert!(name(&store, &long).is_err());
+        assert!(store.with_caller(None, |who| who.is_err()));
     }
 
     #[test]
