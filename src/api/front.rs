@@ -45,6 +45,7 @@ use std::time::{Duration, Instant};
 use axum::extract::Request;
 use axum::http::{header, HeaderName, HeaderValue, Method};
 use axum::response::{IntoResponse, Response};
+use futures_util::future::Either;
 use tower::Service;
 use tracing::Level;
 
@@ -172,8 +173,7 @@ where
                 if watched.is_some() {
                     close_after(&mut answer);
                 }
-                let answer: Served = Box::pin(std::future::ready(answer));
-                (false, None, answer)
+                (false, None, Either::Left(std::future::ready(answer)))
             }
             Ok(Let {
                 counted,
@@ -193,7 +193,7 @@ where
                     body,
                 };
                 let served = self.serve(req, request, &id, &method, debug);
-                (counted, name, served)
+                (counted, name, Either::Right(served))
             }
         };
         let admitted = Admitted { shared, counted };
@@ -255,7 +255,7 @@ where
         id: &HeaderValue,
         method: &Method,
         debug: bool,
-    ) -> Served {
+    ) -> impl Future<Output = Response> + Send + 'static {
         let route_index = request.route_index;
         let route = self.shared.routes.name(route_index);
         let span = if debug {
@@ -292,7 +292,8 @@ where
                     }
                 }
             };
-            return Box::pin(SCOPE.scope(scope, with_deadline(handler, limits, span)));
+            // Not boxed: the caller keeps it inside its own future.
+            return Either::Left(SCOPE.scope(scope, with_deadline(handler, limits, span)));
         };
         // A task of its own: if the client goes away, the write and its
         // record still complete, so the key is neither left in flight nor
@@ -317,7 +318,7 @@ where
             });
             with_deadline(served, limits, tracing::Span::none()).await
         })));
-        Box::pin(async move {
+        Either::Right(async move {
             match task.await {
                 Ok(resp) => resp,
                 Err(e) => {

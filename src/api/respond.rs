@@ -75,8 +75,7 @@ pub fn push_opt_u64(buf: &mut Vec<u8>, n: Option<u64>) {
 /// `{"key":k,"value":v,"ttl_ms":n}` for set types, `{"key":k,"values":[…],"ttl_ms":n}`
 /// for bag types.
 pub fn entry_body(key: &str, entry: &Entry) -> Vec<u8> {
-    let values_len: usize = entry.objects.values().map(|v| v.len() + 1).sum();
-    let mut buf = Vec::with_capacity(key.len() + values_len + 48);
+    let mut buf = Vec::with_capacity(entry_body_len(key, entry));
     buf.extend_from_slice(b"{\"key\":");
     push_str(&mut buf, key);
     match &entry.objects {
@@ -99,6 +98,31 @@ pub fn entry_body(key: &str, entry: &Entry) -> Vec<u8> {
     push_opt_u64(&mut buf, entry.ttl_ms);
     buf.push(b'}');
     buf
+}
+
+/// The length of [`entry_body`]'s answer, exact when the key needs no
+/// escapes (nearly always): a body whose length falls short of its
+/// capacity costs an allocation more when it becomes the answer's bytes.
+fn entry_body_len(key: &str, entry: &Entry) -> usize {
+    let key_len = match crate::store::string_end(key.as_bytes()) {
+        None => key.len() + 2,
+        // Escapes grow the key; room for some, and the rest by growing.
+        Some(_) => key.len() + 18,
+    };
+    let values = match &entry.objects {
+        Objects::One(v) => r#","value":"#.len() + v.len(),
+        Objects::Many(_) => {
+            let (count, bytes) = entry
+                .objects
+                .values()
+                .fold((0usize, 0usize), |(n, b), v| (n + 1, b + v.len()));
+            r#","values":[]"#.len() + bytes + count.saturating_sub(1)
+        }
+    };
+    let ttl = entry
+        .ttl_ms
+        .map_or(4, |n| n.checked_ilog10().unwrap_or(0) as usize + 1);
+    r#"{"key":"#.len() + key_len + values + r#","ttl_ms":}"#.len() + ttl
 }
 
 /// `{"entries":[{"key":k,"value":v}…],"next_cursor":c}`, at most
@@ -378,6 +402,54 @@ pub fn write_precondition(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_entry_body_is_made_at_its_exact_length() {
+        use crate::store::{Object, Value};
+        let v = |t: &str| Value::parse(t.as_bytes()).unwrap();
+        let one = |ttl_ms| Entry {
+            objects: Objects::One(v(r#"{"a":[1,2],"b":"x"}"#)),
+            version: 7,
+            ttl_ms,
+            modified: 0,
+        };
+        let many = Entry {
+            objects: Objects::Many(Box::new(
+                ["1", r#""two""#, "[3]"]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| Object {
+                        seq: i as u64,
+                        value: v(t),
+                    })
+                    .collect(),
+            )),
+            version: 7,
+            ttl_ms: Some(0),
+            modified: 0,
+        };
+        for (key, entry) in [
+            ("k", one(None)),
+            ("key-0001", one(Some(0))),
+            ("", one(Some(9))),
+            ("k", one(Some(10))),
+            ("k", one(Some(u64::MAX))),
+            ("bag", many),
+        ] {
+            let body = entry_body(key, &entry);
+            assert_eq!(
+                body.len(),
+                body.capacity(),
+                "{}",
+                String::from_utf8_lossy(&body)
+            );
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap();
+        }
+        // A key with escapes still makes valid JSON.
+        let body = entry_body("a\"b\n", &one(None));
+        let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(parsed["key"], "a\"b\n");
+    }
 
     #[test]
     fn number_headers_are_their_decimal_digits() {
