@@ -302,17 +302,12 @@ impl RateLimits {
         let now = self.ms_at(instant);
         if anonymous {
             let ip = client.unwrap_or(IpAddr::from([0, 0, 0, 0]));
-            return match self.clients.get(&ip, rate, now) {
-                Some(bucket) => self.check_bucket(&bucket, rate, instant, now),
-                None => self.refuse_untracked(rate),
-            };
+            return self.check_found(self.clients.get(&ip, rate, now), rate, instant, now);
         }
         LAST_BUCKET.with(|last| {
             let Ok(mut last) = last.try_borrow_mut() else {
-                return match self.principals.get(name, rate, now) {
-                    Some(bucket) => self.check_bucket(&bucket, rate, instant, now),
-                    None => self.refuse_untracked(rate),
-                };
+                let found = self.principals.get(name, rate, now);
+                return self.check_found(found, rate, instant, now);
             };
             let known = last.as_ref().is_some_and(|l| {
                 l.limits == self.id
@@ -335,6 +330,21 @@ impl RateLimits {
                 None => self.refuse_untracked(rate),
             }
         })
+    }
+
+    /// One request against the bucket found for its caller, or a refusal
+    /// when none could be tracked.
+    fn check_found(
+        &self,
+        found: Option<Arc<Bucket>>,
+        rate: Rate,
+        instant: Instant,
+        now: u64,
+    ) -> Verdict {
+        match found {
+            Some(bucket) => self.check_bucket(&bucket, rate, instant, now),
+            None => self.refuse_untracked(rate),
+        }
     }
 
     /// One request against `bucket`, at `instant` (`now` in ms since the
