@@ -1,6 +1,6 @@
 //! `memory_bytes` must be honest: within 6% of the real resident growth for
 //! a million small entries, the bound the README states (measured: `set`
-//! over-counts by about 4.5%, `ordered_set` is within 2%). This file holds
+//! and `ordered_set` over-count by about 2%). This file holds
 //! one test so that its process's resident size reflects that test alone.
 
 use std::sync::Arc;

@@ -58,7 +58,7 @@ fn encode(slot: &Slot, out: &mut Vec<u8>, modified: bool) {
     out.extend_from_slice(&slot.version.to_be_bytes());
     out.extend_from_slice(&slot.expires_at.to_be_bytes());
     if modified {
-        out.extend_from_slice(&slot.modified.to_be_bytes());
+        out.extend_from_slice(&slot.modified().to_be_bytes());
     }
     match slot.objects() {
         ObjectsRef::One(v) => out.extend_from_slice(v.as_bytes()),
@@ -223,7 +223,7 @@ mod tests {
         let back = decode_slot(&encode_slot(&one)).unwrap();
         assert_eq!(back.objects(), one.objects());
         assert_eq!(
-            (back.version, back.expires_at, back.modified),
+            (back.version, back.expires_at, back.modified()),
             (42, 1_700_000_000_000, 1_699_999_000)
         );
         let many = Slot::new(
@@ -256,10 +256,10 @@ mod tests {
         let back = decode_slot(&old).unwrap();
         assert_eq!(back.objects(), one.objects());
         // Older records never knew the write time.
-        assert_eq!(back.modified, 0);
+        assert_eq!(back.modified(), 0);
         let mut v2 = vec![RECORD_V2];
         encode_body(&one, &mut v2);
-        assert_eq!(decode_slot(&v2).unwrap().modified, 0);
+        assert_eq!(decode_slot(&v2).unwrap().modified(), 0);
     }
 
     #[test]

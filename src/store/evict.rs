@@ -13,10 +13,10 @@
 use std::cell::Cell;
 use std::hash::{BuildHasher, Hasher};
 
-use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
 
 use super::slot::{Slot, Stamp};
+use super::slots::{MapEntry, SlotMap};
 use super::table::{Removal, Table};
 use super::value::Key;
 use super::Eviction;
@@ -116,33 +116,42 @@ impl Table {
     fn sample_victim(&self) -> Option<Candidate> {
         let now = self.now();
         let clock = self.access_stamp();
-        let shards = self.map().shards();
-        if self.map().len() <= EXACT_BELOW {
+        let map = self.map();
+        if map.len() <= EXACT_BELOW {
             // Sampling a handful of keys can hit the same one every time;
             // scanning them all costs no more.
             let mut best: Option<Candidate> = None;
-            for shard in shards {
-                let guard = shard.read();
-                // SAFETY: the read guard is held while we iterate, and keys
-                // are cloned out before it is released.
-                unsafe {
-                    for bucket in guard.iter() {
-                        let (key, shared) = bucket.as_ref();
-                        Candidate::of(key, shared.get(), now, clock).keep_older(&mut best);
-                    }
+            for i in 0..map.shard_count() {
+                for (key, slot) in map.read(i).iter() {
+                    Candidate::of(key, slot, now, clock).keep_older(&mut best);
                 }
             }
             return best;
         }
         let mut best: Option<Candidate> = None;
         for _ in 0..EVICTION_SAMPLES {
-            sample_one(self.map(), |key, shared| {
-                Candidate::of(key, shared, now, clock)
-            })?
-            .keep_older(&mut best);
+            sample_slot(map, |key, slot| Candidate::of(key, slot, now, clock))?
+                .keep_older(&mut best);
         }
         best
     }
+}
+
+/// `pick` applied to one key of `map` chosen at random: from a random
+/// shard, the first that holds anything (so sparse maps are sampled as
+/// surely as dense ones), a random position of its dense array. `None`
+/// only when the map is empty.
+fn sample_slot<T>(map: &SlotMap, pick: impl Fn(&Key, &Slot) -> T) -> Option<T> {
+    let shards = map.shard_count();
+    let first = random() as usize;
+    (0..shards).find_map(|i| {
+        let shard = map.read(first.wrapping_add(i) % shards);
+        let n = shard.len();
+        (n > 0)
+            .then(|| shard.at(random() as usize % n))
+            .flatten()
+            .map(|(key, slot)| pick(key, slot))
+    })
 }
 
 /// `pick` applied to one key of `map` chosen at random: from a random

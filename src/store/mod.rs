@@ -28,6 +28,7 @@ pub mod raw;
 pub mod rules;
 mod scan;
 mod slot;
+mod slots;
 mod table;
 mod txn;
 mod types;
@@ -50,9 +51,7 @@ pub use memory::{Held, MemoryKind, MemoryUse};
 pub use scan::{Cursor, ScanPage, ScanRequest, DEFAULT_SCAN_LIMIT, MAX_SCAN_LIMIT};
 pub use slot::{unix_seconds, Entry, Object, Objects, ObjectsMut, ObjectsRef, Slot, Stamp};
 pub use table::DEFAULT_MAX_STALE;
-pub use table::{
-    Counter, Dirty, Precondition, Stats, Table, TableSpec, Written, MAX_GROUPED_KEYS, SHARDS,
-};
+pub use table::{Counter, Dirty, Precondition, Stats, Table, TableSpec, Written, MAX_GROUPED_KEYS};
 pub use txn::{
     Comparison, Test, Txn, TxnOp, TxnOutcome, TxnResult, MAX_TXN_COMPARISONS, MAX_TXN_OPS,
 };

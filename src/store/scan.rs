@@ -311,56 +311,45 @@ impl Table {
         let map = self.map();
         let now = self.now();
         let prefix = req.prefix.as_deref().unwrap_or("");
-        let first_shard = req
-            .cursor
-            .as_ref()
-            .map_or(0, |c| map.determine_shard(c.hash as usize));
+        let first_shard = req.cursor.as_ref().map_or(0, |c| map.shard_of(c.hash));
         let mut page = ScanPage::default();
         let mut examined = 0usize;
-        for shard in first_shard..map.shards().len() {
+        for shard in first_shard..map.shard_count() {
             if examined >= SCAN_STEP && page.items.len() < req.limit {
                 if let Some(start) = self.shard_start(shard) {
                     page.next_cursor = Some(start);
                     return page;
                 }
             }
-            let guard = map.shards()[shard].read();
+            let guard = map.read(shard);
             examined += guard.len();
             // Positions after the cursor, smallest first, as
             // (hash, key, slot, first object seq to return).
             let mut found: Vec<(u64, &Key, &Slot, u64)> = Vec::new();
-            // SAFETY: the read guard is held for as long as `found` lives (it
-            // is declared after the guard, so dropped first); while it is held
-            // no writer can mutate or resize this shard, so the buckets and the
-            // references into them stay valid.
-            unsafe {
-                for bucket in guard.iter() {
-                    let (key, shared) = bucket.as_ref();
-                    let slot = shared.get();
-                    if slot.is_expired(now) || !key.starts_with(prefix) {
-                        continue;
-                    }
-                    let hash = map.hash_usize(key) as u64;
-                    // The cursor orders positions within its own shard only;
-                    // later shards are read from their start.
-                    let from_seq = match req.cursor.as_ref().filter(|_| shard == first_shard) {
-                        Some(c) => match (hash, key.as_ref()).cmp(&(c.hash, c.key.as_str())) {
-                            CmpOrdering::Less => continue,
-                            CmpOrdering::Equal if self.kind().is_single() => continue,
-                            CmpOrdering::Equal => c.seq + 1,
-                            CmpOrdering::Greater => 0,
-                        },
-                        None => 0,
-                    };
-                    let has_objects = match slot.objects() {
-                        ObjectsRef::One(_) => true,
-                        ObjectsRef::Many(objs) => objs.iter().any(|o| o.seq >= from_seq),
-                    };
-                    if !has_objects {
-                        continue;
-                    }
-                    found.push((hash, key, slot, from_seq));
+            for (key, slot) in guard.iter() {
+                if slot.is_expired(now) || !key.starts_with(prefix) {
+                    continue;
                 }
+                let hash = map.hash(key);
+                // The cursor orders positions within its own shard only;
+                // later shards are read from their start.
+                let from_seq = match req.cursor.as_ref().filter(|_| shard == first_shard) {
+                    Some(c) => match (hash, key.as_ref()).cmp(&(c.hash, c.key.as_str())) {
+                        CmpOrdering::Less => continue,
+                        CmpOrdering::Equal if self.kind().is_single() => continue,
+                        CmpOrdering::Equal => c.seq + 1,
+                        CmpOrdering::Greater => 0,
+                    },
+                    None => 0,
+                };
+                let has_objects = match slot.objects() {
+                    ObjectsRef::One(_) => true,
+                    ObjectsRef::Many(objs) => objs.iter().any(|o| o.seq >= from_seq),
+                };
+                if !has_objects {
+                    continue;
+                }
+                found.push((hash, key, slot, from_seq));
             }
             let need = req.limit - page.items.len();
             let by_pos = |a: &(u64, &Key, &Slot, u64), b: &(u64, &Key, &Slot, u64)| {
@@ -407,16 +396,8 @@ impl Table {
     /// the map spreads hashes over shards some other way than this expects.
     fn shard_start(&self, shard: usize) -> Option<Cursor> {
         let map = self.map();
-        let shards = map.shards().len();
-        if !shards.is_power_of_two() || shard >= shards {
-            return None;
-        }
-        // The map keeps the top 7 bits for its own use and takes the shard
-        // from the next log2(shards) bits.
-        let shift = usize::BITS - shards.trailing_zeros();
-        let hash = (shard << shift) >> 7;
-        (map.determine_shard(hash) == shard).then(|| Cursor {
-            hash: hash as u64,
+        (shard < map.shard_count()).then(|| Cursor {
+            hash: map.shard_start(shard),
             seq: 0,
             key: String::new(),
         })

@@ -1,5 +1,7 @@
 //! What a table keeps under one key, and what reads hand back.
 
+use std::ffi::c_void;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::value::Value;
@@ -97,45 +99,92 @@ pub enum ObjectsMut<'a> {
 /// seconds) makes the same trade for the same reason: a word per key.
 pub type Stamp = u32;
 
-/// A slot's objects with the key's access stamp. The stamp sits in the
-/// bytes the enum's tag leaves free beside the pointer, so the whole is two
-/// words: a separate stamp field would add a word to every map bucket
-/// (8 bytes times about two buckets per key).
-// A `Vec` is three words; boxed, the bag case fits beside the stamp.
-#[allow(clippy::box_collection)]
-enum Held {
-    One(AtomicU32, Value),
-    Many(AtomicU32, Box<Vec<Object>>),
+/// Low bit of [`Held::ptr`]: set when it points to a bag's objects.
+const MANY: usize = 1;
+
+/// A key's objects with its access stamp and write time, in two words:
+/// every byte of a slot is paid once per key in the table's dense array.
+/// The objects are one pointer: a set type's [`Value`] as
+/// [`Value::into_ptr`] gives it, or a bag's `Box<Vec<Object>>` with the
+/// low bit set (both allocations are 8-aligned, so the bit is free).
+struct Held {
+    /// Atomic because reads update it under a shared lock; only `lru`
+    /// tables keep it current.
+    stamp: AtomicU32,
+    /// Unix seconds of the key's last write (`Last-Modified`); 0 when not
+    /// known (records written before format 4).
+    modified: u32,
+    ptr: NonNull<c_void>,
 }
 
+// SAFETY: a Held owns a Value or a Box<Vec<Object>>, both Send and Sync;
+// shared borrows only read through the pointer, and only `&mut self`
+// methods change what it points to.
+unsafe impl Send for Held {}
+// SAFETY: as for Send.
+unsafe impl Sync for Held {}
+
 impl Held {
-    fn new(objects: Objects, stamp: Stamp) -> Self {
-        match objects {
-            Objects::One(v) => Held::One(AtomicU32::new(stamp), v),
-            Objects::Many(objs) => Held::Many(AtomicU32::new(stamp), objs),
+    fn new(objects: Objects, stamp: Stamp, modified: u32) -> Self {
+        let ptr = match objects {
+            Objects::One(v) => v.into_ptr(),
+            Objects::Many(objs) => NonNull::from(Box::leak(objs))
+                .cast::<c_void>()
+                .map_addr(|a| a | MANY),
+        };
+        Held {
+            stamp: AtomicU32::new(stamp),
+            modified,
+            ptr,
         }
     }
 
-    fn stamp(&self) -> &AtomicU32 {
-        match self {
-            Held::One(s, _) | Held::Many(s, _) => s,
+    fn many(&self) -> Option<*mut Vec<Object>> {
+        let raw = self.ptr.as_ptr();
+        (raw.addr() & MANY != 0).then(|| raw.map_addr(|a| a & !MANY).cast())
+    }
+
+    fn objects(&self) -> ObjectsRef<'_> {
+        match self.many() {
+            // SAFETY: with the bit set, the pointer is a leaked Box that
+            // this Held owns until it drops.
+            Some(objs) => ObjectsRef::Many(unsafe { &*objs }),
+            // SAFETY: without it, the pointer is from Value::into_ptr and
+            // is taken back only by Drop.
+            None => ObjectsRef::One(unsafe { Value::borrow_ptr(&self.ptr) }),
+        }
+    }
+
+    fn objects_mut(&mut self) -> ObjectsMut<'_> {
+        match self.many() {
+            // SAFETY: as in `objects`, and `&mut self` makes it exclusive.
+            Some(objs) => ObjectsMut::Many(unsafe { &mut *objs }),
+            // SAFETY: as in `objects`; a value assigned through the borrow
+            // leaves its own pointer (bit clear) in `ptr`.
+            None => ObjectsMut::One(unsafe { Value::borrow_ptr_mut(&mut self.ptr) }),
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        match self.many() {
+            // SAFETY: the Box leaked in `new`, taken back once, here.
+            Some(objs) => drop(unsafe { Box::from_raw(objs) }),
+            // SAFETY: the pointer from Value::into_ptr, taken back once.
+            None => drop(unsafe { Value::from_ptr(self.ptr) }),
         }
     }
 }
 
 /// Everything stored under a key.
 pub struct Slot {
-    /// The key's objects and the stamp of its last use; only `lru` tables
-    /// keep the stamp current. Atomic because reads update it under a
-    /// shared lock.
+    /// The key's objects, the stamp of its last use and its write time.
     held: Held,
     /// Store revision of the key's last change: its ETag and CAS token.
     pub version: u64,
     /// Unix milliseconds after which the key is gone; 0 means never.
     pub expires_at: u64,
-    /// Unix seconds of the key's last write (`Last-Modified`); 0 when not
-    /// known (records written before format 4).
-    pub modified: u32,
 }
 
 impl std::fmt::Debug for Slot {
@@ -144,7 +193,7 @@ impl std::fmt::Debug for Slot {
             .field("objects", &self.objects())
             .field("version", &self.version)
             .field("expires_at", &self.expires_at)
-            .field("modified", &self.modified)
+            .field("modified", &self.modified())
             .field("last_access", &self.last_access())
             .finish()
     }
@@ -157,26 +206,29 @@ impl Clone for Slot {
             self.version,
             self.expires_at,
             self.last_access(),
-            self.modified,
+            self.modified(),
         )
     }
 }
 
-/// Bytes one map bucket occupies: the `(Key, Slot)` pair and its control byte.
-pub const BUCKET_BYTES: usize = std::mem::size_of::<(super::value::Key, Slot)>() + 1;
-/// Running estimate of a key's share of its map's bucket array: hash tables
-/// run between 44% and 87.5% full, so about 1.5 buckets per key. Table info
-/// replaces this estimate with the real bucket count.
-pub const BUCKET_ESTIMATE: usize = BUCKET_BYTES * 3 / 2;
-/// Bytes a key costs beyond its text: its share of the bucket array. Keys
-/// up to 24 bytes live inline; a longer key's heap block is its text plus
-/// allocator bookkeeping, counted by [`Slot::footprint`].
-pub const KEY_OVERHEAD: usize = BUCKET_ESTIMATE;
+/// Running estimate of the map's bytes per key: its pair in the dense
+/// array (which grows in doublings, so on average about a quarter more
+/// room than pairs) and about one and a half index buckets (the index runs
+/// between 44% and 87.5% full). Table info replaces this estimate with
+/// what the arrays really hold. Keys up to 24 bytes live inline; a longer
+/// key's heap block is its text plus allocator bookkeeping, counted by
+/// [`Slot::footprint`].
+pub const KEY_OVERHEAD: usize =
+    super::slots::PAIR_BYTES * 5 / 4 + super::slots::INDEX_BUCKET_BYTES * 3 / 2;
 /// Longest key stored inline, without a heap block.
 pub const INLINE_KEY_BYTES: usize = 24;
-/// Bytes an object costs beyond its JSON text: its `Arc` header, allocator
-/// bookkeeping, and for bag objects the `Object` record.
-pub const OBJECT_OVERHEAD: usize = 32;
+/// Heap bytes of an object whose JSON text is `len` bytes: its block
+/// holds a reference count and the length (16 bytes) before the text, and
+/// the allocator adds an 8-byte header and rounds blocks to 16 bytes. A
+/// bag object also takes an [`Object`] record in its key's vector.
+pub fn object_bytes(len: usize) -> usize {
+    (len + 16 + 8).next_multiple_of(16)
+}
 /// Bytes a key with a TTL costs in the sweeper's deadline index beyond the
 /// key's text: a skip-list node (header, average tower of two links) and the
 /// key's copy, with allocator bookkeeping.
@@ -196,42 +248,46 @@ impl Slot {
         modified: u32,
     ) -> Self {
         Slot {
-            held: Held::new(objects, last_access),
+            held: Held::new(objects, last_access, modified),
             version,
             expires_at,
-            modified,
         }
     }
 
     /// The key's objects.
     pub fn objects(&self) -> ObjectsRef<'_> {
-        match &self.held {
-            Held::One(_, v) => ObjectsRef::One(v),
-            Held::Many(_, objs) => ObjectsRef::Many(objs),
-        }
+        self.held.objects()
     }
 
     /// The key's objects, to change in place.
     pub fn objects_mut(&mut self) -> ObjectsMut<'_> {
-        match &mut self.held {
-            Held::One(_, v) => ObjectsMut::One(v),
-            Held::Many(_, objs) => ObjectsMut::Many(objs),
-        }
+        self.held.objects_mut()
     }
 
-    /// Replaces the key's objects, keeping its stamp.
+    /// Replaces the key's objects, keeping its stamp and write time.
     pub fn set_objects(&mut self, objects: Objects) {
-        self.held = Held::new(objects, self.last_access());
+        self.held = Held::new(objects, self.last_access(), self.modified());
+    }
+
+    /// Unix seconds of the key's last write (`Last-Modified`); 0 when not
+    /// known (records written before format 4).
+    pub fn modified(&self) -> u32 {
+        self.held.modified
+    }
+
+    /// Sets the key's write time, Unix seconds.
+    pub fn set_modified(&mut self, seconds: u32) {
+        self.held.modified = seconds;
     }
 
     /// The stamp of the key's last use.
     pub fn last_access(&self) -> Stamp {
-        self.held.stamp().load(Ordering::Relaxed)
+        self.held.stamp.load(Ordering::Relaxed)
     }
 
     /// Stamps a use; a shared borrow is enough.
     pub fn touch(&self, stamp: Stamp) {
-        self.held.stamp().store(stamp, Ordering::Relaxed);
+        self.held.stamp.store(stamp, Ordering::Relaxed);
     }
 
     /// Uses of the table since the key's last use, given the table's
@@ -254,10 +310,10 @@ impl Slot {
     /// Estimated heap and table bytes this key occupies.
     pub fn footprint(&self, key_len: usize) -> usize {
         let objects: usize = match self.objects() {
-            ObjectsRef::One(v) => v.len() + OBJECT_OVERHEAD,
+            ObjectsRef::One(v) => object_bytes(v.len()),
             ObjectsRef::Many(objs) => objs
                 .iter()
-                .map(|o| o.value.len() + OBJECT_OVERHEAD + std::mem::size_of::<Object>())
+                .map(|o| object_bytes(o.value.len()) + std::mem::size_of::<Object>())
                 .sum(),
         };
         let deadline = if self.expires_at != 0 {
@@ -298,7 +354,7 @@ impl Entry {
             objects: slot.objects().to_objects(),
             version: slot.version,
             ttl_ms: slot.ttl_ms(now),
-            modified: slot.modified,
+            modified: slot.modified(),
         }
     }
 }
@@ -314,10 +370,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_slot_is_five_words() {
-        // Every word here costs about two per key in the map's buckets;
-        // the fifth holds the write time behind `Last-Modified`.
-        assert_eq!(std::mem::size_of::<Slot>(), 40);
+    fn a_slot_is_four_words() {
+        // Every word here is paid once per key in the table's dense array.
+        assert_eq!(std::mem::size_of::<Slot>(), 32);
+    }
+
+    #[test]
+    fn a_slot_keeps_a_value_or_a_bag() {
+        let v = Value::from_canonical(b"1");
+        let mut one = Slot::new(Objects::One(v.clone()), 1, 0, 7, 9);
+        assert_eq!(one.objects(), ObjectsRef::One(&v));
+        if let ObjectsMut::One(held) = one.objects_mut() {
+            *held = Value::from_canonical(b"2");
+        }
+        assert_eq!(
+            one.clone().objects().values().next().map(Value::as_bytes),
+            Some(&b"2"[..])
+        );
+        let objs = vec![
+            Object {
+                seq: 3,
+                value: v.clone(),
+            },
+            Object { seq: 4, value: v },
+        ];
+        let mut bag = Slot::new(Objects::Many(Box::new(objs.clone())), 2, 0, 7, 9);
+        assert_eq!(bag.objects(), ObjectsRef::Many(&objs));
+        if let ObjectsMut::Many(held) = bag.objects_mut() {
+            held.pop();
+        }
+        assert_eq!(bag.objects().count(), 1);
+        bag.set_objects(Objects::One(Value::from_canonical(b"3")));
+        assert_eq!((bag.last_access(), bag.modified()), (7, 9));
+        assert_eq!(bag.objects().count(), 1);
     }
 
     #[test]

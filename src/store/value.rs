@@ -6,6 +6,9 @@
 //! `delete_object`) a byte comparison, and lets a read answer without
 //! re-serializing.
 
+use std::ffi::c_void;
+use std::ptr::NonNull;
+
 use triomphe::ThinArc;
 
 use super::error::{StoreError, StoreResult};
@@ -26,7 +29,12 @@ pub type Key = compact_str::CompactString;
 /// count, the length and the text: stored values are most of a table's
 /// memory, and every word of a map bucket costs about two per entry.
 #[derive(Clone)]
+#[repr(transparent)]
 pub struct Value(ThinArc<(), u8>);
+
+// A slot keeps a value as the bare pointer `into_ptr` gives and lends it
+// out as `&Value` (see `borrow_ptr`), which needs the two to be one word.
+const _: () = assert!(std::mem::size_of::<Value>() == std::mem::size_of::<NonNull<c_void>>());
 
 impl PartialEq for Value {
     fn eq(&self, other: &Self) -> bool {
@@ -90,6 +98,46 @@ impl Value {
     pub fn is_empty(&self) -> bool {
         self.as_bytes().is_empty()
     }
+
+    /// The value as its one pointer, for a slot that keeps a tag beside
+    /// it; [`Value::from_ptr`] takes it back.
+    pub(crate) fn into_ptr(self) -> NonNull<c_void> {
+        let raw = ThinArc::into_raw(self.0);
+        // SAFETY: a ThinArc's pointer is never null.
+        unsafe { NonNull::new_unchecked(raw.cast_mut()) }
+    }
+
+    /// Takes back a value given out by [`Value::into_ptr`].
+    ///
+    /// # Safety
+    /// `raw` came from `into_ptr` and is taken back once.
+    pub(crate) unsafe fn from_ptr(raw: NonNull<c_void>) -> Self {
+        // SAFETY: as the caller promises.
+        Value(unsafe { ThinArc::from_raw(raw.as_ptr()) })
+    }
+
+    /// Lends the value whose pointer (from [`Value::into_ptr`]) `raw`
+    /// holds, without taking it.
+    ///
+    /// # Safety
+    /// `*raw` came from `into_ptr` and is not taken back while the borrow
+    /// lives.
+    pub(crate) unsafe fn borrow_ptr(raw: &NonNull<c_void>) -> &Self {
+        // SAFETY: Value is a transparent ThinArc, which is a transparent
+        // pointer holding exactly what `into_ptr` returned (checked by the
+        // test `a_value_pointer_reads_back`); the caller vouches for the rest.
+        unsafe { &*std::ptr::from_ref(raw).cast::<Value>() }
+    }
+
+    /// [`Value::borrow_ptr`], mutably: assigning through it drops the old
+    /// value and leaves the new one's pointer in `*raw`.
+    ///
+    /// # Safety
+    /// As [`Value::borrow_ptr`].
+    pub(crate) unsafe fn borrow_ptr_mut(raw: &mut NonNull<c_void>) -> &mut Self {
+        // SAFETY: as in `borrow_ptr`.
+        unsafe { &mut *std::ptr::from_mut(raw).cast::<Value>() }
+    }
 }
 
 impl std::fmt::Debug for Value {
@@ -146,6 +194,19 @@ mod tests {
         let b = Value::parse(br#" { "a" : [1, 2], "b": 1 } "#).unwrap();
         assert_eq!(a, b);
         assert_eq!(a.as_bytes(), br#"{"a":[1,2],"b":1}"#);
+    }
+
+    #[test]
+    fn a_value_pointer_reads_back() {
+        let v = Value::parse(br#"{"a":1}"#).unwrap();
+        let mut raw = v.clone().into_ptr();
+        // SAFETY: `raw` came from into_ptr and is taken back once, below.
+        unsafe {
+            assert_eq!(Value::borrow_ptr(&raw), &v);
+            *Value::borrow_ptr_mut(&mut raw) = Value::from_canonical(b"2");
+            assert_eq!(Value::from_ptr(raw).as_bytes(), b"2");
+        }
+        assert_eq!(v.as_bytes(), br#"{"a":1}"#);
     }
 
     #[test]

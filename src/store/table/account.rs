@@ -68,7 +68,7 @@ impl Table {
     }
 
     /// Stores a new key. The caller has reserved its objects with [`Self::grow`].
-    pub(super) fn insert_vacant(&self, v: VacantEntry<'_, Key, Slot>, slot: Slot) {
+    pub(super) fn insert_vacant(&self, v: VacantEntry<'_>, slot: Slot) {
         self.note_saved(v.key(), None);
         self.mark_dirty(v.key(), slot.version);
         self.stats
@@ -79,7 +79,7 @@ impl Table {
 
     /// Puts a new key in the map and its indexes and counts its memory;
     /// object counts, statistics and dirty marks are the caller's.
-    pub(super) fn place_vacant(&self, v: VacantEntry<'_, Key, Slot>, slot: Slot) {
+    pub(super) fn place_vacant(&self, v: VacantEntry<'_>, slot: Slot) {
         if let Some(index) = &self.index {
             index.insert(v.key().as_bytes().into());
         }
@@ -89,11 +89,7 @@ impl Table {
     }
 
     /// Changes a stored key in place; object-count changes are the caller's.
-    pub(super) fn modify_occupied(
-        &self,
-        o: &mut OccupiedEntry<'_, Key, Slot>,
-        f: impl FnOnce(&mut Slot),
-    ) {
+    pub(super) fn modify_occupied(&self, o: &mut OccupiedEntry<'_>, f: impl FnOnce(&mut Slot)) {
         let key_len = o.key().len();
         self.note_saved(o.key(), Some(o.get()));
         let before = o.get().footprint(key_len) as i64;
@@ -138,18 +134,14 @@ impl Table {
     }
 
     /// Removes a stored key, counting it under `why`.
-    pub(crate) fn remove_occupied(
-        &self,
-        o: OccupiedEntry<'_, Key, Slot>,
-        why: Removal,
-    ) -> (Key, Slot) {
+    pub(crate) fn remove_occupied(&self, o: OccupiedEntry<'_>, why: Removal) -> (Key, Slot) {
         self.remove_noting(o, why, None)
     }
 
     /// [`Self::remove_occupied`], with the removed bag value the event names.
     pub(super) fn remove_noting(
         &self,
-        o: OccupiedEntry<'_, Key, Slot>,
+        o: OccupiedEntry<'_>,
         why: Removal,
         value: Option<Value>,
     ) -> (Key, Slot) {
@@ -195,7 +187,7 @@ impl Table {
 
     /// The key's map entry with its shard write-locked, an expired occupant
     /// already removed (and counted), so callers see only live state.
-    pub(super) fn live_entry(&self, key: &str, now: u64) -> MapEntry<'_, Key, Slot> {
+    pub(super) fn live_entry(&self, key: &str, now: u64) -> MapEntry<'_> {
         let mut entry = self.map.entry(Key::from(key));
         loop {
             match entry {

@@ -60,7 +60,7 @@ impl Table {
                 prev.version = change.revision;
                 // Content a reader may have seen is replaced: a new write
                 // time, so `If-Modified-Since` sees the change.
-                prev.modified = unix_seconds(self.now());
+                prev.set_modified(unix_seconds(self.now()));
                 // What a watcher saw was the write being undone: a set key
                 // gets its old value back; a bag loses the value it gained.
                 let event = match (prev.objects(), o.get().objects()) {

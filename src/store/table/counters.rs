@@ -31,7 +31,7 @@ impl Table {
             MapEntry::Vacant(v) => {
                 let start = op.default_value().ok_or(StoreError::KeyNotFound)?;
                 let (value, n) = op.apply(&start)?;
-                self.admit((KEY_OVERHEAD + OBJECT_OVERHEAD + v.key().len() + value.len()) as i64)?;
+                self.admit((KEY_OVERHEAD + object_bytes(value.len()) + v.key().len()) as i64)?;
                 self.grow(1)?;
                 let change = self.begin_change();
                 let note = change.keep(&value);
@@ -98,12 +98,7 @@ impl Table {
     ///
     /// # Errors
     /// [`StoreError::MemoryLimit`].
-    fn replace_single(
-        &self,
-        o: &mut OccupiedEntry<'_, Key, Slot>,
-        value: Value,
-        now: u64,
-    ) -> StoreResult<()> {
+    fn replace_single(&self, o: &mut OccupiedEntry<'_>, value: Value, now: u64) -> StoreResult<()> {
         let old = o.get().objects().values().next().map_or(0, Value::len);
         self.admit(value.len() as i64 - old as i64)?;
         let change = self.begin_change();
@@ -114,7 +109,7 @@ impl Table {
             slot.set_objects(Objects::One(value));
             slot.version = version;
             slot.expires_at = expires_at;
-            slot.modified = unix_seconds(now);
+            slot.set_modified(unix_seconds(now));
         });
         change.publish(ChangeKind::Put, o.key(), note);
         Ok(())

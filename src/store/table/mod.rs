@@ -1,7 +1,7 @@
 //! One table: its settings, its objects, and the ETS operations on them.
 //!
 //! # Layout
-//! Objects live in a [`DashMap`] keyed by the key text, sharded 64 ways.
+//! Objects live in a [`SlotMap`] keyed by the key text, sharded 64 ways.
 //! `ordered_set` tables also keep a lock-free skip list of their keys
 //! ([`SkipSet`]) for range scans. Point operations, counters included, go
 //! through the map only and are atomic under the key's shard lock; scans walk
@@ -23,15 +23,15 @@ use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
 use crossbeam_skiplist::SkipSet;
-use dashmap::mapref::entry::{Entry as MapEntry, OccupiedEntry, VacantEntry};
 use dashmap::DashMap;
 
 use super::counter::{merge_patch, CounterOp};
 use super::error::{StoreError, StoreResult};
 use super::slot::{
-    unix_seconds, Entry, Object, Objects, ObjectsMut, ObjectsRef, Slot, Stamp, BUCKET_BYTES,
-    BUCKET_ESTIMATE, KEY_OVERHEAD, OBJECT_OVERHEAD, ORDERED_INDEX_OVERHEAD,
+    object_bytes, unix_seconds, Entry, Object, Objects, ObjectsMut, ObjectsRef, Slot, Stamp,
+    KEY_OVERHEAD, ORDERED_INDEX_OVERHEAD,
 };
+use super::slots::{MapEntry, OccupiedEntry, SlotMap, VacantEntry};
 use super::types::{Access, Eviction, Expiry, Origin, Persistence, TableSettings, TableType};
 use super::value::{Key, Value};
 use super::watch::{Change, ChangeKind, Hub, Recording, Start};
@@ -50,11 +50,6 @@ mod txn;
 mod upkeep;
 mod watching;
 mod write;
-
-/// Shards per table map. A cursor scan over a hashed table reads one shard per
-/// page, so more shards keep pages cheap on big tables; 64 keeps an empty
-/// table near 8 KiB.
-pub const SHARDS: usize = 64;
 
 /// A table's identity and settings: what it was created with (settings
 /// that `PATCH` changed included), stored durably for persistent tables.
@@ -322,7 +317,7 @@ pub struct Table {
     owner: RwLock<Arc<str>>,
     settings: LiveSettings,
     /// Key -> objects. See the module docs for the locking rules.
-    map: DashMap<Key, Slot>,
+    map: SlotMap,
     /// Sorted keys, for `ordered_set` only.
     index: Option<SkipSet<Box<[u8]>>>,
     /// Stored objects.
@@ -371,7 +366,7 @@ impl std::fmt::Debug for Table {
 
 impl Table {
     pub(crate) fn new(spec: TableSpec, shared: Arc<Shared>) -> Self {
-        let map = DashMap::with_hasher_and_shard_amount(Default::default(), SHARDS);
+        let map = SlotMap::default();
         let live = &spec.settings;
         Table {
             name: spec.name.into(),
@@ -567,21 +562,8 @@ impl Table {
     /// would be off by up to a third).
     pub fn memory_bytes(&self) -> u64 {
         let keys = self.map.len() as i64;
-        let tracked = self.memory.load(Ordering::Relaxed) - keys * BUCKET_ESTIMATE as i64;
-        let buckets: usize = self
-            .map
-            .shards()
-            .iter()
-            .map(|shard| {
-                let guard = shard.read();
-                if guard.capacity() == 0 {
-                    0
-                } else {
-                    guard.buckets()
-                }
-            })
-            .sum();
-        (tracked + (buckets * BUCKET_BYTES) as i64).max(0) as u64
+        let tracked = self.memory.load(Ordering::Relaxed) - keys * KEY_OVERHEAD as i64;
+        (tracked + self.map.bytes() as i64).max(0) as u64
     }
 
     /// The running estimate behind the server-wide memory limit: what

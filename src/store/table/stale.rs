@@ -96,7 +96,7 @@ impl Table {
             StaleCopy {
                 value: value.clone(),
                 version: slot.version,
-                modified: slot.modified,
+                modified: slot.modified(),
                 until,
                 cost,
             },
@@ -146,7 +146,7 @@ impl Table {
                         objects: Objects::One(value.clone()),
                         version: slot.version,
                         ttl_ms: Some(0),
-                        modified: slot.modified,
+                        modified: slot.modified(),
                     });
                 }
             }

@@ -59,8 +59,7 @@ impl Table {
             dirty.keys.remove_if(key, |_, current| *current == version);
             return;
         };
-        let hash = self.map.hash_usize(key);
-        let _shard = self.map.shards()[self.map.determine_shard(hash)].write();
+        let _shard = self.map.write(self.map.shard_of(self.map.hash(key)));
         if dirty
             .keys
             .remove_if(key, |_, current| *current == version)
@@ -83,23 +82,18 @@ impl Table {
         let Some(saved) = self.dirty.as_ref().and_then(|d| d.saved.as_ref()) else {
             return 0;
         };
-        let mut shards: Vec<_> = self.map.shards().iter().map(|s| s.write()).collect();
+        let mut shards: Vec<_> = self.map.write_all();
         let now = self.now();
         let keys: Vec<(Key, Option<Slot>)> = saved
             .iter()
             .map(|e| (e.key().clone(), e.value().clone()))
             .collect();
         for (key, before) in &keys {
-            // The shard locks are held: reach the key's bucket directly.
-            let hash = self.map.hash_usize(key);
-            let table = &mut *shards[self.map.determine_shard(hash)];
-            let current = table
-                .find(hash as u64, |(k, _)| k == key)
-                // SAFETY: the bucket was just found in this table, under its
-                // write lock, and nothing else touched the table since.
-                .map(|b| unsafe { table.remove(b).0 });
+            // The shard locks are held: reach the key directly.
+            let hash = self.map.hash(key);
+            let shard = &mut *shards[self.map.shard_of(hash)];
+            let current = shard.remove(hash, key);
             if let Some((k, slot)) = current {
-                let slot = slot.into_inner();
                 if let Some(index) = &self.index {
                     index.remove(k.as_bytes());
                 }
@@ -115,11 +109,7 @@ impl Table {
                 self.size
                     .fetch_add(before.objects().count() as i64, Ordering::Relaxed);
                 self.add_memory(self.cost(key.len(), &before));
-                table.insert(
-                    hash as u64,
-                    (key.clone(), dashmap::SharedValue::new(before)),
-                    |(k, _)| self.map.hash_usize(k) as u64,
-                );
+                shard.insert_new(hash, key.clone(), before);
             }
         }
         keys.len()
@@ -172,7 +162,7 @@ impl Table {
 
     // ----- internals shared with scans -------------------------------------
 
-    pub(crate) fn map(&self) -> &DashMap<Key, Slot> {
+    pub(crate) fn map(&self) -> &SlotMap {
         &self.map
     }
 

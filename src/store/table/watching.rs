@@ -106,7 +106,7 @@ impl Table {
     /// Every shard of the map write-locked, in order: no change of the
     /// table is under way while the guards live.
     pub(super) fn lock_all_shards(&self) -> Vec<impl std::ops::DerefMut + '_> {
-        self.map.shards().iter().map(|s| s.write()).collect()
+        self.map.write_all()
     }
 
     /// Starts a watch of the table's changes after `since` (see

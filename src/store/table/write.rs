@@ -56,10 +56,9 @@ impl Table {
                 pre.check(None)?;
                 self.admit(
                     (KEY_OVERHEAD
-                        + OBJECT_OVERHEAD
+                        + object_bytes(value.len())
                         + std::mem::size_of::<Object>()
-                        + v.key().len()
-                        + value.len()) as i64,
+                        + v.key().len()) as i64,
                 )?;
                 self.grow(1)?;
                 let change = self.begin_change();
@@ -98,7 +97,7 @@ impl Table {
                 let growth = match o.get().objects() {
                     ObjectsRef::One(old) => value.len() as i64 - old.len() as i64,
                     ObjectsRef::Many(_) if adds => {
-                        (value.len() + OBJECT_OVERHEAD + std::mem::size_of::<Object>()) as i64
+                        (object_bytes(value.len()) + std::mem::size_of::<Object>()) as i64
                     }
                     ObjectsRef::Many(_) => 0,
                 };
@@ -124,7 +123,7 @@ impl Table {
                     slot.version = version;
                     slot.expires_at = expires_at;
                     if visible {
-                        slot.modified = unix_seconds(now);
+                        slot.set_modified(unix_seconds(now));
                     }
                 });
                 if visible {
@@ -200,7 +199,7 @@ impl Table {
                 objs.retain(|x| &x.value != value);
             }
             slot.version = version;
-            slot.modified = unix_seconds(now);
+            slot.set_modified(unix_seconds(now));
         });
         let note = change.keep(value);
         change.publish(ChangeKind::Delete, key, note);
@@ -245,15 +244,12 @@ impl Table {
     /// instead of a removal per key.
     pub fn clear(self: &Arc<Self>) {
         let step = self.step();
-        let mut shards: Vec<_> = self.map.shards().iter().map(|s| s.write()).collect();
+        let mut shards: Vec<_> = self.map.write_all();
         let emptied = shards.iter().any(|s| !s.is_empty());
         // After the shard locks, as every writer takes them. A clear that
         // removes nothing changes nothing (its bucket arrays still go).
         let change = emptied.then(|| self.begin_change());
-        let contents: Vec<_> = shards
-            .iter_mut()
-            .map(|s| std::mem::take(&mut **s))
-            .collect();
+        let contents: Vec<_> = shards.iter_mut().map(|s| s.take()).collect();
         let objects = self.size.swap(0, Ordering::Relaxed).max(0) as u64;
         let bytes = self.memory.swap(0, Ordering::Relaxed);
         self.stats.deletes.fetch_add(objects, Ordering::Relaxed);
@@ -269,8 +265,8 @@ impl Table {
         let table = self.clone();
         self.shared.reclaim(Box::new(move || {
             for shard in contents {
-                for (key, slot) in shard.into_iter() {
-                    table.forget_cleared(&key, &slot.into_inner());
+                for (key, slot) in shard {
+                    table.forget_cleared(&key, &slot);
                 }
             }
             table.shared.memory.add(MemoryKind::Tables, -bytes);
@@ -284,15 +280,11 @@ impl Table {
         if self.index.is_none() && slot.expires_at == 0 {
             return;
         }
-        // The shard's lock by hand rather than through `entry`, which
-        // would give the emptied shard a bucket array to hold a vacancy.
-        let hash = self.map.hash_usize(key);
-        let shard = self.map.shards()[self.map.determine_shard(hash)].write();
-        let stored = shard
-            .find(hash as u64, |(k, _)| k == key)
-            // SAFETY: the bucket was just found under the write lock held
-            // here, which keeps it in place until `shard` is dropped.
-            .map(|bucket| unsafe { bucket.as_ref().1.get().expires_at });
+        // The shard's lock rather than an entry, which would own a copy
+        // of the key.
+        let hash = self.map.hash(key);
+        let shard = self.map.write(self.map.shard_of(hash));
+        let stored = shard.get(hash, key).map(|s| s.expires_at);
         match stored {
             None => {
                 if let Some(index) = &self.index {
