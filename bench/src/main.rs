@@ -243,6 +243,9 @@ fn specs(keys: usize) -> Vec<Spec> {
 fn main() {
     let opts = Options::parse();
     wrk::ensure_installed();
+    if opts.only.is_none() {
+        procs::ensure_peers();
+    }
     let server = procs::sibling("larder", opts.server_bin.as_ref());
     let ceiling_bin = procs::sibling("larder-ceiling", opts.ceiling_bin.as_ref());
     let dir = tempfile::tempdir().unwrap_or_else(|e| fail(&format!("temp dir: {e}")));

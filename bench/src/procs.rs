@@ -144,6 +144,52 @@ pub fn free_port() -> u16 {
         .unwrap_or_else(|e| fail(&format!("no free port: {e}")))
 }
 
+/// Whether `program` is on the PATH.
+pub fn on_path(program: &str) -> bool {
+    Command::new("which")
+        .arg(program)
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Makes sure `program` is on the PATH, installing Debian's `package`
+/// with apt-get when it is missing; false when that failed (no apt, no
+/// network, not root).
+pub fn ensure_program(program: &str, package: &str) -> bool {
+    if on_path(program) {
+        return true;
+    }
+    eprintln!("{program} is missing; installing {package} with apt-get…");
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", package])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !install() {
+        // A fresh machine may not have read the package lists yet.
+        let _ = Command::new("apt-get")
+            .args(["update", "-qq"])
+            .stdout(Stdio::null())
+            .status();
+        install();
+    }
+    on_path(program)
+}
+
+/// Installs the peers (Redis, Webdis) when they are missing; says so
+/// loudly when that fails, and the peer rows are left out.
+pub fn ensure_peers() {
+    for (program, package) in [("redis-server", "redis-server"), ("webdis", "webdis")] {
+        if !ensure_program(program, package) {
+            eprintln!("WARNING: {program} could not be installed (apt-get install {package}): its rows are left out");
+        }
+    }
+}
+
 /// Redis and Webdis in front of it, when both are installed.
 pub struct Webdis {
     _redis: Proc,
@@ -152,14 +198,7 @@ pub struct Webdis {
 
 /// Starts Redis and Webdis if both binaries are on the PATH.
 pub fn start_webdis(dir: &Path) -> Option<Webdis> {
-    let found = |b: &str| {
-        Command::new("which")
-            .arg(b)
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !found("redis-server") || !found("webdis") {
+    if !on_path("redis-server") || !on_path("webdis") {
         return None;
     }
     let redis_port = free_port();

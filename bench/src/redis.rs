@@ -29,12 +29,7 @@ pub fn measure(
     key: impl Fn(usize) -> String,
     value: &str,
 ) -> Option<RedisPeer> {
-    let installed = Command::new("which")
-        .arg("redis-server")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !installed {
+    if !crate::procs::on_path("redis-server") {
         return None;
     }
     let data = dir.join("redis-memory");

@@ -30,22 +30,7 @@ pub struct Run {
 /// Makes sure wrk is installed, installing it from the system package
 /// manager when it is missing and that is possible.
 pub fn ensure_installed() {
-    let present = || {
-        Command::new("wrk")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| !o.stdout.is_empty() || !o.stderr.is_empty())
-    };
-    if present() {
-        return;
-    }
-    eprintln!("wrk is missing; installing it with apt-get…");
-    let installed = Command::new("apt-get")
-        .args(["install", "-y", "-qq", "wrk"])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .is_ok_and(|s| s.success());
-    if !installed || !present() {
+    if !crate::procs::ensure_program("wrk", "wrk") {
         fail("wrk is needed and could not be installed (apt-get install wrk)");
     }
 }

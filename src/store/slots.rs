@@ -36,7 +36,6 @@ pub const PAIR_BYTES: usize = std::mem::size_of::<(Key, Slot)>();
 /// One shard: the pairs, packed, and the index from hash to position.
 /// Positions are `u32`: a shard would need 4 billion keys (hundreds of
 /// gigabytes) to outgrow them.
-#[derive(Default)]
 pub struct Shard {
     index: HashTable<u32>,
     pairs: Vec<(Key, Slot)>,
