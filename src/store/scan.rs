@@ -392,8 +392,8 @@ impl Table {
 
 impl Table {
     /// A cursor that resumes at the start of shard `shard`: the smallest
-    /// hash that falls in it, and no key (every key is longer). `None` if
-    /// the map spreads hashes over shards some other way than this expects.
+    /// hash that falls in it, and no key (every key is longer). `None`
+    /// past the last shard.
     fn shard_start(&self, shard: usize) -> Option<Cursor> {
         let map = self.map();
         (shard < map.shard_count()).then(|| Cursor {
