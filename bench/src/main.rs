@@ -75,6 +75,11 @@ struct Options {
     /// plain HTTP, 429 against 401).
     #[arg(long)]
     skip_exposed: bool,
+    /// Do not install missing peers (redis-server, webdis); their rows are
+    /// then left out. The smoke test runs this way; a full run installs
+    /// them with apt-get.
+    #[arg(long)]
+    no_peer_install: bool,
     /// Run only the rows whose name contains this text (and no peer or
     /// memory rows): for measuring one change quickly.
     #[arg(long)]
@@ -243,7 +248,7 @@ fn specs(keys: usize) -> Vec<Spec> {
 fn main() {
     let opts = Options::parse();
     wrk::ensure_installed();
-    if opts.only.is_none() {
+    if opts.only.is_none() && !opts.no_peer_install {
         procs::ensure_peers();
     }
     let server = procs::sibling("larder", opts.server_bin.as_ref());

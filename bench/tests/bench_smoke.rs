@@ -44,6 +44,8 @@ fn the_benchmark_runs_end_to_end() {
         .envs(std::env::vars().filter(|(k, _)| !k.starts_with("LARDER_")))
         .args(["--duration", "1s", "--rounds", "1", "--connections", "8"])
         .args(["--keys", "500", "--memory-entries", "2000"])
+        // A smoke run changes nothing on the machine.
+        .arg("--no-peer-install")
         .arg("--server-bin")
         .arg(workspace_bin("larder"))
         .arg("--ceiling-bin")
