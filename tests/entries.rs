@@ -342,6 +342,33 @@ crate::conformance! {
         }
     }
 
+    async fn bulk_items_are_stored_as_a_put_stores_them(app) {
+        app.table("s", "set").await;
+        // Escapes in a key, members out of order, spaces, a number with a
+        // trailing zero: stored in canonical form, as a PUT stores them.
+        let body = br#"[ {"key": "k\u0065y", "value": { "b" : 1, "a" : [1, 2.50, "\u00e9"] } },
+                         {"ttl_ms": 60000, "value": "x", "key": "t"} ]"#;
+        let r = app
+            .send(Method::POST, "/v1/tables/s/entries", Some(body.to_vec()), &[])
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let got = app.get("s", "key").await;
+        assert_eq!(got.body["value"], json!({"a": [1, 2.5, "é"], "b": 1}));
+        assert!(got.text.contains(r#"{"a":[1,2.5,"é"],"b":1}"#), "{}", got.text);
+        assert!(app.get("s", "t").await.body["ttl_ms"].as_u64().is_some());
+        // A repeated member anywhere is malformed JSON, and nothing is written.
+        let r = app
+            .send(
+                Method::POST,
+                "/v1/tables/s/entries",
+                Some(br#"[{"key": "c", "value": 1}, {"key": "d", "value": {"x": 1, "x": 2}}]"#.to_vec()),
+                &[],
+            )
+            .await;
+        r.assert_error(400, "invalid_json");
+        app.get("s", "c").await.assert_error(404, "key_not_found");
+    }
+
     async fn bulk_insert_into_a_full_table_is_undone(app) {
         let r = app
             .create_table(json!({"name": "f", "max_entries": 3}))

@@ -11,8 +11,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::auth::{Op, Principal};
 use super::extract::{
-    checked_key, from_object, Conditions, ContentType, EntryPath, JsonBody, QueryParams, RawBody,
-    TablePath,
+    checked_key, from_object, parse_json, Conditions, ContentType, EntryPath, JsonBody,
+    QueryParams, RawBody, TablePath,
 };
 use super::raw;
 use super::respond::{
@@ -584,28 +584,94 @@ pub async fn insert_entries(
     State(state): State<AppState>,
     who: Principal,
     TablePath(table): TablePath,
-    JsonBody(items): JsonBody<Vec<serde_json::Map<String, serde_json::Value>>>,
+    RawBody(body): RawBody,
 ) -> ApiResult<Response> {
     let table = state.table_for(&table, &who, Op::Write).await?;
+    let batch = match bulk_items_borrowed(&body) {
+        Some(items) => borrowed_batch(items, table.meta().raw_values())?,
+        None => owned_batch(parse_json(&body)?, table.meta().raw_values())?,
+    };
+    let inserted = table.insert_many(batch).await?;
+    respond::serialized(StatusCode::OK, &Inserted { inserted })
+}
+
+/// One item of a bulk insert, borrowed from the body: reading a batch
+/// this way leaves one allocation per item behind (the stored value)
+/// instead of a parsed tree per item, whose freed blocks, interleaved
+/// with the stored values, the allocator could not give back (a million
+/// entries loaded 4,000 per request kept about 25 bytes per entry more
+/// resident).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BulkItemRef<'a> {
+    #[serde(borrow)]
+    key: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    value: &'a serde_json::value::RawValue,
+    #[serde(default)]
+    ttl_ms: Option<u64>,
+}
+
+/// The items of a well-formed bulk body, borrowed; `None` when the body
+/// is not one (the owned reading then names what is wrong, and where).
+fn bulk_items_borrowed(body: &[u8]) -> Option<Vec<BulkItemRef<'_>>> {
+    let items = serde_json::from_slice(body).ok()?;
+    crate::json::check_unique_members(body).ok()?;
+    Some(items)
+}
+
+type Batch = Vec<(String, Value, crate::store::Expiry)>;
+
+fn borrowed_batch(items: Vec<BulkItemRef<'_>>, raw_values: bool) -> ApiResult<Batch> {
+    let mut batch = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let value = Value::parse(item.value.get().as_bytes())
+            .map_err(|e| ApiError::InvalidArgument(format!("item {i}: {e}")))?;
+        batch.push(bulk_entry(
+            i,
+            item.key.into_owned(),
+            value,
+            item.ttl_ms,
+            raw_values,
+        )?);
+    }
+    Ok(batch)
+}
+
+fn owned_batch(
+    items: Vec<serde_json::Map<String, serde_json::Value>>,
+    raw_values: bool,
+) -> ApiResult<Batch> {
     let mut batch = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
         let item: BulkItem = from_object(item).map_err(|e| match e {
             ApiError::InvalidArgument(m) => ApiError::InvalidArgument(format!("item {i}: {m}")),
             other => other,
         })?;
-        let key = checked_key(item.key).map_err(|e| match e {
-            ApiError::InvalidKey(m) => ApiError::InvalidKey(format!("item {i}: {m}")),
-            other => other,
-        })?;
-        if let Some(ttl) = item.ttl_ms {
-            check_ttl_ms(ttl).map_err(|e| ApiError::InvalidArgument(format!("item {i}: {e}")))?;
-        }
-        let value = raw::accept(table.meta().raw_values(), Value::from_json(&item.value))
-            .map_err(|e| ApiError::InvalidArgument(format!("item {i}: {}", e.message())))?;
-        batch.push((key, value, crate::store::Expiry::After(item.ttl_ms)));
+        let value = Value::from_json(&item.value);
+        batch.push(bulk_entry(i, item.key, value, item.ttl_ms, raw_values)?);
     }
-    let inserted = table.insert_many(batch).await?;
-    respond::serialized(StatusCode::OK, &Inserted { inserted })
+    Ok(batch)
+}
+
+/// Item `i` of a bulk insert, checked.
+fn bulk_entry(
+    i: usize,
+    key: String,
+    value: Value,
+    ttl_ms: Option<u64>,
+    raw_values: bool,
+) -> ApiResult<(String, Value, crate::store::Expiry)> {
+    let key = checked_key(key).map_err(|e| match e {
+        ApiError::InvalidKey(m) => ApiError::InvalidKey(format!("item {i}: {m}")),
+        other => other,
+    })?;
+    if let Some(ttl) = ttl_ms {
+        check_ttl_ms(ttl).map_err(|e| ApiError::InvalidArgument(format!("item {i}: {e}")))?;
+    }
+    let value = raw::accept(raw_values, value)
+        .map_err(|e| ApiError::InvalidArgument(format!("item {i}: {}", e.message())))?;
+    Ok((key, value, crate::store::Expiry::After(ttl_ms)))
 }
 
 /// Scan entries.
