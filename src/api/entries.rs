@@ -615,9 +615,19 @@ struct BulkItemRef<'a> {
 /// The items of a well-formed bulk body, borrowed; `None` when the body
 /// is not one (the owned reading then names what is wrong, and where).
 fn bulk_items_borrowed(body: &[u8]) -> Option<Vec<BulkItemRef<'_>>> {
-    let items = serde_json::from_slice(body).ok()?;
+    let items: Vec<&serde_json::value::RawValue> = serde_json::from_slice(body).ok()?;
     crate::json::check_unique_members(body).ok()?;
-    Some(items)
+    items
+        .into_iter()
+        // serde would also read an item from an array of its fields in
+        // order; only an object is an item.
+        .map(|item| {
+            let text = item.get();
+            text.starts_with('{')
+                .then(|| serde_json::from_str(text).ok())
+                .flatten()
+        })
+        .collect()
 }
 
 type Batch = Vec<(String, Value, crate::store::Expiry)>;
